@@ -1,0 +1,66 @@
+"""The interface a model family implements to be grown by LiGO."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import Tensor, nn
+
+from ..ligo import AxisSpec
+from ..shapes import TransformerShape
+
+
+class ModelFamily(ABC):
+    """Thin adapter between a model family and LiGO's canonical weights.
+
+    Canonical weights are two dicts: ``embed`` (non-layer tensors named as in the
+    family's own state dict, with an :data:`~fedgrow_core.ligo.AxisSpec` each from
+    :meth:`embed_spaces`) and ``layers`` (per-layer tensors stacked ``(L, ...)``,
+    keyed by :data:`~fedgrow_core.ligo.LAYER_PARAMS`).
+    """
+
+    name: str
+
+    @abstractmethod
+    def shape(self, model: nn.Module) -> TransformerShape:
+        """Shape of ``model``'s encoder."""
+
+    @abstractmethod
+    def extract(self, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Canonical ``(embed, layers)`` weights of ``model`` (detached copies)."""
+
+    @abstractmethod
+    def embed_spaces(self, embed: Mapping[str, Tensor]) -> dict[str, AxisSpec]:
+        """Axis spec of every tensor in ``embed``."""
+
+    @abstractmethod
+    def target_config(self, model: nn.Module, target: TransformerShape, num_labels: int) -> Any:
+        """Configuration of the target model: ``model``'s, with ``target``'s shape."""
+
+    @abstractmethod
+    def build(self, config: Any) -> nn.Module:
+        """A randomly initialised target classifier from :meth:`target_config`."""
+
+    @abstractmethod
+    def to_state_dict(
+        self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Family state dict (without task head) from grown canonical weights."""
+
+    @abstractmethod
+    def head_names(self) -> tuple[str, str]:
+        """State-dict names of the task head's weight and bias."""
+
+    @abstractmethod
+    def logits(self, output: Any) -> Tensor:
+        """Logits ``(batch, num_labels)`` from the model's forward output."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, config: Any, path: str | Path) -> None:
+        """Save a built target model in the family's own checkpoint format."""
+
+    @abstractmethod
+    def load(self, path: str | Path) -> nn.Module:
+        """Load a model saved by :meth:`save` with the family's own loader."""

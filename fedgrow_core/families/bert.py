@@ -1,0 +1,135 @@
+"""BERT encoders from ``transformers`` (``BertModel``, ``BertForSequenceClassification``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+)
+
+from ..ligo import LAYER_PARAMS, AxisSpec
+from ..shapes import TransformerShape
+from .base import ModelFamily
+
+_RES = ("res", "out")
+_EMBED_SPACES: dict[str, AxisSpec] = {
+    "embeddings.word_embeddings.weight": (None, _RES),
+    "embeddings.position_embeddings.weight": (None, _RES),
+    "embeddings.token_type_embeddings.weight": (None, _RES),
+    "embeddings.LayerNorm.weight": (_RES,),
+    "embeddings.LayerNorm.bias": (_RES,),
+    "pooler.dense.weight": (_RES, ("res", "in")),
+    "pooler.dense.bias": (_RES,),
+}
+#: canonical layer kind -> name inside ``encoder.layer.<i>``
+_LAYER_NAMES = {
+    "attn.q": "attention.self.query",
+    "attn.k": "attention.self.key",
+    "attn.v": "attention.self.value",
+    "attn.o": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "ffn.in": "intermediate.dense",
+    "ffn.out": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+
+
+def _layer_key(kind: str, i: int) -> str:
+    module, param = kind.rsplit(".", 1)
+    return f"encoder.layer.{i}.{_LAYER_NAMES[module]}.{param}"
+
+
+def _encoder(model: nn.Module) -> BertModel:
+    if isinstance(model, BertModel):
+        return model
+    inner = getattr(model, "bert", None)
+    if isinstance(inner, BertModel):
+        return inner
+    raise ValueError(
+        f"the 'bert' family expects a transformers BertModel or a model with a .bert "
+        f"BertModel (e.g. BertForSequenceClassification), got {type(model).__name__}"
+    )
+
+
+class BertFamily(ModelFamily):
+    """BERT via ``transformers``.
+
+    The target is a ``BertForSequenceClassification`` whose non-shape settings
+    (vocabulary, positions, activation, epsilon) are the client model's. A source
+    ``BertModel`` without a pooler gets an identity pooler (weight ``I``, bias 0)
+    before growth. The task head is ``classifier`` (``Linear(D_t, num_labels)``)
+    applied to the pooled ``[CLS]`` state, as in ``transformers``.
+    """
+
+    name = "bert"
+
+    def shape(self, model: nn.Module) -> TransformerShape:
+        """Shape from the ``BertConfig``: layers, hidden, intermediate, heads."""
+        cfg = _encoder(model).config
+        return TransformerShape(
+            cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+        )
+
+    def extract(self, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Canonical weights; see :class:`~fedgrow_core.families.base.ModelFamily`."""
+        bert = _encoder(model)
+        sd = {k: v.detach().clone() for k, v in bert.state_dict().items()}
+        if "pooler.dense.weight" not in sd:
+            d = bert.config.hidden_size
+            sd["pooler.dense.weight"] = torch.eye(d)
+            sd["pooler.dense.bias"] = torch.zeros(d)
+        embed = {k: sd[k] for k in _EMBED_SPACES}
+        n = bert.config.num_hidden_layers
+        layers = {kind: torch.stack([sd[_layer_key(kind, i)] for i in range(n)]) for kind in LAYER_PARAMS}
+        return embed, layers
+
+    def embed_spaces(self, embed: Mapping[str, Tensor]) -> dict[str, AxisSpec]:
+        """Residual-stream spaces of embeddings, embedding norm and pooler."""
+        return {k: _EMBED_SPACES[k] for k in embed}
+
+    def target_config(self, model: nn.Module, target: TransformerShape, num_labels: int) -> BertConfig:
+        """The client's ``BertConfig`` with the target shape and ``num_labels``."""
+        cfg = copy.deepcopy(_encoder(model).config)
+        cfg.num_hidden_layers = target.layers
+        cfg.hidden_size = target.hidden
+        cfg.intermediate_size = target.ffn
+        cfg.num_attention_heads = target.heads
+        cfg.num_labels = num_labels
+        cfg.architectures = ["BertForSequenceClassification"]
+        return cfg
+
+    def build(self, config: BertConfig) -> nn.Module:
+        """``BertForSequenceClassification(config)``, randomly initialised."""
+        return BertForSequenceClassification(config)
+
+    def to_state_dict(self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``BertForSequenceClassification`` keys (``bert.`` prefix), no classifier."""
+        sd = {f"bert.{k}": v for k, v in embed.items()}
+        for kind, stack in layers.items():
+            for i in range(stack.shape[0]):
+                sd[f"bert.{_layer_key(kind, i)}"] = stack[i]
+        return sd
+
+    def head_names(self) -> tuple[str, str]:
+        """``("classifier.weight", "classifier.bias")``."""
+        return "classifier.weight", "classifier.bias"
+
+    def logits(self, output: Any) -> Tensor:
+        """``output.logits``."""
+        return output.logits
+
+    def save(self, model: nn.Module, config: Any, path: str | Path) -> None:
+        """``save_pretrained`` (config.json + model.safetensors)."""
+        model.save_pretrained(path)
+
+    def load(self, path: str | Path) -> nn.Module:
+        """``AutoModelForSequenceClassification.from_pretrained(path)``."""
+        return AutoModelForSequenceClassification.from_pretrained(path)

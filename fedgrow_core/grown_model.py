@@ -1,0 +1,144 @@
+"""A client's grown model: frozen small weights -> (Dual-)LiGO -> target forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .families import ModelFamily
+from .ligo import DualLiGO, LiGO
+
+
+class TensorStore(nn.Module):
+    """Named tensors held as non-persistent buffers (they move with ``.to()``).
+
+    Used for the frozen small-model weights and the target template's buffers:
+    they follow the module's device but never enter its ``state_dict``.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self._names = list(tensors)
+        for i, name in enumerate(self._names):
+            self.register_buffer(f"t{i}", tensors[name].detach().clone(), persistent=False)
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The tensors under their original names."""
+        return {name: getattr(self, f"t{i}") for i, name in enumerate(self._names)}
+
+
+class GrownModel(nn.Module):
+    """Grow a frozen small model through a LiGO or Dual-LiGO operator and run it.
+
+    The small model's weights are copied once into non-trainable buffers; every
+    forward materialises the target weights from them inside the autograd graph
+    and runs one target-shaped module (kept on the ``meta`` device, so it holds no
+    weights) with :func:`torch.func.functional_call`. Gradients therefore reach
+    only the operator(s) and the task head. ``state_dict()`` holds exactly the
+    operator and head tensors.
+
+    Parameters
+    ----------
+    family : ModelFamily
+        Adapter of the small model's family.
+    small_model : torch.nn.Module
+        The client's pre-trained small model; never modified.
+    operator : LiGO or DualLiGO
+        Growth operator whose ``source`` is the small model's shape.
+    num_labels : int
+        Number of classes of the task head ``Linear(D_target, num_labels)``,
+        initialised as the family initialises its own classifier.
+
+    Raises
+    ------
+    ValueError
+        If the operator's source shape is not the small model's shape, or
+        ``num_labels < 1``; checked before the target template is allocated.
+    """
+
+    def __init__(
+        self,
+        family: ModelFamily,
+        small_model: nn.Module,
+        operator: LiGO | DualLiGO,
+        num_labels: int,
+    ) -> None:
+        shape = family.shape(small_model)
+        if operator.source != shape:
+            raise ValueError(
+                f"the operator grows from {operator.source}, but the small "
+                f"{family.name} model has shape {shape}"
+            )
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+        super().__init__()
+        self.family = family
+        self.operator = operator
+        self.target_config = family.target_config(small_model, operator.target, num_labels)
+        embed, layers = family.extract(small_model)
+        self.small_embed = TensorStore(embed)
+        self.small_layers = TensorStore(layers)
+        self._embed_spaces = family.embed_spaces(embed)
+
+        template = family.build(self.target_config)
+        w_name, b_name = family.head_names()
+        sd = template.state_dict()
+        self.head = nn.Linear(operator.target.hidden, num_labels)
+        with torch.no_grad():
+            self.head.weight.copy_(sd[w_name])
+            self.head.bias.copy_(sd[b_name])
+        self.template_buffers = TensorStore(dict(template.named_buffers()))
+        # Not a submodule: its parameters live on "meta" and are always replaced.
+        self._template = [template.to("meta")]
+
+    def train(self, mode: bool = True) -> "GrownModel":
+        """Set training mode here and in the target template (dropout)."""
+        super().train(mode)
+        self._template[0].train(mode)
+        return self
+
+    def grown_state_dict(self) -> dict[str, Tensor]:
+        """Materialise the target model's full state dict (differentiable).
+
+        Returns
+        -------
+        dict
+            Every parameter of the family's target classifier, shapes of the target
+            shape, with the task head included.
+        """
+        embed, layers = self.operator.grow(
+            self.small_embed.as_dict(), self.small_layers.as_dict(), self._embed_spaces
+        )
+        sd = self.family.to_state_dict(embed, layers)
+        w_name, b_name = self.family.head_names()
+        sd[w_name], sd[b_name] = self.head.weight, self.head.bias
+        return sd
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Logits of the grown model, ``(batch, num_labels)``.
+
+        Takes the family model's own inputs (``input_ids``, ``attention_mask``, ...
+        for BERT; an image batch ``(B, C, H, W)`` for ViT).
+        """
+        tensors = {**self.grown_state_dict(), **self.template_buffers.as_dict()}
+        out = functional_call(self._template[0], tensors, args, kwargs, strict=True)
+        return self.family.logits(out)
+
+    @torch.no_grad()
+    def to_family_model(self) -> nn.Module:
+        """An ordinary family model (``BertForSequenceClassification`` / timm ViT).
+
+        Its weights are the materialised grown weights, detached; it loads with
+        ``strict=True``.
+        """
+        model = self.family.build(self.target_config)
+        model.load_state_dict({k: v.detach() for k, v in self.grown_state_dict().items()}, strict=True)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save the grown model in the family's own format (see ``family.save``)."""
+        self.family.save(self.to_family_model(), self.target_config, path)

@@ -1,0 +1,349 @@
+"""The LiGO growth operator and its Dual-LiGO composition (Fed-Grow).
+
+A LiGO operator (Wang et al., "Learning to Grow Pretrained Models for Efficient
+Transformer Training", ICLR 2023, Eq. 3-6) maps the weights of a source
+transformer of shape ``(L1, D1, F1, H1)`` to a target ``(L2, D2, F2, H2)``:
+
+* **depth expansion**, in the small space: for every layer-parameter kind ``p``
+  (query, key, value, output projection, both norms, FFN-in, FFN-out; weights and
+  biases separately) a coefficient matrix ``c_p`` of shape ``(L2, L1)`` gives
+  ``W_p[i] = sum_j c_p[i, j] W_p[j]``;
+* **width expansion**: every axis of a parameter lives in a *space* that is
+  grown by an :class:`~fedgrow_core.expansion.Expansion`, on the output side by
+  ``A`` and on the input side by ``B`` (``W' = A W B^T``). Spaces follow the
+  bert2BERT ties of the reference code: ``res`` (residual stream: embeddings,
+  norms, the input side of Q/K/V and FFN-in, the output side of O and FFN-out)
+  is one matrix for the whole model; ``q``, ``k``, ``v`` (O's input side is
+  tied to ``v``) and ``ffn`` (FFN-out's input side is tied to FFN-in's output
+  side) have one matrix per target layer, or one shared by all layers when
+  ``tie_layers=True``.
+
+Fed-Grow (Shen et al., arXiv 2406.13450, Sec. 4) composes a private
+Local-LiGO (client shape -> intermediate shape) with a shared Global-LiGO
+(intermediate -> target shape). Both are linear in the weights, so
+``Global o Local`` is one LiGO operator: depth coefficients ``c_g @ c_l`` and
+width matrices ``A_g A_l`` (:class:`DualLiGO`). The Local-LiGO ties its
+per-layer spaces across layers, which is what makes the composition exact (its
+width matrices commute with the global depth mixing) and keeps the private
+operator small.
+
+Tensor names (the Global-LiGO's ``state_dict``, what travels in an
+``ArrayRecord``) are stable: ``depth.<kind>`` with ``<kind>`` one of
+:data:`LAYER_PARAMS` with dots replaced by underscores, shape ``(L2, L1)``; and
+``width.<space>`` for ``space`` in ``res, q, k, v, ffn``, shape
+``(d2 - d1, d1)`` (``res`` and tied spaces) or ``(L2, d2 - d1, d1)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .expansion import (
+    INPUT_SIDES,
+    Expansion,
+    InputSide,
+    balanced_choice,
+    head_interleave_permutation,
+    head_selection,
+    selection_init,
+)
+from .shapes import TransformerShape, validate_growth
+
+DepthInit = Literal["stackbert", "interlace"]
+DEPTH_INITS = ("stackbert", "interlace")
+
+#: Axis spec: per tensor axis, ``(space, side)`` with side ``"out"`` (grown by A)
+#: or ``"in"`` (grown by B), or ``None`` for an axis that does not grow.
+AxisSpec = tuple[tuple[str, str] | None, ...]
+
+_RES_OUT = ("res", "out")
+#: The per-layer parameters every family adapter provides, stacked ``(L, ...)``,
+#: with the spaces of their axes (``nn.Linear`` layout: ``(out, in)``).
+LAYER_PARAMS: dict[str, AxisSpec] = {
+    "attn.q.weight": (("q", "out"), ("res", "in")),
+    "attn.q.bias": (("q", "out"),),
+    "attn.k.weight": (("k", "out"), ("res", "in")),
+    "attn.k.bias": (("k", "out"),),
+    "attn.v.weight": (("v", "out"), ("res", "in")),
+    "attn.v.bias": (("v", "out"),),
+    "attn.o.weight": (_RES_OUT, ("v", "in")),
+    "attn.o.bias": (_RES_OUT,),
+    "attn_norm.weight": (_RES_OUT,),
+    "attn_norm.bias": (_RES_OUT,),
+    "ffn.in.weight": (("ffn", "out"), ("res", "in")),
+    "ffn.in.bias": (("ffn", "out"),),
+    "ffn.out.weight": (_RES_OUT, ("ffn", "in")),
+    "ffn.out.bias": (_RES_OUT,),
+    "ffn_norm.weight": (_RES_OUT,),
+    "ffn_norm.bias": (_RES_OUT,),
+}
+#: Spaces with one width matrix per target layer (unless tied across layers).
+LAYER_SPACES = ("q", "k", "v", "ffn")
+SPACES = ("res",) + LAYER_SPACES
+
+
+def _kind_key(kind: str) -> str:
+    return kind.replace(".", "_")
+
+
+def depth_init_matrix(
+    l1: int, l2: int, method: DepthInit, noise: float, generator: torch.Generator
+) -> Tensor:
+    """Initial depth coefficients ``(L2, L1)`` (LiGO reference code).
+
+    ``stackbert``: target layer ``i`` copies source layer ``i mod L1`` (StackBERT,
+    Gong et al. 2019); ``interlace``: copies ``floor(i * L1 / L2)`` (``i // 2``
+    for doubling). Uniform noise ``U[0, noise)`` is added and every row is
+    normalised to sum 1.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``method``.
+    """
+    if method not in DEPTH_INITS:
+        raise ValueError(f"depth_init must be one of {DEPTH_INITS}, got {method!r}")
+    rows = torch.arange(l2)
+    cols = rows % l1 if method == "stackbert" else rows * l1 // l2
+    c = torch.zeros(l2, l1)
+    c[rows, cols] = 1.0
+    if noise:
+        c += noise * torch.rand(c.shape, generator=generator)
+    return c / c.sum(dim=1, keepdim=True)
+
+
+class LiGO(nn.Module):
+    """A learnable LiGO operator growing ``source`` into ``target``.
+
+    Parameters
+    ----------
+    source, target : TransformerShape
+        Shapes before and after growth (checked by
+        :func:`~fedgrow_core.shapes.validate_growth` before any allocation).
+    tie_layers : bool
+        Share the ``q``, ``k``, ``v`` and ``ffn`` width matrices across target
+        layers (Local-LiGO; saves ``(L2 - 1)/L2`` of those parameters).
+    depth_init : {"stackbert", "interlace"}
+        Depth initialisation (:func:`depth_init_matrix`).
+    init_noise : float
+        Upper bound of the uniform init noise of depth and width parameters
+        (reference code: 0.03). With 0, width growth is function preserving
+        (module doc of :mod:`fedgrow_core.expansion`).
+    input_side : {"normalised", "tied"}
+        Input-side matrix ``B`` (see :mod:`fedgrow_core.expansion`).
+    seed : int
+        Seed of the selection and noise draws, so that every party can build the
+        same initial operator from the configuration alone.
+
+    Raises
+    ------
+    ValueError
+        For shapes that cannot grow, an unknown ``depth_init`` or
+        ``input_side``, or a negative ``init_noise``.
+    """
+
+    def __init__(
+        self,
+        source: TransformerShape,
+        target: TransformerShape,
+        *,
+        tie_layers: bool = False,
+        depth_init: DepthInit = "stackbert",
+        init_noise: float = 0.03,
+        input_side: InputSide = "normalised",
+        seed: int = 0,
+    ) -> None:
+        validate_growth(source, target)
+        if depth_init not in DEPTH_INITS:
+            raise ValueError(f"depth_init must be one of {DEPTH_INITS}, got {depth_init!r}")
+        if input_side not in INPUT_SIDES:
+            raise ValueError(f"input_side must be one of {INPUT_SIDES}, got {input_side!r}")
+        if not init_noise >= 0:
+            raise ValueError(f"init_noise must be >= 0, got {init_noise!r}")
+        super().__init__()
+        self.source, self.target = source, target
+        self.tie_layers, self.input_side = tie_layers, input_side
+        gen = torch.Generator().manual_seed(seed)
+
+        self.depth = nn.ParameterDict(
+            {
+                _kind_key(kind): nn.Parameter(
+                    depth_init_matrix(source.layers, target.layers, depth_init, init_noise, gen)
+                )
+                for kind in LAYER_PARAMS
+            }
+        )
+        width_layers = 1 if tie_layers else target.layers
+        head_perm = head_interleave_permutation(
+            source.heads, source.head_dim, target.heads, target.head_dim
+        )
+        self.register_buffer("perm_heads", head_perm, persistent=False)
+        self.register_buffer("perm_res", torch.arange(target.hidden), persistent=False)
+        self.register_buffer("perm_ffn", torch.arange(target.ffn), persistent=False)
+
+        def sel_res() -> Tensor:
+            return balanced_choice(target.hidden - source.hidden, source.hidden, gen)
+
+        width = {"res": selection_init(sel_res(), source.hidden, init_noise, gen)}
+        heads, ffn = [], []
+        for _ in range(width_layers):
+            sel = head_selection(
+                source.heads, source.head_dim, target.heads, target.head_dim, gen
+            )
+            # q, k and v share the selection so a new head starts as a copy.
+            heads.append([selection_init(sel, source.hidden, init_noise, gen) for _ in "qkv"])
+            sel_ffn = balanced_choice(target.ffn - source.ffn, source.ffn, gen)
+            ffn.append(selection_init(sel_ffn, source.ffn, init_noise, gen))
+        for i, space in enumerate("qkv"):
+            width[space] = torch.stack([h[i] for h in heads])
+        width["ffn"] = torch.stack(ffn)
+        if tie_layers:
+            width = {k: (v[0] if k in LAYER_SPACES else v) for k, v in width.items()}
+        self.width = nn.ParameterDict({k: nn.Parameter(v) for k, v in width.items()})
+
+    def _perm(self, space: str) -> Tensor:
+        return {"res": self.perm_res, "ffn": self.perm_ffn}.get(space, self.perm_heads)
+
+    def expansions(self) -> dict[str, Expansion]:
+        """The width expansion of every space, as :class:`Expansion` views."""
+        return {
+            space: Expansion(self.width[space], self._perm(space), self.input_side)
+            for space in SPACES
+        }
+
+    def depth_coefficients(self) -> dict[str, Tensor]:
+        """Depth coefficients per layer-parameter kind, each ``(L2, L1)``."""
+        return {kind: self.depth[_kind_key(kind)] for kind in LAYER_PARAMS}
+
+    def grow(
+        self,
+        embed: Mapping[str, Tensor],
+        layers: Mapping[str, Tensor],
+        embed_spaces: Mapping[str, AxisSpec],
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Grow canonical source weights; see :func:`apply_growth`."""
+        return apply_growth(
+            self.depth_coefficients(),
+            {s: [e] for s, e in self.expansions().items()},
+            embed,
+            layers,
+            embed_spaces,
+        )
+
+
+class DualLiGO(nn.Module):
+    """Fed-Grow's Dual-LiGO: ``Global-LiGO o Local-LiGO`` as one operator.
+
+    Parameters
+    ----------
+    local : LiGO
+        Private operator, client shape -> intermediate shape; must have
+        ``tie_layers=True``.
+    global_ : LiGO
+        Shared operator, intermediate shape -> target shape.
+
+    Raises
+    ------
+    ValueError
+        If ``local.target`` differs from ``global_.source``, if the two operators
+        use different ``input_side`` choices, or if ``local`` is not layer-tied.
+    """
+
+    def __init__(self, local: LiGO, global_: LiGO) -> None:
+        if local.target != global_.source:
+            raise ValueError(
+                f"Local-LiGO grows into {local.target} but the Global-LiGO starts "
+                f"from {global_.source}: both must use the intermediate shape"
+            )
+        if not local.tie_layers:
+            raise ValueError(
+                "the Local-LiGO must share its q/k/v/ffn width matrices across layers "
+                "(tie_layers=True) for Global o Local to be one LiGO operator"
+            )
+        if local.input_side != global_.input_side:
+            raise ValueError(
+                f"Local-LiGO input_side={local.input_side!r} differs from Global-LiGO "
+                f"input_side={global_.input_side!r}"
+            )
+        super().__init__()
+        self.local = local
+        self.global_ = global_
+        self.source, self.target = local.source, global_.target
+
+    def depth_coefficients(self) -> dict[str, Tensor]:
+        """Composed depth coefficients ``c_g @ c_l``, each ``(L_t, L_k)``."""
+        cg, cl = self.global_.depth_coefficients(), self.local.depth_coefficients()
+        return {kind: cg[kind] @ cl[kind] for kind in LAYER_PARAMS}
+
+    def grow(
+        self,
+        embed: Mapping[str, Tensor],
+        layers: Mapping[str, Tensor],
+        embed_spaces: Mapping[str, AxisSpec],
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Grow client weights straight to the target shape.
+
+        The small ``(L_t, L_k)`` depth products are formed first; each target
+        layer's weights are then grown once, by the local and then the global
+        width factors (:func:`apply_growth`). No intermediate-shape model is
+        materialised.
+        """
+        le, ge = self.local.expansions(), self.global_.expansions()
+        chains = {s: [le[s], ge[s]] for s in SPACES}
+        return apply_growth(self.depth_coefficients(), chains, embed, layers, embed_spaces)
+
+
+def _grow_tensor(w: Tensor, spec: AxisSpec, chains: Mapping[str, list[Expansion]], stacked: bool) -> Tensor:
+    for dim, axis in enumerate(spec):
+        if axis is None:
+            continue
+        space, side = axis
+        for exp in chains[space]:
+            w = exp.apply(w, dim, input_side=(side == "in"), stacked=stacked)
+    return w
+
+
+def apply_growth(
+    depth: Mapping[str, Tensor],
+    chains: Mapping[str, list[Expansion]],
+    embed: Mapping[str, Tensor],
+    layers: Mapping[str, Tensor],
+    embed_spaces: Mapping[str, AxisSpec],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Apply depth then width expansion to canonical weights.
+
+    Parameters
+    ----------
+    depth : mapping
+        ``kind -> (L2, L1)`` coefficients for every kind in :data:`LAYER_PARAMS`.
+    chains : mapping
+        ``space -> [Expansion, ...]`` applied in order (one for LiGO; local then
+        global for Dual-LiGO).
+    embed : mapping
+        Non-layer source tensors (embeddings, final norms, pooler).
+    layers : mapping
+        Per-layer source tensors stacked ``(L1, ...)``, keys :data:`LAYER_PARAMS`.
+    embed_spaces : mapping
+        Axis spec of every ``embed`` tensor (from the family adapter).
+
+    Returns
+    -------
+    tuple of dict
+        Grown ``embed`` and ``layers`` (stacked ``(L2, ...)``).
+
+    Raises
+    ------
+    KeyError
+        If a layer kind or embed tensor has no coefficient or axis spec.
+    """
+    grown_embed = {
+        name: _grow_tensor(t, embed_spaces[name], chains, stacked=False) for name, t in embed.items()
+    }
+    grown_layers = {}
+    for kind, stack in layers.items():
+        mixed = torch.einsum("ij,j...->i...", depth[kind].to(stack.dtype), stack)
+        grown_layers[kind] = _grow_tensor(mixed, LAYER_PARAMS[kind], chains, stacked=True)
+    return grown_embed, grown_layers
