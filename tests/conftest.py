@@ -1,0 +1,71 @@
+"""Tiny random models shared by the tests (seconds on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+
+def make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def make_vit(layers=2, hidden=32, heads=2, ffn=64, num_classes=10, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        img_size=8,
+        patch_size=2,
+        in_chans=1,
+        embed_dim=hidden,
+        depth=layers,
+        num_heads=heads,
+        mlp_ratio=ffn / hidden,
+        num_classes=num_classes,
+    )
+    # timm initialises LayerNorms to (1, 0) and biases to 0; perturb them so the
+    # tests see every tensor move through the operators.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or "token" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_bert()
+
+
+@pytest.fixture
+def tiny_vit():
+    return make_vit()
+
+
+@pytest.fixture
+def token_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 100, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def image_batch():
+    return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))

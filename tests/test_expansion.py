@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from fedgrow_core.expansion import (
+    Expansion,
+    balanced_choice,
+    head_interleave_permutation,
+    head_selection,
+    selection_init,
+)
+from tests.dense_reference import dense_a, dense_b
+
+
+def _random_expansion(batch=(), d1=5, d2=9, input_side="normalised"):
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(batch + (d2 - d1, d1), generator=g)
+    perm = torch.randperm(d2, generator=g)
+    return Expansion(e, perm, input_side), e, perm
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+@pytest.mark.parametrize("input_side", ["normalised", "tied"])
+def test_grow_rows_and_rmatmul_match_dense_products(batch, input_side):
+    exp, e, perm = _random_expansion(batch, input_side=input_side)
+    a, b = dense_a(e, perm), dense_b(e, perm, input_side)
+    x = torch.randn(batch + (5, 7))
+    torch.testing.assert_close(exp.grow_rows(x), a @ x)
+    torch.testing.assert_close(exp.grow_rows(x, input_side=True), b @ x)
+    y = torch.randn(batch + (4, 9))
+    torch.testing.assert_close(exp.rmatmul(y), y @ a)
+    torch.testing.assert_close(exp.dense(), a)
+
+
+def test_apply_grows_any_axis_of_stacked_tensor():
+    exp, e, perm = _random_expansion((2,))
+    a = dense_a(e, perm)
+    w = torch.randn(2, 3, 5, 4)  # layer, x, grown axis, y
+    out = exp.apply(w, dim=1, input_side=False, stacked=True)
+    expected = torch.einsum("lod,lxdy->lxoy", a, w)
+    torch.testing.assert_close(out, expected)
+
+
+def test_head_permutation_keeps_each_source_head_inside_one_target_head():
+    perm = head_interleave_permutation(2, 3, 4, 5)
+    assert sorted(perm.tolist()) == list(range(20))
+    grid = perm.view(4, 5)
+    for h in range(2):
+        assert grid[h, :3].tolist() == [h * 3 + t for t in range(3)]
+    assert (grid[:, 3:] >= 6).all() and (grid[2:] >= 6).all()
+
+
+def test_balanced_choice_uses_each_source_equally():
+    g = torch.Generator().manual_seed(3)
+    counts = torch.bincount(balanced_choice(10, 4, g), minlength=4)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 10
+
+
+def test_head_selection_copies_whole_heads_when_head_dim_is_kept():
+    g = torch.Generator().manual_seed(4)
+    sel = head_selection(3, 4, 6, 4, g).view(3, 4)
+    src_heads = sel // 4
+    # each new head copies all dims of one source head, in order
+    assert (src_heads == src_heads[:, :1]).all()
+    assert (sel % 4 == torch.arange(4)).all()
+    assert sorted(src_heads[:, 0].tolist()) == [0, 1, 2]
+
+
+def test_selection_init_is_one_hot_plus_bounded_noise():
+    g = torch.Generator().manual_seed(5)
+    sel = torch.tensor([2, 0, 1])
+    e = selection_init(sel, 4, 0.03, g)
+    base = torch.zeros(3, 4)
+    base[torch.arange(3), sel] = 1
+    noise = e - base
+    assert (noise >= 0).all() and (noise < 0.03).all() and noise.abs().sum() > 0
+
+
+def test_unknown_input_side_is_rejected():
+    with pytest.raises(ValueError, match="input_side"):
+        Expansion(torch.zeros(1, 2), torch.arange(3), "transpose")
