@@ -169,6 +169,8 @@ class Expansion:
         self.d1 = e.shape[-1]
         self.d2 = e.shape[-2] + self.d1
         self.inv_perm = torch.argsort(perm)
+        # the identity permutation (residual and FFN spaces) costs no copy
+        self.permuted = not torch.equal(perm, torch.arange(perm.numel(), device=perm.device))
 
     def input_side_scale(self) -> Tensor:
         """Column scale ``s`` of the input-side matrix ``B = A diag(s)``.
@@ -205,7 +207,29 @@ class Expansion:
             x = x.expand(new.shape[:-2] + x.shape[-2:])
         elif x.dim() > new.dim():
             new = new.expand(x.shape[:-2] + new.shape[-2:])
-        return torch.cat([x, new], dim=-2).index_select(-2, self.perm.to(x.device))
+        out = torch.cat([x, new], dim=-2)
+        return out.index_select(-2, self.perm.to(x.device)) if self.permuted else out
+
+    def grow_cols(self, x: Tensor, input_side: bool = False) -> Tensor:
+        """Compute ``x @ A^T`` (or ``x @ B^T``): grow the last dimension.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(..., m, d1)``; batch dimensions broadcast against ``E``'s.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(..., m, d2)``.
+        """
+        if input_side:
+            x = x * self.input_side_scale().unsqueeze(-2)
+        new = torch.matmul(x, self.e.to(x.dtype).transpose(-1, -2))
+        if new.dim() > x.dim():
+            x = x.expand(new.shape[:-2] + x.shape[-2:])
+        out = torch.cat([x, new], dim=-1)
+        return out.index_select(-1, self.perm.to(x.device)) if self.permuted else out
 
     def rmatmul(self, y: Tensor) -> Tensor:
         """Compute ``y @ A`` without forming ``A``.
@@ -253,6 +277,10 @@ class Expansion:
         """
         lead = 1 if stacked else 0
         d = dim + lead
+        if d == w.dim() - 1 and w.dim() - lead >= 2:
+            flat = w.reshape(w.shape[:lead] + (-1, self.d1))
+            grown = self.grow_cols(flat, input_side=input_side)
+            return grown.reshape(w.shape[:-1] + (self.d2,))
         moved = w.movedim(d, lead)
         rest = moved.shape[lead + 1 :]
         flat = moved.reshape(moved.shape[: lead + 1] + (-1,))

@@ -308,9 +308,12 @@ class DualLiGO(nn.Module):
 
 
 def _grow_tensor(w: Tensor, spec: AxisSpec, chains: Mapping[str, list[Expansion]], stacked: bool) -> Tensor:
-    for dim, axis in enumerate(spec):
-        if axis is None:
-            continue
+    # Grow the axis with the largest source size first, while the others are
+    # still small: for an FFN weight this saves about a third of the FLOPs.
+    lead = 1 if stacked else 0
+    order = sorted((d for d, a in enumerate(spec) if a is not None), key=lambda d: -w.shape[d + lead])
+    for dim in order:
+        axis = spec[dim]
         space, side = axis
         for exp in chains[space]:
             w = exp.apply(w, dim, input_side=(side == "in"), stacked=stacked)

@@ -29,6 +29,9 @@ def test_grow_rows_and_rmatmul_match_dense_products(batch, input_side):
     y = torch.randn(batch + (4, 9))
     torch.testing.assert_close(exp.rmatmul(y), y @ a)
     torch.testing.assert_close(exp.dense(), a)
+    z = torch.randn(batch + (6, 5))
+    torch.testing.assert_close(exp.grow_cols(z), z @ a.transpose(-1, -2))
+    torch.testing.assert_close(exp.grow_cols(z, input_side=True), z @ b.transpose(-1, -2))
 
 
 def test_apply_grows_any_axis_of_stacked_tensor():
@@ -37,6 +40,23 @@ def test_apply_grows_any_axis_of_stacked_tensor():
     w = torch.randn(2, 3, 5, 4)  # layer, x, grown axis, y
     out = exp.apply(w, dim=1, input_side=False, stacked=True)
     expected = torch.einsum("lod,lxdy->lxoy", a, w)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_apply_matches_tensordot_on_every_axis_of_stacked_and_plain_tensors(dim):
+    exp, e, perm = _random_expansion((2,))
+    a, b = dense_a(e, perm), dense_b(e, perm)
+    shape = [3, 4, 6]
+    shape[dim] = 5
+    w = torch.randn([2] + shape)
+    for side, m in ((False, a), (True, b)):
+        out = exp.apply(w, dim=dim, input_side=side, stacked=True)
+        expected = torch.stack([torch.movedim(torch.tensordot(m[i], w[i], dims=([1], [dim])), 0, dim) for i in range(2)])
+        torch.testing.assert_close(out, expected)
+    plain, e1, perm1 = _random_expansion(())
+    out = plain.apply(w[0], dim=dim, input_side=True, stacked=False)
+    expected = torch.movedim(torch.tensordot(dense_b(e1, perm1), w[0], dims=([1], [dim])), 0, dim)
     torch.testing.assert_close(out, expected)
 
 

