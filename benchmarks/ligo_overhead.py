@@ -38,7 +38,6 @@ def _rss_bytes() -> int:
 
 def _models(case: str, grown: bool):
     import timm
-    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
@@ -55,7 +54,9 @@ def _models(case: str, grown: bool):
         inter, target = TransformerShape(8, 512, 2048, 16), TransformerShape(12, 768, 3072, 24)
         num_labels = 2
     else:
-        small = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=192, depth=4, num_heads=3, num_classes=10)
+        small = timm.create_model(
+            "vit_base_patch16_224", pretrained=False, embed_dim=192, depth=4, num_heads=3, num_classes=10
+        )
         inter, target = TransformerShape(6, 256, 1024, 4), TransformerShape(12, 384, 1536, 6)
         num_labels = 10
     fam = get_family(case)
@@ -145,8 +146,19 @@ def main() -> None:
         grown = measure(case, True, args)
         t_ratio = grown["time_s"] / plain["time_s"]
         m_ratio = grown["peak_bytes"] / plain["peak_bytes"]
-        print(json.dumps({"case": case, "device": args.device, "plain": plain, "dual_ligo": grown,
-                          "step_time_ratio": round(t_ratio, 3), "peak_mem_ratio": round(m_ratio, 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "case": case,
+                    "device": args.device,
+                    "plain": plain,
+                    "dual_ligo": grown,
+                    "step_time_ratio": round(t_ratio, 3),
+                    "peak_mem_ratio": round(m_ratio, 3),
+                }
+            ),
+            flush=True,
+        )
         worst = (max(worst[0], t_ratio), max(worst[1], m_ratio))
     print(f"step_time_ratio={worst[0]:.3f} peak_mem_ratio={worst[1]:.3f}")
 

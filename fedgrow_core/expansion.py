@@ -35,9 +35,7 @@ InputSide = Literal["normalised", "tied"]
 INPUT_SIDES = ("normalised", "tied")
 
 
-def head_interleave_permutation(
-    src_heads: int, src_head_dim: int, tgt_heads: int, tgt_head_dim: int
-) -> Tensor:
+def head_interleave_permutation(src_heads: int, src_head_dim: int, tgt_heads: int, tgt_head_dim: int) -> Tensor:
     """Row permutation that keeps every source head inside one target head.
 
     The stacked rows ``[original (d1) ; new (d2 - d1)]`` are reordered so that
@@ -133,6 +131,8 @@ def selection_init(sel: Tensor, d1: int, noise: float, generator: torch.Generato
     noise : float
         Upper bound of the uniform noise ``U[0, noise)`` added to every entry
         (reference code: 0.03).
+    generator : torch.Generator
+        Source of the noise.
 
     Returns
     -------
@@ -217,6 +217,8 @@ class Expansion:
         ----------
         x : torch.Tensor
             ``(..., m, d1)``; batch dimensions broadcast against ``E``'s.
+        input_side : bool
+            Use ``B = A diag(s)`` instead of ``A``.
 
         Returns
         -------

@@ -70,8 +70,7 @@ class GrownModel(nn.Module):
         shape = family.shape(small_model)
         if operator.source != shape:
             raise ValueError(
-                f"the operator grows from {operator.source}, but the small "
-                f"{family.name} model has shape {shape}"
+                f"the operator grows from {operator.source}, but the small {family.name} model has shape {shape}"
             )
         if not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
@@ -95,7 +94,7 @@ class GrownModel(nn.Module):
         # Not a submodule: its parameters live on "meta" and are always replaced.
         self._template = [template.to("meta")]
 
-    def train(self, mode: bool = True) -> "GrownModel":
+    def train(self, mode: bool = True) -> GrownModel:
         """Set training mode here and in the target template (dropout)."""
         super().train(mode)
         self._template[0].train(mode)
@@ -110,9 +109,7 @@ class GrownModel(nn.Module):
             Every parameter of the family's target classifier, shapes of the target
             shape, with the task head included.
         """
-        embed, layers = self.operator.grow(
-            self.small_embed.as_dict(), self.small_layers.as_dict(), self._embed_spaces
-        )
+        embed, layers = self.operator.grow(self.small_embed.as_dict(), self.small_layers.as_dict(), self._embed_spaces)
         sd = self.family.to_state_dict(embed, layers)
         w_name, b_name = self.family.head_names()
         sd[w_name], sd[b_name] = self.head.weight, self.head.bias

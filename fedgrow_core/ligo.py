@@ -89,9 +89,7 @@ def _kind_key(kind: str) -> str:
     return kind.replace(".", "_")
 
 
-def depth_init_matrix(
-    l1: int, l2: int, method: DepthInit, noise: float, generator: torch.Generator
-) -> Tensor:
+def depth_init_matrix(l1: int, l2: int, method: DepthInit, noise: float, generator: torch.Generator) -> Tensor:
     """Initial depth coefficients ``(L2, L1)`` (LiGO reference code).
 
     ``stackbert``: target layer ``i`` copies source layer ``i mod L1`` (StackBERT,
@@ -188,9 +186,7 @@ class LiGO(nn.Module):
             }
         )
         width_layers = 1 if tie_layers else target.layers
-        head_perm = head_interleave_permutation(
-            source.heads, source.head_dim, target.heads, target.head_dim
-        )
+        head_perm = head_interleave_permutation(source.heads, source.head_dim, target.heads, target.head_dim)
         self.register_buffer("perm_heads", head_perm, persistent=False)
         self.register_buffer("perm_res", torch.arange(target.hidden), persistent=False)
         self.register_buffer("perm_ffn", torch.arange(target.ffn), persistent=False)
@@ -201,9 +197,7 @@ class LiGO(nn.Module):
         width = {"res": selection_init(sel_res(), source.hidden, width_noise, gen)}
         heads, ffn = [], []
         for _ in range(width_layers):
-            sel = head_selection(
-                source.heads, source.head_dim, target.heads, target.head_dim, gen
-            )
+            sel = head_selection(source.heads, source.head_dim, target.heads, target.head_dim, gen)
             # q, k and v share the selection so a new head starts as a copy.
             heads.append([selection_init(sel, source.hidden, width_noise, gen) for _ in "qkv"])
             sel_ffn = balanced_choice(target.ffn - source.ffn, source.ffn, gen)
@@ -220,10 +214,7 @@ class LiGO(nn.Module):
 
     def expansions(self) -> dict[str, Expansion]:
         """The width expansion of every space, as :class:`Expansion` views."""
-        return {
-            space: Expansion(self.width[space], self._perm(space), self.input_side)
-            for space in SPACES
-        }
+        return {space: Expansion(self.width[space], self._perm(space), self.input_side) for space in SPACES}
 
     def depth_coefficients(self) -> dict[str, Tensor]:
         """Depth coefficients per layer-parameter kind, each ``(L2, L1)``."""
@@ -276,8 +267,7 @@ class DualLiGO(nn.Module):
             )
         if local.input_side != global_.input_side:
             raise ValueError(
-                f"Local-LiGO input_side={local.input_side!r} differs from Global-LiGO "
-                f"input_side={global_.input_side!r}"
+                f"Local-LiGO input_side={local.input_side!r} differs from Global-LiGO input_side={global_.input_side!r}"
             )
         super().__init__()
         self.local = local
@@ -353,9 +343,7 @@ def apply_growth(
     KeyError
         If a layer kind or embed tensor has no coefficient or axis spec.
     """
-    grown_embed = {
-        name: _grow_tensor(t, embed_spaces[name], chains, stacked=False) for name, t in embed.items()
-    }
+    grown_embed = {name: _grow_tensor(t, embed_spaces[name], chains, stacked=False) for name, t in embed.items()}
     grown_layers = {}
     for kind, stack in layers.items():
         mixed = torch.einsum("ij,j...->i...", depth[kind].to(stack.dtype), stack)

@@ -36,9 +36,7 @@ class TransformerShape:
         for name in ("layers", "hidden", "ffn", "heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"TransformerShape.{name} must be a positive integer, got {value!r}"
-                )
+                raise ValueError(f"TransformerShape.{name} must be a positive integer, got {value!r}")
         if self.hidden % self.heads:
             raise ValueError(
                 f"TransformerShape: hidden={self.hidden} is not divisible by "

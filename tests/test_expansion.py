@@ -52,7 +52,9 @@ def test_apply_matches_tensordot_on_every_axis_of_stacked_and_plain_tensors(dim)
     w = torch.randn([2] + shape)
     for side, m in ((False, a), (True, b)):
         out = exp.apply(w, dim=dim, input_side=side, stacked=True)
-        expected = torch.stack([torch.movedim(torch.tensordot(m[i], w[i], dims=([1], [dim])), 0, dim) for i in range(2)])
+        expected = torch.stack(
+            [torch.movedim(torch.tensordot(m[i], w[i], dims=([1], [dim])), 0, dim) for i in range(2)]
+        )
         torch.testing.assert_close(out, expected)
     plain, e1, perm1 = _random_expansion(())
     out = plain.apply(w[0], dim=dim, input_side=True, stacked=False)

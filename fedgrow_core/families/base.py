@@ -44,9 +44,7 @@ class ModelFamily(ABC):
         """A randomly initialised target classifier from :meth:`target_config`."""
 
     @abstractmethod
-    def to_state_dict(
-        self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
+    def to_state_dict(self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Family state dict (without task head) from grown canonical weights."""
 
     @abstractmethod

@@ -74,9 +74,7 @@ class BertFamily(ModelFamily):
     def shape(self, model: nn.Module) -> TransformerShape:
         """Shape from the ``BertConfig``: layers, hidden, intermediate, heads."""
         cfg = _encoder(model).config
-        return TransformerShape(
-            cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-        )
+        return TransformerShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads)
 
     def extract(self, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Canonical weights; see :class:`~fedgrow_core.families.base.ModelFamily`."""
@@ -114,8 +112,9 @@ class BertFamily(ModelFamily):
         """``BertForSequenceClassification`` keys (``bert.`` prefix), no classifier."""
         sd = {f"bert.{k}": v for k, v in embed.items()}
         for kind, stack in layers.items():
-            for i in range(stack.shape[0]):
-                sd[f"bert.{_layer_key(kind, i)}"] = stack[i]
+            # unbind, not stack[i]: one backward node instead of L zero-filled copies
+            for i, w in enumerate(stack.unbind(0)):
+                sd[f"bert.{_layer_key(kind, i)}"] = w
         return sd
 
     def head_names(self) -> tuple[str, str]:

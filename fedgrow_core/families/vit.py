@@ -44,9 +44,7 @@ _SIMPLE = {
 
 def _check_supported(model: nn.Module) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"the 'vit' family expects a timm VisionTransformer, got {type(model).__name__}"
-        )
+        raise ValueError(f"the 'vit' family expects a timm VisionTransformer, got {type(model).__name__}")
     unsupported = []
     if model.cls_token is None:
         unsupported.append("class_token=False")
@@ -137,17 +135,18 @@ class VitFamily(ModelFamily):
         return timm.create_model(config["architecture"], pretrained=False, **args)
 
     def to_state_dict(self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """timm ``VisionTransformer`` keys (``qkv`` fused), no ``head``."""
+        """Timm ``VisionTransformer`` keys (``qkv`` fused), no ``head``."""
         sd = dict(embed)
-        n = next(iter(layers.values())).shape[0]
-        for i in range(n):
+        # unbind, not stack[i]: one backward node instead of L zero-filled copies
+        per_layer = {kind: stack.unbind(0) for kind, stack in layers.items()}
+        for param in ("weight", "bias"):
+            qkv = torch.cat([layers[f"attn.{k}.{param}"] for k in "qkv"], dim=1)
+            for i, w in enumerate(qkv.unbind(0)):
+                sd[f"blocks.{i}.attn.qkv.{param}"] = w
+        for kind, name in _SIMPLE.items():
             for param in ("weight", "bias"):
-                sd[f"blocks.{i}.attn.qkv.{param}"] = torch.cat(
-                    [layers[f"attn.{k}.{param}"][i] for k in "qkv"]
-                )
-            for kind, name in _SIMPLE.items():
-                for param in ("weight", "bias"):
-                    sd[f"blocks.{i}.{name}.{param}"] = layers[f"{kind}.{param}"][i]
+                for i, w in enumerate(per_layer[f"{kind}.{param}"]):
+                    sd[f"blocks.{i}.{name}.{param}"] = w
         return sd
 
     def head_names(self) -> tuple[str, str]:
