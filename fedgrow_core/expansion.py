@@ -20,7 +20,7 @@ weight each, so width growth is exactly function preserving (Net2Net, Chen et al
 2016; bert2BERT's function-preserving init). It costs one column sum of ``E**2``.
 
 Nothing here builds ``A`` densely during training: :meth:`Expansion.grow_rows`
-and :meth:`Expansion.rmatmul` use the ``[I ; E]`` structure, so applying a
+and :meth:`Expansion.grow_cols` use the ``[I ; E]`` structure, so applying a
 ``d1 -> d2`` expansion to ``n`` columns costs ``2 (d2 - d1) d1 n`` FLOPs.
 """
 
@@ -168,7 +168,6 @@ class Expansion:
         self.input_side = input_side
         self.d1 = e.shape[-1]
         self.d2 = e.shape[-2] + self.d1
-        self.inv_perm = torch.argsort(perm)
         # the identity permutation (residual and FFN spaces) costs no copy
         self.permuted = not torch.equal(perm, torch.arange(perm.numel(), device=perm.device))
 
@@ -202,13 +201,7 @@ class Expansion:
         """
         if input_side:
             x = x * self.input_side_scale().unsqueeze(-1)
-        new = torch.matmul(self.e.to(x.dtype), x)
-        if new.dim() > x.dim():
-            x = x.expand(new.shape[:-2] + x.shape[-2:])
-        elif x.dim() > new.dim():
-            new = new.expand(x.shape[:-2] + new.shape[-2:])
-        out = torch.cat([x, new], dim=-2)
-        return out.index_select(-2, self.perm.to(x.device)) if self.permuted else out
+        return self._append_new(x, torch.matmul(self.e.to(x.dtype), x), dim=-2)
 
     def grow_cols(self, x: Tensor, input_side: bool = False) -> Tensor:
         """Compute ``x @ A^T`` (or ``x @ B^T``): grow the last dimension.
@@ -227,27 +220,16 @@ class Expansion:
         """
         if input_side:
             x = x * self.input_side_scale().unsqueeze(-2)
-        new = torch.matmul(x, self.e.to(x.dtype).transpose(-1, -2))
+        return self._append_new(x, torch.matmul(x, self.e.to(x.dtype).transpose(-1, -2)), dim=-1)
+
+    def _append_new(self, x: Tensor, new: Tensor, dim: int) -> Tensor:
+        """``P [x ; new]`` along ``dim``, broadcasting batch dimensions."""
         if new.dim() > x.dim():
             x = x.expand(new.shape[:-2] + x.shape[-2:])
-        out = torch.cat([x, new], dim=-1)
-        return out.index_select(-1, self.perm.to(x.device)) if self.permuted else out
-
-    def rmatmul(self, y: Tensor) -> Tensor:
-        """Compute ``y @ A`` without forming ``A``.
-
-        Parameters
-        ----------
-        y : torch.Tensor
-            ``(..., m, d2)``.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(..., m, d1)``.
-        """
-        z = y.index_select(-1, self.inv_perm.to(y.device))
-        return z[..., : self.d1] + torch.matmul(z[..., self.d1 :], self.e.to(y.dtype))
+        elif x.dim() > new.dim():
+            new = new.expand(x.shape[:-2] + new.shape[-2:])
+        out = torch.cat([x, new], dim=dim)
+        return out.index_select(dim, self.perm.to(x.device)) if self.permuted else out
 
     def dense(self, input_side: bool = False) -> Tensor:
         """The matrix ``A`` (or ``B``) densely, ``(d2, d1)`` or ``(L, d2, d1)``.
