@@ -223,11 +223,13 @@ class Expansion:
         return self._append_new(x, torch.matmul(x, self.e.to(x.dtype).transpose(-1, -2)), dim=-1)
 
     def _append_new(self, x: Tensor, new: Tensor, dim: int) -> Tensor:
-        """``P [x ; new]`` along ``dim``, broadcasting batch dimensions."""
+        """``P [x ; new]`` along ``dim``; ``x`` takes ``new``'s batch dimensions.
+
+        ``new`` comes from a matmul with ``E``, so it always carries the broadcast
+        batch dimensions of both; only ``x`` can lack the per-layer one.
+        """
         if new.dim() > x.dim():
             x = x.expand(new.shape[:-2] + x.shape[-2:])
-        elif x.dim() > new.dim():
-            new = new.expand(x.shape[:-2] + new.shape[-2:])
         out = torch.cat([x, new], dim=dim)
         return out.index_select(dim, self.perm.to(x.device)) if self.permuted else out
 

@@ -138,7 +138,7 @@ class VitFamily(ModelFamily):
         """Timm ``VisionTransformer`` keys (``qkv`` fused), no ``head``."""
         sd = dict(embed)
         # unbind, not stack[i]: one backward node instead of L zero-filled copies
-        per_layer = {kind: stack.unbind(0) for kind, stack in layers.items()}
+        per_layer = {f"{k}.{p}": layers[f"{k}.{p}"].unbind(0) for k in _SIMPLE for p in ("weight", "bias")}
         for param in ("weight", "bias"):
             qkv = torch.cat([layers[f"attn.{k}.{param}"] for k in "qkv"], dim=1)
             for i, w in enumerate(qkv.unbind(0)):
