@@ -1,0 +1,143 @@
+"""Local training steps and evaluation of a classifier (small, grown or target model).
+
+Works on any module whose forward takes the batch from
+:func:`fedgrow_core.preprocessing.make_dataloader` and returns logits ``(B, K)``
+or an output with ``.logits`` (``transformers``). Precision is macro-averaged
+with ``sklearn.metrics.precision_score``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from sklearn.metrics import precision_score
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .preprocessing import model_inputs
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``; raises ``ValueError`` otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def logits_of(output) -> Tensor:
+    """Logits from a forward output (a tensor, or an object with ``.logits``)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def cycle(loader: Iterable) -> Iterator:
+    """Endless iteration over ``loader``, reshuffling each pass (if the loader shuffles)."""
+    for _ in itertools.count():
+        yield from loader
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterator[dict[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    device: torch.device,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    max_grad_norm: float | None = 1.0,
+) -> list[float]:
+    """Run ``steps`` optimiser steps of cross-entropy on ``batches``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained in place; put in train mode, left in eval mode.
+    batches : iterator of dict
+        E.g. ``cycle(loader)``; each batch has ``labels``.
+    optimizer : torch.optim.Optimizer
+        Over the parameters that should move.
+    steps : int
+        Number of optimiser steps (local steps), >= 0.
+    device : torch.device
+        Where to run; bf16 autocast on CUDA.
+    scheduler : LRScheduler, optional
+        Stepped after every optimiser step.
+    max_grad_norm : float, optional
+        Gradient-norm clipping; ``None`` disables it.
+
+    Returns
+    -------
+    list of float
+        Loss of every step.
+    """
+    model.train()
+    losses = []
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for _ in range(steps):
+        batch = _to(next(batches), device)
+        args, kwargs = model_inputs(batch)
+        with _autocast(device):
+            logits = logits_of(model(*args, **kwargs))
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Test metrics: mean cross-entropy (nats), accuracy, macro precision, row count."""
+
+    loss: float
+    accuracy: float
+    precision: float
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], device: torch.device) -> EvalResult:
+    """Loss, accuracy and macro precision of ``model`` over every batch of ``loader``."""
+    model.eval()
+    total, preds, labels = 0.0, [], []
+    for batch in loader:
+        batch = _to(batch, device)
+        args, kwargs = model_inputs(batch)
+        with _autocast(device):
+            logits = logits_of(model(*args, **kwargs)).float()
+        total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        preds.append(logits.argmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
+    if not labels:
+        raise ValueError("evaluate() got an empty loader")
+    y, p = torch.cat(labels).numpy(), torch.cat(preds).numpy()
+    n = len(y)
+    return EvalResult(
+        loss=total / n,
+        accuracy=float((y == p).mean()),
+        precision=float(precision_score(y, p, average="macro", zero_division=0)),
+        num_examples=n,
+    )

