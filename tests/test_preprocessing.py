@@ -19,7 +19,8 @@ def reviews():
 def test_each_client_tokenizes_with_its_own_tokenizer(reviews, name, tmp_path_factory):
     small = load_small_model(name, 2, tmp_path_factory.mktemp("cache"))
     batch = next(iter(make_dataloader(reviews, small.preprocessor, 4, max_length=32)))
-    expected = small.preprocessor(reviews["text"][:4], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    texts = reviews["text"][:4]
+    expected = small.preprocessor(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
     assert torch.equal(batch["input_ids"], expected["input_ids"])
     assert torch.equal(batch["attention_mask"], expected["attention_mask"])
     assert batch["labels"].tolist() == reviews["label"][:4]
