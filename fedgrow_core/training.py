@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from sklearn.metrics import precision_score
@@ -62,7 +62,8 @@ def train_steps(
     *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_grad_norm: float | None = 1.0,
-) -> list[float]:
+    penalty: Callable[[], Tensor] | None = None,
+) -> TrainStats:
     """Run ``steps`` optimiser steps of cross-entropy on ``batches``.
 
     Parameters
@@ -81,14 +82,16 @@ def train_steps(
         Stepped after every optimiser step.
     max_grad_norm : float, optional
         Gradient-norm clipping; ``None`` disables it.
+    penalty : callable, optional
+        Extra loss term added each step (e.g. FedProx's proximal term).
 
     Returns
     -------
-    list of float
-        Loss of every step.
+    TrainStats
+        Loss of every step (cross-entropy only), and correct / seen training rows.
     """
     model.train()
-    losses = []
+    losses, correct, seen = [], 0, 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for _ in range(steps):
         batch = _to(next(batches), device)
@@ -96,16 +99,38 @@ def train_steps(
         with _autocast(device):
             logits = logits_of(model(*args, **kwargs))
         loss = F.cross_entropy(logits.float(), batch["labels"])
+        total = loss + penalty() if penalty is not None else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         losses.append(float(loss.detach()))
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        seen += len(batch["labels"])
     model.eval()
-    return losses
+    return TrainStats(losses, correct, seen)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Per-step losses (nats) and correct / seen training rows of :func:`train_steps`."""
+
+    losses: list[float]
+    correct: int
+    seen: int
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean of the step losses (NaN when no step ran)."""
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        """Training accuracy over the rows seen (0 when none)."""
+        return self.correct / self.seen if self.seen else 0.0
 
 
 @dataclass(frozen=True)

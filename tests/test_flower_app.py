@@ -1,0 +1,146 @@
+"""End to end: `flwr run .` in local simulation (3 SuperNodes, Ray) on tiny heterogeneous clients.
+
+Starts its own local SuperLink under a temporary FLWR_HOME (a copy of the repo's
+flwr_home/config.toml) with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1, and
+stops it afterwards, even on failure.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_bert_folder
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from fedgrow_core.accounting import tensor_bytes
+from fedgrow_core.data_sources import load_data_source
+from fedgrow_core.ligo import LiGO
+from fedgrow_core.run_config import parse_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _stop_superlinks(flwr_home):
+    out = subprocess.run(["pgrep", "-f", str(flwr_home)], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _local_superlink_running() -> bool:
+    import httpx
+    from flwr.cli.constant import LOCAL_SUPERLINK_HTTP_API_PORT
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health", timeout=1).is_success
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def flwr_run(tmp_path_factory):
+    # `flwr run` reuses any local SuperLink already listening on its fixed port, whatever
+    # environment started it; this test must start (and stop) its own.
+    assert not _local_superlink_running(), "a local Flower SuperLink is already running: stop it first"
+    tmp = tmp_path_factory.mktemp("flwr")
+    models = [
+        tiny_bert_folder(tmp / "bert-1x32", 1, 32, 2, 64, 0),
+        tiny_bert_folder(tmp / "bert-2x32", 2, 32, 2, 64, 1),
+    ]
+    reviews = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0).select(range(400))
+    pd.DataFrame({"review": reviews["text"], "verdict": reviews["label"]}).to_csv(tmp / "reviews.csv", index=False)
+    overrides = {
+        "dataset": str(tmp / "reviews.csv"),
+        "text-column": "review",
+        "label-column": "verdict",
+        "client-models": ",".join(models),
+        "intermediate-shape": "2x32x64x2",
+        "target-shape": "3x64x128x4",
+        "num-server-rounds": 2,
+        "local-steps": 3,
+        "batch-size": 16,
+        "max-length": 32,
+        "finetune-steps": 2,
+        "partitioner": "iid",
+        "output-dir": str(tmp / "out"),
+        "cache-dir": str(tmp / "cache"),
+    }
+    lines = [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
+    (tmp / "run.toml").write_text("\n".join(lines) + "\n")
+    home = tmp / "flwr-home"
+    shutil.copytree(ROOT / "flwr_home", home)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    try:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "--run-config", str(tmp / "run.toml"), "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        _stop_superlinks(home)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    runs = list((tmp / "out").glob("*-text-fedavg"))
+    assert len(runs) == 1, log[-4000:]
+    return runs[0], overrides, models, log
+
+
+def test_run_folder_holds_metrics_plot_and_global_ligo(flwr_run):
+    run_dir, cfg, _, log = flwr_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["accepted"] == 3 and r["rejected"] == 0 for r in rows)
+    assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("round,train-loss,train-accuracy")
+    assert (run_dir / "metrics.png").stat().st_size > 1000
+    expected = LiGO(parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"]), seed=0).state_dict()
+    final = load_file(str(run_dir / "global_ligo.safetensors"))
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in expected.items()}
+    assert any(not torch.equal(final[k], expected[k]) for k in expected)  # training moved it
+    assert "round 2: 3 replies, 3 accepted, 0 rejected" in log
+
+
+def test_summary_reports_every_client(flwr_run):
+    run_dir, cfg, models, _ = flwr_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("mode", "rounds", "clients", "mean_accuracy", "std_accuracy", "upload_bytes_per_round"):
+        assert key in summary
+    assert summary["mode"] == "fedgrow" and summary["rounds"] == 2
+    assert [c["partition_id"] for c in summary["clients"]] == [0, 1, 2]
+    assert [c["model"] for c in summary["clients"]] == [models[0], models[1], models[0]]  # cycling
+    for c in summary["clients"]:
+        assert 0 <= c["accuracy"] <= 1 and 0 <= c["precision"] <= 1 and c["trainable_params"] > 0
+    accs = [c["accuracy"] for c in summary["clients"]]
+    assert summary["mean_accuracy"] == pytest.approx(sum(accs) / 3)
+    inter, target = parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])
+    assert summary["upload_bytes_per_round"] == tensor_bytes(LiGO(inter, target).state_dict())
+    assert summary["wall_time_s"] > 0
+
+
+def test_each_client_saved_an_ordinary_grown_model(flwr_run):
+    run_dir, cfg, _, _ = flwr_run
+    target = parse_shape(cfg["target-shape"])
+    for pid in range(3):
+        folder = Path(cfg["output-dir"]) / "clients" / f"partition-{pid}" / "grown_model"
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        assert model.config.num_hidden_layers == target.layers and model.config.hidden_size == target.hidden
+        batch = AutoTokenizer.from_pretrained(folder)(["a fine film"], return_tensors="pt")
+        assert model(**batch).logits.shape == (1, 2)

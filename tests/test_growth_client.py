@@ -1,0 +1,56 @@
+"""The client's private side: only the Global-LiGO travels, the rest persists between rounds."""
+
+import pytest
+import torch
+from conftest import tiny_bert_folder
+
+from fedgrow_core.growth_client import GrowthClient, global_ligo
+from fedgrow_core.run_config import RunConfig
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clients")
+    model = tiny_bert_folder(tmp / "bert", 2, 32, 2, 64, 0)
+    return RunConfig.from_flower(
+        {
+            "client-models": model,
+            "intermediate-shape": "2x32x64x2",
+            "target-shape": "3x64x128x4",
+            "local-steps": 3,
+            "batch-size": 8,
+            "max-train-examples": 64,
+            "finetune-steps": 1,
+            "max-length": 32,
+        }
+    )
+
+
+def test_reply_is_exactly_the_global_ligo_and_state_persists(run):
+    sent = global_ligo(run).state_dict()
+    client = GrowthClient(run, 0, 3)
+    reply, metrics = client.train_round({k: v.clone() for k, v in sent.items()})
+    assert {k: (v.shape, v.dtype) for k, v in reply.items()} == {k: (v.shape, v.dtype) for k, v in sent.items()}
+    assert any(not torch.equal(reply[k], sent[k]) for k in sent)
+    assert metrics["num-examples"] == 64 and metrics["train-loss"] > 0
+    private = client.private_state()
+    assert not set(private) & set(sent) and all(not k.startswith("operator.global_") for k in private)
+    assert any(k.startswith("operator.local.") for k in private) and "head.weight" in private
+    assert any(k.startswith("optimizer.") and k.endswith("exp_avg") for k in private)
+    # a fresh process restores the Local-LiGO, head and optimiser moments exactly
+    other = GrowthClient(run, 0, 3)
+    assert not torch.equal(other.model.head.weight, client.model.head.weight)
+    other.load_private_state(private)
+    for key, value in client.private_state().items():
+        assert torch.equal(other.private_state()[key], value), key
+
+
+def test_fedprox_term_pulls_towards_the_received_global(run):
+    sent = global_ligo(run).state_dict()
+    far = GrowthClient(run, 1, 3).train_round({k: v.clone() for k, v in sent.items()})[0]
+    near = GrowthClient(run, 1, 3).train_round({k: v.clone() for k, v in sent.items()}, proximal_mu=1e4)[0]
+
+    def dist(state):
+        return sum(float(((state[k] - sent[k]) ** 2).sum()) for k in sent)
+
+    assert dist(near) < dist(far)

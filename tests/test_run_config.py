@@ -1,0 +1,68 @@
+"""Run config: the pyproject defaults parse, and every bad value is reported before training."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedgrow_core.run_config import ConfigError, RunConfig, parse_shape
+from fedgrow_core.shapes import TransformerShape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject_config():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_equal_the_dataclass_defaults():
+    run = RunConfig.from_flower(_pyproject_config())
+    assert run == RunConfig()
+    assert run.client_models == ("minilm-l3", "minilm-l6", "minilm-l6-sre")
+    assert run.target_shape == TransformerShape(10, 512, 2048, 16)
+
+
+def test_image_preset_is_valid():
+    preset = tomllib.loads((ROOT / "presets" / "image.toml").read_text())
+    run = RunConfig.from_flower({**_pyproject_config(), **preset})
+    assert run.task == "image" and run.dataset == "mnist"
+    assert len(set(run.client_models)) == 3
+
+
+def test_parse_shape():
+    assert parse_shape("12x512x2048x16") == TransformerShape(12, 512, 2048, 16)
+    with pytest.raises(ValueError, match="expected 'LxDxFxH'.*'12x512'"):
+        parse_shape("12x512")
+
+
+def test_every_problem_is_listed_at_once():
+    bad = {
+        "local-steps": 0,
+        "batch-size": "32",
+        "partitioner": "zipf",
+        "fraction-train": 1.5,
+        "dirichlet-alpha": -1.0,
+        "target-shape": "4x256x1024x8",
+        "no-such-key": 1,
+    }
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower(bad)
+    text = str(info.value)
+    # type errors and unknown keys come first (the values cannot be built)
+    assert "unknown key 'no-such-key'" in text
+    assert "batch-size = '32': expected an integer" in text
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower({k: v for k, v in bad.items() if k not in ("no-such-key", "batch-size")})
+    problems = info.value.problems
+    assert len(problems) == 5
+    text = str(info.value)
+    assert "local-steps = 0: expected an integer >= 1" in text
+    assert "partitioner = 'zipf': expected one of ['iid', 'dirichlet', 'shards']" in text
+    assert "fraction-train = 1.5: expected a number in (0, 1]" in text
+    assert "dirichlet-alpha = -1.0: expected a number > 0" in text
+    assert "does not fit in target-shape" in text and "layers 6 > 4" in text and "hidden 384 > 256" in text
+
+
+def test_bool_is_not_an_integer():
+    with pytest.raises(ConfigError, match="seed = True: expected an integer"):
+        RunConfig.from_flower({"seed": True})
