@@ -21,7 +21,12 @@ from fedgrow_core.run_config import RunConfig
 app = ClientApp()
 
 STATE_KEY = "fedgrow-private"
+#: Clients built in this process, most recent last. A simulation actor serves
+#: several nodes in turn; rebuilding a client (model, data, tokenisation) costs
+#: seconds, so a few are kept. Their private state is always reloaded from
+#: ``Context.state``, so a cached object never carries state across nodes or runs.
 _CLIENTS: dict[tuple, GrowthClient] = {}
+_MAX_CACHED = 4
 
 
 def _client(context: Context) -> GrowthClient:
@@ -30,10 +35,10 @@ def _client(context: Context) -> GrowthClient:
     pid, n = int(node["partition-id"]), int(node["num-partitions"])
     model = node.get("model") or None
     key = (context.run_id, pid, n, model)
-    if key not in _CLIENTS:
-        _CLIENTS.clear()  # one client per process at a time: bounded memory
-        _CLIENTS[key] = GrowthClient(run, pid, n, model=str(model) if model else None)
-    client = _CLIENTS[key]
+    client = _CLIENTS.pop(key, None) or GrowthClient(run, pid, n, model=str(model) if model else None)
+    _CLIENTS[key] = client
+    while len(_CLIENTS) > _MAX_CACHED:
+        _CLIENTS.pop(next(iter(_CLIENTS)))
     if STATE_KEY in context.state:
         client.load_private_state(context.state[STATE_KEY].to_torch_state_dict())
     return client

@@ -34,7 +34,13 @@ HEAD_PREFIX = "head."
 
 def global_ligo(run: RunConfig) -> LiGO:
     """The initial Global-LiGO (intermediate -> target), from the run config alone, seeded by ``run.seed``."""
-    return LiGO(run.intermediate_shape, run.target_shape, seed=run.seed)
+    return LiGO(
+        run.intermediate_shape,
+        run.target_shape,
+        depth_init=run.depth_init,
+        depth_noise=run.depth_noise,
+        seed=run.seed,
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -84,7 +90,12 @@ class GrowthClient:
         small = load_small_model(self._pretrained_path(num_partitions), self.num_labels, run.cache_dir or None)
         self.small = small
         local = LiGO(
-            small.family.shape(small.model), run.intermediate_shape, tie_layers=True, seed=run.seed + 1 + partition_id
+            small.family.shape(small.model),
+            run.intermediate_shape,
+            tie_layers=True,
+            depth_init=run.depth_init,
+            depth_noise=run.depth_noise,
+            seed=run.seed + 1 + partition_id,
         )
         self.model = GrownModel(small.family, small.model, DualLiGO(local, global_ligo(run)), self.num_labels)
         self.model.to(self.device)

@@ -68,6 +68,10 @@ class RunConfig:
         Token truncation (text).
     max_train_examples : int
         Cap on each client's training rows (0: no cap), to fit a time budget.
+    depth_init : {"stackbert", "interlace"}
+        Depth initialisation of both operators (LiGO reference code's names).
+    depth_noise : float
+        ``U[0, depth_noise)`` added to the depth coefficients, >= 0.
     lr_ligo, lr_head, weight_decay : float
         AdamW settings of the growth phase (operators; task head).
     fraction_train : float
@@ -103,6 +107,8 @@ class RunConfig:
     batch_size: int = 32
     max_length: int = 64
     max_train_examples: int = 0
+    depth_init: str = "stackbert"
+    depth_noise: float = 0.03
     lr_ligo: float = 1e-3
     lr_head: float = 1e-3
     weight_decay: float = 0.0
@@ -153,6 +159,9 @@ class RunConfig:
         _one_of(p, "task", self.task, TASKS)
         _one_of(p, "partitioner", self.partitioner, PARTITIONERS)
         _one_of(p, "device", self.device, DEVICES)
+        _one_of(p, "depth_init", self.depth_init, ("stackbert", "interlace"))
+        if self.depth_noise < 0:
+            p.append(f"depth-noise = {self.depth_noise!r}: expected a number >= 0")
         for name in (
             "num_server_rounds",
             "local_steps",

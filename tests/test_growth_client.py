@@ -54,3 +54,34 @@ def test_fedprox_term_pulls_towards_the_received_global(run):
         return sum(float(((state[k] - sent[k]) ** 2).sum()) for k in sent)
 
     assert dist(near) < dist(far)
+
+
+def test_image_clients_pretrain_their_own_vits_then_grow(tmp_path):
+    run = RunConfig.from_flower(
+        {
+            "task": "image",
+            "dataset": "digits",
+            "client-models": "vit:1x32,vit:2x64",
+            "intermediate-shape": "2x64x256x2",
+            "target-shape": "3x128x512x4",
+            "pretrain-steps": 60,
+            "patch-size": 4,
+            "local-steps": 2,
+            "batch-size": 32,
+            "finetune-steps": 2,
+            "lr-finetune": 1e-3,
+            "cache-dir": str(tmp_path),
+        }
+    )
+    shapes = []
+    for pid in (0, 1):
+        client = GrowthClient(run, pid, 2)
+        shapes.append(client.small.family.shape(client.small.model))
+        reply, metrics = client.train_round(global_ligo(run).state_dict())
+        assert metrics["num-examples"] == len(client.train_rows)
+        result = client.finetune_and_evaluate(reply, tmp_path / f"grown-{pid}")
+        assert result["accuracy"] > 0.2  # 10 classes: pre-trained features carry over
+        assert (tmp_path / f"grown-{pid}" / "model.safetensors").is_file()
+    assert [(s.layers, s.hidden) for s in shapes] == [(1, 32), (2, 64)]
+    # each client pre-trained on its own rows, into its own cache folder
+    assert len(list((tmp_path / "vits").iterdir())) == 2
