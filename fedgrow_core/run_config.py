@@ -108,9 +108,9 @@ class RunConfig:
     max_length: int = 64
     max_train_examples: int = 0
     depth_init: str = "stackbert"
-    depth_noise: float = 0.03
-    lr_ligo: float = 1e-3
-    lr_head: float = 1e-3
+    depth_noise: float = 0.0
+    lr_ligo: float = 1e-4
+    lr_head: float = 5e-3
     weight_decay: float = 0.0
     fraction_train: float = 1.0
     partitioner: str = "dirichlet"
