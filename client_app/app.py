@@ -3,7 +3,8 @@
 Node config (``--node-config`` in simulation via the federation, or a
 SuperNode's own settings): ``partition-id`` and ``num-partitions`` pick the data
 partition and, cycling, the small model; a SuperNode may instead name its own
-``model`` (zoo name or folder) and its private ``output-dir``. The Local-LiGO,
+``model`` (zoo name or folder), its own ``dataset`` (a data file that is all its
+own) and its private ``output-dir``. The Local-LiGO,
 task head and optimiser state live in ``Context.state`` between rounds, so they
 persist in simulation and deployment alike; only the Global-LiGO is replied.
 """
@@ -33,9 +34,11 @@ def _client(context: Context) -> GrowthClient:
     run = RunConfig.from_flower(context.run_config)
     node = context.node_config
     pid, n = int(node["partition-id"]), int(node["num-partitions"])
-    model = node.get("model") or None
-    key = (context.run_id, pid, n, model)
-    client = _CLIENTS.pop(key, None) or GrowthClient(run, pid, n, model=str(model) if model else None)
+    model, dataset = node.get("model") or None, node.get("dataset") or None
+    key = (context.run_id, pid, n, model, dataset)
+    client = _CLIENTS.pop(key, None) or GrowthClient(
+        run, pid, n, model=str(model) if model else None, dataset=str(dataset) if dataset else None
+    )
     _CLIENTS[key] = client
     while len(_CLIENTS) > _MAX_CACHED:
         _CLIENTS.pop(next(iter(_CLIENTS)))

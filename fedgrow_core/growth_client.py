@@ -66,6 +66,9 @@ class GrowthClient:
         ``run.client_models[partition_id % len(run.client_models)]``.
     model : str, optional
         Overrides the small model (a SuperNode naming its own model folder).
+    dataset : str, optional
+        The node's own data source (a SuperNode naming its own data file): all
+        of it is this client's (its own train/test split), no partitioning.
 
     Attributes
     ----------
@@ -75,17 +78,32 @@ class GrowthClient:
         Over Local-LiGO, Global-LiGO (``lr_ligo``) and the head (``lr_head``).
     """
 
-    def __init__(self, run: RunConfig, partition_id: int, num_partitions: int, model: str | None = None) -> None:
+    def __init__(
+        self,
+        run: RunConfig,
+        partition_id: int,
+        num_partitions: int,
+        model: str | None = None,
+        dataset: str | None = None,
+    ) -> None:
         self.run = run
         self.partition_id = partition_id
         self.device = resolve_device(run.device)
-        fed = federated_data(run, num_partitions)
-        split = fed.client(partition_id)
+        if dataset:  # the node's own data file: all of it is this client's
+            data = load_data_source(
+                dataset, text_column=run.text_column, label_column=run.label_column, image_column=run.image_column
+            )
+            split = data["train"].train_test_split(test_size=0.2, seed=run.seed)
+            names = label_names(data)
+        else:
+            fed = federated_data(run, num_partitions)
+            split = fed.client(partition_id)
+            names = label_names(fed.global_test)
         train = split["train"]
         if run.max_train_examples and len(train) > run.max_train_examples:
             train = train.shuffle(seed=run.seed).select(range(run.max_train_examples))
         self.train_rows, self.test_rows = train, split["test"]
-        self.num_labels = len(label_names(fed.global_test))
+        self.num_labels = len(names)
         self.model_name = model or run.client_models[partition_id % len(run.client_models)]
         small = load_small_model(self._pretrained_path(num_partitions), self.num_labels, run.cache_dir or None)
         self.small = small

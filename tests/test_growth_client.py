@@ -85,3 +85,13 @@ def test_image_clients_pretrain_their_own_vits_then_grow(tmp_path):
     assert [(s.layers, s.hidden) for s in shapes] == [(1, 32), (2, 64)]
     # each client pre-trained on its own rows, into its own cache folder
     assert len(list((tmp_path / "vits").iterdir())) == 2
+
+
+def test_a_node_can_bring_its_own_data_file(run, tmp_path):
+    from dataclasses import replace
+
+    text = tmp_path / "own.csv"
+    text.write_text("text,label\n" + "\n".join(f"review {i},{'good' if i % 2 else 'bad'}" for i in range(50)))
+    client = GrowthClient(replace(run, max_train_examples=0), 5, 9, dataset=str(text))
+    assert len(client.train_rows) + len(client.test_rows) == 50  # all of the file, no partitioning
+    assert set(client.train_rows["text"]) <= {f"review {i}" for i in range(50)}
