@@ -42,7 +42,7 @@ pretrain-vits: setup
 run: setup
 	mkdir -p $(FLWR_HOME_DIR) && cp flwr_home/config.toml $(FLWR_HOME_DIR)/config.toml
 	$(FLWR_ENV) flwr run . --stream $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)'); \
-	status=$$?; $(MAKE) --no-print-directory stop-superlink; exit $$status
+	status=$$?; pkill -f "$(FLWR_HOME_DIR)/local-superlink" || true; exit $$status
 
 run-image:
 	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml
