@@ -42,13 +42,13 @@ pretrain-vits: setup
 run: setup
 	mkdir -p $(FLWR_HOME_DIR) && cp flwr_home/config.toml $(FLWR_HOME_DIR)/config.toml
 	$(FLWR_ENV) flwr run . --stream $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)'); \
-	status=$$?; pkill -f "$(FLWR_HOME_DIR)/local-superlink" || true; exit $$status
+	status=$$?; pkill -f "$(FLWR_HOME_DIR)/[l]ocal-superlink" || true; exit $$status
 
 run-image:
 	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml
 
 stop-superlink:
-	-pkill -f "$(FLWR_HOME_DIR)/local-superlink" || true
+	-pkill -f "$(FLWR_HOME_DIR)/[l]ocal-superlink" || true
 
 clean:
 	rm -rf $(VENV)
