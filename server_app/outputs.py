@@ -47,6 +47,7 @@ def plot_rounds(run_dir: Path, rows: list[dict]) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -56,6 +57,7 @@ def plot_rounds(run_dir: Path, rows: list[dict]) -> Path:
     ax2.set(xlabel="round", ylabel="training accuracy", title="accuracy", ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = run_dir / "metrics.png"
     fig.savefig(path, dpi=120)
