@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import tomllib
-from pathlib import Path
 
 import torch
 
 from fedgrow_core.growth_client import GrowthClient, global_ligo
 from fedgrow_core.preprocessing import make_dataloader
-from fedgrow_core.run_config import RunConfig
+from fedgrow_core.run_config import RunConfig, pyproject_config
 from fedgrow_core.training import evaluate
 
 
@@ -33,11 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-rows", type=int, default=300)
     parser.add_argument("overrides", nargs="*", help="run-config key=value")
     args = parser.parse_args(argv)
-    config = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        config[key] = tomllib.loads(f"v = {value}")["v"]
-    run = RunConfig.from_flower(config)
+    run = RunConfig.from_flower(pyproject_config("pyproject.toml", args.overrides))
     client = GrowthClient(run, args.partition_id, args.num_partitions)
     client.test_rows = client.test_rows.select(range(min(args.test_rows, len(client.test_rows))))
     start = time.perf_counter()

@@ -16,14 +16,12 @@ import json
 import statistics
 import sys
 import time
-import tomllib
-from pathlib import Path
 
 import torch
 
-from fedgrow_core.growth_client import federated_data
+from fedgrow_core.growth_client import client_rows
 from fedgrow_core.preprocessing import make_dataloader
-from fedgrow_core.run_config import RunConfig
+from fedgrow_core.run_config import RunConfig, pyproject_config
 from fedgrow_core.training import cycle, evaluate, resolve_device, train_steps
 from fedgrow_core.zoo import load_small_model
 
@@ -32,22 +30,14 @@ NUM_CLIENTS = 3
 
 def main(argv: list[str]) -> float:
     """Run the baseline; returns the mean client test accuracy."""
-    config = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    for item in argv:
-        key, _, value = item.partition("=")
-        config[key] = tomllib.loads(f"v = {value}")["v"]
-    run = RunConfig.from_flower(config)
-    fed = federated_data(run, NUM_CLIENTS)
+    run = RunConfig.from_flower(pyproject_config("pyproject.toml", argv))
     device = resolve_device(run.device)
     steps = run.num_server_rounds * run.local_steps + run.finetune_steps
     accs = []
     for pid in range(NUM_CLIENTS):
-        split = fed.client(pid)
-        train = split["train"]
-        if run.max_train_examples and len(train) > run.max_train_examples:
-            train = train.shuffle(seed=run.seed).select(range(run.max_train_examples))
+        train, test_rows, names = client_rows(run, pid, NUM_CLIENTS)
         name = run.client_models[pid % len(run.client_models)]
-        small = load_small_model(name, len(fed.label_names), run.cache_dir or None)
+        small = load_small_model(name, len(names), run.cache_dir or None)
         model = small.model.to(device)
         loader = make_dataloader(
             train, small.preprocessor, run.batch_size, shuffle=True, seed=run.seed + pid, max_length=run.max_length
@@ -55,7 +45,7 @@ def main(argv: list[str]) -> float:
         optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr_finetune, weight_decay=run.weight_decay)
         start = time.perf_counter()
         train_steps(model, cycle(loader), optimizer, steps, device)
-        test = make_dataloader(split["test"], small.preprocessor, 64, max_length=run.max_length)
+        test = make_dataloader(test_rows, small.preprocessor, 64, max_length=run.max_length)
         result = evaluate(model, test, device)
         accs.append(result.accuracy)
         row = {

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import Dataset, DatasetDict
 from torch import Tensor
 
 from .data_sources import label_names, load_data_source, task_of
@@ -43,15 +44,39 @@ def global_ligo(run: RunConfig) -> LiGO:
     )
 
 
+def _load(run: RunConfig, source: str) -> DatasetDict:
+    data = load_data_source(
+        source, text_column=run.text_column, label_column=run.label_column, image_column=run.image_column
+    )
+    if task_of(data) != run.task:
+        raise ValueError(f"dataset {source!r} is a {task_of(data)} dataset, but task = {run.task!r}")
+    return data
+
+
 @functools.lru_cache(maxsize=4)
 def federated_data(run: RunConfig, num_partitions: int) -> FederatedData:
     """The run's dataset split among ``num_partitions`` clients (cached per process)."""
-    data = load_data_source(
-        run.dataset, text_column=run.text_column, label_column=run.label_column, image_column=run.image_column
-    )
-    if task_of(data) != run.task:
-        raise ValueError(f"dataset {run.dataset!r} is a {task_of(data)} dataset, but task = {run.task!r}")
-    return federate(data, num_partitions, run.partitioner, alpha=run.dirichlet_alpha, seed=run.seed)
+    return federate(_load(run, run.dataset), num_partitions, run.partitioner, alpha=run.dirichlet_alpha, seed=run.seed)
+
+
+def client_rows(
+    run: RunConfig, partition_id: int, num_partitions: int, dataset: str | None = None
+) -> tuple[Dataset, Dataset, list[str]]:
+    """A client's training rows (capped at ``max_train_examples``), test rows and class names.
+
+    From partition ``partition_id`` of ``run.dataset``, or, when ``dataset`` names
+    the node's own data source, from all of it (split 80/20, no partitioning).
+    """
+    if dataset:
+        data = _load(run, dataset)
+        split, names = data["train"].train_test_split(test_size=0.2, seed=run.seed), label_names(data)
+    else:
+        fed = federated_data(run, num_partitions)
+        split, names = fed.client(partition_id), fed.label_names
+    train = split["train"]
+    if run.max_train_examples and len(train) > run.max_train_examples:
+        train = train.shuffle(seed=run.seed).select(range(run.max_train_examples))
+    return train, split["test"], names
 
 
 class GrowthClient:
@@ -89,20 +114,7 @@ class GrowthClient:
         self.run = run
         self.partition_id = partition_id
         self.device = resolve_device(run.device)
-        if dataset:  # the node's own data file: all of it is this client's
-            data = load_data_source(
-                dataset, text_column=run.text_column, label_column=run.label_column, image_column=run.image_column
-            )
-            split = data["train"].train_test_split(test_size=0.2, seed=run.seed)
-            names = label_names(data)
-        else:
-            fed = federated_data(run, num_partitions)
-            split = fed.client(partition_id)
-            names = label_names(fed.global_test)
-        train = split["train"]
-        if run.max_train_examples and len(train) > run.max_train_examples:
-            train = train.shuffle(seed=run.seed).select(range(run.max_train_examples))
-        self.train_rows, self.test_rows = train, split["test"]
+        self.train_rows, self.test_rows, names = client_rows(run, partition_id, num_partitions, dataset)
         self.num_labels = len(names)
         self.model_name = model or run.client_models[partition_id % len(run.client_models)]
         small = load_small_model(self._pretrained_path(num_partitions), self.num_labels, run.cache_dir or None)

