@@ -43,7 +43,13 @@ def _package_dir(module: str, pin: str) -> Path:
 
 
 def task_of(dataset: Dataset | DatasetDict) -> str:
-    """``"text"`` or ``"image"`` from the columns; raises ``DataSourceError`` otherwise."""
+    """``"text"`` or ``"image"``, from the canonical columns.
+
+    Raises
+    ------
+    DataSourceError
+        If the dataset has neither a ``text`` nor an ``image`` column.
+    """
     ds = next(iter(dataset.values())) if isinstance(dataset, DatasetDict) else dataset
     if TEXT in ds.column_names:
         return TEXT
@@ -53,7 +59,13 @@ def task_of(dataset: Dataset | DatasetDict) -> str:
 
 
 def label_names(dataset: Dataset | DatasetDict) -> list[str]:
-    """Class names of the ``label`` column (a ``ClassLabel``)."""
+    """Class names of the ``label`` column (a ``ClassLabel``), index = label id.
+
+    Raises
+    ------
+    KeyError
+        If there is no ``label`` column (not a :func:`load_data_source` result).
+    """
     ds = next(iter(dataset.values())) if isinstance(dataset, DatasetDict) else dataset
     return list(ds.features[LABEL].names)
 
@@ -179,6 +191,20 @@ def images_dataset(images: np.ndarray, labels: np.ndarray, origin: str, names: l
 
 def load_npz(path: str | Path, image_key: str = IMAGE, label_key: str = LABEL) -> DatasetDict:
     """An image dataset from an ``.npz`` file with an image array and a label array.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.npz`` file (read with ``allow_pickle=False``).
+    image_key : str
+        Array of images, ``(N, H, W)`` or ``(N, C, H, W)``, uint8 or float.
+    label_key : str
+        Array of labels, ``(N,)``, integers >= 0 or strings.
+
+    Returns
+    -------
+    DatasetDict
+        ``train`` with ``image`` (``Array3D`` ``(C, H, W)``) and ``label``.
 
     Raises
     ------

@@ -29,7 +29,6 @@ from .vit_pretrain import VitSpec, pretrain_small_vits
 from .zoo import default_cache_dir, load_small_model
 
 GLOBAL_PREFIX = "operator.global_."
-LOCAL_PREFIX = "operator.local."
 HEAD_PREFIX = "head."
 
 
@@ -168,11 +167,22 @@ class GrowthClient:
 
     # --- what travels -----------------------------------------------------
     def global_state(self) -> dict[str, Tensor]:
-        """Global-LiGO tensors under their ``LiGO.state_dict()`` names (CPU, float32)."""
+        """Global-LiGO tensors under their ``LiGO.state_dict()`` names (CPU, float32).
+
+        Shapes: ``depth.<kind>`` ``(L_t, L_m)``; ``width.res`` ``(D_t - D_m, D_m)``;
+        ``width.q/k/v`` ``(L_t, D_t - D_m, D_m)``; ``width.ffn`` ``(L_t, F_t - F_m, F_m)``
+        (``m``: intermediate, ``t``: target shape). These are the only tensors sent.
+        """
         return {k: v.detach().cpu().clone() for k, v in self.model.operator.global_.state_dict().items()}
 
     def load_global_state(self, state: dict[str, Tensor]) -> None:
-        """Load received Global-LiGO tensors (``strict``: names and shapes must match)."""
+        """Load received Global-LiGO tensors.
+
+        Raises
+        ------
+        RuntimeError
+            From ``load_state_dict(strict=True)``, if names or shapes differ.
+        """
         self.model.operator.global_.load_state_dict(state, strict=True)
 
     # --- what stays ---------------------------------------------------------
@@ -187,10 +197,17 @@ class GrowthClient:
         return out
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:
-        """Restore :meth:`private_state` (raises ``KeyError`` on a missing tensor)."""
+        """Restore :meth:`private_state` onto this client's Local-LiGO, head and optimiser.
+
+        Raises
+        ------
+        RuntimeError
+            From ``load_state_dict`` (strict), if a tensor name or shape does not
+            match this client's model.
+        """
         own = {k: v for k, v in state.items() if not k.startswith("optimizer.")}
-        missing = self.model.load_state_dict({**self.model.state_dict(), **own}, strict=True)
-        del missing
+        # the Global-LiGO is not in the private state: keep the current one, check the rest strictly
+        self.model.load_state_dict({**self.model.state_dict(), **own}, strict=True)
         moments: dict[int, dict[str, Tensor]] = {}
         for key, value in state.items():
             if key.startswith("optimizer."):
@@ -218,10 +235,10 @@ class GrowthClient:
         """
         self.load_global_state(global_state)
         start = time.perf_counter()
-        anchor = {k: v.detach().clone().to(self.device) for k, v in self.model.operator.global_.state_dict().items()}
         penalty = None
         if proximal_mu > 0:
             params = dict(self.model.operator.global_.named_parameters())
+            anchor = {k: v.detach().clone() for k, v in params.items()}
 
             def penalty() -> Tensor:
                 return 0.5 * proximal_mu * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
@@ -238,6 +255,11 @@ class GrowthClient:
 
     def finetune_and_evaluate(self, global_state: dict[str, Tensor], out_dir: str | Path | None) -> dict:
         """Materialise the grown model, fine-tune it locally, evaluate it on the client's test split, save it.
+
+        ``finetune_steps`` AdamW steps at ``lr_finetune`` on all target weights;
+        saved with the family's own format (``save_pretrained`` / timm
+        ``config.json`` + ``model.safetensors``) and the tokenizer, unless
+        ``out_dir`` is ``None``.
 
         Returns
         -------

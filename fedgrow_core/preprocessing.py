@@ -91,8 +91,10 @@ def image_dtype(dataset: Dataset) -> torch.dtype:
 def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = 128) -> Dataset:
     """Tokenise the ``text`` column with ``tokenizer`` (truncation, no padding).
 
-    Returns a dataset with the tokenizer's fields and ``labels``; padding is left
-    to the collator so each batch pads only to its own longest row.
+    Returns a dataset with the tokenizer's fields (``input_ids`` etc., at most
+    ``max_length`` tokens per row) and ``labels``; padding is left to
+    ``DataCollatorWithPadding`` so each batch pads only to its own longest row.
+    Raises ``KeyError`` if there is no ``text`` column.
     """
     columns = [c for c in dataset.column_names if c != LABEL]
     out = dataset.map(

@@ -145,7 +145,20 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], device: torch.device) -> EvalResult:
-    """Loss, accuracy and macro precision of ``model`` over every batch of ``loader``."""
+    """Loss, accuracy and macro precision of ``model`` over every batch of ``loader``.
+
+    Returns
+    -------
+    EvalResult
+        Mean cross-entropy in nats per row, accuracy in [0, 1], macro precision
+        (``sklearn.metrics.precision_score(average="macro", zero_division=0)``)
+        and the number of rows.
+
+    Raises
+    ------
+    ValueError
+        If ``loader`` yields no batch.
+    """
     model.eval()
     total, preds, labels = 0.0, [], []
     for batch in loader:

@@ -66,7 +66,12 @@ class VitSpec:
 
 
 def build_vit(spec: VitSpec, img_size: int, patch_size: int, in_chans: int, num_classes: int, seed: int = 0):
-    """A randomly initialised plain timm ``VisionTransformer`` (cls token, qkv bias, FFN ``4 * hidden``)."""
+    """A randomly initialised plain timm ``VisionTransformer`` (cls token, qkv bias, FFN ``4 * hidden``).
+
+    ``img_size`` and ``patch_size`` are in pixels (square); input
+    ``(B, in_chans, img_size, img_size)``, output logits ``(B, num_classes)``.
+    Built by ``timm.create_model`` (Dosovitskiy et al. 2021's ViT).
+    """
     torch.manual_seed(seed)
     return timm.create_model(
         ARCHITECTURE,
@@ -221,9 +226,9 @@ def main(argv: list[str] | None = None) -> list[PretrainResult]:
         train, test = split["train"], split["test"]
         tag = f"{args.dataset}/{args.partitioner}-{args.alpha}/{args.num_partitions}/p{args.partition_id}"
     else:
-        train = data["train"]
-        test = data["test"] if "test" in data else data["train"]
-        if "test" not in data:
+        if "test" in data:
+            train, test = data["train"], data["test"]
+        else:
             split = data["train"].train_test_split(test_size=0.2, seed=args.seed, stratify_by_column=LABEL)
             train, test = split["train"], split["test"]
         tag = args.dataset

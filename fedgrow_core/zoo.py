@@ -121,7 +121,15 @@ MODEL_ZOO: dict[str, ZooModel] = {
 
 
 def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str:
-    """Folder of a zoo model (converting it if needed), a local folder, or the hub id unchanged."""
+    """Folder of a zoo model (converting it if needed), a local folder, or the hub id unchanged.
+
+    Raises
+    ------
+    MissingAssetError
+        If a zoo model's PyPI package is not installed (names the package).
+    ValueError
+        If the MiniLM-L3 ONNX graph cannot be converted (see :func:`convert_bert_onnx`).
+    """
     if name_or_path in MODEL_ZOO:
         return str(MODEL_ZOO[name_or_path].locate(Path(cache_dir) if cache_dir else default_cache_dir()))
     return name_or_path

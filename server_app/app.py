@@ -32,7 +32,12 @@ FINAL_PHASE = "finetune-evaluate"
 
 
 def final_phase(grid: Grid, arrays: ArrayRecord, timeout: float) -> list[Message]:
-    """Ask every node to fine-tune and evaluate its grown model; return the replies without errors."""
+    """Ask every node to fine-tune and evaluate its grown model; return the replies without errors.
+
+    One ``EVALUATE`` message per node carries the final Global-LiGO and
+    ``phase = "finetune-evaluate"``; ``timeout`` is in seconds. Failed replies are
+    logged with the node id and left out.
+    """
     messages = [
         Message(
             content=RecordDict({"arrays": arrays, "config": ConfigRecord({"phase": FINAL_PHASE})}),

@@ -154,6 +154,11 @@ def build_strategy(name: str, num_nodes: int, fraction_train: float, **kwargs: A
     ``fraction_evaluate`` is 0 (Fed-Grow evaluates once, after growth);
     ``min_train_nodes`` is ``max(1, round(fraction_train * num_nodes))`` and
     ``min_available_nodes`` is ``num_nodes``. Extra ``kwargs`` go to the class.
+
+    Raises
+    ------
+    ValueError
+        From :func:`resolve_strategy`, for an unknown or unimportable strategy.
     """
     cls = checked(resolve_strategy(name))
     sample = max(1, round(fraction_train * num_nodes))
