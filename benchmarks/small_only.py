@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from fedgrow_core.growth_client import client_rows
+from fedgrow_core.client_setup import client_rows
 from fedgrow_core.preprocessing import make_dataloader
 from fedgrow_core.run_config import RunConfig, pyproject_config
 from fedgrow_core.training import cycle, evaluate, resolve_device, train_steps

@@ -6,27 +6,25 @@ client loads the received Global-LiGO, trains Local-LiGO, Global-LiGO and head
 for ``local_steps`` on its own rows, and returns the Global-LiGO only. After the
 growth rounds it materialises its grown model, fine-tunes it, evaluates it on its
 own test split and saves it as an ordinary ``transformers`` / ``timm`` model.
+
+With ``independent=True`` the same client is the *independent-LiGO* baseline:
+one private LiGO grows the small model straight to the target shape (per-layer
+width matrices, as in Wang et al. 2023) and nothing is shared.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict
-from torch import Tensor
+from torch import Tensor, nn
 
-from .data_sources import label_names, load_data_source, task_of
+from .client_setup import ClientSetup
 from .grown_model import GrownModel
 from .ligo import DualLiGO, LiGO
-from .partitions import FederatedData, federate
-from .preprocessing import make_dataloader
 from .run_config import RunConfig
-from .training import cycle, evaluate, resolve_device, train_steps
-from .vit_pretrain import VitSpec, pretrain_small_vits
-from .zoo import default_cache_dir, load_small_model
+from .training import EvalResult, evaluate, train_steps
 
 GLOBAL_PREFIX = "operator.global_."
 HEAD_PREFIX = "head."
@@ -41,41 +39,6 @@ def global_ligo(run: RunConfig) -> LiGO:
         depth_noise=run.depth_noise,
         seed=run.seed,
     )
-
-
-def _load(run: RunConfig, source: str) -> DatasetDict:
-    data = load_data_source(
-        source, text_column=run.text_column, label_column=run.label_column, image_column=run.image_column
-    )
-    if task_of(data) != run.task:
-        raise ValueError(f"dataset {source!r} is a {task_of(data)} dataset, but task = {run.task!r}")
-    return data
-
-
-@functools.lru_cache(maxsize=4)
-def federated_data(run: RunConfig, num_partitions: int) -> FederatedData:
-    """The run's dataset split among ``num_partitions`` clients (cached per process)."""
-    return federate(_load(run, run.dataset), num_partitions, run.partitioner, alpha=run.dirichlet_alpha, seed=run.seed)
-
-
-def client_rows(
-    run: RunConfig, partition_id: int, num_partitions: int, dataset: str | None = None
-) -> tuple[Dataset, Dataset, list[str]]:
-    """A client's training rows (capped at ``max_train_examples``), test rows and class names.
-
-    From partition ``partition_id`` of ``run.dataset``, or, when ``dataset`` names
-    the node's own data source, from all of it (split 80/20, no partitioning).
-    """
-    if dataset:
-        data = _load(run, dataset)
-        split, names = data["train"].train_test_split(test_size=0.2, seed=run.seed), label_names(data)
-    else:
-        fed = federated_data(run, num_partitions)
-        split, names = fed.client(partition_id), fed.label_names
-    train = split["train"]
-    if run.max_train_examples and len(train) > run.max_train_examples:
-        train = train.shuffle(seed=run.seed).select(range(run.max_train_examples))
-    return train, split["test"], names
 
 
 class GrowthClient:
@@ -93,13 +56,21 @@ class GrowthClient:
     dataset : str, optional
         The node's own data source (a SuperNode naming its own data file): all
         of it is this client's (its own train/test split), no partitioning.
+    independent : bool
+        The independent-LiGO baseline: one private ``LiGO(small -> target)``
+        instead of ``DualLiGO``; :meth:`global_state` is then empty.
+    setup : ClientSetup, optional
+        An already loaded setup (rows and small model) to reuse.
 
     Attributes
     ----------
     model : GrownModel
-        Small model (frozen) grown through ``Global o Local``, plus the task head.
+        Small model (frozen) grown through ``Global o Local`` (or the private
+        LiGO), plus the task head.
     optimizer : torch.optim.AdamW
-        Over Local-LiGO, Global-LiGO (``lr_ligo``) and the head (``lr_head``).
+        Over the operator(s) (``lr_ligo``) and the head (``lr_head``).
+    trainable_params : int
+        Parameters trained in the growth rounds (operators + head).
     """
 
     def __init__(
@@ -109,61 +80,48 @@ class GrowthClient:
         num_partitions: int,
         model: str | None = None,
         dataset: str | None = None,
+        *,
+        independent: bool = False,
+        setup: ClientSetup | None = None,
     ) -> None:
+        self.setup = setup or ClientSetup.load(run, partition_id, num_partitions, model, dataset)
         self.run = run
         self.partition_id = partition_id
-        self.device = resolve_device(run.device)
-        self.train_rows, self.test_rows, names = client_rows(run, partition_id, num_partitions, dataset)
-        self.num_labels = len(names)
-        self.model_name = model or run.client_models[partition_id % len(run.client_models)]
-        small = load_small_model(self._pretrained_path(num_partitions), self.num_labels, run.cache_dir or None)
-        self.small = small
-        local = LiGO(
-            small.family.shape(small.model),
-            run.intermediate_shape,
-            tie_layers=True,
-            depth_init=run.depth_init,
-            depth_noise=run.depth_noise,
-            seed=run.seed + 1 + partition_id,
-        )
-        self.model = GrownModel(small.family, small.model, DualLiGO(local, global_ligo(run)), self.num_labels)
+        self.independent = independent
+        self.device = self.setup.device
+        self.train_rows, self.test_rows = self.setup.train_rows, self.setup.test_rows
+        self.num_labels = self.setup.num_labels
+        self.model_name = self.setup.model_name
+        small = self.small = self.setup.small
+        if independent:
+            operator = LiGO(
+                small.family.shape(small.model),
+                run.target_shape,
+                depth_init=run.depth_init,
+                depth_noise=run.depth_noise,
+                seed=run.seed + 1 + partition_id,
+            )
+        else:
+            local = LiGO(
+                small.family.shape(small.model),
+                run.intermediate_shape,
+                tie_layers=True,
+                depth_init=run.depth_init,
+                depth_noise=run.depth_noise,
+                seed=run.seed + 1 + partition_id,
+            )
+            operator = DualLiGO(local, global_ligo(run))
+        self.model = GrownModel(small.family, small.model, operator, self.num_labels)
         self.model.to(self.device)
         head = [p for n, p in self.model.named_parameters() if n.startswith(HEAD_PREFIX)]
         operators = [p for n, p in self.model.named_parameters() if not n.startswith(HEAD_PREFIX)]
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer = torch.optim.AdamW(
             [{"params": operators, "lr": run.lr_ligo}, {"params": head, "lr": run.lr_head}],
             weight_decay=run.weight_decay,
         )
-        loader = make_dataloader(
-            self.train_rows,
-            small.preprocessor,
-            run.batch_size,
-            shuffle=True,
-            seed=run.seed + partition_id,
-            max_length=run.max_length,
-        )
-        self._batches = cycle(loader)
-
-    def _pretrained_path(self, num_partitions: int) -> str:
-        """The small model to load; ``vit:LxD`` is first pre-trained on this client's own rows (cached)."""
-        if not self.model_name.startswith("vit:"):
-            return self.model_name
-        spec = VitSpec.parse(self.model_name[len("vit:") :])
-        cache = Path(self.run.cache_dir) if self.run.cache_dir else default_cache_dir()
-        run = self.run
-        tag = f"{run.dataset}/{run.partitioner}-{run.dirichlet_alpha}/{num_partitions}/p{self.partition_id}"
-        (result,) = pretrain_small_vits(
-            [spec],
-            self.train_rows,
-            self.test_rows,
-            cache / "vits",
-            data_tag=tag,
-            steps=self.run.pretrain_steps,
-            patch_size=self.run.patch_size,
-            seed=self.run.seed,
-            device=self.run.device,
-        )
-        return result.path
+        self._batches = self.setup.batches()
+        self._test = self.setup.test_loader()
 
     # --- what travels -----------------------------------------------------
     def global_state(self) -> dict[str, Tensor]:
@@ -172,7 +130,10 @@ class GrowthClient:
         Shapes: ``depth.<kind>`` ``(L_t, L_m)``; ``width.res`` ``(D_t - D_m, D_m)``;
         ``width.q/k/v`` ``(L_t, D_t - D_m, D_m)``; ``width.ffn`` ``(L_t, F_t - F_m, F_m)``
         (``m``: intermediate, ``t``: target shape). These are the only tensors sent.
+        Empty for the independent-LiGO baseline.
         """
+        if self.independent:
+            return {}
         return {k: v.detach().cpu().clone() for k, v in self.model.operator.global_.state_dict().items()}
 
     def load_global_state(self, state: dict[str, Tensor]) -> None:
@@ -182,7 +143,13 @@ class GrowthClient:
         ------
         RuntimeError
             From ``load_state_dict(strict=True)``, if names or shapes differ.
+        ValueError
+            If an independent-LiGO client is sent any tensor.
         """
+        if self.independent:
+            if state:
+                raise ValueError(f"an independent-LiGO client shares nothing, but was sent {sorted(state)[:3]}")
+            return
         self.model.operator.global_.load_state_dict(state, strict=True)
 
     # --- what stays ---------------------------------------------------------
@@ -231,7 +198,9 @@ class GrowthClient:
         -------
         tuple of (dict, dict)
             The Global-LiGO after training, and ``{"num-examples", "train-loss",
-            "train-accuracy", "train-seconds"}``.
+            "train-accuracy", "train-seconds", "eval-accuracy", "trainable-params"}``
+            (``eval-accuracy``: the grown model on the client's test rows after
+            this round).
         """
         self.load_global_state(global_state)
         start = time.perf_counter()
@@ -246,12 +215,24 @@ class GrowthClient:
         stats = train_steps(
             self.model, self._batches, self.optimizer, self.run.local_steps, self.device, penalty=penalty
         )
+        seconds = time.perf_counter() - start
+        result = self.evaluate()
         return self.global_state(), {
             "num-examples": len(self.train_rows),
             "train-loss": stats.mean_loss,
             "train-accuracy": stats.accuracy,
-            "train-seconds": time.perf_counter() - start,
+            "train-seconds": seconds,
+            "eval-accuracy": result.accuracy,
+            "trainable-params": self.trainable_params,
         }
+
+    def grown_model(self) -> nn.Module:
+        """The grown model as an ordinary family model on this client's device (weights materialised now)."""
+        return self.model.to_family_model().to(self.device)
+
+    def evaluate(self) -> EvalResult:
+        """The grown model (as it is now, before fine-tuning) on this client's test rows."""
+        return evaluate(self.grown_model(), self._test, self.device)
 
     def finetune_and_evaluate(self, global_state: dict[str, Tensor], out_dir: str | Path | None) -> dict:
         """Materialise the grown model, fine-tune it locally, evaluate it on the client's test split, save it.
@@ -265,12 +246,11 @@ class GrowthClient:
         -------
         dict
             ``num-examples`` (test rows), ``accuracy``, ``precision`` (macro),
-            ``loss``, ``trainable-params`` (growth phase: Local + Global + head),
-            ``target-params``, ``finetune-seconds``.
+            ``loss``, ``trainable-params`` (growth phase: operators + head),
+            ``model-params`` (the grown model's), ``finetune-seconds``.
         """
         self.load_global_state(global_state)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        grown = self.model.to_family_model().to(self.device)
+        grown = self.grown_model()
         start = time.perf_counter()
         if self.run.finetune_steps:
             optimizer = torch.optim.AdamW(
@@ -278,8 +258,7 @@ class GrowthClient:
             )
             train_steps(grown, self._batches, optimizer, self.run.finetune_steps, self.device)
         seconds = time.perf_counter() - start
-        test = make_dataloader(self.test_rows, self.small.preprocessor, 64, max_length=self.run.max_length)
-        result = evaluate(grown, test, self.device)
+        result = evaluate(grown, self._test, self.device)
         if out_dir is not None:
             self.small.family.save(grown.cpu(), self.model.target_config, out_dir)
             if hasattr(self.small.preprocessor, "save_pretrained"):
@@ -289,7 +268,7 @@ class GrowthClient:
             "accuracy": result.accuracy,
             "precision": result.precision,
             "loss": result.loss,
-            "trainable-params": trainable,
-            "target-params": sum(p.numel() for p in grown.parameters()),
+            "trainable-params": self.trainable_params,
+            "model-params": sum(p.numel() for p in grown.parameters()),
             "finetune-seconds": seconds,
         }

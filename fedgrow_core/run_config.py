@@ -18,6 +18,9 @@ from .partitions import PARTITIONERS
 from .shapes import TransformerShape
 
 TASKS = ("text", "image")
+#: What the app runs (issue 5's comparison): Fed-Grow, its baselines, and Fed-Grow
+#: followed by federated fine-tuning. See ``server_app/app.py``.
+MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -54,6 +57,10 @@ class RunConfig:
 
     Attributes
     ----------
+    mode : {"fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft"}
+        Fed-Grow or one of the baselines it is compared with; every mode gives
+        each client the same ``num_server_rounds * local_steps + finetune_steps``
+        optimiser steps on the same rows.
     task : {"text", "image"}
     dataset : str
         A :func:`fedgrow_core.data_sources.load_data_source` source.
@@ -70,6 +77,9 @@ class RunConfig:
         Token truncation (text).
     max_train_examples : int
         Cap on each client's training rows (0: no cap), to fit a time budget.
+    max_test_examples : int
+        Cap on each client's test rows (0: no cap); every evaluation of a run uses
+        the same capped rows.
     depth_init : {"stackbert", "interlace"}
         Depth initialisation of both operators (LiGO reference code's names).
     depth_noise : float
@@ -96,6 +106,7 @@ class RunConfig:
         Model cache ("" for the default).
     """
 
+    mode: str = "fedgrow"
     task: str = "text"
     dataset: str = "rotten-tomatoes"
     text_column: str = "text"
@@ -109,6 +120,7 @@ class RunConfig:
     batch_size: int = 32
     max_length: int = 64
     max_train_examples: int = 0
+    max_test_examples: int = 0
     depth_init: str = "stackbert"
     depth_noise: float = 0.0
     lr_ligo: float = 1e-4
@@ -158,6 +170,7 @@ class RunConfig:
     def check(self) -> None:
         """Check ranges and shape compatibility; raises :class:`ConfigError` listing every problem."""
         p: list[str] = []
+        _one_of(p, "mode", self.mode, MODES)
         _one_of(p, "task", self.task, TASKS)
         _one_of(p, "partitioner", self.partitioner, PARTITIONERS)
         _one_of(p, "device", self.device, DEVICES)
@@ -175,7 +188,7 @@ class RunConfig:
         ):
             if getattr(self, name) < 1:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 1")
-        for name in ("max_train_examples", "finetune_steps"):
+        for name in ("max_train_examples", "max_test_examples", "finetune_steps"):
             if getattr(self, name) < 0:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 0")
         for name in ("lr_ligo", "lr_head", "lr_finetune", "dirichlet_alpha"):
@@ -187,6 +200,11 @@ class RunConfig:
             p.append(f"fraction-train = {self.fraction_train!r}: expected a number in (0, 1]")
         if not self.client_models or any(not m for m in self.client_models):
             p.append(f"client-models = {','.join(self.client_models)!r}: expected comma-separated model names")
+        if self.mode == "fedgrow-fedft" and self.finetune_steps % self.local_steps:
+            p.append(
+                f"finetune-steps = {self.finetune_steps!r}: mode 'fedgrow-fedft' fine-tunes in federated rounds of "
+                f"local-steps = {self.local_steps}, so finetune-steps must be a multiple of it"
+            )
         inter, target = self.intermediate_shape, self.target_shape
         shrink = [
             f"{n} {getattr(inter, n)} > {getattr(target, n)}"

@@ -2,10 +2,11 @@
 
 Files (all under ``<output-dir>/<run name>/``):
 
-* ``metrics.jsonl`` and ``metrics.csv``: one row per round (``round``,
-  ``train-loss``, ``train-accuracy``, replies, rejected, seconds);
-* ``global_ligo.safetensors``: the final Global-LiGO (``safetensors``);
-* ``metrics.png``: loss and accuracy per round (``matplotlib``);
+* ``metrics.jsonl`` and ``metrics.csv``: one row per round
+  (:func:`server_app.summary.round_rows`);
+* ``global_ligo.safetensors``: the final Global-LiGO (``safetensors``), in the
+  modes that train one;
+* ``metrics.png``: training loss and test accuracy per round (``matplotlib``);
 * ``summary.json``: the run's result (see :func:`write_summary`).
 """
 
@@ -42,19 +43,20 @@ def write_global_ligo(run_dir: Path, state: dict[str, torch.Tensor]) -> Path:
 
 
 def plot_rounds(run_dir: Path, rows: list[dict]) -> Path:
-    """``metrics.png``: mean training loss and accuracy of the accepted replies per round."""
+    """``metrics.png``: mean training loss and mean client test accuracy per round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rounds = [r["round"] for r in rows]
+    loss = [(r["round"], r["train-loss"]) for r in rows if r.get("train-loss") is not None]
+    acc = [(r["round"], r["eval-accuracy"]) for r in rows if r.get("eval-accuracy") is not None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(rounds, [r.get("train-loss", float("nan")) for r in rows], marker="o")
-    ax1.set(xlabel="round", ylabel="training loss (nats)", title="Global-LiGO growth: loss")
-    ax2.plot(rounds, [r.get("train-accuracy", float("nan")) for r in rows], marker="o", color="tab:green")
-    ax2.set(xlabel="round", ylabel="training accuracy", title="accuracy", ylim=(0, 1))
+    ax1.plot([x for x, _ in loss], [y for _, y in loss], marker="o")
+    ax1.set(xlabel="round", ylabel="training loss (nats)", title="training loss (mean over clients)")
+    ax2.plot([x for x, _ in acc], [y for _, y in acc], marker="o", color="tab:green")
+    ax2.set(xlabel="round", ylabel="test accuracy", title="test accuracy (mean over clients)", ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import (
 )
 
 from .reply_checks import ArraySpec, array_spec, reply_problem
+from .round_log import round_entry
 
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -51,8 +52,9 @@ class ReplyChecks:
 
     The expected Global-LiGO names, shapes and dtypes are taken from the arrays the
     strategy sends. Rejected replies are logged with node id and reason and
-    counted; ``round_log`` keeps, per round, the nodes that replied, the rejected
-    ones with reasons, and the seconds the round took.
+    counted; ``round_log`` keeps one :func:`server_app.round_log.round_entry` per
+    round (nodes that replied, rejected ones with reasons, seconds, each client's
+    metrics and uploaded bytes).
     """
 
     expected_spec: ArraySpec | None = None
@@ -83,14 +85,7 @@ class ReplyChecks:
         arrays, metrics = super().aggregate_train(server_round, accepted)
         seconds = time.perf_counter() - getattr(self, "_round_start", time.perf_counter())
         ok = [m for m in accepted if not m.has_error()]
-        entry = {
-            "round": server_round,
-            "replies": len(replies),
-            "accepted_nodes": [m.metadata.src_node_id for m in ok],
-            "failed": len(accepted) - len(ok),
-            "rejected": rejected,
-            "seconds": seconds,
-        }
+        entry = round_entry(server_round, replies, accepted, rejected, seconds)
         self.round_log = [*getattr(self, "round_log", []), entry]
         if metrics is None and ok:
             metrics = MetricRecord()

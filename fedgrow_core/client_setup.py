@@ -1,0 +1,175 @@
+"""What every client of every mode starts from: its rows, its small model, its batches.
+
+Shared by :class:`fedgrow_core.growth_client.GrowthClient` (Fed-Grow and the
+independent-LiGO baseline) and :class:`fedgrow_core.model_client.ModelClient`
+(small-only, scratch FedAvg, federated fine-tuning), so that every mode of a run
+sees the same partition, the same capped train/test rows and the same batch order.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader
+
+from .data_sources import label_names, load_data_source, task_of
+from .partitions import FederatedData, federate
+from .preprocessing import make_dataloader
+from .run_config import RunConfig
+from .training import cycle, resolve_device
+from .vit_pretrain import VitSpec, pretrain_small_vits
+from .zoo import SmallModel, default_cache_dir, load_small_model
+
+
+def _load(run: RunConfig, source: str) -> DatasetDict:
+    data = load_data_source(
+        source, text_column=run.text_column, label_column=run.label_column, image_column=run.image_column
+    )
+    if task_of(data) != run.task:
+        raise ValueError(f"dataset {source!r} is a {task_of(data)} dataset, but task = {run.task!r}")
+    return data
+
+
+@functools.lru_cache(maxsize=4)
+def _federated(data_run: RunConfig, num_partitions: int) -> FederatedData:
+    run = data_run
+    return federate(_load(run, run.dataset), num_partitions, run.partitioner, alpha=run.dirichlet_alpha, seed=run.seed)
+
+
+def federated_data(run: RunConfig, num_partitions: int) -> FederatedData:
+    """The run's dataset split among ``num_partitions`` clients (cached per process).
+
+    The cache key holds only what the split depends on (source, columns, task,
+    partitioner, alpha, seed), so every mode of a comparison reuses one split.
+    """
+    data_run = RunConfig(
+        task=run.task,
+        dataset=run.dataset,
+        text_column=run.text_column,
+        label_column=run.label_column,
+        image_column=run.image_column,
+        partitioner=run.partitioner,
+        dirichlet_alpha=run.dirichlet_alpha,
+        seed=run.seed,
+    )
+    return _federated(data_run, num_partitions)
+
+
+def client_rows(
+    run: RunConfig, partition_id: int, num_partitions: int, dataset: str | None = None
+) -> tuple[Dataset, Dataset, list[str]]:
+    """A client's training rows, test rows (capped at ``max_train/test_examples``) and class names.
+
+    From partition ``partition_id`` of ``run.dataset``, or, when ``dataset`` names
+    the node's own data source, from all of it (split 80/20, no partitioning).
+    """
+    if dataset:
+        data = _load(run, dataset)
+        split, names = data["train"].train_test_split(test_size=0.2, seed=run.seed), label_names(data)
+    else:
+        fed = federated_data(run, num_partitions)
+        split, names = fed.client(partition_id), fed.label_names
+    train, test = split["train"], split["test"]
+    if run.max_train_examples and len(train) > run.max_train_examples:
+        train = train.shuffle(seed=run.seed).select(range(run.max_train_examples))
+    if run.max_test_examples and len(test) > run.max_test_examples:
+        test = test.shuffle(seed=run.seed).select(range(run.max_test_examples))
+    return train, test, names
+
+
+@dataclass
+class ClientSetup:
+    """A client's rows, class names, small model and device.
+
+    Attributes
+    ----------
+    run : RunConfig
+    partition_id : int
+    model_name : str
+        Zoo name, folder or ``vit:LxD`` spec of the small model.
+    small : SmallModel
+        The pre-trained small model with its tokenizer or image transform.
+    train_rows, test_rows : datasets.Dataset
+        Canonical ``text``/``image`` + ``label`` rows (see :func:`client_rows`).
+    label_names : list of str
+    device : torch.device
+    """
+
+    run: RunConfig
+    partition_id: int
+    model_name: str
+    small: SmallModel
+    train_rows: Dataset
+    test_rows: Dataset
+    label_names: list[str]
+    device: torch.device
+
+    @classmethod
+    def load(
+        cls,
+        run: RunConfig,
+        partition_id: int,
+        num_partitions: int,
+        model: str | None = None,
+        dataset: str | None = None,
+    ) -> ClientSetup:
+        """Load partition ``partition_id`` and the client's small model.
+
+        The small model is ``model`` or ``run.client_models[partition_id %
+        len(run.client_models)]``; a ``vit:LxD`` spec is first pre-trained on
+        this client's own rows (cached under the model cache).
+
+        Raises
+        ------
+        ValueError
+            If the dataset's task is not ``run.task``.
+        fedgrow_core.zoo.MissingAssetError
+            If a zoo model's asset package is not installed.
+        """
+        train, test, names = client_rows(run, partition_id, num_partitions, dataset)
+        model_name = model or run.client_models[partition_id % len(run.client_models)]
+        path = model_name
+        if model_name.startswith("vit:"):
+            spec = VitSpec.parse(model_name[len("vit:") :])
+            cache = Path(run.cache_dir) if run.cache_dir else default_cache_dir()
+            tag = f"{run.dataset}/{run.partitioner}-{run.dirichlet_alpha}/{num_partitions}/p{partition_id}"
+            (result,) = pretrain_small_vits(
+                [spec],
+                train,
+                test,
+                cache / "vits",
+                data_tag=tag,
+                steps=run.pretrain_steps,
+                patch_size=run.patch_size,
+                seed=run.seed,
+                device=run.device,
+            )
+            path = result.path
+        small = load_small_model(path, len(names), run.cache_dir or None)
+        return cls(run, partition_id, model_name, small, train, test, names, resolve_device(run.device))
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+    def batches(self) -> Iterator[dict]:
+        """Endless shuffled training batches of ``run.batch_size`` rows (seeded by seed and partition)."""
+        loader = make_dataloader(
+            self.train_rows,
+            self.small.preprocessor,
+            self.run.batch_size,
+            shuffle=True,
+            seed=self.run.seed + self.partition_id,
+            max_length=self.run.max_length,
+        )
+        return cycle(loader)
+
+    def test_loader(self) -> DataLoader:
+        """The client's test rows in batches of 64, in order."""
+        return make_dataloader(self.test_rows, self.small.preprocessor, 64, max_length=self.run.max_length)

@@ -1,0 +1,181 @@
+"""A client that trains an ordinary family model: the baselines and federated fine-tuning.
+
+One class serves three roles of issue 5's comparison, all on the rows and batch
+order of :class:`fedgrow_core.client_setup.ClientSetup`:
+
+* ``small-only``: the client's own pre-trained small model, trained alone;
+* ``scratch-fedavg``: the target-shaped model from random initialisation, all of
+  its weights trained locally and averaged by the server (FedAvg, McMahan et al.
+  2017);
+* ``fedgrow-fedft``'s second phase: the grown model, its weights averaged the same way.
+
+Weights and AdamW moments are kept by the caller between rounds when the model is
+private (:meth:`private_state`); when its weights travel, each round starts a fresh
+optimiser on the received weights, as Flower's FedAvg examples do.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .client_setup import ClientSetup
+from .training import EvalResult, evaluate, train_steps
+
+
+def target_model(setup: ClientSetup, seed: int) -> tuple[nn.Module, object]:
+    """A randomly initialised model of the run's target shape in the client's model family.
+
+    The architecture is the client's small model's configuration with the target
+    shape (``family.target_config``); initialisation is the family's own, seeded
+    with ``seed``, so clients with the same family and vocabulary build identical
+    models.
+
+    Returns
+    -------
+    tuple of (nn.Module, config)
+        The model (on CPU) and its family config (for saving).
+    """
+    family, small = setup.small.family, setup.small.model
+    config = family.target_config(small, setup.run.target_shape, setup.num_labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = family.build(config)
+    return model, config
+
+
+class ModelClient:
+    """Train and evaluate one ordinary family model on a client's rows.
+
+    Parameters
+    ----------
+    setup : ClientSetup
+        The client's rows, small model (for its family and preprocessor) and device.
+    model : nn.Module
+        A family model (``BertForSequenceClassification``, timm ViT) whose forward
+        takes the setup's batches; every parameter is trained.
+    config : object
+        The model's family config, used by :meth:`save`.
+    lr : float
+        AdamW learning rate (``weight_decay`` from the run config).
+
+    Attributes
+    ----------
+    trainable_params : int
+        Number of trained parameters (all of the model's).
+    """
+
+    def __init__(self, setup: ClientSetup, model: nn.Module, config: object, lr: float) -> None:
+        self.setup = setup
+        self.run = setup.run
+        self.device = setup.device
+        self.model = model.to(self.device)
+        self.config = config
+        self.lr = lr
+        self.trainable_params = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = self._new_optimizer()
+        self._batches = setup.batches()
+        self._test = setup.test_loader()
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.run.weight_decay)
+
+    # --- weights -------------------------------------------------------------
+    def weights(self) -> dict[str, Tensor]:
+        """Every parameter under its ``named_parameters()`` name (CPU, float32 clones); what travels when shared."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()}
+
+    def load_weights(self, weights: dict[str, Tensor], fresh_optimizer: bool = True) -> None:
+        """Load received parameters (all of them, strictly) and, by default, restart the optimiser.
+
+        Raises
+        ------
+        ValueError
+            If the names differ from :meth:`weights`'s.
+        RuntimeError
+            From ``load_state_dict``, if a shape differs.
+        """
+        own = dict(self.model.named_parameters())
+        if set(weights) != set(own):
+            missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+            raise ValueError(f"received weights do not match the model: missing {missing[:3]}, extra {extra[:3]}")
+        self.model.load_state_dict({**self.model.state_dict(), **weights}, strict=True)
+        if fresh_optimizer:
+            self.optimizer = self._new_optimizer()
+
+    def private_state(self) -> dict[str, Tensor]:
+        """Weights and AdamW moments (``optimizer.<i>.<name>``): the state kept when the model is private."""
+        out = self.weights()
+        for i, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                out[f"optimizer.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        return out
+
+    def load_private_state(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`private_state` (weights strictly, then the AdamW moments)."""
+        self.load_weights({k: v for k, v in state.items() if not k.startswith("optimizer.")}, fresh_optimizer=True)
+        moments: dict[int, dict[str, Tensor]] = {}
+        for key, value in state.items():
+            if key.startswith("optimizer."):
+                _, i, name = key.split(".", 2)
+                moments.setdefault(int(i), {})[name] = value.to(self.device) if name != "step" else value
+        current = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": moments, "param_groups": current["param_groups"]})
+
+    # --- training --------------------------------------------------------------
+    def train_round(self, steps: int) -> dict:
+        """Train ``steps`` optimiser steps, then evaluate on the test rows.
+
+        Returns
+        -------
+        dict
+            ``num-examples`` (training rows), ``train-loss``, ``train-accuracy``,
+            ``train-seconds`` (seconds of training), ``eval-accuracy``,
+            ``trainable-params``.
+        """
+        start = time.perf_counter()
+        stats = train_steps(self.model, self._batches, self.optimizer, steps, self.device)
+        seconds = time.perf_counter() - start
+        return {
+            "num-examples": len(self.setup.train_rows),
+            "train-loss": stats.mean_loss,
+            "train-accuracy": stats.accuracy,
+            "train-seconds": seconds,
+            "eval-accuracy": self.evaluate().accuracy,
+            "trainable-params": self.trainable_params,
+        }
+
+    def evaluate(self) -> EvalResult:
+        """Loss, accuracy and macro precision on the client's test rows."""
+        return evaluate(self.model, self._test, self.device)
+
+    def finetune_and_evaluate(self, steps: int, out_dir: str | Path | None) -> dict:
+        """Train ``steps`` more steps, evaluate, save (unless ``out_dir`` is ``None``).
+
+        Returns
+        -------
+        dict
+            ``num-examples`` (test rows), ``accuracy``, ``precision``, ``loss``,
+            ``model-params`` (this model's parameters), ``finetune-seconds``.
+        """
+        start = time.perf_counter()
+        if steps:
+            train_steps(self.model, self._batches, self.optimizer, steps, self.device)
+        seconds = time.perf_counter() - start
+        result = self.evaluate()
+        if out_dir is not None:
+            self.setup.small.family.save(self.model.cpu(), self.config, out_dir)
+            self.model.to(self.device)
+            if hasattr(self.setup.small.preprocessor, "save_pretrained"):
+                self.setup.small.preprocessor.save_pretrained(out_dir)
+        return {
+            "num-examples": result.num_examples,
+            "accuracy": result.accuracy,
+            "precision": result.precision,
+            "loss": result.loss,
+            "model-params": self.trainable_params,
+            "finetune-seconds": seconds,
+        }

@@ -1,0 +1,78 @@
+"""What the server runs in each mode (``mode`` in the run config); see README, "Results".
+
+Every mode gives each client ``num-server-rounds * local-steps + finetune-steps``
+optimiser steps on the same rows:
+
+========================  =====================================================  ==========================
+mode                      rounds (``local-steps`` each)                          final phase (per client)
+========================  =====================================================  ==========================
+``fedgrow``               Dual-LiGO growth, Global-LiGO aggregated by strategy   fine-tune ``finetune-steps``
+``independent-ligo``      private LiGO small -> target, nothing sent             fine-tune ``finetune-steps``
+``small-only``            the small model trained alone, nothing sent            fine-tune ``finetune-steps``
+``scratch-fedavg``        target model from random init, all weights averaged    fine-tune ``finetune-steps``
+``fedgrow-fedft``         Fed-Grow growth, then ``finetune-steps / local-steps``  evaluate only
+                          rounds of the grown models averaged (FedAvg)
+========================  =====================================================  ==========================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
+from fedgrow_core.growth_client import global_ligo
+from fedgrow_core.run_config import RunConfig
+
+from .phases import collect_average, final_phase, local_rounds, shared_rounds
+
+
+@dataclass
+class ModeResult:
+    """What a mode leaves for the summary.
+
+    Attributes
+    ----------
+    entries : list of dict
+        Round-log entries in order (:func:`server_app.round_log.round_entry` plus
+        ``phase``).
+    final_replies : list of Message
+        The final phase's replies (accuracy, precision, parameter counts).
+    global_ligo : ArrayRecord or None
+        The final Global-LiGO, for modes that train one.
+    """
+
+    entries: list[dict]
+    final_replies: list[Message]
+    global_ligo: ArrayRecord | None = None
+
+
+def run_mode(grid: Grid, run: RunConfig) -> ModeResult:
+    """Run ``run.mode`` to the end (rounds and final phase).
+
+    Raises
+    ------
+    ValueError
+        For an unknown mode (``RunConfig.check`` rejects it earlier).
+    """
+    rounds = run.num_server_rounds
+    if run.mode in ("fedgrow", "fedgrow-fedft"):
+        glob, entries = shared_rounds(grid, run, ArrayRecord(global_ligo(run).state_dict()), rounds, "grow", 1)
+        if run.mode == "fedgrow":
+            return ModeResult(entries, final_phase(grid, glob), glob)
+        averaged, collected = collect_average(grid, run, glob, rounds)
+        ft_rounds = run.finetune_steps // run.local_steps
+        final, ft_entries = averaged, []
+        if ft_rounds:
+            final, ft_entries = shared_rounds(grid, run, averaged, ft_rounds, "train-shared", rounds + 1)
+        return ModeResult([*entries, collected, *ft_entries], final_phase(grid, final), glob)
+    if run.mode == "scratch-fedavg":
+        averaged, collected = collect_average(grid, run, ArrayRecord(), 0)
+        final, entries = shared_rounds(grid, run, averaged, rounds, "train-shared", 1)
+        return ModeResult([collected, *entries], final_phase(grid, final))
+    if run.mode in ("independent-ligo", "small-only"):
+        phase = "grow" if run.mode == "independent-ligo" else "train-local"
+        entries = local_rounds(grid, rounds, phase, 1)
+        return ModeResult(entries, final_phase(grid, ArrayRecord()))
+    raise ValueError(f"unknown mode {run.mode!r}")

@@ -1,0 +1,137 @@
+"""The server's building blocks for every mode: shared rounds, local rounds, collection, final phase.
+
+Each function sends messages through the ``Grid`` and returns the round-log
+entries (:func:`server_app.round_log.round_entry`) with the round number and the
+phase (``grow``, ``train-local``, ``train-shared``, ``collect``) added, so
+:mod:`server_app.modes` can chain them and the summary can count rounds and bytes
+uniformly.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fedgrow_core.run_config import RunConfig
+
+from .reply_checks import array_spec
+from .round_log import round_entry
+from .strategy import build_strategy
+
+FINAL_PHASE = "finetune-evaluate"
+
+
+def _send(grid: Grid, arrays: ArrayRecord, phase: str, message_type: str, timeout: float) -> list[Message]:
+    messages = [
+        Message(
+            content=RecordDict({"arrays": arrays, "config": ConfigRecord({"phase": phase})}),
+            message_type=message_type,
+            dst_node_id=node_id,
+        )
+        for node_id in grid.get_node_ids()
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for msg in replies:
+        if msg.has_error():
+            log(WARNING, "%s: node %d failed: %s", phase, msg.metadata.src_node_id, msg.error.reason)
+    return replies
+
+
+def shared_rounds(
+    grid: Grid, run: RunConfig, arrays: ArrayRecord, num_rounds: int, phase: str, first_round: int
+) -> tuple[ArrayRecord, list[dict]]:
+    """``num_rounds`` rounds of the configured (checked) strategy over ``arrays``.
+
+    Clients receive ``config["phase"] = phase``. Rounds are numbered from
+    ``first_round`` in the returned log.
+
+    Returns
+    -------
+    tuple of (ArrayRecord, list of dict)
+        The aggregated arrays after the last round (``arrays`` if no round
+        aggregated anything) and one log entry per round.
+    """
+    num_nodes = len(list(grid.get_node_ids()))
+    strategy = build_strategy(run.strategy, num_nodes, run.fraction_train)
+    result = strategy.start(
+        grid=grid, initial_arrays=arrays, num_rounds=num_rounds, train_config=ConfigRecord({"phase": phase})
+    )
+    entries = [
+        {**entry, "round": entry["round"] + first_round - 1, "phase": phase}
+        for entry in getattr(strategy, "round_log", [])
+    ]
+    return (result.arrays if result.arrays is not None else arrays), entries
+
+
+def local_rounds(grid: Grid, num_rounds: int, phase: str, first_round: int, timeout: float = 3600) -> list[dict]:
+    """``num_rounds`` rounds in which every node trains locally and replies with metrics only.
+
+    The messages carry an empty ``ArrayRecord``; a reply that carries any tensor
+    is logged as rejected (nothing is aggregated in these modes anyway).
+    """
+    entries = []
+    for r in range(first_round, first_round + num_rounds):
+        start = time.perf_counter()
+        replies = _send(grid, ArrayRecord(), phase, MessageType.TRAIN, timeout)
+        accepted, rejected = [], []
+        for msg in replies:
+            if not msg.has_error() and any(len(rec) for rec in msg.content.array_records.values()):
+                rejected.append({"node_id": msg.metadata.src_node_id, "reason": "a local-only reply carried tensors"})
+            else:
+                accepted.append(msg)
+        entry = round_entry(r, replies, accepted, rejected, time.perf_counter() - start)
+        entries.append({**entry, "phase": phase})
+        log(INFO, "round %d (%s): %d replies, %.1f s", r, phase, len(replies), entry["seconds"])
+    return entries
+
+
+def collect_average(
+    grid: Grid, run: RunConfig, arrays: ArrayRecord, round_number: int, timeout: float = 3600
+) -> tuple[ArrayRecord, dict]:
+    """Ask every node for its starting weights and average them with the strategy's FedAvg.
+
+    Used before federated training of a full model: ``scratch-fedavg`` (clients
+    build the seeded random initialisation) and ``fedgrow-fedft`` (clients
+    materialise their grown models from the Global-LiGO in ``arrays``). Replies
+    must all match the first accepted reply's names, shapes and dtypes, and pass
+    the usual reply checks.
+
+    Returns
+    -------
+    tuple of (ArrayRecord, dict)
+        The example-weighted average (``flwr`` FedAvg) and a log entry for the
+        collection (counted as a round: its upload is real traffic).
+
+    Raises
+    ------
+    RuntimeError
+        If no node replied with weights.
+    """
+    start = time.perf_counter()
+    replies = _send(grid, arrays, "collect", MessageType.TRAIN, timeout)
+    ok = [m for m in replies if not m.has_error() and m.content.array_records]
+    if not ok:
+        raise RuntimeError("collect: no node replied with weights")
+    num_nodes = len(list(grid.get_node_ids()))
+    strategy = build_strategy("fedavg", num_nodes, 1.0)
+    strategy.expected_spec = array_spec(next(iter(ok[0].content.array_records.values())))
+    strategy._round_start = start
+    averaged, _ = strategy.aggregate_train(round_number, replies)
+    if averaged is None:
+        raise RuntimeError("collect: every reply was rejected")
+    (entry,) = strategy.round_log
+    return averaged, {**entry, "phase": "collect"}
+
+
+def final_phase(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> list[Message]:
+    """Ask every node to fine-tune (per its mode), evaluate and save its model; return the good replies.
+
+    One ``EVALUATE`` message per node carries ``arrays`` (the final Global-LiGO,
+    the final averaged model, or nothing) and ``phase = "finetune-evaluate"``;
+    ``timeout`` is in seconds. Failed replies are logged with the node id and left out.
+    """
+    return [m for m in _send(grid, arrays, FINAL_PHASE, MessageType.EVALUATE, timeout) if not m.has_error()]

@@ -1,0 +1,82 @@
+"""One row of a run's round log: who replied, who was rejected, what each client reported and uploaded.
+
+Built the same way for rounds run by a Flower strategy (``ReplyChecks``) and for
+the rounds of the local-only baselines, so every mode's summary has the same
+per-round fields.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from flwr.app import Message
+
+#: Client metrics copied into the round log (per node), when a reply carries them.
+LOGGED_METRICS = ("eval-accuracy", "train-loss", "train-accuracy", "train-seconds", "trainable-params")
+
+
+def payload_bytes(message: Message) -> int:
+    """Bytes of the tensor payload of a reply: sum over its arrays of ``prod(shape) * itemsize``.
+
+    Counts tensor data only (no ``.npy`` headers, names or protobuf framing),
+    which is what :func:`fedgrow_core.accounting.tensor_bytes` computes from the
+    operator shapes.
+    """
+    total = 0
+    for record in message.content.array_records.values():
+        for array in record.values():
+            itemsize = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}.get(
+                str(array.dtype), 1
+            )
+            total += math.prod(array.shape) * itemsize
+    return total
+
+
+def round_entry(
+    server_round: int,
+    replies: list[Message],
+    accepted: Iterable[Message],
+    rejected: list[dict],
+    seconds: float,
+) -> dict:
+    """A JSON-ready log entry for one round.
+
+    Parameters
+    ----------
+    server_round : int
+        The round's number.
+    replies : list of Message
+        Every reply of the round, errors included.
+    accepted : iterable of Message
+        Replies that passed the checks (error replies among them count as failed).
+    rejected : list of dict
+        ``{"node_id", "reason"}`` per rejected reply.
+    seconds : float
+        Wall time of the round in seconds.
+
+    Returns
+    -------
+    dict
+        ``round``, ``replies``, ``accepted_nodes``, ``failed``, ``rejected``,
+        ``seconds``, ``client_metrics`` (node id as str -> :data:`LOGGED_METRICS`)
+        and ``upload_bytes`` (node id as str -> :func:`payload_bytes`).
+    """
+    accepted = list(accepted)
+    ok = [m for m in accepted if not m.has_error()]
+    client_metrics, upload = {}, {}
+    for msg in ok:
+        node = str(msg.metadata.src_node_id)
+        metrics = next(iter(msg.content.metric_records.values()), {})
+        client_metrics[node] = {k: metrics[k] for k in LOGGED_METRICS if k in metrics}
+        upload[node] = payload_bytes(msg)
+    return {
+        "round": server_round,
+        "replies": len(replies),
+        "accepted_nodes": [m.metadata.src_node_id for m in ok],
+        "failed": len(accepted) - len(ok),
+        "rejected": rejected,
+        "seconds": seconds,
+        "client_metrics": client_metrics,
+        "upload_bytes": upload,
+    }

@@ -1,0 +1,140 @@
+"""A run's per-round rows and its ``summary.json``, from the round log and the final replies.
+
+Per-client quantities are averaged over the clients that replied; bytes are the
+tensor payload uploaded by one client (:func:`server_app.round_log.payload_bytes`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from flwr.app import Message
+
+from fedgrow_core.run_config import RunConfig
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[dict]:
+    """One row per round plus a last ``finetune-evaluate`` row.
+
+    Columns: ``round``, ``phase``, ``eval-accuracy`` (mean over clients of the
+    model evaluated on each client's test rows after the round), ``train-loss``
+    (mean over clients), ``upload-bytes`` (mean per client this round),
+    ``cumulative-upload-bytes``, ``replies``, ``accepted``, ``rejected``,
+    ``failed``, ``seconds``, ``accepted_nodes``. The last row's round counts the
+    final local fine-tuning as ``ceil(finetune_steps / local_steps)`` rounds, so
+    every mode's x-axis measures the same number of local steps.
+    """
+    rows, cumulative = [], 0.0
+    for e in entries:
+        metrics = list(e.get("client_metrics", {}).values())
+        upload = _mean(list(e.get("upload_bytes", {}).values())) or 0.0
+        cumulative += upload
+        rows.append(
+            {
+                "round": e["round"],
+                "phase": e["phase"],
+                "eval-accuracy": _mean([m["eval-accuracy"] for m in metrics if "eval-accuracy" in m]),
+                "train-loss": _mean([m["train-loss"] for m in metrics if "train-loss" in m]),
+                "upload-bytes": upload,
+                "cumulative-upload-bytes": cumulative,
+                "replies": e["replies"],
+                "accepted": len(e["accepted_nodes"]),
+                "rejected": len(e["rejected"]),
+                "failed": e["failed"],
+                "seconds": e["seconds"],
+                "accepted_nodes": " ".join(str(n) for n in e["accepted_nodes"]),
+            }
+        )
+    last = max((e["round"] for e in entries), default=0)
+    local_ft = 0 if run.mode == "fedgrow-fedft" else math.ceil(run.finetune_steps / run.local_steps)
+    rows.append(
+        {
+            "round": last + local_ft,
+            "phase": "finetune-evaluate",
+            "eval-accuracy": _mean([c["accuracy"] for c in final]),
+            "train-loss": None,
+            "upload-bytes": 0.0,
+            "cumulative-upload-bytes": cumulative,
+            "replies": len(final),
+            "accepted": len(final),
+            "rejected": 0,
+            "failed": 0,
+            "seconds": None,
+            "accepted_nodes": "",
+        }
+    )
+    return rows
+
+
+def final_clients(replies: list[Message], entries: list[dict]) -> list[dict]:
+    """Per-client results of the final phase, sorted by partition id.
+
+    ``trainable_params`` is what the client trained in the rounds (its
+    ``trainable-params`` train metric, e.g. Local + Global-LiGO + head for
+    Fed-Grow); ``model_params`` the size of the model it fine-tuned, evaluated
+    and saved at the end (the target model, or the small model for ``small-only``).
+    """
+    trained: dict[str, int] = {}
+    for e in entries:
+        for node, m in e.get("client_metrics", {}).items():
+            if "trainable-params" in m and e["phase"] in ("grow", "train-local", "train-shared"):
+                trained.setdefault(node, int(m["trainable-params"]))
+    clients = []
+    for msg in replies:
+        m = msg.content["metrics"]
+        clients.append(
+            {
+                "partition_id": int(m["partition-id"]),
+                "node_id": msg.metadata.src_node_id,
+                "model": str(msg.content["info"]["model"]),
+                "accuracy": float(m["accuracy"]),
+                "precision": float(m["precision"]),
+                "trainable_params": trained.get(str(msg.metadata.src_node_id), int(m["model-params"])),
+                "model_params": int(m["model-params"]),
+                "test_examples": int(m["num-examples"]),
+            }
+        )
+    return sorted(clients, key=lambda c: c["partition_id"])
+
+
+def build_summary(run: RunConfig, entries: list[dict], clients: list[dict], rows: list[dict], wall: float) -> dict:
+    """The run's ``summary.json`` content.
+
+    Keys: ``mode``, ``strategy``, ``seed``, ``dirichlet_alpha``, ``rounds``
+    (rounds run, collection included), ``intermediate_shape``, ``target_shape``,
+    ``clients`` (:func:`final_clients`), ``mean_accuracy``, ``std_accuracy``
+    (population std over clients: the spread), ``mean_precision``,
+    ``trainable_params_per_client`` and ``model_params`` (means over clients),
+    ``upload_bytes_per_round`` (mean over rounds of the per-client upload),
+    ``upload_bytes_total`` (per client, over the run), ``model_bytes`` (float32
+    bytes of ``model_params``), ``rounds_log``, ``wall_time_s`` (seconds).
+    """
+    accs = [c["accuracy"] for c in clients]
+    uploads = [r["upload-bytes"] for r in rows if r["phase"] != "finetune-evaluate"]
+    model_params = _mean([c["model_params"] for c in clients]) or 0
+    return {
+        "mode": run.mode,
+        "strategy": run.strategy,
+        "seed": run.seed,
+        "dirichlet_alpha": run.dirichlet_alpha,
+        "task": run.task,
+        "rounds": len(entries),
+        "intermediate_shape": str(run.intermediate_shape),
+        "target_shape": str(run.target_shape),
+        "clients": clients,
+        "mean_accuracy": _mean(accs),
+        "std_accuracy": statistics.pstdev(accs) if accs else None,
+        "mean_precision": _mean([c["precision"] for c in clients]),
+        "trainable_params_per_client": _mean([c["trainable_params"] for c in clients]),
+        "model_params": model_params,
+        "upload_bytes_per_round": _mean(uploads) or 0.0,
+        "upload_bytes_total": sum(uploads),
+        "model_bytes": 4 * model_params,
+        "rounds_log": entries,
+        "wall_time_s": wall,
+    }
