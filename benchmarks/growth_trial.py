@@ -4,7 +4,7 @@ Runs a single :class:`~fedgrow_core.growth_client.GrowthClient` in-process (no
 Flower) from the default run config plus ``key=value`` overrides, trains
 ``local-steps`` growth steps from the initial Global-LiGO, evaluates the grown
 model, fine-tunes it ``finetune-steps`` steps and evaluates again, on at most
-``--test-rows`` rows of the client's test split. Prints one JSON line.
+``--test-rows`` rows of the client's test split (``max-test-examples``). Prints one JSON line.
 
     python -m benchmarks.growth_trial --partition-id 0 local-steps=30 depth-noise=0.0 lr-ligo=1e-4
 """
@@ -15,12 +15,8 @@ import argparse
 import json
 import time
 
-import torch
-
 from fedgrow_core.growth_client import GrowthClient, global_ligo
-from fedgrow_core.preprocessing import make_dataloader
 from fedgrow_core.run_config import RunConfig, pyproject_config
-from fedgrow_core.training import evaluate
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,18 +27,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-rows", type=int, default=300)
     parser.add_argument("overrides", nargs="*", help="run-config key=value")
     args = parser.parse_args(argv)
-    run = RunConfig.from_flower(pyproject_config("pyproject.toml", args.overrides))
+    overrides = [f"max-test-examples={args.test_rows}", *args.overrides]
+    run = RunConfig.from_flower(pyproject_config("pyproject.toml", overrides))
     client = GrowthClient(run, args.partition_id, args.num_partitions)
-    client.test_rows = client.test_rows.select(range(min(args.test_rows, len(client.test_rows))))
     start = time.perf_counter()
     state, train = client.train_round(global_ligo(run).state_dict())
-    test = make_dataloader(client.test_rows, client.small.preprocessor, 64, max_length=run.max_length)
-    before = evaluate(client.model, test, torch.device(client.device))
     final = client.finetune_and_evaluate(state, None)
     record = {
         "overrides": args.overrides,
         "train_loss": train["train-loss"],
-        "accuracy_after_growth": before.accuracy,
+        "train_seconds": train["train-seconds"],
+        "finetune_seconds": final["finetune-seconds"],
+        "accuracy_after_growth": train["eval-accuracy"],
         "accuracy_after_finetune": final["accuracy"],
         "seconds": time.perf_counter() - start,
     }

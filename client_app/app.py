@@ -129,15 +129,16 @@ def evaluate(msg: Message, context: Context) -> Message:
         / f"partition-{setup.partition_id}"
         / ("grown_model" if run.mode != "small-only" else "small_model")
     )
+    save_to = out if run.save_models else None
     if run.mode in ("fedgrow", "independent-ligo"):
-        metrics = _growth_client(context).finetune_and_evaluate(received, out)
+        metrics = _growth_client(context).finetune_and_evaluate(received, save_to)
     elif run.mode == "small-only":
-        metrics = _model_client(context, "small").finetune_and_evaluate(run.finetune_steps, out)
+        metrics = _model_client(context, "small").finetune_and_evaluate(run.finetune_steps, save_to)
     else:  # scratch-fedavg, fedgrow-fedft: the final averaged target model
         client = _model_client(context, "target")
         client.load_weights(received)
         steps = run.finetune_steps if run.mode == "scratch-fedavg" else 0
-        metrics = client.finetune_and_evaluate(steps, out)
+        metrics = client.finetune_and_evaluate(steps, save_to)
     metrics["partition-id"] = setup.partition_id
-    info = ConfigRecord({"model": setup.model_name, "saved-to": str(out)})
+    info = ConfigRecord({"model": setup.model_name, "saved-to": str(save_to or "")})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": info}), reply_to=msg)

@@ -101,6 +101,9 @@ class RunConfig:
         A built-in strategy name or ``package.module:Class``.
     seed : int
     output_dir : str
+    save_models : bool
+        Whether each client saves its final model under ``output-dir`` (the
+        comparison presets turn it off: a grown text model is ~160 MB per client).
     device : {"auto", "cpu", "cuda"}
     cache_dir : str
         Model cache ("" for the default).
@@ -137,6 +140,7 @@ class RunConfig:
     strategy: str = "fedavg"
     seed: int = 0
     output_dir: str = "outputs"
+    save_models: bool = True
     device: str = "auto"
     cache_dir: str = ""
 

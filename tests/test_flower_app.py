@@ -107,9 +107,11 @@ def flwr_run(tmp_path_factory):
 def test_run_folder_holds_metrics_plot_and_global_ligo(flwr_run):
     run_dir, cfg, _, log = flwr_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    # two growth rounds, then the final fine-tuning (finetune-steps / local-steps = 2 / 3, rounded up: 1 round)
+    assert [(r["round"], r["phase"]) for r in rows] == [(1, "grow"), (2, "grow"), (3, "finetune-evaluate")]
     assert all(r["accepted"] == 3 and r["rejected"] == 0 for r in rows)
-    assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("round,train-loss,train-accuracy")
+    assert all(0 <= r["eval-accuracy"] <= 1 for r in rows)
+    assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("round,phase,eval-accuracy,train-loss")
     assert (run_dir / "metrics.png").stat().st_size > 1000
     expected = LiGO(parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"]), seed=0).state_dict()
     final = load_file(str(run_dir / "global_ligo.safetensors"))

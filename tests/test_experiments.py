@@ -1,0 +1,132 @@
+"""Smoke test of the experiment runner: every mode, 1 seed, 2 rounds, tiny heterogeneous BERTs.
+
+Runs the real `flwr run` (local simulation, its own FLWR_HOME) five times through
+`python -m experiments.runner`'s entry point, then checks the table against
+parameter and byte counts computed here, by hand, from the shapes.
+"""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from conftest import tiny_bert_folder
+from test_flower_app import _local_superlink_running
+
+from experiments import runner
+from fedgrow_core.data_sources import load_data_source
+from fedgrow_core.run_config import MODES, parse_shape
+
+VOCAB, POSITIONS, LABELS = 30522, 64, 2
+ROUNDS, LOCAL_STEPS, FINETUNE_STEPS = 2, 2, 2
+
+
+def ligo_params(source, target, tied):
+    """Fed-Grow / LiGO operator size from the shapes: 16 depth matrices (L_t x L_s), the
+    residual-stream width matrix, and per layer (or once, tied) q/k/v and FFN width matrices."""
+    per_layer = 1 if tied else target.layers
+    dd, ff = (target.hidden - source.hidden) * source.hidden, (target.ffn - source.ffn) * source.ffn
+    return 16 * target.layers * source.layers + dd + per_layer * (3 * dd + ff)
+
+
+def bert_params(shape):
+    """BertForSequenceClassification with LABELS classes, by hand."""
+    d, f = shape.hidden, shape.ffn
+    embeddings = VOCAB * d + POSITIONS * d + 2 * d + 2 * d
+    layer = 4 * (d * d + d) + 2 * d + (d * f + f) + (f * d + d) + 2 * d
+    return embeddings + shape.layers * layer + (d * d + d) + (d * LABELS + LABELS)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    assert not _local_superlink_running(), "a local Flower SuperLink is already running: stop it first"
+    tmp = tmp_path_factory.mktemp("experiments")
+    models = [
+        tiny_bert_folder(tmp / "bert-1x32", 1, 32, 2, 64, 0),
+        tiny_bert_folder(tmp / "bert-2x32", 2, 32, 2, 64, 1),
+    ]
+    reviews = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0).select(range(300))
+    pd.DataFrame({"text": reviews["text"], "label": reviews["label"]}).to_csv(tmp / "reviews.csv", index=False)
+    preset = {
+        "dataset": str(tmp / "reviews.csv"),
+        "client-models": ",".join(models),
+        "intermediate-shape": "2x32x64x2",
+        "target-shape": "3x64x128x4",
+        "num-server-rounds": ROUNDS,
+        "local-steps": LOCAL_STEPS,
+        "finetune-steps": FINETUNE_STEPS,
+        "batch-size": 8,
+        "max-length": 32,
+        "max-test-examples": 20,
+        "partitioner": "iid",
+        "cache-dir": str(tmp / "cache"),
+    }
+    (tmp / "preset.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in preset.items()))
+    out = tmp / "results"
+    assert runner.main(["--preset", str(tmp / "preset.toml"), "--seeds", "0", "--out", str(out)]) == 0
+    summaries = {s["mode"]: s for s in (json.loads(p.read_text()) for p in out.glob("runs/*/output/*/summary.json"))}
+    return pd.read_csv(out / "results.csv"), summaries, out, preset
+
+
+def test_every_mode_has_a_filled_row(results):
+    table, summaries, out, _ = results
+    assert list(table["mode"]) == list(MODES)
+    assert not table.isna().any().any(), table.to_string()
+    assert (table["seeds"] == 1).all()
+    assert table["accuracy_mean"].between(0, 1).all() and table["precision_mean"].between(0, 1).all()
+    assert (table["wall_time_s_mean"] > 0).all()
+    md = (out / "results.md").read_text()
+    assert all(f"| {m} " in md for m in MODES)
+    for name in ("accuracy_vs_rounds.png", "accuracy_vs_bytes.png"):
+        assert (out / name).stat().st_size > 5000
+
+
+def test_bytes_match_the_operator_and_model_shapes(results):
+    table, _, _, cfg = results
+    inter, target = parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])
+    ligo_bytes, model_bytes = 4 * ligo_params(inter, target, tied=False), 4 * bert_params(target)
+    by_mode = table.set_index("mode")
+    assert by_mode.loc["fedgrow", "upload_bytes_per_round_mean"] == ligo_bytes
+    assert by_mode.loc["fedgrow", "upload_bytes_total_mean"] == ROUNDS * ligo_bytes
+    # the server collects the seeded initial model once, then ROUNDS rounds of FedAvg
+    assert by_mode.loc["scratch-fedavg", "upload_bytes_total_mean"] == (1 + ROUNDS) * model_bytes
+    assert by_mode.loc["scratch-fedavg", "upload_bytes_per_round_mean"] == model_bytes
+    ft_rounds = FINETUNE_STEPS // LOCAL_STEPS
+    assert (
+        by_mode.loc["fedgrow-fedft", "upload_bytes_total_mean"] == ROUNDS * ligo_bytes + (1 + ft_rounds) * model_bytes
+    )
+    for mode in ("independent-ligo", "small-only"):
+        assert by_mode.loc[mode, "upload_bytes_total_mean"] == 0
+
+
+def test_trainable_parameters_match_the_shapes(results):
+    _, summaries, _, cfg = results
+    inter, target = parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])
+    smalls = [parse_shape("1x32x64x2"), parse_shape("2x32x64x2"), parse_shape("1x32x64x2")]  # cycling
+    head = target.hidden * LABELS + LABELS
+    expected = {
+        "fedgrow": [ligo_params(s, inter, tied=True) + ligo_params(inter, target, tied=False) + head for s in smalls],
+        "independent-ligo": [ligo_params(s, target, tied=False) + head for s in smalls],
+        "small-only": [bert_params(s) for s in smalls],
+        "scratch-fedavg": [bert_params(target)] * 3,
+    }
+    expected["fedgrow-fedft"] = expected["fedgrow"]
+    for mode, params in expected.items():
+        clients = summaries[mode]["clients"]
+        assert [c["trainable_params"] for c in clients] == params, mode
+        model = [bert_params(s) for s in smalls] if mode == "small-only" else [bert_params(target)] * 3
+        assert [c["model_params"] for c in clients] == model, mode
+    assert summaries["small-only"]["trainable_params_per_client"] == pytest.approx(sum(expected["small-only"]) / 3)
+
+
+def test_curves_cover_the_same_step_budget(results):
+    _, summaries, out, _ = results
+    last = ROUNDS + math.ceil(FINETUNE_STEPS / LOCAL_STEPS)  # ROUNDS * LOCAL_STEPS + FINETUNE_STEPS steps
+    for mode in MODES:
+        (metrics,) = out.glob(f"runs/*-{mode}-seed0/output/*/metrics.jsonl")
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        trained = [r for r in rows if r["phase"] != "collect"]
+        assert all(r["eval-accuracy"] is not None for r in trained), mode
+        assert trained[-1]["phase"] == "finetune-evaluate" and trained[-1]["round"] == last, mode
+        assert trained[-1]["eval-accuracy"] == pytest.approx(summaries[mode]["mean_accuracy"])
+        assert rows[-1]["cumulative-upload-bytes"] == summaries[mode]["upload_bytes_total"]
