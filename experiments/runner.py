@@ -57,10 +57,13 @@ def run_grid(
     alphas: list[float | None],
     out: Path,
     timeout: float = 7200,
+    run_missing: bool = True,
 ) -> list[dict]:
     """Run every (alpha, mode, seed) not yet done under ``out/runs/``; return all summaries.
 
     Each run's config, log and run folder are in ``out/runs/<alpha>-<mode>-seed<k>/``.
+    With ``run_missing=False`` nothing is run: the summaries of the runs already
+    done are returned (to tabulate a sweep that was cut short).
 
     Raises
     ------
@@ -68,7 +71,7 @@ def run_grid(
         If a run exits non-zero or leaves no ``summary.json`` (its log is named).
     """
     home = prepare_flwr_home((out / "flwr-home").resolve())
-    summaries = []
+    summaries, started = [], False
     try:
         for alpha in alphas:
             for mode in modes:
@@ -79,12 +82,15 @@ def run_grid(
                     tag = f"alpha{config.get('dirichlet-alpha', 'default')}-{mode}-seed{seed}"
                     folder = (out / "runs" / tag).resolve()
                     done = sorted(folder.glob("output/*/summary.json"))
+                    if not done and not run_missing:
+                        continue
                     if not done:
                         folder.mkdir(parents=True, exist_ok=True)
                         config["output-dir"] = str(folder / "output")
                         (folder / "run.toml").write_text(_toml(config))
                         start = time.perf_counter()
                         print(f"[runner] {tag} ...", flush=True)
+                        started = True
                         status = flwr_run(folder / "run.toml", home, folder / "flwr.log", timeout=timeout)
                         done = sorted(folder.glob("output/*/summary.json"))
                         if status != 0 or not done:
@@ -96,7 +102,8 @@ def run_grid(
                     ]
                     summaries.append(summary)
     finally:
-        stop_local_superlink(home)
+        if started:  # the local SuperLink that our first `flwr run` started
+            stop_local_superlink(home)
     return summaries
 
 
@@ -110,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more run-config overrides")
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per run")
+    parser.add_argument("--collect-only", action="store_true", help="tabulate the runs already done, run nothing")
     args = parser.parse_args(argv)
     overrides = run_overrides(args.preset, args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summaries = run_grid(overrides, args.modes, args.seeds, args.alphas or [None], args.out, args.timeout)
+    summaries = run_grid(
+        overrides, args.modes, args.seeds, args.alphas or [None], args.out, args.timeout, not args.collect_only
+    )
     table = results_table(summaries)
     write_tables(table, args.out)
     plot_accuracy(summaries, args.out)

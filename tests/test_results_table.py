@@ -1,0 +1,75 @@
+"""The results table and the per-round rows, on hand-made run summaries."""
+
+import statistics
+
+import pytest
+
+from experiments.tables import METRICS, markdown, results_table
+from fedgrow_core.run_config import RunConfig
+from server_app.summary import build_summary, round_rows
+
+
+def _summary(mode, seed, alpha, acc, upload):
+    clients = [
+        {"accuracy": acc - 0.1, "precision": 0.5, "trainable_params": 10, "model_params": 100},
+        {"accuracy": acc + 0.1, "precision": 0.7, "trainable_params": 30, "model_params": 100},
+    ]
+    run = RunConfig(mode=mode, seed=seed, dirichlet_alpha=alpha)
+    entries = [
+        {
+            "round": r,
+            "phase": "grow",
+            "replies": 2,
+            "accepted_nodes": [1, 2],
+            "failed": 0,
+            "rejected": [],
+            "seconds": 1.0,
+            "client_metrics": {"1": {"eval-accuracy": 0.4, "train-loss": 1.0}, "2": {"eval-accuracy": 0.6}},
+            "upload_bytes": {"1": upload, "2": upload},
+        }
+        for r in (1, 2)
+    ]
+    rows = round_rows(run, entries, clients)
+    return {**build_summary(run, entries, clients, rows, wall=5.0 + seed), "rows": rows}
+
+
+def test_rows_average_clients_and_accumulate_bytes():
+    s = _summary("fedgrow", 0, 0.5, 0.7, 1000)
+    rows = s["rows"]
+    assert [r["round"] for r in rows] == [1, 2, 2 + 2]  # finetune 20 / local 10 = 2 more rounds
+    assert rows[0]["eval-accuracy"] == pytest.approx(0.5) and rows[0]["train-loss"] == 1.0
+    assert [r["cumulative-upload-bytes"] for r in rows] == [1000, 2000, 2000]
+    assert rows[-1]["eval-accuracy"] == pytest.approx(0.7)
+    assert s["upload_bytes_per_round"] == 1000 and s["upload_bytes_total"] == 2000
+    assert s["std_accuracy"] == pytest.approx(0.1) and s["trainable_params_per_client"] == 20
+
+
+def test_table_gives_mean_and_sample_std_over_seeds_per_alpha_and_mode():
+    accs = {0: 0.6, 1: 0.7, 2: 0.9}
+    summaries = [_summary("small-only", seed, 0.5, acc, 0) for seed, acc in accs.items()]
+    summaries += [_summary("fedgrow", seed, 0.5, acc - 0.05, 2000) for seed, acc in accs.items()]
+    summaries += [_summary("fedgrow", 0, 10.0, 0.8, 2000)]
+    table = results_table(summaries)
+    assert list(zip(table["dirichlet_alpha"], table["mode"], table["seeds"], strict=True)) == [
+        (0.5, "fedgrow", 3),
+        (0.5, "small-only", 3),
+        (10.0, "fedgrow", 1),
+    ]
+    row = table.iloc[1]
+    assert row["accuracy_mean"] == pytest.approx(statistics.fmean(accs.values()))
+    assert row["accuracy_std"] == pytest.approx(statistics.stdev(accs.values()))
+    assert row["wall_time_s_mean"] == pytest.approx(6.0) and row["upload_bytes_total_mean"] == 0
+    assert table.iloc[0]["upload_bytes_total_mean"] == 4000 and table.iloc[2]["accuracy_std"] == 0
+    assert not table.isna().any().any()
+    md = markdown(table)
+    assert "0.733 ± 0.153" in md and "| fedgrow " in md
+
+
+def test_table_refuses_incomplete_summaries():
+    s = _summary("fedgrow", 0, 0.5, 0.7, 1000)
+    s["mean_precision"] = None
+    with pytest.raises(ValueError, match="mean_precision"):
+        results_table([s])
+    with pytest.raises(ValueError, match="no run summaries"):
+        results_table([])
+    assert set(METRICS) <= set(_summary("fedgrow", 0, 0.5, 0.7, 1).keys())
