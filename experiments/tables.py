@@ -94,9 +94,88 @@ def markdown(table: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
-def write_tables(table: pd.DataFrame, out: Path) -> tuple[Path, Path]:
-    """Write ``results.csv`` (all columns) and ``results.md`` (:func:`markdown`) under ``out``."""
+def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
+    """Write ``results.csv``, ``results.md`` and ``comparison.md`` under ``out``.
+
+    ``results.csv`` holds all columns, ``results.md`` is :func:`markdown`, and
+    ``comparison.md`` (:func:`comparison_markdown`) is written when the table
+    has a ``fedgrow`` row.
+    """
     csv, md = out / "results.csv", out / "results.md"
     table.to_csv(csv, index=False)
     md.write_text(markdown(table) + "\n")
-    return csv, md
+    paths = [csv, md]
+    if "fedgrow" in set(table["mode"]):
+        paths.append(out / "comparison.md")
+        paths[-1].write_text(comparison_markdown(paper_comparison(table)) + "\n")
+    return paths
+
+
+#: The journal version's claims (Shen et al., IEEE TPDS 2026, abstract), as fractions.
+PAPER_FEWER_TRAINABLE = 0.5925
+PAPER_LESS_COMMUNICATION = 0.7301
+
+
+def paper_comparison(table: pd.DataFrame) -> pd.DataFrame:
+    """Fed-Grow against each other mode, per task and alpha, in the terms of the paper's claims.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (task, alpha, baseline mode): ``accuracy_gain`` and
+        ``precision_gain`` (Fed-Grow minus baseline, means over seeds),
+        ``spread_change`` (Fed-Grow minus baseline; negative is lower spread),
+        ``fewer_trainable`` (``1 - fedgrow / baseline`` trainable parameters per
+        client) and ``less_communication`` (``1 - fedgrow / baseline`` total
+        upload per client; NaN when the baseline uploads nothing).
+
+    Raises
+    ------
+    ValueError
+        If the table has no ``fedgrow`` row.
+    """
+    if "fedgrow" not in set(table["mode"]):
+        raise ValueError("the results table has no 'fedgrow' row to compare with")
+    rows = []
+    for (task, alpha), group in table.groupby(["task", "dirichlet_alpha"], sort=False):
+        ours = group[group["mode"] == "fedgrow"]
+        if ours.empty:
+            continue
+        ours = ours.iloc[0]
+        for _, base in group[group["mode"] != "fedgrow"].iterrows():
+            upload = base["upload_bytes_total_mean"]
+            rows.append(
+                {
+                    "task": task,
+                    "dirichlet_alpha": alpha,
+                    "baseline": base["mode"],
+                    "accuracy_gain": ours["accuracy_mean"] - base["accuracy_mean"],
+                    "precision_gain": ours["precision_mean"] - base["precision_mean"],
+                    "spread_change": ours["spread_mean"] - base["spread_mean"],
+                    "fewer_trainable": 1 - ours["trainable_params_mean"] / base["trainable_params_mean"],
+                    "less_communication": (1 - ours["upload_bytes_total_mean"] / upload) if upload else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(comparison: pd.DataFrame) -> str:
+    """:func:`paper_comparison` as Markdown (percentages), with the paper's two figures in the header."""
+    rows = []
+    for _, r in comparison.iterrows():
+        comm = r["less_communication"]
+        rows.append(
+            {
+                "task": r["task"],
+                "alpha": f"{r['dirichlet_alpha']:g}",
+                "Fed-Grow vs": r["baseline"],
+                "accuracy": f"{r['accuracy_gain']:+.3f}",
+                "macro precision": f"{r['precision_gain']:+.3f}",
+                "spread": f"{r['spread_change']:+.3f}",
+                f"fewer trainable params (paper: {PAPER_FEWER_TRAINABLE:.2%})": f"{r['fewer_trainable']:.2%}",
+                f"less communication (paper: {PAPER_LESS_COMMUNICATION:.2%})": "n/a (sends nothing)"
+                if pd.isna(comm)
+                else f"{comm:.2%}",
+            }
+        )
+    return pd.DataFrame(rows).to_markdown(index=False)

@@ -73,3 +73,23 @@ def test_table_refuses_incomplete_summaries():
     with pytest.raises(ValueError, match="no run summaries"):
         results_table([])
     assert set(METRICS) <= set(_summary("fedgrow", 0, 0.5, 0.7, 1).keys())
+
+
+def test_comparison_with_the_paper_uses_fedgrow_against_each_baseline(tmp_path):
+    from experiments.tables import paper_comparison, write_tables
+
+    summaries = [_summary("fedgrow", s, 0.5, 0.8, 1000) for s in (0, 1)]
+    summaries += [_summary("scratch-fedavg", s, 0.5, 0.7, 4000) for s in (0, 1)]
+    summaries += [_summary("small-only", s, 0.5, 0.9, 0) for s in (0, 1)]
+    for s in summaries:  # trainable params: Fed-Grow 20 per client, scratch 80
+        if s["mode"] == "scratch-fedavg":
+            s["trainable_params_per_client"] = 80
+    comparison = paper_comparison(results_table(summaries)).set_index("baseline")
+    assert comparison.loc["scratch-fedavg", "accuracy_gain"] == pytest.approx(0.1)
+    assert comparison.loc["scratch-fedavg", "fewer_trainable"] == pytest.approx(1 - 20 / 80)
+    assert comparison.loc["scratch-fedavg", "less_communication"] == pytest.approx(1 - 2000 / 8000)
+    assert comparison.loc["small-only", "accuracy_gain"] == pytest.approx(-0.1)
+    assert comparison.loc["small-only", "less_communication"] != comparison.loc["small-only", "less_communication"]
+    paths = write_tables(results_table(summaries), tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    assert tmp_path / "comparison.md" in paths and "75.00%" in text and "n/a (sends nothing)" in text
