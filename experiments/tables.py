@@ -91,7 +91,7 @@ def markdown(table: pd.DataFrame) -> str:
                 "wall time (s)": f"{r['wall_time_s_mean']:.0f} ± {r['wall_time_s_std']:.0f}",
             }
         )
-    return pd.DataFrame(rows).to_markdown(index=False)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
@@ -178,4 +178,4 @@ def comparison_markdown(comparison: pd.DataFrame) -> str:
                 else f"{comm:.2%}",
             }
         )
-    return pd.DataFrame(rows).to_markdown(index=False)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
