@@ -25,7 +25,9 @@ from fedgrow_core.growth_client import GrowthClient
 from fedgrow_core.model_client import ModelClient, target_model
 from fedgrow_core.run_config import RunConfig
 
-app = ClientApp()
+from .egress_audit import egress_audit_mod
+
+app = ClientApp(mods=[egress_audit_mod])
 
 STATE_KEY = "fedgrow-private"
 #: Clients built in this process, most recent last. A simulation actor serves
@@ -140,5 +142,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         steps = run.finetune_steps if run.mode == "scratch-fedavg" else 0
         metrics = client.finetune_and_evaluate(steps, save_to)
     metrics["partition-id"] = setup.partition_id
-    info = ConfigRecord({"model": setup.model_name, "saved-to": str(save_to or "")})
+    info = ConfigRecord({"model": Path(setup.model_name).name})  # never a client's full path
     return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": info}), reply_to=msg)

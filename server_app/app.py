@@ -23,6 +23,7 @@ from fedgrow_core.run_config import RunConfig
 
 from .modes import run_mode
 from .outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
+from .strategy import resolve_strategy
 from .summary import build_summary, final_clients, round_rows
 
 app = ServerApp()
@@ -40,6 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured mode and write the run folder."""
     start = time.perf_counter()
     run = RunConfig.from_flower(context.run_config)
+    resolve_strategy(run.strategy)  # an unknown strategy fails here, before any client trains
     run_dir = run_folder(run)
     log(
         INFO,

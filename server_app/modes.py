@@ -56,23 +56,23 @@ def run_mode(grid: Grid, run: RunConfig) -> ModeResult:
     ValueError
         For an unknown mode (``RunConfig.check`` rejects it earlier).
     """
-    rounds = run.num_server_rounds
+    rounds, t = run.num_server_rounds, run.round_timeout  # t: seconds per exchange
     if run.mode in ("fedgrow", "fedgrow-fedft"):
         glob, entries = shared_rounds(grid, run, ArrayRecord(global_ligo(run).state_dict()), rounds, "grow", 1)
         if run.mode == "fedgrow":
-            return ModeResult(entries, final_phase(grid, glob), glob)
-        averaged, collected = collect_average(grid, run, glob, rounds)
+            return ModeResult(entries, final_phase(grid, glob, t), glob)
+        averaged, collected = collect_average(grid, run, glob, rounds, t)
         ft_rounds = run.finetune_steps // run.local_steps
         final, ft_entries = averaged, []
         if ft_rounds:
             final, ft_entries = shared_rounds(grid, run, averaged, ft_rounds, "train-shared", rounds + 1)
-        return ModeResult([*entries, collected, *ft_entries], final_phase(grid, final), glob)
+        return ModeResult([*entries, collected, *ft_entries], final_phase(grid, final, t), glob)
     if run.mode == "scratch-fedavg":
-        averaged, collected = collect_average(grid, run, ArrayRecord(), 0)
+        averaged, collected = collect_average(grid, run, ArrayRecord(), 0, t)
         final, entries = shared_rounds(grid, run, averaged, rounds, "train-shared", 1)
-        return ModeResult([collected, *entries], final_phase(grid, final))
+        return ModeResult([collected, *entries], final_phase(grid, final, t))
     if run.mode in ("independent-ligo", "small-only"):
         phase = "grow" if run.mode == "independent-ligo" else "train-local"
-        entries = local_rounds(grid, rounds, phase, 1)
-        return ModeResult(entries, final_phase(grid, ArrayRecord()))
+        entries = local_rounds(grid, rounds, phase, 1, t)
+        return ModeResult(entries, final_phase(grid, ArrayRecord(), t))
     raise ValueError(f"unknown mode {run.mode!r}")

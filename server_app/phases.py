@@ -20,12 +20,13 @@ from fedgrow_core.run_config import RunConfig
 
 from .reply_checks import array_spec
 from .round_log import round_entry
-from .strategy import build_strategy
+from .strategy import build_strategy, strategy_for_run
 
 FINAL_PHASE = "finetune-evaluate"
 
 
 def _send(grid: Grid, arrays: ArrayRecord, phase: str, message_type: str, timeout: float) -> list[Message]:
+    """One message per node; returns the replies that arrived within ``timeout`` seconds."""
     messages = [
         Message(
             content=RecordDict({"arrays": arrays, "config": ConfigRecord({"phase": phase})}),
@@ -56,9 +57,13 @@ def shared_rounds(
         aggregated anything) and one log entry per round.
     """
     num_nodes = len(list(grid.get_node_ids()))
-    strategy = build_strategy(run.strategy, num_nodes, run.fraction_train)
+    strategy = strategy_for_run(run, num_nodes)
     result = strategy.start(
-        grid=grid, initial_arrays=arrays, num_rounds=num_rounds, train_config=ConfigRecord({"phase": phase})
+        grid=grid,
+        initial_arrays=arrays,
+        num_rounds=num_rounds,
+        timeout=run.round_timeout,
+        train_config=ConfigRecord({"phase": phase}),
     )
     entries = [
         {**entry, "round": entry["round"] + first_round - 1, "phase": phase}
@@ -76,6 +81,7 @@ def local_rounds(grid: Grid, num_rounds: int, phase: str, first_round: int, time
     entries = []
     for r in range(first_round, first_round + num_rounds):
         start = time.perf_counter()
+        sent = list(grid.get_node_ids())
         replies = _send(grid, ArrayRecord(), phase, MessageType.TRAIN, timeout)
         accepted, rejected = [], []
         for msg in replies:
@@ -83,8 +89,8 @@ def local_rounds(grid: Grid, num_rounds: int, phase: str, first_round: int, time
                 rejected.append({"node_id": msg.metadata.src_node_id, "reason": "a local-only reply carried tensors"})
             else:
                 accepted.append(msg)
-        entry = round_entry(r, replies, accepted, rejected, time.perf_counter() - start)
-        entries.append({**entry, "phase": phase})
+        entry = round_entry(r, replies, accepted, rejected, time.perf_counter() - start, sent)
+        entries.append({**entry, "phase": phase, "aggregated": False})
         log(INFO, "round %d (%s): %d replies, %.1f s", r, phase, len(replies), entry["seconds"])
     return entries
 
@@ -120,6 +126,7 @@ def collect_average(
     strategy = build_strategy("fedavg", num_nodes, 1.0)
     strategy.expected_spec = array_spec(next(iter(ok[0].content.array_records.values())))
     strategy._round_start = start
+    strategy._sent_nodes = list(grid.get_node_ids())
     averaged, _ = strategy.aggregate_train(round_number, replies)
     if averaged is None:
         raise RuntimeError("collect: every reply was rejected")

@@ -20,6 +20,7 @@ from conftest import tiny_bert_folder
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from client_app.egress_audit import REPLY_CONFIGS, REPLY_METRICS
 from fedgrow_core.accounting import tensor_bytes
 from fedgrow_core.data_sources import load_data_source
 from fedgrow_core.ligo import LiGO
@@ -75,6 +76,7 @@ def flwr_run(tmp_path_factory):
         "partitioner": "iid",
         "output-dir": str(tmp / "out"),
         "cache-dir": str(tmp / "cache"),
+        "audit-dir": str(tmp / "audit"),
     }
     lines = [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
     (tmp / "run.toml").write_text("\n".join(lines) + "\n")
@@ -127,7 +129,8 @@ def test_summary_reports_every_client(flwr_run):
         assert key in summary
     assert summary["mode"] == "fedgrow" and summary["rounds"] == 2
     assert [c["partition_id"] for c in summary["clients"]] == [0, 1, 2]
-    assert [c["model"] for c in summary["clients"]] == [models[0], models[1], models[0]]  # cycling
+    names = [Path(m).name for m in models]  # the folder's name only: a client's paths stay private
+    assert [c["model"] for c in summary["clients"]] == [names[0], names[1], names[0]]  # cycling
     for c in summary["clients"]:
         assert 0 <= c["accuracy"] <= 1 and 0 <= c["precision"] <= 1 and c["trainable_params"] > 0
     accs = [c["accuracy"] for c in summary["clients"]]
@@ -146,3 +149,39 @@ def test_each_client_saved_an_ordinary_grown_model(flwr_run):
         assert model.config.num_hidden_layers == target.layers and model.config.hidden_size == target.hidden
         batch = AutoTokenizer.from_pretrained(folder)(["a fine film"], return_tensors="pt")
         assert model(**batch).logits.shape == (1, 2)
+
+
+#: Serialisation overhead allowed per message (bytes): names, shapes, dtypes, .npy headers, metrics, configs.
+METADATA_BYTES_PER_TENSOR = 256
+METADATA_BYTES_PER_MESSAGE = 2048
+
+
+def test_privacy_audit_only_the_global_ligo_leaves_a_client(flwr_run):
+    """Every reply of every client (egress audit mod): Global-LiGO tensors only, documented scalar metrics."""
+    _, cfg, _, _ = flwr_run
+    files = sorted(Path(cfg["audit-dir"]).glob("egress-*.jsonl"))
+    assert len(files) == 3  # one per SuperNode
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    glob = LiGO(parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])).state_dict()
+    expected = {k: (list(v.shape), "float32") for k, v in glob.items()}
+    train = [r for r in records if r["message_type"] == "train"]
+    final = [r for r in records if r["message_type"] == "evaluate"]
+    assert len(train) == 3 * cfg["num-server-rounds"] and len(final) == 3 and len(records) == len(train) + len(final)
+    for r in records:
+        assert r["error"] is None
+        for metrics in r["metrics"].values():
+            assert set(metrics) <= set(REPLY_METRICS), set(metrics) - set(REPLY_METRICS)
+            assert set(metrics.values()) <= {"int", "float"}  # scalars only
+        for rname, configs in r["configs"].items():
+            assert set(configs) <= set(REPLY_CONFIGS)
+            assert all("/" not in v for v in r["config_values"][rname].values())  # no client path
+    for r in train:
+        assert r["phase"] == "grow"
+        assert {name: (shape, dtype) for _, name, shape, dtype, _ in r["arrays"]} == expected
+        assert len(r["arrays"]) == len(expected)  # no name twice, no second record
+        assert r["tensor_bytes"] == tensor_bytes(glob)
+    assert all(r["arrays"] == [] and r["tensor_bytes"] == 0 for r in final)
+    total = sum(r["content_bytes"] for r in records)
+    payload = tensor_bytes(glob) * len(train)
+    bound = METADATA_BYTES_PER_TENSOR * len(expected) * len(train) + METADATA_BYTES_PER_MESSAGE * len(records)
+    assert payload <= total <= payload + bound, (total, payload, bound)

@@ -113,7 +113,7 @@ def test_bad_replies_never_reach_aggregation(name, caplog):
 
 def test_every_builtin_strategy_is_checked():
     for name, cls in BUILTIN_STRATEGIES.items():
-        strategy = build_strategy(name, 3, 2 / 3)
+        strategy = build_strategy(name, 3, 2 / 3, min_train_nodes=2)
         assert isinstance(strategy, ReplyChecks) and isinstance(strategy, cls)
         assert strategy.min_train_nodes == 2 and strategy.min_available_nodes == 3
     assert isinstance(build_strategy("fedavg", 3, 1.0), FedGrow)
