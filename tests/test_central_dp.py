@@ -17,15 +17,15 @@ from fedgrow_core.run_config import ConfigError, RunConfig
 from server_app.strategy import ReplyChecks, strategy_for_run
 
 SENT = {"width.res": np.zeros((200, 50), np.float32), "depth.attn_q_weight": np.zeros((100, 50), np.float32)}
-CLIP, NOISE = 0.5, 2.0
+CLIP, NOISE, UPDATE_NORM = 0.5, 2.0, 300.0
 
 
 def _update(pid):
-    """Partition ``pid``'s update of every tensor: a fixed random direction, L2 norm 3 over all tensors."""
+    """Partition ``pid``'s update of every tensor: a fixed random direction, L2 norm 300 over all tensors."""
     rng = np.random.default_rng(pid)
     parts = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in SENT.items()}
     norm = np.sqrt(sum(float((p**2).sum()) for p in parts.values()))
-    return {k: (3.0 * p / norm).astype(np.float32) for k, p in parts.items()}
+    return {k: (UPDATE_NORM * p / norm).astype(np.float32) for k, p in parts.items()}
 
 
 dp_app = ClientApp()
@@ -48,12 +48,12 @@ def test_fixed_clipping_clips_each_update_and_adds_the_stated_noise():
     final, entries, partitions = simulate(dp_app, run, 3, SENT, 1, sys.modules[__name__])
     honest = [0, 1]
     # independent computation: each update scaled to norm CLIP, averaged with equal weights
-    noiseless = {k: np.mean([CLIP / 3.0 * _update(p)[k] for p in honest], axis=0) for k in SENT}
+    noiseless = {k: np.mean([CLIP / UPDATE_NORM * _update(p)[k] for p in honest], axis=0) for k in SENT}
     residual = np.concatenate([(final[k] - noiseless[k]).ravel() for k in SENT])
     expected_std = NOISE * CLIP / 3  # Flower divides by the sampled clients (3), not the accepted ones
     assert abs(residual.mean()) < 0.05 * expected_std
     assert residual.std() == pytest.approx(expected_std, rel=0.03)
-    # (an unclipped update has norm 3, not 0.5: the residual's mean would then be far from 0)
+    # unclipped, the two updates (norm 300) would add a std of about 1.7 per value to the residual: 5x the noise
     (entry,) = entries
     assert [partitions[n] for n in sorted(entry["accepted_nodes"], key=partitions.get)] == honest
     assert [partitions[r["node_id"]] for r in entry["rejected"]] == [2]
