@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -58,7 +58,8 @@ class ReplyChecks:
     counted; error replies (a client that raised) and missing ones (a client that
     timed out or is gone) are recorded too. Only replies that pass reach the
     wrapped strategy, and only if there are at least ``min_train_nodes`` of them;
-    otherwise the round is skipped and the arrays stay as they were. ``round_log``
+    otherwise the round is skipped and the arrays stay as they were. The
+    aggregate is cast back to the dtypes that were sent (:func:`_as_sent`). ``round_log``
     keeps one :func:`server_app.round_log.round_entry` per round.
     """
 
@@ -93,6 +94,7 @@ class ReplyChecks:
         needed = getattr(self, "min_train_nodes", 1)
         if len(ok) >= needed:
             arrays, metrics = super().aggregate_train(server_round, ok)
+            arrays = _as_sent(arrays, self.expected_spec or {})
         else:
             log(
                 WARNING,
@@ -218,6 +220,18 @@ def strategy_for_run(run: RunConfig, num_nodes: int) -> Strategy:
     )
     sampled = max(int(run.fraction_train * num_nodes), run.min_train_nodes)
     return with_central_dp(inner, run, sampled, checked)
+
+
+def _as_sent(arrays: ArrayRecord | None, spec: ArraySpec) -> ArrayRecord | None:
+    """``arrays`` cast back to the dtypes that were sent.
+
+    Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad) returns float64 arrays
+    for float32 input; without the cast the Global-LiGO would double in bytes from
+    round 2 on and the dtype check would follow the drift.
+    """
+    if arrays is None or all(str(a.dtype) == spec.get(k, (None, str(a.dtype)))[1] for k, a in arrays.items()):
+        return arrays
+    return ArrayRecord({k: Array(a.numpy().astype(spec[k][1]) if k in spec else a.numpy()) for k, a in arrays.items()})
 
 
 def _check_min_train_nodes(min_train_nodes: int, num_nodes: int) -> None:
