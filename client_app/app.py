@@ -87,6 +87,18 @@ def _reply(msg: Message, arrays: dict | None, metrics: dict) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Preflight: check the run config, load this node's model and data (cached for round 1), report row counts."""
+    _, _, setup = _setup(context)
+    metrics = {
+        "partition-id": setup.partition_id,
+        "train-examples": len(setup.train_rows),
+        "test-examples": len(setup.test_rows),
+    }
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round: train ``local-steps`` steps on the node's data; reply with what the mode shares and metrics."""

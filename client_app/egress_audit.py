@@ -38,6 +38,8 @@ REPLY_METRICS = {
     "model-params": "parameters of the final model",
     "finetune-seconds": "seconds of final fine-tuning",
     "partition-id": "the node's partition id (from its node config)",
+    "train-examples": "training rows (preflight)",
+    "test-examples": "test rows (preflight)",
 }
 #: Every config entry a reply may carry.
 REPLY_CONFIGS = {"model": "the small model's name (a folder's last path component, never a full path)"}

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from fedgrow_core.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
 
-from .phases import collect_average, final_phase, local_rounds, shared_rounds
+from .phases import collect_average, final_phase, local_rounds, preflight, shared_rounds
 
 
 @dataclass
@@ -51,12 +51,17 @@ class ModeResult:
 def run_mode(grid: Grid, run: RunConfig) -> ModeResult:
     """Run ``run.mode`` to the end (rounds and final phase).
 
+    Every node first loads its model and data (:func:`server_app.phases.preflight`).
+
     Raises
     ------
     ValueError
         For an unknown mode (``RunConfig.check`` rejects it earlier).
+    server_app.phases.PreflightError
+        If a node cannot set up; nothing has been trained then.
     """
     rounds, t = run.num_server_rounds, run.round_timeout  # t: seconds per exchange
+    preflight(grid, t)
     if run.mode in ("fedgrow", "fedgrow-fedft"):
         glob, entries = shared_rounds(grid, run, ArrayRecord(global_ligo(run).state_dict()), rounds, "grow", 1)
         if run.mode == "fedgrow":

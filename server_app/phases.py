@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from fedgrow_core.run_config import RunConfig
 
 from .reply_checks import array_spec
-from .round_log import round_entry
+from .round_log import last_line, round_entry
 from .strategy import build_strategy, strategy_for_run
 
 FINAL_PHASE = "finetune-evaluate"
@@ -40,6 +40,39 @@ def _send(grid: Grid, arrays: ArrayRecord, phase: str, message_type: str, timeou
         if msg.has_error():
             log(WARNING, "%s: node %d failed: %s", phase, msg.metadata.src_node_id, msg.error.reason)
     return replies
+
+
+class PreflightError(RuntimeError):
+    """Raised when a node cannot set up its model and data; names every failing node and why."""
+
+
+def preflight(grid: Grid, timeout: float) -> dict[int, dict]:
+    """Before any training, ask every node to load its model and data (a ``query`` message).
+
+    Each client builds its setup (the run config checked, its small model and
+    data partition loaded, its paths resolved) and replies with its partition
+    id and row counts; building it now also warms the client's cache for round 1.
+
+    Returns
+    -------
+    dict of int to dict
+        Node id -> the reply's metrics (``partition-id``, ``train-examples``,
+        ``test-examples``).
+
+    Raises
+    ------
+    PreflightError
+        If any node replied with an error or did not reply within ``timeout``
+        seconds; the message lists every such node with its reason.
+    """
+    sent = list(grid.get_node_ids())
+    replies = _send(grid, ArrayRecord(), "preflight", MessageType.QUERY, timeout)
+    problems = [f"node {m.metadata.src_node_id}: {last_line(m.error.reason)}" for m in replies if m.has_error()]
+    replied = {m.metadata.src_node_id for m in replies}
+    problems += [f"node {n}: no reply within {timeout:g} s" for n in sent if n not in replied]
+    if problems:
+        raise PreflightError("preflight failed, no training started:\n  " + "\n  ".join(problems))
+    return {m.metadata.src_node_id: dict(m.content["metrics"]) for m in replies}
 
 
 def shared_rounds(

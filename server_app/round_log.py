@@ -71,7 +71,7 @@ def round_entry(
     accepted = list(accepted)
     ok = [m for m in accepted if not m.has_error()]
     failed = [
-        {"node_id": m.metadata.src_node_id, "reason": _last_line(m.error.reason)} for m in replies if m.has_error()
+        {"node_id": m.metadata.src_node_id, "reason": last_line(m.error.reason)} for m in replies if m.has_error()
     ]
     replied = {m.metadata.src_node_id for m in replies}
     client_metrics, upload = {}, {}
@@ -94,7 +94,7 @@ def round_entry(
     }
 
 
-def _last_line(reason: str, limit: int = 500) -> str:
-    """The last non-empty line of an error reason (a simulation's reason holds a whole traceback)."""
+def last_line(reason: str, limit: int = 500) -> str:
+    """The last non-empty line of an error reason, at most ``limit`` characters (a simulation's holds a traceback)."""
     lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
     return (lines[-1] if lines else "")[:limit]

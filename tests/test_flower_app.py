@@ -49,6 +49,32 @@ def _local_superlink_running() -> bool:
         return False
 
 
+def _flwr_run(tmp: Path, overrides: dict) -> tuple[subprocess.CompletedProcess, str]:
+    """``flwr run`` of this app with ``overrides`` against a local SuperLink of its own, stopped afterwards."""
+    lines = [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
+    (tmp / "run.toml").write_text("\n".join(lines) + "\n")
+    home = tmp / "flwr-home"
+    shutil.copytree(ROOT / "flwr_home", home)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    try:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "--run-config", str(tmp / "run.toml"), "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        _stop_superlinks(home)
+    return proc, proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="module")
 def flwr_run(tmp_path_factory):
     # `flwr run` reuses any local SuperLink already listening on its fixed port, whatever
@@ -78,28 +104,7 @@ def flwr_run(tmp_path_factory):
         "cache-dir": str(tmp / "cache"),
         "audit-dir": str(tmp / "audit"),
     }
-    lines = [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
-    (tmp / "run.toml").write_text("\n".join(lines) + "\n")
-    home = tmp / "flwr-home"
-    shutil.copytree(ROOT / "flwr_home", home)
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    try:
-        proc = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), "--run-config", str(tmp / "run.toml"), "--stream"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    finally:
-        _stop_superlinks(home)
-    log = proc.stdout + proc.stderr
+    proc, log = _flwr_run(tmp, overrides)
     assert proc.returncode == 0, log[-4000:]
     runs = list((tmp / "out").glob("*-text-fedavg"))
     assert len(runs) == 1, log[-4000:]
@@ -166,7 +171,9 @@ def test_privacy_audit_only_the_global_ligo_leaves_a_client(flwr_run):
     expected = {k: (list(v.shape), "float32") for k, v in glob.items()}
     train = [r for r in records if r["message_type"] == "train"]
     final = [r for r in records if r["message_type"] == "evaluate"]
-    assert len(train) == 3 * cfg["num-server-rounds"] and len(final) == 3 and len(records) == len(train) + len(final)
+    preflight = [r for r in records if r["message_type"] == "query"]
+    assert len(train) == 3 * cfg["num-server-rounds"] and len(final) == 3 and len(preflight) == 3
+    assert len(records) == len(train) + len(final) + len(preflight)
     for r in records:
         assert r["error"] is None
         for metrics in r["metrics"].values():
@@ -180,8 +187,21 @@ def test_privacy_audit_only_the_global_ligo_leaves_a_client(flwr_run):
         assert {name: (shape, dtype) for _, name, shape, dtype, _ in r["arrays"]} == expected
         assert len(r["arrays"]) == len(expected)  # no name twice, no second record
         assert r["tensor_bytes"] == tensor_bytes(glob)
-    assert all(r["arrays"] == [] and r["tensor_bytes"] == 0 for r in final)
+    assert all(r["arrays"] == [] and r["tensor_bytes"] == 0 for r in final + preflight)
     total = sum(r["content_bytes"] for r in records)
     payload = tensor_bytes(glob) * len(train)
     bound = METADATA_BYTES_PER_TENSOR * len(expected) * len(train) + METADATA_BYTES_PER_MESSAGE * len(records)
     assert payload <= total <= payload + bound, (total, payload, bound)
+
+
+def test_a_node_that_cannot_set_up_stops_the_run_before_any_training(flwr_run, tmp_path):
+    """Preflight: a client model folder that does not exist fails the run before round 1, naming the problem."""
+    _, cfg, models, _ = flwr_run  # runs after the main run (one local SuperLink at a time)
+    missing = tmp_path / "no-such-model"
+    overrides = {**cfg, "client-models": f"{models[0]},{missing}", "output-dir": str(tmp_path / "out")}
+    overrides.pop("audit-dir")
+    proc, log = _flwr_run(tmp_path, overrides)
+    assert "preflight failed, no training started" in log, log[-3000:]
+    assert "no-such-model" in log
+    assert "[ROUND 1" not in log and "round 1:" not in log
+    assert not list((tmp_path / "out").glob("*-text-*"))  # no run folder
