@@ -10,6 +10,7 @@ folder is written by :mod:`server_app.outputs` and :mod:`server_app.summary`.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from datetime import UTC, datetime
 from logging import INFO
@@ -19,7 +20,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedgrow_core.run_config import RunConfig
+from fedgrow_core.run_config import ConfigError, RunConfig
 
 from .modes import run_mode
 from .outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
@@ -36,12 +37,29 @@ def run_folder(run: RunConfig) -> Path:
     return Path(run.output_dir) / f"{stamp}-{run.task}{mode}-{run.strategy.replace(':', '.')}"
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and check that files can be written in it.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``output-dir`` and the reason.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError([f"output-dir = {str(folder)!r}: cannot write there ({err.strerror or err})"]) from err
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured mode and write the run folder."""
     start = time.perf_counter()
     run = RunConfig.from_flower(context.run_config)
     resolve_strategy(run.strategy)  # an unknown strategy fails here, before any client trains
+    check_writable(Path(run.output_dir))  # and so does an output-dir the results could not be written to
     run_dir = run_folder(run)
     log(
         INFO,
