@@ -119,6 +119,12 @@ class RunConfig:
     audit_dir : str
         If set, every client appends one JSON line per message it sends to
         ``<audit-dir>/egress-<node id>.jsonl`` (:mod:`client_app.egress_audit`).
+    resume_from : str
+        A run folder to continue (mode ``fedgrow``): the server reads its
+        ``checkpoint.safetensors`` (written after every growth round), runs the
+        remaining rounds up to ``num-server-rounds`` and writes its outputs into
+        that folder; clients pick up their private state from their state folders.
+        Every other setting must equal the checkpoint's.
     seed : int
     output_dir : str
     save_models : bool
@@ -164,6 +170,7 @@ class RunConfig:
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
     audit_dir: str = ""
+    resume_from: str = ""
     seed: int = 0
     output_dir: str = "outputs"
     save_models: bool = True
@@ -238,6 +245,8 @@ class RunConfig:
             p.append(f"fraction-train = {self.fraction_train!r}: expected a number in (0, 1]")
         if not self.client_models or any(not m for m in self.client_models):
             p.append(f"client-models = {','.join(self.client_models)!r}: expected comma-separated model names")
+        if self.resume_from and self.mode != "fedgrow":
+            p.append(f"resume-from = {self.resume_from!r}: resuming is supported for mode 'fedgrow', not {self.mode!r}")
         if self.mode == "fedgrow-fedft" and self.finetune_steps % self.local_steps:
             p.append(
                 f"finetune-steps = {self.finetune_steps!r}: mode 'fedgrow-fedft' fine-tunes in federated rounds of "

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgrow_core.run_config import ConfigError, RunConfig
 
+from .checkpoint import check_resumable, read_checkpoint
 from .modes import run_mode
 from .outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
 from .strategy import resolve_strategy
@@ -60,7 +61,11 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flower(context.run_config)
     resolve_strategy(run.strategy)  # an unknown strategy fails here, before any client trains
     check_writable(Path(run.output_dir))  # and so does an output-dir the results could not be written to
-    run_dir = run_folder(run)
+    resume = None
+    if run.resume_from:  # a missing or mismatched checkpoint fails here too
+        resume = read_checkpoint(run.resume_from)
+        check_resumable(resume, run)
+    run_dir = Path(run.resume_from) if run.resume_from else run_folder(run)
     log(
         INFO,
         "Fed-Grow (%s): %s -> %s, %d clients, run folder %s",
@@ -70,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         len(list(grid.get_node_ids())),
         run_dir,
     )
-    result = run_mode(grid, run)
+    result = run_mode(grid, run, run_dir, resume)
     clients = final_clients(result.final_replies, result.entries)
     rows = round_rows(run, result.entries, clients)
     run_dir.mkdir(parents=True, exist_ok=True)

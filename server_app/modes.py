@@ -18,6 +18,7 @@ mode                      rounds (``local-steps`` each)                         
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
@@ -25,6 +26,7 @@ from flwr.serverapp import Grid
 from fedgrow_core.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
 
+from .checkpoint import Checkpoint
 from .phases import collect_average, final_phase, local_rounds, preflight, shared_rounds
 
 
@@ -48,10 +50,14 @@ class ModeResult:
     global_ligo: ArrayRecord | None = None
 
 
-def run_mode(grid: Grid, run: RunConfig) -> ModeResult:
+def run_mode(grid: Grid, run: RunConfig, run_dir: Path | None = None, resume: Checkpoint | None = None) -> ModeResult:
     """Run ``run.mode`` to the end (rounds and final phase).
 
     Every node first loads its model and data (:func:`server_app.phases.preflight`).
+    With ``run_dir``, the growth rounds (``fedgrow``, ``fedgrow-fedft``) are
+    checkpointed there after every round and clients keep their private state on
+    disk under the folder's name; ``resume`` (mode ``fedgrow`` only) continues
+    from a checkpoint (:mod:`server_app.checkpoint`).
 
     Raises
     ------
@@ -63,9 +69,11 @@ def run_mode(grid: Grid, run: RunConfig) -> ModeResult:
     rounds, t = run.num_server_rounds, run.round_timeout  # t: seconds per exchange
     preflight(grid, t)
     if run.mode in ("fedgrow", "fedgrow-fedft"):
-        glob, entries = shared_rounds(grid, run, ArrayRecord(global_ligo(run).state_dict()), rounds, "grow", 1)
+        start = ArrayRecord(global_ligo(run).state_dict())
+        glob, entries = shared_rounds(grid, run, start, rounds, "grow", 1, run_dir=run_dir, resume=resume)
         if run.mode == "fedgrow":
-            return ModeResult(entries, final_phase(grid, glob, t), glob)
+            tag = run_dir.name if run_dir is not None else ""
+            return ModeResult(entries, final_phase(grid, glob, t, rounds, tag), glob)
         averaged, collected = collect_average(grid, run, glob, rounds, t)
         ft_rounds = run.finetune_steps // run.local_steps
         final, ft_entries = averaged, []

@@ -61,12 +61,18 @@ class ReplyChecks:
     otherwise the round is skipped and the arrays stay as they were. The
     aggregate is cast back to the dtypes that were sent (:func:`_as_sent`). ``round_log``
     keeps one :func:`server_app.round_log.round_entry` per round.
+
+    ``round_offset`` (rounds done before a resume) is added to the round number
+    Flower's ``Strategy.start`` counts from 1, so the wrapped strategy (FedAdam's
+    bias correction, the clients' ``server-round``) sees the run's real round.
     """
 
     expected_spec: ArraySpec | None = None
+    round_offset: int = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Remember the sent arrays' spec, the sampled nodes and the round's start, then delegate."""
+        server_round += self.round_offset
         self.expected_spec = array_spec(arrays)
         self._round_start = time.perf_counter()
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -75,6 +81,7 @@ class ReplyChecks:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Reject malformed replies, aggregate the rest with the wrapped strategy."""
+        server_round += self.round_offset
         replies = list(replies)
         accepted, rejected = [], []
         for msg in replies:
