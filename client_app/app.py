@@ -10,24 +10,47 @@ What a client does depends on the run's ``mode`` and the message's ``phase``
 (see :mod:`server_app.modes`). Private state (Local-LiGO, head, optimiser
 moments; or the small model's weights in ``small-only``) lives in
 ``Context.state`` between rounds, so it persists in simulation and deployment
-alike; only what the mode shares is replied.
+alike; only what the mode shares is replied. When the server names its run
+(``run-tag`` in the message config), the private state is also written after
+every round to the node's state folder (node config ``state-dir``, else
+``<output-dir>/clients/partition-<id>/state``) under that tag
+(:class:`fedgrow_core.client_state.ClientStateStore`), and a client without it
+in memory (a resumed run, a restarted node) picks it up from there.
+
+Every round runs under its own torch seed, derived from ``seed``, the partition,
+the phase and the round (:func:`round_seed`), and the batch order is a function
+of the client's step count, so a round's result does not depend on which
+process serves it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgrow_core.client_setup import ClientSetup
+from fedgrow_core.client_state import ClientStateStore
 from fedgrow_core.growth_client import GrowthClient
 from fedgrow_core.model_client import ModelClient, target_model
 from fedgrow_core.run_config import RunConfig
 
-app = ClientApp()
+from .egress_audit import egress_audit_mod
+
+app = ClientApp(mods=[egress_audit_mod])
 
 STATE_KEY = "fedgrow-private"
+#: ``Context.state`` key of the round ``STATE_KEY`` was saved after (a ConfigRecord ``{"round": int}``).
+ROUND_KEY = "fedgrow-private-round"
+#: ``Context.state`` key of a shared-model client's batch position (``{"steps": int}``).
+DATA_KEY = "fedgrow-data"
+FINAL_PHASE = "finetune-evaluate"
+_PHASE_CODES = {"grow": 1, "train-local": 2, "train-shared": 3, "collect": 4, FINAL_PHASE: 5}
 #: Clients built in this process, most recent last. A simulation actor serves
 #: several nodes in turn; rebuilding a client (model, data, tokenisation) costs
 #: seconds, so a few are kept. Their private state is always reloaded from
@@ -80,9 +103,74 @@ def _model_client(context: Context, role: str) -> ModelClient:
     return _cached((*key, role), lambda: ModelClient(setup, *target_model(setup, run.seed), run.lr_finetune))
 
 
+def round_seed(seed: int, partition_id: int, phase: str, server_round: int) -> int:
+    """The torch seed of one client's round: a ``numpy.random.SeedSequence`` of (seed, partition, phase, round)."""
+    entropy = [seed, partition_id, _PHASE_CODES.get(phase, 0), server_round]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] % 2**63)
+
+
+@contextlib.contextmanager
+def _seeded(context: Context, run: RunConfig, phase: str, server_round: int) -> Iterator[None]:
+    """Run the block under :func:`round_seed`, restoring the process's torch RNG afterwards."""
+    with torch.random.fork_rng():
+        torch.manual_seed(round_seed(run.seed, int(context.node_config["partition-id"]), phase, server_round))
+        yield
+
+
+def _state_store(context: Context, run: RunConfig, config: ConfigRecord) -> ClientStateStore | None:
+    """The node's on-disk state for the server's run ``config["run-tag"]`` (``None`` without a tag)."""
+    tag = str(config.get("run-tag", ""))
+    if not tag:
+        return None
+    node = context.node_config
+    base = node.get("state-dir") or (
+        Path(str(node.get("output-dir", run.output_dir))) / "clients" / f"partition-{node['partition-id']}" / "state"
+    )
+    return ClientStateStore(Path(str(base)) / tag)
+
+
+def _restore(context: Context, store: ClientStateStore | None, server_round: int) -> None:
+    """Put the newest private state saved before ``server_round`` into ``Context.state`` (memory or disk)."""
+    if store is None:
+        return
+    have = int(context.state[ROUND_KEY]["round"]) if ROUND_KEY in context.state else 0
+    newest = store.latest(at_most=server_round - 1)
+    if newest is not None and newest > have:
+        context.state[STATE_KEY] = ArrayRecord(store.load(newest))
+        context.state[ROUND_KEY] = ConfigRecord({"round": newest})
+
+
+def _keep(context: Context, store: ClientStateStore | None, server_round: int, state: dict) -> None:
+    """Keep the private state after ``server_round`` in ``Context.state`` and, with a store, on disk."""
+    context.state[STATE_KEY] = ArrayRecord(state)
+    context.state[ROUND_KEY] = ConfigRecord({"round": server_round})
+    if store is not None:
+        store.save(server_round, state)
+
+
+def _shared_model_client(context: Context) -> ModelClient:
+    """The target-shaped model client of ``scratch-fedavg`` / ``fedgrow-fedft``, at this node's batch position."""
+    client = _model_client(context, "target")
+    if DATA_KEY in context.state:
+        client.seek_data(int(context.state[DATA_KEY]["steps"]))
+    return client
+
+
 def _reply(msg: Message, arrays: dict | None, metrics: dict) -> Message:
     content = RecordDict({"arrays": ArrayRecord(arrays or {}), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Preflight: check the run config, load this node's model and data (cached for round 1), report row counts."""
+    _, _, setup = _setup(context)
+    metrics = {
+        "partition-id": setup.partition_id,
+        "train-examples": len(setup.train_rows),
+        "test-examples": len(setup.test_rows),
+    }
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.train()
@@ -91,21 +179,33 @@ def train(msg: Message, context: Context) -> Message:
     run = RunConfig.from_flower(context.run_config)
     config = msg.content["config"]
     phase = str(config.get("phase", "grow"))
+    server_round = int(config.get("server-round", 0))
+    with _seeded(context, run, phase, server_round):
+        return _train(msg, context, run, config, phase, server_round)
+
+
+def _train(
+    msg: Message, context: Context, run: RunConfig, config: ConfigRecord, phase: str, server_round: int
+) -> Message:
     received = msg.content["arrays"].to_torch_state_dict()
+    if phase in ("grow", "train-local"):
+        store = _state_store(context, run, config)
+        _restore(context, store, server_round)
     if phase == "grow":
         client = _growth_client(context)
         shared, metrics = client.train_round(received, proximal_mu=float(config.get("proximal-mu", 0.0)))
-        context.state[STATE_KEY] = ArrayRecord(client.private_state())
+        _keep(context, store, server_round, client.private_state())
         return _reply(msg, shared, metrics)
     if phase == "train-local":
         client = _model_client(context, "small")
         metrics = client.train_round(run.local_steps)
-        context.state[STATE_KEY] = ArrayRecord(client.private_state())
+        _keep(context, store, server_round, client.private_state())
         return _reply(msg, None, metrics)
     if phase == "train-shared":
-        client = _model_client(context, "target")
+        client = _shared_model_client(context)
         client.load_weights(received)
         metrics = client.train_round(run.local_steps)
+        context.state[DATA_KEY] = ConfigRecord({"steps": client.data_steps})
         return _reply(msg, client.weights(), metrics)
     if phase == "collect":
         target = _model_client(context, "target")
@@ -121,6 +221,15 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Final phase: fine-tune the mode's model (``finetune-steps``), evaluate it, save it privately."""
     run = RunConfig.from_flower(context.run_config)
+    config = msg.content["config"] if "config" in msg.content else ConfigRecord()
+    server_round = int(config.get("server-round", 0))
+    if run.mode in ("fedgrow", "independent-ligo", "small-only"):
+        _restore(context, _state_store(context, run, config), server_round + 1)
+    with _seeded(context, run, FINAL_PHASE, server_round):
+        return _finetune_and_evaluate(msg, context, run)
+
+
+def _finetune_and_evaluate(msg: Message, context: Context, run: RunConfig) -> Message:
     received = msg.content["arrays"].to_torch_state_dict()
     _, _, setup = _setup(context)
     out = (
@@ -135,10 +244,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     elif run.mode == "small-only":
         metrics = _model_client(context, "small").finetune_and_evaluate(run.finetune_steps, save_to)
     else:  # scratch-fedavg, fedgrow-fedft: the final averaged target model
-        client = _model_client(context, "target")
+        client = _shared_model_client(context)
         client.load_weights(received)
         steps = run.finetune_steps if run.mode == "scratch-fedavg" else 0
         metrics = client.finetune_and_evaluate(steps, save_to)
     metrics["partition-id"] = setup.partition_id
-    info = ConfigRecord({"model": setup.model_name, "saved-to": str(save_to or "")})
+    info = ConfigRecord({"model": Path(setup.model_name).name})  # never a client's full path
     return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": info}), reply_to=msg)

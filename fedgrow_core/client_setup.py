@@ -9,7 +9,6 @@ sees the same partition, the same capped train/test rows and the same batch orde
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,12 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
+from .batch_stream import BatchStream
 from .data_sources import label_names, load_data_source, task_of
 from .partitions import FederatedData, federate
 from .preprocessing import make_dataloader
 from .run_config import RunConfig
-from .training import cycle, resolve_device
+from .training import resolve_device
 from .vit_pretrain import VitSpec, pretrain_small_vits
 from .zoo import SmallModel, default_cache_dir, load_small_model
 
@@ -158,17 +158,26 @@ class ClientSetup:
         """Number of classes."""
         return len(self.label_names)
 
-    def batches(self) -> Iterator[dict]:
-        """Endless shuffled training batches of ``run.batch_size`` rows (seeded by seed and partition)."""
-        loader = make_dataloader(
-            self.train_rows,
-            self.small.preprocessor,
+    def batches(self, start_step: int = 0) -> BatchStream:
+        """Endless shuffled training batches of ``run.batch_size`` rows from step ``start_step`` on.
+
+        Epoch permutations are seeded by ``run.seed + partition_id`` (plus the
+        epoch), so batch ``s`` is the same in every process (:class:`BatchStream`).
+        """
+        stream = BatchStream(
+            len(self.train_rows),
             self.run.batch_size,
-            shuffle=True,
-            seed=self.run.seed + self.partition_id,
-            max_length=self.run.max_length,
+            self.run.seed + self.partition_id,
+            lambda sampler: make_dataloader(
+                self.train_rows,
+                self.small.preprocessor,
+                self.run.batch_size,
+                max_length=self.run.max_length,
+                sampler=sampler,
+            ),
         )
-        return cycle(loader)
+        stream.seek(start_step)
+        return stream
 
     def test_loader(self) -> DataLoader:
         """The client's test rows in batches of 64, in order."""

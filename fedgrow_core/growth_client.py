@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .batch_stream import DATA_STEPS
 from .client_setup import ClientSetup
 from .grown_model import GrownModel
 from .ligo import DualLiGO, LiGO
@@ -153,14 +154,24 @@ class GrowthClient:
         self.model.operator.global_.load_state_dict(state, strict=True)
 
     # --- what stays ---------------------------------------------------------
+    @property
+    def data_steps(self) -> int:
+        """Training batches drawn so far (the position in :meth:`ClientSetup.batches`'s stream)."""
+        return self._batches.position
+
+    def seek_data(self, step: int) -> None:
+        """Make training batch ``step`` the next one drawn (:meth:`BatchStream.seek`)."""
+        self._batches.seek(step)
+
     def private_state(self) -> dict[str, Tensor]:
-        """Local-LiGO, head and optimiser moments: the client state kept between rounds."""
+        """Local-LiGO, head, optimiser moments and ``data.steps``: the client state kept between rounds."""
         out = {
             k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if not k.startswith(GLOBAL_PREFIX)
         }
         for i, state in self.optimizer.state_dict()["state"].items():
             for key, value in state.items():
                 out[f"optimizer.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        out[DATA_STEPS] = torch.tensor(self.data_steps)
         return out
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:
@@ -172,7 +183,9 @@ class GrowthClient:
             From ``load_state_dict`` (strict), if a tensor name or shape does not
             match this client's model.
         """
-        own = {k: v for k, v in state.items() if not k.startswith("optimizer.")}
+        own = {k: v for k, v in state.items() if not k.startswith("optimizer.") and k != DATA_STEPS}
+        if DATA_STEPS in state:
+            self.seek_data(int(state[DATA_STEPS]))
         # the Global-LiGO is not in the private state: keep the current one, check the rest strictly
         self.model.load_state_dict({**self.model.state_dict(), **own}, strict=True)
         moments: dict[int, dict[str, Tensor]] = {}

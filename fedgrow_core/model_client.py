@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .batch_stream import DATA_STEPS
 from .client_setup import ClientSetup
 from .training import EvalResult, evaluate, train_steps
 
@@ -106,17 +107,30 @@ class ModelClient:
         if fresh_optimizer:
             self.optimizer = self._new_optimizer()
 
+    @property
+    def data_steps(self) -> int:
+        """Training batches drawn so far (the position in :meth:`ClientSetup.batches`'s stream)."""
+        return self._batches.position
+
+    def seek_data(self, step: int) -> None:
+        """Make training batch ``step`` the next one drawn (:meth:`BatchStream.seek`)."""
+        self._batches.seek(step)
+
     def private_state(self) -> dict[str, Tensor]:
-        """Weights and AdamW moments (``optimizer.<i>.<name>``): the state kept when the model is private."""
+        """Weights, AdamW moments (``optimizer.<i>.<name>``) and ``data.steps``: kept when the model is private."""
         out = self.weights()
         for i, state in self.optimizer.state_dict()["state"].items():
             for key, value in state.items():
                 out[f"optimizer.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        out[DATA_STEPS] = torch.tensor(self.data_steps)
         return out
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:
         """Restore :meth:`private_state` (weights strictly, then the AdamW moments)."""
-        self.load_weights({k: v for k, v in state.items() if not k.startswith("optimizer.")}, fresh_optimizer=True)
+        weights = {k: v for k, v in state.items() if not k.startswith("optimizer.") and k != DATA_STEPS}
+        self.load_weights(weights, fresh_optimizer=True)
+        if DATA_STEPS in state:
+            self.seek_data(int(state[DATA_STEPS]))
         moments: dict[int, dict[str, Tensor]] = {}
         for key, value in state.items():
             if key.startswith("optimizer."):

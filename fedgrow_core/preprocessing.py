@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from datasets import Dataset
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -113,6 +113,7 @@ def make_dataloader(
     shuffle: bool = False,
     seed: int = 0,
     max_length: int = 128,
+    sampler: Sampler[int] | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` of model-ready batches for a text or image dataset.
 
@@ -130,6 +131,9 @@ def make_dataloader(
         Seeds the shuffling generator.
     max_length : int
         Token truncation length (text only).
+    sampler : torch.utils.data.Sampler, optional
+        Row indices in the order to batch them (``torch.utils.data.DataLoader``'s
+        ``sampler``); overrides ``shuffle``.
 
     Raises
     ------
@@ -138,21 +142,21 @@ def make_dataloader(
     """
     task = task_of(dataset)
     generator = torch.Generator().manual_seed(seed)
+    order = {"sampler": sampler} if sampler is not None else {"shuffle": shuffle, "generator": generator}
     if task == TEXT:
         if not isinstance(preprocessor, PreTrainedTokenizerBase):
             raise ValueError(f"a text dataset needs a tokenizer, got {type(preprocessor).__name__}")
         tokens = tokenize(dataset, preprocessor, max_length)
         collate = DataCollatorWithPadding(preprocessor, return_tensors="pt")
-        return DataLoader(tokens, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+        return DataLoader(tokens, batch_size=batch_size, collate_fn=collate, **order)
     if not isinstance(preprocessor, ImageTransform):
         raise ValueError(f"an image dataset needs an ImageTransform, got {type(preprocessor).__name__}")
     rows = dataset.with_format("torch")
     return DataLoader(
         rows,
         batch_size=batch_size,
-        shuffle=shuffle,
         collate_fn=_image_collate(preprocessor, image_dtype(dataset)),
-        generator=generator,
+        **order,
     )
 
 

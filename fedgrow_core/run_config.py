@@ -20,6 +20,7 @@ from .shapes import TransformerShape
 TASKS = ("text", "image")
 #: What the app runs (issue 5's comparison): Fed-Grow, its baselines, and Fed-Grow
 #: followed by federated fine-tuning. See ``server_app/app.py``.
+DP_CLIPPING = ("off", "fixed", "adaptive")
 MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -99,6 +100,31 @@ class RunConfig:
     lr_finetune : float
     strategy : str
         A built-in strategy name or ``package.module:Class``.
+    min_train_nodes : int
+        The strategy's ``min_train_nodes``: at least this many nodes are sampled
+        per round, and a round aggregates only if at least this many replies pass
+        the checks (otherwise the Global-LiGO is kept unchanged).
+    round_timeout : float
+        Seconds the server waits for a round's replies; a node that has not
+        replied by then is recorded as missing for that round.
+    dp_clipping : {"off", "fixed", "adaptive"}
+        Central differential privacy on the shared tensors with Flower's
+        server-side clipping wrappers (``DifferentialPrivacyServerSideFixedClipping``
+        or ``...AdaptiveClipping``).
+    dp_noise_multiplier : float
+        Gaussian noise std as a multiple of the clipping norm (>= 0).
+    dp_clipping_norm : float
+        L2 clipping norm of each client's update (the initial norm for
+        ``adaptive``), > 0.
+    audit_dir : str
+        If set, every client appends one JSON line per message it sends to
+        ``<audit-dir>/egress-<node id>.jsonl`` (:mod:`client_app.egress_audit`).
+    resume_from : str
+        A run folder to continue (mode ``fedgrow``): the server reads its
+        ``checkpoint.safetensors`` (written after every growth round), runs the
+        remaining rounds up to ``num-server-rounds`` and writes its outputs into
+        that folder; clients pick up their private state from their state folders.
+        Every other setting must equal the checkpoint's.
     seed : int
     output_dir : str
     save_models : bool
@@ -138,6 +164,13 @@ class RunConfig:
     patch_size: int = 7
     lr_finetune: float = 5e-5
     strategy: str = "fedavg"
+    min_train_nodes: int = 1
+    round_timeout: float = 3600.0
+    dp_clipping: str = "off"
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    audit_dir: str = ""
+    resume_from: str = ""
     seed: int = 0
     output_dir: str = "outputs"
     save_models: bool = True
@@ -179,6 +212,13 @@ class RunConfig:
         _one_of(p, "partitioner", self.partitioner, PARTITIONERS)
         _one_of(p, "device", self.device, DEVICES)
         _one_of(p, "depth_init", self.depth_init, ("stackbert", "interlace"))
+        _one_of(p, "dp_clipping", self.dp_clipping, DP_CLIPPING)
+        if self.dp_noise_multiplier < 0:
+            p.append(f"dp-noise-multiplier = {self.dp_noise_multiplier!r}: expected a number >= 0")
+        if not self.dp_clipping_norm > 0:
+            p.append(f"dp-clipping-norm = {self.dp_clipping_norm!r}: expected a number > 0")
+        if not self.round_timeout > 0:
+            p.append(f"round-timeout = {self.round_timeout!r}: expected a number of seconds > 0")
         if self.depth_noise < 0:
             p.append(f"depth-noise = {self.depth_noise!r}: expected a number >= 0")
         for name in (
@@ -189,6 +229,7 @@ class RunConfig:
             "shards_per_partition",
             "pretrain_steps",
             "patch_size",
+            "min_train_nodes",
         ):
             if getattr(self, name) < 1:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 1")
@@ -204,6 +245,8 @@ class RunConfig:
             p.append(f"fraction-train = {self.fraction_train!r}: expected a number in (0, 1]")
         if not self.client_models or any(not m for m in self.client_models):
             p.append(f"client-models = {','.join(self.client_models)!r}: expected comma-separated model names")
+        if self.resume_from and self.mode != "fedgrow":
+            p.append(f"resume-from = {self.resume_from!r}: resuming is supported for mode 'fedgrow', not {self.mode!r}")
         if self.mode == "fedgrow-fedft" and self.finetune_steps % self.local_steps:
             p.append(
                 f"finetune-steps = {self.finetune_steps!r}: mode 'fedgrow-fedft' fine-tunes in federated rounds of "

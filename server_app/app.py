@@ -10,6 +10,7 @@ folder is written by :mod:`server_app.outputs` and :mod:`server_app.summary`.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from datetime import UTC, datetime
 from logging import INFO
@@ -19,10 +20,12 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedgrow_core.run_config import RunConfig
+from fedgrow_core.run_config import ConfigError, RunConfig
 
+from .checkpoint import check_resumable, read_checkpoint
 from .modes import run_mode
 from .outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
+from .strategy import resolve_strategy
 from .summary import build_summary, final_clients, round_rows
 
 app = ServerApp()
@@ -35,12 +38,34 @@ def run_folder(run: RunConfig) -> Path:
     return Path(run.output_dir) / f"{stamp}-{run.task}{mode}-{run.strategy.replace(':', '.')}"
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and check that files can be written in it.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``output-dir`` and the reason.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError([f"output-dir = {str(folder)!r}: cannot write there ({err.strerror or err})"]) from err
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured mode and write the run folder."""
     start = time.perf_counter()
     run = RunConfig.from_flower(context.run_config)
-    run_dir = run_folder(run)
+    resolve_strategy(run.strategy)  # an unknown strategy fails here, before any client trains
+    check_writable(Path(run.output_dir))  # and so does an output-dir the results could not be written to
+    resume = None
+    if run.resume_from:  # a missing or mismatched checkpoint fails here too
+        resume = read_checkpoint(run.resume_from)
+        check_resumable(resume, run)
+    run_dir = Path(run.resume_from) if run.resume_from else run_folder(run)
     log(
         INFO,
         "Fed-Grow (%s): %s -> %s, %d clients, run folder %s",
@@ -50,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         len(list(grid.get_node_ids())),
         run_dir,
     )
-    result = run_mode(grid, run)
+    result = run_mode(grid, run, run_dir, resume)
     clients = final_clients(result.final_replies, result.entries)
     rows = round_rows(run, result.entries, clients)
     run_dir.mkdir(parents=True, exist_ok=True)

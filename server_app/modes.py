@@ -18,6 +18,7 @@ mode                      rounds (``local-steps`` each)                         
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
@@ -25,7 +26,8 @@ from flwr.serverapp import Grid
 from fedgrow_core.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
 
-from .phases import collect_average, final_phase, local_rounds, shared_rounds
+from .checkpoint import Checkpoint
+from .phases import collect_average, final_phase, local_rounds, preflight, shared_rounds
 
 
 @dataclass
@@ -48,31 +50,42 @@ class ModeResult:
     global_ligo: ArrayRecord | None = None
 
 
-def run_mode(grid: Grid, run: RunConfig) -> ModeResult:
+def run_mode(grid: Grid, run: RunConfig, run_dir: Path | None = None, resume: Checkpoint | None = None) -> ModeResult:
     """Run ``run.mode`` to the end (rounds and final phase).
+
+    Every node first loads its model and data (:func:`server_app.phases.preflight`).
+    With ``run_dir``, the growth rounds (``fedgrow``, ``fedgrow-fedft``) are
+    checkpointed there after every round and clients keep their private state on
+    disk under the folder's name; ``resume`` (mode ``fedgrow`` only) continues
+    from a checkpoint (:mod:`server_app.checkpoint`).
 
     Raises
     ------
     ValueError
         For an unknown mode (``RunConfig.check`` rejects it earlier).
+    server_app.phases.PreflightError
+        If a node cannot set up; nothing has been trained then.
     """
-    rounds = run.num_server_rounds
+    rounds, t = run.num_server_rounds, run.round_timeout  # t: seconds per exchange
+    preflight(grid, t)
     if run.mode in ("fedgrow", "fedgrow-fedft"):
-        glob, entries = shared_rounds(grid, run, ArrayRecord(global_ligo(run).state_dict()), rounds, "grow", 1)
+        start = ArrayRecord(global_ligo(run).state_dict())
+        glob, entries = shared_rounds(grid, run, start, rounds, "grow", 1, run_dir=run_dir, resume=resume)
         if run.mode == "fedgrow":
-            return ModeResult(entries, final_phase(grid, glob), glob)
-        averaged, collected = collect_average(grid, run, glob, rounds)
+            tag = run_dir.name if run_dir is not None else ""
+            return ModeResult(entries, final_phase(grid, glob, t, rounds, tag), glob)
+        averaged, collected = collect_average(grid, run, glob, rounds, t)
         ft_rounds = run.finetune_steps // run.local_steps
         final, ft_entries = averaged, []
         if ft_rounds:
             final, ft_entries = shared_rounds(grid, run, averaged, ft_rounds, "train-shared", rounds + 1)
-        return ModeResult([*entries, collected, *ft_entries], final_phase(grid, final), glob)
+        return ModeResult([*entries, collected, *ft_entries], final_phase(grid, final, t), glob)
     if run.mode == "scratch-fedavg":
-        averaged, collected = collect_average(grid, run, ArrayRecord(), 0)
+        averaged, collected = collect_average(grid, run, ArrayRecord(), 0, t)
         final, entries = shared_rounds(grid, run, averaged, rounds, "train-shared", 1)
-        return ModeResult([collected, *entries], final_phase(grid, final))
+        return ModeResult([collected, *entries], final_phase(grid, final, t))
     if run.mode in ("independent-ligo", "small-only"):
         phase = "grow" if run.mode == "independent-ligo" else "train-local"
-        entries = local_rounds(grid, rounds, phase, 1)
-        return ModeResult(entries, final_phase(grid, ArrayRecord()))
+        entries = local_rounds(grid, rounds, phase, 1, t)
+        return ModeResult(entries, final_phase(grid, ArrayRecord(), t))
     raise ValueError(f"unknown mode {run.mode!r}")

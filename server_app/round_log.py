@@ -39,6 +39,7 @@ def round_entry(
     accepted: Iterable[Message],
     rejected: list[dict],
     seconds: float,
+    sent: Iterable[int] = (),
 ) -> dict:
     """A JSON-ready log entry for one round.
 
@@ -54,16 +55,25 @@ def round_entry(
         ``{"node_id", "reason"}`` per rejected reply.
     seconds : float
         Wall time of the round in seconds.
+    sent : iterable of int
+        Node ids the round's messages went to; those with no reply (timed out or
+        gone) are listed as ``missing_nodes``.
 
     Returns
     -------
     dict
-        ``round``, ``replies``, ``accepted_nodes``, ``failed``, ``rejected``,
-        ``seconds``, ``client_metrics`` (node id as str -> :data:`LOGGED_METRICS`)
-        and ``upload_bytes`` (node id as str -> :func:`payload_bytes`).
+        ``round``, ``replies``, ``accepted_nodes``, ``failed``, ``failed_nodes``
+        (``{"node_id", "reason"}`` per error reply), ``rejected``,
+        ``missing_nodes``, ``seconds``, ``client_metrics`` (node id as str ->
+        :data:`LOGGED_METRICS`) and ``upload_bytes`` (node id as str ->
+        :func:`payload_bytes`).
     """
     accepted = list(accepted)
     ok = [m for m in accepted if not m.has_error()]
+    failed = [
+        {"node_id": m.metadata.src_node_id, "reason": last_line(m.error.reason)} for m in replies if m.has_error()
+    ]
+    replied = {m.metadata.src_node_id for m in replies}
     client_metrics, upload = {}, {}
     for msg in ok:
         node = str(msg.metadata.src_node_id)
@@ -74,9 +84,17 @@ def round_entry(
         "round": server_round,
         "replies": len(replies),
         "accepted_nodes": [m.metadata.src_node_id for m in ok],
-        "failed": len(accepted) - len(ok),
+        "failed": len(failed),
+        "failed_nodes": failed,
         "rejected": rejected,
+        "missing_nodes": sorted(n for n in set(sent) if n not in replied),
         "seconds": seconds,
         "client_metrics": client_metrics,
         "upload_bytes": upload,
     }
+
+
+def last_line(reason: str, limit: int = 500) -> str:
+    """The last non-empty line of an error reason, at most ``limit`` characters (a simulation's holds a traceback)."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:limit]

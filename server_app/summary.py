@@ -25,7 +25,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
     model evaluated on each client's test rows after the round), ``train-loss``
     (mean over clients), ``upload-bytes`` (mean per client this round),
     ``cumulative-upload-bytes``, ``replies``, ``accepted``, ``rejected``,
-    ``failed``, ``seconds``, ``accepted_nodes``. The last row's round counts the
+    ``failed``, ``missing``, ``seconds``, ``accepted_nodes``. The last row's round counts the
     final local fine-tuning as ``ceil(finetune_steps / local_steps)`` rounds, so
     every mode's x-axis measures the same number of local steps.
     """
@@ -46,6 +46,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
                 "accepted": len(e["accepted_nodes"]),
                 "rejected": len(e["rejected"]),
                 "failed": e["failed"],
+                "missing": len(e.get("missing_nodes", [])),
                 "seconds": e["seconds"],
                 "accepted_nodes": " ".join(str(n) for n in e["accepted_nodes"]),
             }
@@ -64,6 +65,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
             "accepted": len(final),
             "rejected": 0,
             "failed": 0,
+            "missing": 0,
             "seconds": None,
             "accepted_nodes": "",
         }
@@ -112,7 +114,8 @@ def build_summary(run: RunConfig, entries: list[dict], clients: list[dict], rows
     ``trainable_params_per_client`` and ``model_params`` (means over clients),
     ``upload_bytes_per_round`` (mean over rounds of the per-client upload),
     ``upload_bytes_total`` (per client, over the run), ``model_bytes`` (float32
-    bytes of ``model_params``), ``rounds_log``, ``wall_time_s`` (seconds).
+    bytes of ``model_params``), ``participation`` (:func:`participation`),
+    ``rounds_log``, ``wall_time_s`` (seconds).
     """
     accs = [c["accuracy"] for c in clients]
     uploads = [r["upload-bytes"] for r in rows if r["phase"] != "finetune-evaluate"]
@@ -135,6 +138,32 @@ def build_summary(run: RunConfig, entries: list[dict], clients: list[dict], rows
         "upload_bytes_per_round": _mean(uploads) or 0.0,
         "upload_bytes_total": sum(uploads),
         "model_bytes": 4 * model_params,
+        "participation": participation(entries),
         "rounds_log": entries,
         "wall_time_s": wall,
     }
+
+
+def participation(entries: list[dict]) -> list[dict]:
+    """Which nodes took part in which round.
+
+    Returns
+    -------
+    list of dict
+        Per round: ``round``, ``phase``, ``accepted`` (node ids whose reply was
+        used), ``rejected``, ``failed`` (the client raised) and ``missing`` (no
+        reply before ``round-timeout``) node ids, and ``aggregated`` (False when
+        fewer than ``min-train-nodes`` replies were usable and the round was skipped).
+    """
+    return [
+        {
+            "round": e["round"],
+            "phase": e["phase"],
+            "accepted": list(e["accepted_nodes"]),
+            "rejected": [r["node_id"] for r in e["rejected"]],
+            "failed": [f["node_id"] for f in e.get("failed_nodes", [])],
+            "missing": list(e.get("missing_nodes", [])),
+            "aggregated": e.get("aggregated", True),
+        }
+        for e in entries
+    ]

@@ -20,6 +20,7 @@ from conftest import tiny_bert_folder
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from client_app.egress_audit import REPLY_CONFIGS, REPLY_METRICS
 from fedgrow_core.accounting import tensor_bytes
 from fedgrow_core.data_sources import load_data_source
 from fedgrow_core.ligo import LiGO
@@ -46,6 +47,32 @@ def _local_superlink_running() -> bool:
         return httpx.get(f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health", timeout=1).is_success
     except httpx.HTTPError:
         return False
+
+
+def _flwr_run(tmp: Path, overrides: dict) -> tuple[subprocess.CompletedProcess, str]:
+    """``flwr run`` of this app with ``overrides`` against a local SuperLink of its own, stopped afterwards."""
+    lines = [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
+    (tmp / "run.toml").write_text("\n".join(lines) + "\n")
+    home = tmp / "flwr-home"
+    shutil.copytree(ROOT / "flwr_home", home)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    try:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "--run-config", str(tmp / "run.toml"), "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        _stop_superlinks(home)
+    return proc, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -75,29 +102,9 @@ def flwr_run(tmp_path_factory):
         "partitioner": "iid",
         "output-dir": str(tmp / "out"),
         "cache-dir": str(tmp / "cache"),
+        "audit-dir": str(tmp / "audit"),
     }
-    lines = [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
-    (tmp / "run.toml").write_text("\n".join(lines) + "\n")
-    home = tmp / "flwr-home"
-    shutil.copytree(ROOT / "flwr_home", home)
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    try:
-        proc = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), "--run-config", str(tmp / "run.toml"), "--stream"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    finally:
-        _stop_superlinks(home)
-    log = proc.stdout + proc.stderr
+    proc, log = _flwr_run(tmp, overrides)
     assert proc.returncode == 0, log[-4000:]
     runs = list((tmp / "out").glob("*-text-fedavg"))
     assert len(runs) == 1, log[-4000:]
@@ -127,7 +134,8 @@ def test_summary_reports_every_client(flwr_run):
         assert key in summary
     assert summary["mode"] == "fedgrow" and summary["rounds"] == 2
     assert [c["partition_id"] for c in summary["clients"]] == [0, 1, 2]
-    assert [c["model"] for c in summary["clients"]] == [models[0], models[1], models[0]]  # cycling
+    names = [Path(m).name for m in models]  # the folder's name only: a client's paths stay private
+    assert [c["model"] for c in summary["clients"]] == [names[0], names[1], names[0]]  # cycling
     for c in summary["clients"]:
         assert 0 <= c["accuracy"] <= 1 and 0 <= c["precision"] <= 1 and c["trainable_params"] > 0
     accs = [c["accuracy"] for c in summary["clients"]]
@@ -146,3 +154,54 @@ def test_each_client_saved_an_ordinary_grown_model(flwr_run):
         assert model.config.num_hidden_layers == target.layers and model.config.hidden_size == target.hidden
         batch = AutoTokenizer.from_pretrained(folder)(["a fine film"], return_tensors="pt")
         assert model(**batch).logits.shape == (1, 2)
+
+
+#: Serialisation overhead allowed per message (bytes): names, shapes, dtypes, .npy headers, metrics, configs.
+METADATA_BYTES_PER_TENSOR = 256
+METADATA_BYTES_PER_MESSAGE = 2048
+
+
+def test_privacy_audit_only_the_global_ligo_leaves_a_client(flwr_run):
+    """Every reply of every client (egress audit mod): Global-LiGO tensors only, documented scalar metrics."""
+    _, cfg, _, _ = flwr_run
+    files = sorted(Path(cfg["audit-dir"]).glob("egress-*.jsonl"))
+    assert len(files) == 3  # one per SuperNode
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    glob = LiGO(parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])).state_dict()
+    expected = {k: (list(v.shape), "float32") for k, v in glob.items()}
+    train = [r for r in records if r["message_type"] == "train"]
+    final = [r for r in records if r["message_type"] == "evaluate"]
+    preflight = [r for r in records if r["message_type"] == "query"]
+    assert len(train) == 3 * cfg["num-server-rounds"] and len(final) == 3 and len(preflight) == 3
+    assert len(records) == len(train) + len(final) + len(preflight)
+    for r in records:
+        assert r["error"] is None
+        for metrics in r["metrics"].values():
+            assert set(metrics) <= set(REPLY_METRICS), set(metrics) - set(REPLY_METRICS)
+            assert set(metrics.values()) <= {"int", "float"}  # scalars only
+        for rname, configs in r["configs"].items():
+            assert set(configs) <= set(REPLY_CONFIGS)
+            assert all("/" not in v for v in r["config_values"][rname].values())  # no client path
+    for r in train:
+        assert r["phase"] == "grow"
+        assert {name: (shape, dtype) for _, name, shape, dtype, _ in r["arrays"]} == expected
+        assert len(r["arrays"]) == len(expected)  # no name twice, no second record
+        assert r["tensor_bytes"] == tensor_bytes(glob)
+    assert all(r["arrays"] == [] and r["tensor_bytes"] == 0 for r in final + preflight)
+    total = sum(r["content_bytes"] for r in records)
+    payload = tensor_bytes(glob) * len(train)
+    bound = METADATA_BYTES_PER_TENSOR * len(expected) * len(train) + METADATA_BYTES_PER_MESSAGE * len(records)
+    assert payload <= total <= payload + bound, (total, payload, bound)
+
+
+def test_a_node_that_cannot_set_up_stops_the_run_before_any_training(flwr_run, tmp_path):
+    """Preflight: a client model folder that does not exist fails the run before round 1, naming the problem."""
+    _, cfg, models, _ = flwr_run  # runs after the main run (one local SuperLink at a time)
+    missing = tmp_path / "no-such-model"
+    overrides = {**cfg, "client-models": f"{models[0]},{missing}", "output-dir": str(tmp_path / "out")}
+    overrides.pop("audit-dir")
+    proc, log = _flwr_run(tmp_path, overrides)
+    assert "preflight failed, no training started" in log, log[-3000:]
+    assert "no-such-model" in log
+    assert "[ROUND 1" not in log and "round 1:" not in log
+    assert not list((tmp_path / "out").glob("*-text-*"))  # no run folder

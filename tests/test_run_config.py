@@ -74,3 +74,14 @@ def test_pyproject_overrides_are_toml_literals():
     assert (run.lr_ligo, run.strategy, run.seed) == (2e-4, "fedadam", 3)
     with pytest.raises(ValueError, match="override must be key=value, got 'seed'"):
         pyproject_config(ROOT / "pyproject.toml", ["seed"])
+
+
+def test_an_unwritable_output_dir_is_a_config_error(tmp_path):
+    from server_app.app import check_writable
+
+    check_writable(tmp_path / "new" / "folder")  # created
+    assert (tmp_path / "new" / "folder").is_dir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="output-dir = .*a-file.*cannot write there"):
+        check_writable(blocker / "runs")

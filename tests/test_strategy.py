@@ -113,7 +113,7 @@ def test_bad_replies_never_reach_aggregation(name, caplog):
 
 def test_every_builtin_strategy_is_checked():
     for name, cls in BUILTIN_STRATEGIES.items():
-        strategy = build_strategy(name, 3, 2 / 3)
+        strategy = build_strategy(name, 3, 2 / 3, min_train_nodes=2)
         assert isinstance(strategy, ReplyChecks) and isinstance(strategy, cls)
         assert strategy.min_train_nodes == 2 and strategy.min_available_nodes == 3
     assert isinstance(build_strategy("fedavg", 3, 1.0), FedGrow)
@@ -143,3 +143,18 @@ def test_strategy_by_import_path():
 def test_bad_strategy_names(name, match):
     with pytest.raises(ValueError, match=match):
         resolve_strategy(name)
+
+
+def test_fedadam_aggregate_keeps_the_sent_dtype():
+    # Flower's FedOpt family returns float64 for float32 input; the Global-LiGO must stay float32 on the wire
+    strategy = build_strategy("fedadam", 1, 1.0)
+    strategy.expected_spec = SPEC
+    strategy.current_arrays = {k: v.copy() for k, v in SENT.items()}
+    arrays, _ = strategy.aggregate_train(1, [_Reply(1, _content({k: v + 1.0 for k, v in SENT.items()}, 10))])
+    assert {k: str(a.dtype) for k, a in arrays.items()} == {k: "float32" for k in SENT}
+    plain = FedAdam()
+    plain.current_arrays = {k: v.copy() for k, v in SENT.items()}
+    reference, _ = plain.aggregate_train(1, [_Reply(1, _content({k: v + 1.0 for k, v in SENT.items()}, 10))])
+    assert {str(a.dtype) for a in reference.values()} == {"float64"}  # what the cast guards against
+    for key, value in reference.items():
+        np.testing.assert_allclose(arrays[key].numpy(), value.numpy(), rtol=1e-6)

@@ -1,0 +1,120 @@
+"""An audit log of everything a client sends: a Flower client mod.
+
+With ``audit-dir`` set (in the SuperNode's node config, which wins, or in the
+run config), :func:`egress_audit_mod` appends one JSON line per reply to
+``<audit-dir>/egress-<node id>.jsonl``: the message type and phase, every tensor
+(record, name, shape, dtype, bytes), every metric and config entry (name and
+Python type; config values too, since they are strings a client chose to send),
+and the size of the serialised content (``flwr.common.serde``'s protobuf, the
+bytes that go on the wire apart from the gRPC envelope). An organisation can
+read it to verify what left its machine; the privacy test
+(``tests/test_flower_app.py``) asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import serde
+
+#: Every metric a reply may carry (train rounds and the final phase), with its meaning.
+REPLY_METRICS = {
+    "num-examples": "training rows (aggregation weight), or test rows in the final phase",
+    "train-loss": "mean training loss over the round's local steps",
+    "train-accuracy": "training accuracy over the round's local steps",
+    "train-seconds": "seconds spent training in the round",
+    "eval-accuracy": "accuracy of the client's current model on its own test rows",
+    "trainable-params": "parameters the client trains in the rounds",
+    "accuracy": "final test accuracy on the client's own test rows",
+    "precision": "final macro precision on the client's own test rows",
+    "loss": "final test loss",
+    "model-params": "parameters of the final model",
+    "finetune-seconds": "seconds of final fine-tuning",
+    "partition-id": "the node's partition id (from its node config)",
+    "train-examples": "training rows (preflight)",
+    "test-examples": "test rows (preflight)",
+}
+#: Every config entry a reply may carry.
+REPLY_CONFIGS = {"model": "the small model's name (a folder's last path component, never a full path)"}
+
+
+def audit_dir(context: Context) -> str:
+    """The audit folder for this node: node config ``audit-dir``, else run config ``audit-dir``, else ""."""
+    return str(context.node_config.get("audit-dir") or context.run_config.get("audit-dir") or "")
+
+
+def egress_record(request: Message, reply: Message, node_id: int) -> dict:
+    """What ``reply`` carries, as a JSON-ready dict (no tensor values, no metric values).
+
+    Returns
+    -------
+    dict
+        ``time`` (UNIX seconds), ``node_id``, ``message_type``, ``phase``,
+        ``error`` (the reason, or None), ``arrays`` (list of ``[record, name,
+        shape, dtype, bytes]``), ``tensor_bytes`` (sum of ``prod(shape) *
+        itemsize``), ``metrics`` and ``configs`` (``{record: {key: type name}}``),
+        ``config_values`` and ``content_bytes`` (serialised ``RecordDict``, bytes).
+    """
+    record = {
+        **_header(request, node_id),
+        "error": str(reply.error.reason) if reply.has_error() else None,
+        "arrays": [],
+        "tensor_bytes": 0,
+        "metrics": {},
+        "configs": {},
+        "config_values": {},
+        "content_bytes": 0,
+    }
+    if reply.has_error():
+        return record
+    content = reply.content
+    for rname, arrays in content.array_records.items():
+        for name, array in arrays.items():
+            nbytes = math.prod(array.shape) * np.dtype(array.dtype).itemsize
+            record["arrays"].append([rname, name, list(array.shape), str(array.dtype), nbytes])
+            record["tensor_bytes"] += nbytes
+    for rname, metrics in content.metric_records.items():
+        record["metrics"][rname] = {k: type(v).__name__ for k, v in metrics.items()}
+    for rname, configs in content.config_records.items():
+        record["configs"][rname] = {k: type(v).__name__ for k, v in configs.items()}
+        record["config_values"][rname] = {k: str(v) for k, v in configs.items()}
+    record["content_bytes"] = serde.recorddict_to_proto(content).ByteSize()
+    return record
+
+
+def _header(request: Message, node_id: int) -> dict:
+    phase = ""
+    if request.content.config_records:
+        phase = str(next(iter(request.content.config_records.values())).get("phase", ""))
+    return {"time": time.time(), "node_id": node_id, "message_type": request.metadata.message_type, "phase": phase}
+
+
+def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod: run the ClientApp, then log what its reply carries (if ``audit-dir`` is set).
+
+    If the ClientApp raises, Flower replies with an error message that carries
+    the exception's text; that text is logged (``error``) and the exception
+    re-raised. One file per node, one ``write`` per line.
+    """
+    try:
+        reply = call_next(msg, context)
+    except Exception as err:
+        _append(context, {**_header(msg, context.node_id), "error": f"{type(err).__name__}: {err}"})
+        raise
+    _append(context, egress_record(msg, reply, context.node_id))
+    return reply
+
+
+def _append(context: Context, record: dict) -> None:
+    folder = audit_dir(context)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(Path(folder) / f"egress-{context.node_id}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

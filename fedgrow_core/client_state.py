@@ -1,0 +1,88 @@
+"""A client's private state on its own disk, one ``safetensors`` file per round, written atomically.
+
+A ClientApp keeps its private state (Local-LiGO, head, optimiser moments, batch
+position) in Flower's ``Context.state`` between rounds. That state lives only as
+long as the run and the process: a resumed run (``resume-from``), a restarted
+SuperNode or another simulation process starts without it. :class:`ClientStateStore`
+also writes it after every round to ``<folder>/round-<r>.safetensors`` (a
+temporary file, then ``os.replace``) and keeps the newest ``keep`` rounds, so a
+client can pick up the state of the last round the server has checkpointed.
+Nothing in this folder is ever sent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+_ROUND_FILE = re.compile(r"^round-(\d+)\.safetensors$")
+
+
+class ClientStateStore:
+    """Round-keyed private state of one client in ``folder``.
+
+    Parameters
+    ----------
+    folder : str or Path
+        Created on the first :meth:`save`.
+    keep : int
+        Newest rounds kept on disk (>= 2, so that the round before a server
+        checkpoint survives a crash after the client's next save).
+
+    Raises
+    ------
+    ValueError
+        If ``keep`` < 2.
+    """
+
+    def __init__(self, folder: str | Path, keep: int = 2) -> None:
+        if keep < 2:
+            raise ValueError(f"keep = {keep}: expected an integer >= 2")
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def rounds(self) -> list[int]:
+        """Rounds with a saved state, ascending."""
+        if not self.folder.is_dir():
+            return []
+        found = (_ROUND_FILE.match(p.name) for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save(self, server_round: int, state: dict[str, Tensor]) -> Path:
+        """Write ``state`` as round ``server_round`` (temporary file, then rename); drop older rounds.
+
+        Returns
+        -------
+        Path
+            The round's file.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"round-{server_round}.safetensors"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path)
+        for old in self.rounds()[: -self.keep]:
+            (self.folder / f"round-{old}.safetensors").unlink(missing_ok=True)
+        return path
+
+    def latest(self, at_most: int) -> int | None:
+        """The newest saved round ``<= at_most``, or ``None``."""
+        eligible = [r for r in self.rounds() if r <= at_most]
+        return eligible[-1] if eligible else None
+
+    def load(self, server_round: int) -> dict[str, Tensor]:
+        """The state saved as round ``server_round`` (CPU tensors).
+
+        Raises
+        ------
+        FileNotFoundError
+            If that round was not saved (or was dropped).
+        """
+        path = self.folder / f"round-{server_round}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no client state for round {server_round} in {self.folder}")
+        return load_file(str(path))

@@ -1,0 +1,231 @@
+"""Server checkpoint after every growth round, and resume from it (``resume-from``).
+
+One ``safetensors`` file, ``<run folder>/checkpoint.safetensors``, written to a
+temporary file and renamed (``os.replace``) so a crash leaves the previous
+round's checkpoint intact. It holds
+
+* ``global/<name>``: the Global-LiGO after the round;
+* ``strategy/<name>``: the strategy's own state (:func:`strategy_state`), e.g.
+  FedAdam's first and second moments;
+* ``rng/numpy``: NumPy's global Mersenne-Twister key (Flower's DP noise draws from it);
+
+and, as ``safetensors`` string metadata, JSON of the round number, the round-log
+entries so far, the run config (to refuse a resume with different settings),
+Python's ``random`` state (Flower samples nodes with it) and the strategy's
+scalar state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import Strategy
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from fedgrow_core.run_config import ConfigError, RunConfig
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+FORMAT = "fedgrow-checkpoint/1"
+#: Run-config keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = frozenset({"num_server_rounds", "resume_from", "round_timeout", "audit_dir"})
+#: Array-valued state of Flower's built-in strategies (attribute -> kind), saved when set.
+_STRATEGY_ARRAYS = {"m_t": "dict", "v_t": "dict", "momentum_vector": "list"}
+#: Scalar state of Flower's built-in strategies and wrappers (adaptive clipping's norm).
+_STRATEGY_SCALARS = ("clipping_norm",)
+
+
+@dataclass
+class Checkpoint:
+    """What a resumed run starts from.
+
+    Attributes
+    ----------
+    server_round : int
+        Rounds completed (the next round is ``server_round + 1``).
+    global_ligo : ArrayRecord
+        The Global-LiGO after that round.
+    entries : list of dict
+        The round-log entries of rounds ``1..server_round``.
+    strategy : dict
+        ``{"arrays": {name: ndarray}, "scalars": {name: float}}``, for
+        :func:`load_strategy_state`.
+    run_config : dict
+        The run config the checkpoint was written under (``RunConfig`` field names).
+    """
+
+    server_round: int
+    global_ligo: ArrayRecord
+    entries: list[dict]
+    strategy: dict
+    run_config: dict
+    python_random: Any = None
+    numpy_random: Any = None
+
+    def restore_rng(self) -> None:
+        """Set Python's and NumPy's global RNGs to their state at the checkpoint."""
+        if self.python_random is not None:
+            version, internal, gauss = self.python_random
+            random.setstate((version, tuple(internal), gauss))
+        if self.numpy_random is not None:
+            random_key, meta = self.numpy_random
+            np.random.set_state((meta["name"], random_key, meta["pos"], meta["has_gauss"], meta["cached_gaussian"]))
+
+
+def _wrapped(strategy: Strategy) -> list[Strategy]:
+    """The strategy and, through wrappers' ``strategy`` attribute (Flower's DP wrappers), the ones inside."""
+    chain = [strategy]
+    while isinstance(getattr(chain[-1], "strategy", None), Strategy):
+        chain.append(chain[-1].strategy)
+    return chain
+
+
+def strategy_state(strategy: Strategy) -> dict:
+    """The strategy's own state between rounds.
+
+    A strategy with ``state_dict()`` (returning this function's format) is asked
+    for it; otherwise the known state of Flower's built-in strategies is taken:
+    ``m_t``, ``v_t`` (FedAdam, FedYogi, FedAdagrad), ``momentum_vector``
+    (FedAvgM) and ``clipping_norm`` (adaptive-clipping DP), through wrappers.
+
+    Returns
+    -------
+    dict
+        ``{"arrays": {"<depth>.<attr>.<key>": ndarray}, "scalars": {"<depth>.<attr>": float}}``.
+    """
+    if hasattr(strategy, "state_dict"):
+        return strategy.state_dict()
+    arrays, scalars = {}, {}
+    for depth, s in enumerate(_wrapped(strategy)):
+        for attr, kind in _STRATEGY_ARRAYS.items():
+            value = getattr(s, attr, None)
+            if not value:
+                continue
+            items = value.items() if kind == "dict" else enumerate(value)
+            arrays.update({f"{depth}.{attr}.{k}": np.ascontiguousarray(v) for k, v in items})
+        for attr in _STRATEGY_SCALARS:
+            if isinstance(getattr(s, attr, None), (int, float)):
+                scalars[f"{depth}.{attr}"] = float(getattr(s, attr))
+    return {"arrays": arrays, "scalars": scalars}
+
+
+def load_strategy_state(strategy: Strategy, state: dict) -> None:
+    """Put :func:`strategy_state`'s output back (``load_state_dict`` if the strategy has one)."""
+    if hasattr(strategy, "load_state_dict"):
+        strategy.load_state_dict(state)
+        return
+    chain = _wrapped(strategy)
+    for key, value in state["arrays"].items():
+        depth, attr, name = key.split(".", 2)
+        target = chain[int(depth)]
+        if _STRATEGY_ARRAYS[attr] == "dict":
+            setattr(target, attr, {**(getattr(target, attr, None) or {}), name: value})
+        else:
+            vector = list(getattr(target, attr, None) or [])
+            vector += [None] * (int(name) + 1 - len(vector))
+            vector[int(name)] = value
+            setattr(target, attr, vector)
+    for key, value in state["scalars"].items():
+        depth, attr = key.split(".", 1)
+        setattr(chain[int(depth)], attr, value)
+
+
+def _config_json(run: RunConfig) -> dict:
+    return {f.name: str(getattr(run, f.name)) for f in dataclasses.fields(run)}
+
+
+def write_checkpoint(
+    run_dir: Path, run: RunConfig, server_round: int, global_ligo: ArrayRecord, strategy: Strategy, entries: list[dict]
+) -> Path:
+    """Write the checkpoint of round ``server_round`` atomically (temporary file, then rename).
+
+    Returns
+    -------
+    Path
+        ``run_dir / "checkpoint.safetensors"``.
+    """
+    state = strategy_state(strategy)
+    np_name, np_key, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    tensors = {f"global/{k}": np.ascontiguousarray(v.numpy()) for k, v in global_ligo.items()}
+    tensors.update({f"strategy/{k}": v for k, v in state["arrays"].items()})
+    tensors["rng/numpy"] = np.asarray(np_key)
+    version, internal, gauss = random.getstate()
+    metadata = {
+        "format": FORMAT,
+        "round": str(server_round),
+        "entries": json.dumps(entries),
+        "run-config": json.dumps(_config_json(run)),
+        "strategy-scalars": json.dumps(state["scalars"]),
+        "python-random": json.dumps([version, list(internal), gauss]),
+        "numpy-random": json.dumps(
+            {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)}
+        ),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CHECKPOINT_FILE
+    tmp = run_dir / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """Read ``<run_dir>/checkpoint.safetensors``.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or not a Fed-Grow checkpoint (naming ``resume-from``).
+    """
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError([f"resume-from = {str(run_dir)!r}: no {CHECKPOINT_FILE} there (expected a run folder)"])
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ConfigError([f"resume-from = {str(run_dir)!r}: {path.name} is not a {FORMAT} file"])
+    tensors = load_file(str(path))
+    arrays = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("strategy/")}
+    glob = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("global/")}
+    return Checkpoint(
+        server_round=int(metadata["round"]),
+        global_ligo=ArrayRecord({k: Array(glob[k]) for k in sorted(glob)}),
+        entries=json.loads(metadata["entries"]),
+        strategy={"arrays": arrays, "scalars": json.loads(metadata["strategy-scalars"])},
+        run_config=json.loads(metadata["run-config"]),
+        python_random=json.loads(metadata["python-random"]),
+        numpy_random=(tensors["rng/numpy"], json.loads(metadata["numpy-random"])),
+    )
+
+
+def check_resumable(checkpoint: Checkpoint, run: RunConfig) -> None:
+    """Refuse to resume under settings other than the checkpoint's.
+
+    Raises
+    ------
+    ConfigError
+        One problem per run-config key that differs (except
+        ``RESUMABLE_CHANGES``), or if ``num-server-rounds`` is below the rounds
+        already done.
+    """
+    now = _config_json(run)
+    problems = [
+        f"{k.replace('_', '-')} = {now.get(k)!r}, but the checkpoint in resume-from was written with {v!r}"
+        for k, v in checkpoint.run_config.items()
+        if k not in RESUMABLE_CHANGES and now.get(k) != v
+    ]
+    if run.num_server_rounds < checkpoint.server_round:
+        problems.append(
+            f"num-server-rounds = {run.num_server_rounds}: the checkpoint has already done "
+            f"{checkpoint.server_round} rounds"
+        )
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,87 @@
+"""Test harness: run the server's shared rounds against test ClientApps in Flower's simulation runtime.
+
+``simulate`` runs ``flwr.simulation.run_simulation`` (Ray backend, one CPU per
+ClientApp) with a ServerApp that first sends a ``warmup`` message to every node
+(so Ray actor start-up does not count against ``round-timeout``; each node
+answers with its ``partition-id``), then runs :func:`server_app.phases.shared_rounds`
+exactly as the Fed-Grow ServerApp does.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import ModuleType
+
+import numpy as np
+import ray.cloudpickle
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from fedgrow_core.run_config import RunConfig
+from server_app.phases import shared_rounds
+
+WARMUP = "warmup"
+
+
+def warmup_reply(msg: Message, context: Context) -> Message:
+    """What a test ClientApp answers to the warm-up message."""
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
+def phase_of(msg: Message) -> str:
+    """The ``phase`` of a server message."""
+    return str(msg.content["config"].get("phase", ""))
+
+
+def simulate(
+    client_app: ClientApp,
+    run: RunConfig,
+    num_nodes: int,
+    arrays: dict[str, np.ndarray],
+    rounds: int,
+    test_module: ModuleType,
+):
+    """Run ``rounds`` shared rounds of ``run``'s strategy over ``arrays`` against ``client_app``.
+
+    ``client_app``'s handlers are defined in ``test_module``: that module and
+    this one are shipped to the Ray workers by value (they cannot import them).
+
+    Returns
+    -------
+    tuple
+        (final arrays as ``{name: np.ndarray}``, round-log entries,
+        ``{node_id: partition_id}``).
+    """
+    out: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        deadline = time.monotonic() + 120
+        while len(list(grid.get_node_ids())) < num_nodes and time.monotonic() < deadline:
+            time.sleep(0.5)  # nodes register asynchronously
+        warm = [
+            Message(
+                RecordDict({"config": ConfigRecord({"phase": WARMUP})}),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+            )
+            for node in grid.get_node_ids()
+        ]
+        replies = list(grid.send_and_receive(warm, timeout=600))
+        out["partitions"] = {m.metadata.src_node_id: int(m.content["metrics"]["partition-id"]) for m in replies}
+        record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
+        final, entries = shared_rounds(grid, run, record, rounds, "grow", 1)
+        out["final"] = {k: v.numpy() for k, v in final.items()}
+        out["entries"] = entries
+
+    ray.cloudpickle.register_pickle_by_value(test_module)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    run_simulation(server, client_app, num_supernodes=num_nodes, backend_config={"client_resources": {"num_cpus": 1}})
+    assert "final" in out, "the simulated ServerApp did not finish"
+    return out["final"], out["entries"], out["partitions"]

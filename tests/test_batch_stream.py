@@ -1,0 +1,62 @@
+"""The seekable batch stream and the client's on-disk state store."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fedgrow_core.batch_stream import BatchStream
+from fedgrow_core.client_state import ClientStateStore
+
+ROWS, BATCH, SEED = 10, 4, 7  # 3 batches per epoch, the last one of 2 rows
+
+
+def _stream():
+    return BatchStream(ROWS, BATCH, SEED, lambda sampler: DataLoader(list(range(ROWS)), BATCH, sampler=sampler))
+
+
+def _draw(stream, n):
+    return [next(stream).tolist() for _ in range(n)]
+
+
+def test_epochs_are_the_distributed_sampler_permutations():
+    batches = _draw(_stream(), 9)
+    for epoch in range(3):
+        # independent computation: DistributedSampler(shuffle=True, seed) draws randperm with seed + epoch
+        expected = torch.randperm(ROWS, generator=torch.Generator().manual_seed(SEED + epoch)).tolist()
+        got = [i for batch in batches[3 * epoch : 3 * epoch + 3] for i in batch]
+        assert got == expected
+    assert [len(b) for b in batches[:3]] == [4, 4, 2]
+    assert batches[:3] != batches[3:6]  # reshuffled each epoch
+
+
+@pytest.mark.parametrize("step", [0, 2, 3, 5, 7])
+def test_seek_continues_exactly_where_a_stream_drawn_from_zero_is(step):
+    reference = _draw(_stream(), step + 5)
+    stream = _stream()
+    stream.seek(step)
+    assert stream.position == step
+    assert _draw(stream, 5) == reference[step:]
+    assert stream.position == step + 5
+
+
+def test_bad_positions_and_sizes_are_refused():
+    with pytest.raises(ValueError, match="step = -1"):
+        _stream().seek(-1)
+    with pytest.raises(ValueError, match="num_rows >= 1"):
+        BatchStream(0, BATCH, SEED, lambda s: None)
+
+
+def test_client_state_store_keeps_the_newest_rounds_atomically(tmp_path):
+    store = ClientStateStore(tmp_path / "state")
+    assert store.rounds() == [] and store.latest(at_most=5) is None
+    for r in (1, 2, 3):
+        store.save(r, {"local.width": torch.full((2, 2), float(r)), "data.steps": torch.tensor(3 * r)})
+    assert store.rounds() == [2, 3]
+    assert store.latest(at_most=2) == 2 and store.latest(at_most=1) is None
+    state = store.load(3)
+    assert torch.equal(state["local.width"], torch.full((2, 2), 3.0)) and int(state["data.steps"]) == 9
+    assert not list((tmp_path / "state").glob(".*"))  # no temporary file left
+    with pytest.raises(FileNotFoundError, match="round 1"):
+        store.load(1)
+    with pytest.raises(ValueError, match="keep = 1"):
+        ClientStateStore(tmp_path, keep=1)
