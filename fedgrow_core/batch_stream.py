@@ -15,9 +15,6 @@ from collections.abc import Callable, Iterator
 
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-#: Private-state key of a client's position in its batch stream (a 0-d int64 tensor).
-DATA_STEPS = "data.steps"
-
 
 class _EpochOrder(Sampler[int]):
     """Row indices of one epoch's permutation from batch ``skip`` on (what the ``DataLoader`` batches next)."""

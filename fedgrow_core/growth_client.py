@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .batch_stream import DATA_STEPS
 from .client_setup import ClientSetup
 from .grown_model import GrownModel
 from .ligo import DualLiGO, LiGO
+from .private_state import load_training_state, model_tensors, training_state
 from .run_config import RunConfig
 from .training import EvalResult, evaluate, train_steps
 
@@ -154,24 +154,12 @@ class GrowthClient:
         self.model.operator.global_.load_state_dict(state, strict=True)
 
     # --- what stays ---------------------------------------------------------
-    @property
-    def data_steps(self) -> int:
-        """Training batches drawn so far (the position in :meth:`ClientSetup.batches`'s stream)."""
-        return self._batches.position
-
-    def seek_data(self, step: int) -> None:
-        """Make training batch ``step`` the next one drawn (:meth:`BatchStream.seek`)."""
-        self._batches.seek(step)
-
     def private_state(self) -> dict[str, Tensor]:
         """Local-LiGO, head, optimiser moments and ``data.steps``: the client state kept between rounds."""
         out = {
             k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if not k.startswith(GLOBAL_PREFIX)
         }
-        for i, state in self.optimizer.state_dict()["state"].items():
-            for key, value in state.items():
-                out[f"optimizer.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
-        out[DATA_STEPS] = torch.tensor(self.data_steps)
+        out.update(training_state(self.optimizer, self._batches))
         return out
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:
@@ -183,18 +171,9 @@ class GrowthClient:
             From ``load_state_dict`` (strict), if a tensor name or shape does not
             match this client's model.
         """
-        own = {k: v for k, v in state.items() if not k.startswith("optimizer.") and k != DATA_STEPS}
-        if DATA_STEPS in state:
-            self.seek_data(int(state[DATA_STEPS]))
         # the Global-LiGO is not in the private state: keep the current one, check the rest strictly
-        self.model.load_state_dict({**self.model.state_dict(), **own}, strict=True)
-        moments: dict[int, dict[str, Tensor]] = {}
-        for key, value in state.items():
-            if key.startswith("optimizer."):
-                _, i, name = key.split(".", 2)
-                moments.setdefault(int(i), {})[name] = value.to(self.device) if name != "step" else value
-        current = self.optimizer.state_dict()
-        self.optimizer.load_state_dict({"state": moments, "param_groups": current["param_groups"]})
+        self.model.load_state_dict({**self.model.state_dict(), **model_tensors(state)}, strict=True)
+        load_training_state(state, self.optimizer, self._batches, self.device)
 
     # --- phases ---------------------------------------------------------------
     def train_round(self, global_state: dict[str, Tensor], proximal_mu: float = 0.0) -> tuple[dict[str, Tensor], dict]:

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .batch_stream import DATA_STEPS
 from .client_setup import ClientSetup
+from .private_state import load_training_state, model_tensors, training_state
 from .training import EvalResult, evaluate, train_steps
 
 
@@ -119,25 +119,13 @@ class ModelClient:
     def private_state(self) -> dict[str, Tensor]:
         """Weights, AdamW moments (``optimizer.<i>.<name>``) and ``data.steps``: kept when the model is private."""
         out = self.weights()
-        for i, state in self.optimizer.state_dict()["state"].items():
-            for key, value in state.items():
-                out[f"optimizer.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
-        out[DATA_STEPS] = torch.tensor(self.data_steps)
+        out.update(training_state(self.optimizer, self._batches))
         return out
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:
         """Restore :meth:`private_state` (weights strictly, then the AdamW moments)."""
-        weights = {k: v for k, v in state.items() if not k.startswith("optimizer.") and k != DATA_STEPS}
-        self.load_weights(weights, fresh_optimizer=True)
-        if DATA_STEPS in state:
-            self.seek_data(int(state[DATA_STEPS]))
-        moments: dict[int, dict[str, Tensor]] = {}
-        for key, value in state.items():
-            if key.startswith("optimizer."):
-                _, i, name = key.split(".", 2)
-                moments.setdefault(int(i), {})[name] = value.to(self.device) if name != "step" else value
-        current = self.optimizer.state_dict()
-        self.optimizer.load_state_dict({"state": moments, "param_groups": current["param_groups"]})
+        self.load_weights(model_tensors(state), fresh_optimizer=True)
+        load_training_state(state, self.optimizer, self._batches, self.device)
 
     # --- training --------------------------------------------------------------
     def train_round(self, steps: int) -> dict:
