@@ -1,0 +1,89 @@
+"""The command lines that start a Fed-Grow deployment: one SuperLink, one SuperNode per client.
+
+The loopback test (``tests/test_deployment.py``) runs exactly these commands,
+and ``docker/compose.yaml`` passes exactly their arguments to Flower's
+``flower-superlink`` / ``flower-supernode`` entry points (checked by
+``tests/test_docker_files.py``). TLS is always on and SuperNodes authenticate
+with their own EC key (Flower's CLI-managed SuperNode authentication: a node
+connects only if its public key was registered with ``flwr supernode register``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+
+#: The SuperLink's HTTP API port (Fleet, Control and Runtime APIs share it in flwr 1.41; 8000 is its default).
+SUPERLINK_PORT = 8000
+
+
+def superlink_command(certificates: str, port: int = SUPERLINK_PORT, host: str = "0.0.0.0") -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication.
+
+    Parameters
+    ----------
+    certificates : str
+        Folder with ``ca.crt``, ``server.pem`` and ``server.key``
+        (``deploy/generate_certs.sh``).
+    port : int
+        The SuperLink's HTTP API port (Fleet, Control and Runtime APIs).
+    host : str
+        Interface to listen on (``127.0.0.1`` for loopback only).
+    """
+    c = PurePosixPath(certificates)
+    return [
+        "flower-superlink",
+        "--ssl-ca-certfile",
+        str(c / "ca.crt"),
+        "--ssl-certfile",
+        str(c / "server.pem"),
+        "--ssl-keyfile",
+        str(c / "server.key"),
+        "--enable-supernode-auth",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+
+
+def node_config(values: Mapping[str, int | str]) -> str:
+    """``--node-config``'s ``key=value`` list (strings TOML-quoted), e.g. ``partition-id=0 model="/models/a"``."""
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
+
+
+def supernode_command(
+    superlink: str, ca_certificate: str, private_key: str, config: Mapping[str, int | str], runtime_port: int = 9094
+) -> list[str]:
+    """``flower-supernode`` connecting over TLS with its own authentication key.
+
+    Parameters
+    ----------
+    superlink : str
+        ``host:port`` of the SuperLink.
+    ca_certificate : str
+        The CA certificate that signed the SuperLink's (``ca.crt``).
+    private_key : str
+        This node's EC private key (its ``.pub`` must be registered).
+    config : mapping
+        Node config read by the ClientApp: ``partition-id`` and
+        ``num-partitions``, and optionally ``model`` (its small-model folder),
+        ``dataset`` (its own data file), ``state-dir`` (its private state) and
+        ``output-dir`` (where its grown model is saved).
+    runtime_port : int
+        Port of the node's local Runtime API (distinct per node on one host).
+    """
+    return [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        ca_certificate,
+        "--auth-supernode-private-key",
+        private_key,
+        "--port",
+        str(runtime_port),
+        "--node-config",
+        node_config(config),
+    ]
