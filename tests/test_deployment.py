@@ -20,14 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import test_resume
-from conftest import tiny_bert_folder
+from conftest import reviews_csv, tiny_bert_folder
 from safetensors.numpy import load_file
 
 from deploy.commands import superlink_command, supernode_command
-from fedgrow_core.data_sources import load_data_source
 from fedgrow_core.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
 
@@ -80,8 +78,7 @@ def deployment(tmp_path_factory):
     subprocess.run(["bash", str(ROOT / "deploy/generate_certs.sh"), str(tmp / "secrets"), "3"], check=True)
     certs, keys = tmp / "secrets/certificates", tmp / "secrets/keys"
     models = [tiny_bert_folder(tmp / "bert-a", 1, 32, 2, 64, 0), tiny_bert_folder(tmp / "bert-b", 2, 32, 2, 64, 1)]
-    reviews = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0).select(range(200))
-    pd.DataFrame({"text": reviews["text"], "label": reviews["label"]}).to_csv(tmp / "reviews.csv", index=False)
+    reviews_csv(tmp / "reviews.csv", 200)
     port, runtime_ports = _free_port(), [_free_port() for _ in range(3)]
     home = tmp / "flwr-home"
     home.mkdir()
@@ -152,7 +149,6 @@ def deployment(tmp_path_factory):
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:] + logs["supernode-0"][-2000:]
     (run_dir,) = (tmp / "server-out").glob("*-text-fedavg")
 
-    test_resume.NODES = 2
     test_resume._simulate({**config, "output-dir": str(tmp / "simulation")})
     (sim_dir,) = (tmp / "simulation").glob("*-text-fedavg")
     return {

@@ -10,11 +10,10 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import tiny_bert_folder
+from conftest import reviews_csv, tiny_bert_folder
 from test_flower_app import _local_superlink_running
 
 from experiments import runner
-from fedgrow_core.data_sources import load_data_source
 from fedgrow_core.run_config import MODES, parse_shape
 
 VOCAB, POSITIONS, LABELS = 30522, 64, 2
@@ -45,8 +44,7 @@ def results(tmp_path_factory):
         tiny_bert_folder(tmp / "bert-1x32", 1, 32, 2, 64, 0),
         tiny_bert_folder(tmp / "bert-2x32", 2, 32, 2, 64, 1),
     ]
-    reviews = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0).select(range(300))
-    pd.DataFrame({"text": reviews["text"], "label": reviews["label"]}).to_csv(tmp / "reviews.csv", index=False)
+    reviews_csv(tmp / "reviews.csv", 300)
     preset = {
         "dataset": str(tmp / "reviews.csv"),
         "client-models": ",".join(models),

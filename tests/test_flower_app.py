@@ -13,16 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
-from conftest import tiny_bert_folder
+from conftest import reviews_csv, tiny_bert_folder
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from client_app.egress_audit import REPLY_CONFIGS, REPLY_METRICS
 from fedgrow_core.accounting import tensor_bytes
-from fedgrow_core.data_sources import load_data_source
 from fedgrow_core.ligo import LiGO
 from fedgrow_core.run_config import parse_shape
 
@@ -85,8 +83,7 @@ def flwr_run(tmp_path_factory):
         tiny_bert_folder(tmp / "bert-1x32", 1, 32, 2, 64, 0),
         tiny_bert_folder(tmp / "bert-2x32", 2, 32, 2, 64, 1),
     ]
-    reviews = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0).select(range(400))
-    pd.DataFrame({"review": reviews["text"], "verdict": reviews["label"]}).to_csv(tmp / "reviews.csv", index=False)
+    reviews_csv(tmp / "reviews.csv", 400, text_column="review", label_column="verdict")
     overrides = {
         "dataset": str(tmp / "reviews.csv"),
         "text-column": "review",

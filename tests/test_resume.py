@@ -13,10 +13,9 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 import ray.cloudpickle
-from conftest import tiny_bert_folder
+from conftest import reviews_csv, tiny_bert_folder
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -26,7 +25,6 @@ from safetensors.numpy import load_file
 import client_app.app as fedgrow_client
 import server_app.app as fedgrow_server
 import server_app.phases
-from fedgrow_core.data_sources import load_data_source
 from fedgrow_core.run_config import ConfigError, RunConfig
 from server_app.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint
 
@@ -81,8 +79,7 @@ def _simulate(config: dict) -> None:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     models = [tiny_bert_folder(tmp / "bert-a", 1, 32, 2, 64, 0), tiny_bert_folder(tmp / "bert-b", 2, 32, 2, 64, 1)]
-    reviews = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0).select(range(200))
-    pd.DataFrame({"text": reviews["text"], "label": reviews["label"]}).to_csv(tmp / "reviews.csv", index=False)
+    reviews_csv(tmp / "reviews.csv", 200)
     base = {
         "dataset": str(tmp / "reviews.csv"),
         "client-models": ",".join(models),
