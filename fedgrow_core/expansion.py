@@ -13,11 +13,22 @@ with ``E`` of shape ``(d2 - d1, d1)`` learnable and ``P`` a fixed row permutatio
 so that every source head stays inside one target head).
 
 The *input-side* matrix (applied to the columns of the next weight) is either the
-reference's tied choice ``B = A``, or, by default here, the diagonally
-normalised ``B = A diag(A^T A)^{-1}``. With a one-hot selection ``E`` the latter
-gives ``B^T A = I``: the grown layer sees a copied feature twice with half the
-weight each, so width growth is exactly function preserving (Net2Net, Chen et al.
-2016; bert2BERT's function-preserving init). It costs one column sum of ``E**2``.
+reference's tied choice ``B = A``, or, by default here, the normalised, weighted
+
+    B = diag(w) A diag(s),   s_j = 1 / sum_r w_r A_rj^2
+
+with a fixed per-row *split weight* ``w`` (1 on the original rows, seeded
+values in ``[0.5, 1.5)`` on copies, 0 on LayerNorm-padding rows). With a one-hot
+selection ``E`` this gives ``B^T A = I``: a feature copied ``m`` times is read
+by the next layer with input-side weights that sum to one, so width growth keeps
+the function (Net2Net, Chen et al. 2016). Unequal weights are LEMON's symmetry
+breaking (Wang et al., "LEMON: Lossless model expansion", ICLR 2024, Sec. 4.1):
+copies of one feature get different gradients and do not stay tied. Rows with
+``w = 0`` are written but not read (LEMON's "zero expansion" of LayerNorm
+outputs; see :func:`residual_selection`).
+
+LayerNorm weights grown by ``A`` are also multiplied by a fixed scalar
+``norm_scale`` (LEMON's average expansion; :func:`residual_selection`).
 
 Nothing here builds ``A`` densely during training: :meth:`Expansion.grow_rows`
 and :meth:`Expansion.grow_cols` use the ``[I ; E]`` structure, so applying a
@@ -92,31 +103,96 @@ def head_selection(
     tgt_heads: int,
     tgt_head_dim: int,
     generator: torch.Generator,
-) -> Tensor:
-    """Source feature copied by each new attention feature ("sel" init, per head).
+) -> tuple[Tensor, Tensor]:
+    """Source feature copied by each new attention feature ("sel" init, per head), and the key scale.
 
     New features inside a kept head ``h`` copy a dimension of head ``h``; new heads
     copy whole source heads (chosen by :func:`balanced_choice`). Query, key and
     value of one layer share this selection, so a new head at initialisation is an
     exact copy of a source head.
 
+    When the head dimension grows (``tgt_head_dim > src_head_dim``), the
+    attention logits ``q.k / sqrt(head_dim)`` change scale. The extra key rows
+    are therefore scaled by ``(sqrt(tgt_head_dim / src_head_dim) - 1) / m_j``,
+    where ``m_j`` is how often source dimension ``j`` is copied into the extra
+    dimensions, so that ``q'.k' / sqrt(tgt_head_dim) = q.k / sqrt(src_head_dim)``
+    exactly. That needs every source dimension copied at least once
+    (``tgt_head_dim >= 2 src_head_dim``); otherwise the extra key rows are zero
+    and the logits shrink by ``sqrt(src_head_dim / tgt_head_dim)``
+    (:func:`fedgrow_core.preservation.width_gaps` reports it).
+
     Returns
     -------
-    torch.Tensor
-        Shape ``(d2 - d1,)``, int64, in the order of the new rows of
-        :func:`head_interleave_permutation`.
+    tuple of torch.Tensor
+        ``sel`` ``(d2 - d1,)`` int64, in the order of the new rows of
+        :func:`head_interleave_permutation`, and ``key_scale`` ``(d2 - d1,)``
+        float32, the value of the key row's one-hot entry.
     """
     new_heads = balanced_choice(tgt_heads - src_heads, src_heads, generator)
     new_dims = balanced_choice(tgt_head_dim - src_head_dim, src_head_dim, generator)
-    sel = []
+    counts = torch.bincount(new_dims, minlength=src_head_dim)
+    extra = 0.0
+    if tgt_head_dim > src_head_dim and bool((counts > 0).all()):
+        extra = (tgt_head_dim / src_head_dim) ** 0.5 - 1.0
+    sel, scale = [], []
     for h in range(tgt_heads):
         src_h = h if h < src_heads else int(new_heads[h - src_heads])
         for t in range(tgt_head_dim):
             if h < src_heads and t < src_head_dim:
                 continue
-            src_t = t if t < src_head_dim else int(new_dims[t - src_head_dim])
-            sel.append(src_h * src_head_dim + src_t)
-    return torch.tensor(sel, dtype=torch.long)
+            if t < src_head_dim:
+                sel.append(src_h * src_head_dim + t)
+                scale.append(1.0)
+            else:
+                j = int(new_dims[t - src_head_dim])
+                sel.append(src_h * src_head_dim + j)
+                scale.append(extra / int(counts[j]))
+    return torch.tensor(sel, dtype=torch.long), torch.tensor(scale, dtype=torch.float32)
+
+
+def split_weights(n: int, generator: torch.Generator, layers: int | None = None) -> Tensor:
+    """Seeded input-side split weights ``w`` of ``n`` new rows, uniform in ``[0.5, 1.5)``.
+
+    Unequal weights break the symmetry of copies of one source feature (LEMON,
+    Wang et al. 2024, Sec. 4.1); :class:`Expansion` normalises them per source
+    feature so that the split still sums to one.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n,)``, or ``(layers, n)`` when ``layers`` is given; float32.
+    """
+    shape = (n,) if layers is None else (layers, n)
+    return 0.5 + torch.rand(shape, generator=generator)
+
+
+def residual_selection(d1: int, d2: int, generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """LEMON's average expansion of the residual stream ``d1 -> d2``, for any ``d2 >= d1``.
+
+    With ``d2 = k d1 + r`` (``0 <= r < d1``), the new rows are ``(k - 1) d1``
+    copies that use every source feature equally often, then ``r`` *mean rows*
+    ``(1/d1, ..., 1/d1)``. The grown stream ``x' = A x`` then has exactly the
+    mean of ``x`` and the variance ``(k d1 / d2) var(x)``, so a LayerNorm over
+    ``x'`` reproduces the source LayerNorm on the copied coordinates once its
+    weight is multiplied by ``norm_scale = sqrt(k d1 / d2)`` (Wang et al. 2024,
+    "LEMON", Sec. 4.1, average expansion). The mean rows get input-side weight
+    0, so no layer reads them and their LayerNorm output is ignored: for pre-LN
+    transformers (timm ViT) width growth is exact at every width. For post-LN
+    transformers (BERT) the LayerNorm output *is* the residual stream and the
+    mean rows cannot stay means; see :func:`fedgrow_core.preservation.width_gaps`.
+
+    Returns
+    -------
+    tuple
+        ``E`` ``(d2 - d1, d1)`` float32, split weights ``w`` ``(d2 - d1,)``
+        (seeded copies, 0 for mean rows) and ``norm_scale`` (float, 1 when
+        ``d2`` is a multiple of ``d1``).
+    """
+    k, r = divmod(d2, d1)
+    copies = balanced_choice((k - 1) * d1, d1, generator)
+    e = torch.cat([selection_init(copies, d1, 0.0, generator), torch.full((r, d1), 1.0 / d1)])
+    w = torch.cat([split_weights(copies.numel(), generator), torch.zeros(r)])
+    return e, w, (k * d1 / d2) ** 0.5
 
 
 def selection_init(sel: Tensor, d1: int, noise: float, generator: torch.Generator) -> Tensor:
@@ -147,7 +223,7 @@ def selection_init(sel: Tensor, d1: int, noise: float, generator: torch.Generato
 
 
 class Expansion:
-    """One width expansion ``d1 -> d2`` in factored form, ``A = P [I ; E] diag(s)``.
+    """One width expansion ``d1 -> d2`` in factored form, ``A = P [I ; E]``.
 
     Parameters
     ----------
@@ -157,32 +233,59 @@ class Expansion:
     perm : torch.Tensor
         ``(d2,)`` int64 row permutation (``grown = stacked[perm]``).
     input_side : {"normalised", "tied"}
-        How :meth:`input_side_scale` builds the input-side matrix (module doc).
+        How the input-side matrix ``B`` is built (module doc).
+    split : torch.Tensor, optional
+        Input-side weights ``w`` of the new rows, shape ``e.shape[:-1]``; ones
+        when omitted. Ignored when ``input_side="tied"``.
+    norm_scale : float
+        Factor applied to LayerNorm weights after ``A`` (:func:`residual_selection`).
+    permuted : bool, optional
+        Whether ``perm`` is not the identity. Pass it to avoid a device-to-host
+        comparison; computed from ``perm`` when omitted.
     """
 
-    def __init__(self, e: Tensor, perm: Tensor, input_side: InputSide = "normalised"):
+    def __init__(
+        self,
+        e: Tensor,
+        perm: Tensor,
+        input_side: InputSide = "normalised",
+        split: Tensor | None = None,
+        norm_scale: float = 1.0,
+        permuted: bool | None = None,
+    ):
         if input_side not in INPUT_SIDES:
             raise ValueError(f"input_side must be one of {INPUT_SIDES}, got {input_side!r}")
         self.e = e
         self.perm = perm
         self.input_side = input_side
+        self.split = split
+        self.norm_scale = float(norm_scale)
         self.d1 = e.shape[-1]
         self.d2 = e.shape[-2] + self.d1
-        # the identity permutation (residual and FFN spaces) costs no copy
-        self.permuted = not torch.equal(perm, torch.arange(perm.numel(), device=perm.device))
+        if permuted is None:
+            permuted = not torch.equal(perm.cpu(), torch.arange(perm.numel()))
+        self.permuted = permuted
+
+    def _split(self, x: Tensor) -> Tensor | None:
+        if self.input_side == "tied" or self.split is None:
+            return None
+        return self.split.to(x.dtype)
 
     def input_side_scale(self) -> Tensor:
-        """Column scale ``s`` of the input-side matrix ``B = A diag(s)``.
+        """Column scale ``s`` of the input-side matrix ``B = diag(w) A diag(s)``.
 
         Returns
         -------
         torch.Tensor
-            ``(d1,)`` or ``(L, d1)``: ``1 / (1 + sum_r E[r, j]^2)`` (the inverse
-            diagonal of ``A^T A``) when normalised, ones when tied.
+            ``(d1,)`` or ``(L, d1)``: ``1 / (1 + sum_r w_r E[r, j]^2)`` (the
+            inverse diagonal of ``A^T diag(w) A``) when normalised, ones when tied.
         """
         if self.input_side == "tied":
             return torch.ones(self.e.shape[:-2] + (self.d1,), dtype=self.e.dtype, device=self.e.device)
-        return 1.0 / (1.0 + self.e.pow(2).sum(-2))
+        sq = self.e.pow(2)
+        if self.split is not None:
+            sq = sq * self.split.to(sq.dtype).unsqueeze(-1)
+        return 1.0 / (1.0 + sq.sum(-2))
 
     def grow_rows(self, x: Tensor, input_side: bool = False) -> Tensor:
         """Compute ``A @ x`` (or ``B @ x``) without forming ``A``.
@@ -192,7 +295,7 @@ class Expansion:
         x : torch.Tensor
             ``(..., d1, n)``; batch dimensions broadcast against ``E``'s.
         input_side : bool
-            Use ``B = A diag(s)`` instead of ``A``.
+            Use ``B = diag(w) A diag(s)`` instead of ``A``.
 
         Returns
         -------
@@ -200,8 +303,12 @@ class Expansion:
             ``(..., d2, n)``.
         """
         if input_side:
-            x = x * self.input_side_scale().unsqueeze(-1)
-        return self._append_new(x, torch.matmul(self.e.to(x.dtype), x), dim=-2)
+            x = x * self.input_side_scale().to(x.dtype).unsqueeze(-1)
+        new = torch.matmul(self.e.to(x.dtype), x)
+        w = self._split(x) if input_side else None
+        if w is not None:
+            new = new * w.unsqueeze(-1)
+        return self._append_new(x, new, dim=-2)
 
     def grow_cols(self, x: Tensor, input_side: bool = False) -> Tensor:
         """Compute ``x @ A^T`` (or ``x @ B^T``): grow the last dimension.
@@ -211,7 +318,7 @@ class Expansion:
         x : torch.Tensor
             ``(..., m, d1)``; batch dimensions broadcast against ``E``'s.
         input_side : bool
-            Use ``B = A diag(s)`` instead of ``A``.
+            Use ``B = diag(w) A diag(s)`` instead of ``A``.
 
         Returns
         -------
@@ -219,8 +326,12 @@ class Expansion:
             ``(..., m, d2)``.
         """
         if input_side:
-            x = x * self.input_side_scale().unsqueeze(-2)
-        return self._append_new(x, torch.matmul(x, self.e.to(x.dtype).transpose(-1, -2)), dim=-1)
+            x = x * self.input_side_scale().to(x.dtype).unsqueeze(-2)
+        new = torch.matmul(x, self.e.to(x.dtype).transpose(-1, -2))
+        w = self._split(x) if input_side else None
+        if w is not None:
+            new = new * w.unsqueeze(-2)
+        return self._append_new(x, new, dim=-1)
 
     def _append_new(self, x: Tensor, new: Tensor, dim: int) -> Tensor:
         """``P [x ; new]`` along ``dim``; ``x`` takes ``new``'s batch dimensions.
@@ -231,7 +342,7 @@ class Expansion:
         if new.dim() > x.dim():
             x = x.expand(new.shape[:-2] + x.shape[-2:])
         out = torch.cat([x, new], dim=dim)
-        return out.index_select(dim, self.perm.to(x.device)) if self.permuted else out
+        return out.index_select(dim, self.perm) if self.permuted else out
 
     def dense(self, input_side: bool = False) -> Tensor:
         """The matrix ``A`` (or ``B``) densely, ``(d2, d1)`` or ``(L, d2, d1)``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,7 +11,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .families import ModelFamily
-from .ligo import DualLiGO, LiGO
+from .ligo import DualLiGO, LiGO, grow_tensor
+from .preservation import width_gaps
+
+log = logging.getLogger(__name__)
 
 
 class TensorStore(nn.Module):
@@ -50,8 +54,21 @@ class GrownModel(nn.Module):
     operator : LiGO or DualLiGO
         Growth operator whose ``source`` is the small model's shape.
     num_labels : int
-        Number of classes of the task head ``Linear(D_target, num_labels)``,
+        Number of classes of the task head ``Linear(D_target, num_labels)``.
+        When the small model has a head of that many classes, the head starts
+        as the small head read through the residual input side
+        (``W_head B_res^T``), so the grown model starts from the small model's
+        predictions wherever growth keeps its features; otherwise it is
         initialised as the family initialises its own classifier.
+
+    Notes
+    -----
+    The grown weights are materialised in float32 with autocast disabled; only
+    the target model's forward runs under the caller's autocast (e.g. bf16 on
+    CUDA). bf16 cannot represent ``1 + 1e-3``, so materialising under autocast
+    would lose the small updates of depth coefficients and width matrices.
+    A width growth that is not exact at initialisation
+    (:func:`~fedgrow_core.preservation.width_gaps`) is logged as a warning.
 
     Raises
     ------
@@ -77,19 +94,29 @@ class GrownModel(nn.Module):
         super().__init__()
         self.family = family
         self.operator = operator
-        self.target_config = family.target_config(small_model, operator.target, num_labels)
+        self.target_config = family.target_config(small_model, operator.target, num_labels, operator.norm_scale)
         embed, layers = family.extract(small_model)
         self.small_embed = TensorStore(embed)
         self.small_layers = TensorStore(layers)
         self._embed_spaces = family.embed_spaces(embed)
 
+        for leg in (operator.local, operator.global_) if isinstance(operator, DualLiGO) else (operator,):
+            for gap in width_gaps(leg.source, leg.target, family.norm_position):
+                log.warning("width growth of this %s model is not exact at initialisation: %s", family.name, gap)
+
         template = family.build(self.target_config)
         w_name, b_name = family.head_names()
         sd = template.state_dict()
+        small_sd = small_model.state_dict()
         self.head = nn.Linear(operator.target.hidden, num_labels)
         with torch.no_grad():
-            self.head.weight.copy_(sd[w_name])
-            self.head.bias.copy_(sd[b_name])
+            if small_sd.get(w_name, torch.empty(0)).shape == (num_labels, shape.hidden):
+                chains = operator.width_chains()
+                self.head.weight.copy_(grow_tensor(small_sd[w_name].float(), (None, ("res", "in")), chains))
+                self.head.bias.copy_(small_sd[b_name])
+            else:
+                self.head.weight.copy_(sd[w_name])
+                self.head.bias.copy_(sd[b_name])
         self.template_buffers = TensorStore(dict(template.named_buffers()))
         # Not a submodule: its parameters live on "meta" and are always replaced.
         self._template = [template.to("meta")]
@@ -109,7 +136,10 @@ class GrownModel(nn.Module):
             Every parameter of the family's target classifier, shapes of the target
             shape, with the task head included.
         """
-        embed, layers = self.operator.grow(self.small_embed.as_dict(), self.small_layers.as_dict(), self._embed_spaces)
+        small_embed = self.small_embed.as_dict()
+        # fp32, whatever autocast the caller runs under (class Notes)
+        with torch.autocast(next(iter(small_embed.values())).device.type, enabled=False):
+            embed, layers = self.operator.grow(small_embed, self.small_layers.as_dict(), self._embed_spaces)
         sd = self.family.to_state_dict(embed, layers)
         w_name, b_name = self.family.head_names()
         sd[w_name], sd[b_name] = self.head.weight, self.head.bias

@@ -19,6 +19,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from .client_setup import ClientSetup
 from .grown_model import GrownModel
@@ -40,6 +45,51 @@ def global_ligo(run: RunConfig) -> LiGO:
         depth_noise=run.depth_noise,
         seed=run.seed,
     )
+
+
+def growth_param_groups(model: GrownModel, run: RunConfig) -> list[dict]:
+    """AdamW parameter groups of the growth phase: depth coefficients, width matrices, head.
+
+    Depth coefficients are O(1) mixing weights (one-hot rows at initialisation)
+    and width matrices hold O(1) selections and O(1/d) mean rows; one small
+    learning rate for both leaves depth growth frozen (AdamW moves each entry by
+    at most about ``lr`` per step). LiGO (Wang et al. 2023, Sec. 3.3) trains the
+    operator as its own short optimisation; we give each kind its own rate.
+
+    Returns
+    -------
+    list of dict
+        ``[{"name": "depth", ...}, {"name": "width", ...}, {"name": "head", ...}]``
+        with ``params`` and ``lr``; a group with no parameters is left out.
+    """
+    groups: dict[str, list] = {"depth": [], "width": [], "head": []}
+    for name, param in model.named_parameters():
+        kind = "head" if name.startswith(HEAD_PREFIX) else "depth" if ".depth." in f".{name}" else "width"
+        groups[kind].append(param)
+    lrs = {"depth": run.lr_depth, "width": run.lr_width, "head": run.lr_head}
+    return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
+
+
+def growth_schedule(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up and decay of every group over the growth phase (``num_server_rounds * local_steps`` steps).
+
+    ``transformers``' ``get_cosine_schedule_with_warmup``,
+    ``get_linear_schedule_with_warmup`` or ``get_constant_schedule_with_warmup``
+    (``run.lr_schedule``) with ``run.warmup_steps``.
+    """
+    total = run.num_server_rounds * run.local_steps
+    if run.lr_schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, run.warmup_steps)
+    make = get_cosine_schedule_with_warmup if run.lr_schedule == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, run.warmup_steps, total)
+
+
+def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Set every group's learning rate to the schedule's value at ``step`` (steps already taken)."""
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(step)
+    scheduler.last_epoch = step
 
 
 class GrowthClient:
@@ -69,7 +119,12 @@ class GrowthClient:
         Small model (frozen) grown through ``Global o Local`` (or the private
         LiGO), plus the task head.
     optimizer : torch.optim.AdamW
-        Over the operator(s) (``lr_ligo``) and the head (``lr_head``).
+        Three parameter groups (:func:`growth_param_groups`): depth
+        coefficients (``lr_depth``), width matrices (``lr_width``), head
+        (``lr_head``).
+    scheduler : torch.optim.lr_scheduler.LambdaLR
+        Warm-up then decay over the growth phase (:func:`growth_schedule`),
+        positioned at the client's own step count every round.
     trainable_params : int
         Parameters trained in the growth rounds (operators + head).
     """
@@ -114,13 +169,9 @@ class GrowthClient:
             operator = DualLiGO(local, global_ligo(run))
         self.model = GrownModel(small.family, small.model, operator, self.num_labels)
         self.model.to(self.device)
-        head = [p for n, p in self.model.named_parameters() if n.startswith(HEAD_PREFIX)]
-        operators = [p for n, p in self.model.named_parameters() if not n.startswith(HEAD_PREFIX)]
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": operators, "lr": run.lr_ligo}, {"params": head, "lr": run.lr_head}],
-            weight_decay=run.weight_decay,
-        )
+        self.optimizer = torch.optim.AdamW(growth_param_groups(self.model, run), weight_decay=run.weight_decay)
+        self.scheduler = growth_schedule(self.optimizer, run)
         self._batches = self.setup.batches()
         self._test = self.setup.test_loader()
 
@@ -204,8 +255,15 @@ class GrowthClient:
             def penalty() -> Tensor:
                 return 0.5 * proximal_mu * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
 
+        seek_schedule(self.scheduler, self._batches.position)
         stats = train_steps(
-            self.model, self._batches, self.optimizer, self.run.local_steps, self.device, penalty=penalty
+            self.model,
+            self._batches,
+            self.optimizer,
+            self.run.local_steps,
+            self.device,
+            scheduler=self.scheduler,
+            penalty=penalty,
         )
         seconds = time.perf_counter() - start
         result = self.evaluate()

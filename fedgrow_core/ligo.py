@@ -16,7 +16,16 @@ transformer of shape ``(L1, D1, F1, H1)`` to a target ``(L2, D2, F2, H2)``:
   is one matrix for the whole model; ``q``, ``k``, ``v`` (O's input side is
   tied to ``v``) and ``ffn`` (FFN-out's input side is tied to FFN-in's output
   side) have one matrix per target layer, or one shared by all layers when
-  ``tie_layers=True``.
+  ``tie_layers=True``. LayerNorm weights (axis side ``"norm"``) are grown by
+  ``A`` and multiplied by the space's ``norm_scale`` (LEMON's average expansion,
+  :func:`~fedgrow_core.expansion.residual_selection`).
+
+What the initial operator preserves (tested; README, "What growth preserves"):
+width growth keeps the small model's function exactly for pre-LN models at every
+width the config accepts, and for post-LN models (BERT) when the target width is
+a multiple of the source width; a head dimension that grows at least twofold is
+exact, a smaller growth is not (:mod:`fedgrow_core.preservation`). Depth growth
+keeps the function with ``depth_init="identity"`` for pre-LN models.
 
 Fed-Grow (Shen et al., arXiv 2406.13450, Sec. 4) composes a private
 Local-LiGO (client shape -> intermediate shape) with a shared Global-LiGO
@@ -48,18 +57,22 @@ from .expansion import (
     balanced_choice,
     head_interleave_permutation,
     head_selection,
+    residual_selection,
     selection_init,
+    split_weights,
 )
 from .shapes import TransformerShape, validate_growth
 
-DepthInit = Literal["stackbert", "interlace"]
-DEPTH_INITS = ("stackbert", "interlace")
+DepthInit = Literal["stackbert", "interlace", "identity"]
+DEPTH_INITS = ("stackbert", "interlace", "identity")
 
-#: Axis spec: per tensor axis, ``(space, side)`` with side ``"out"`` (grown by A)
-#: or ``"in"`` (grown by B), or ``None`` for an axis that does not grow.
+#: Axis spec: per tensor axis, ``(space, side)`` with side ``"out"`` (grown by A),
+#: ``"in"`` (grown by B) or ``"norm"`` (a LayerNorm weight: A, then the space's
+#: ``norm_scale``), or ``None`` for an axis that does not grow.
 AxisSpec = tuple[tuple[str, str] | None, ...]
 
 _RES_OUT = ("res", "out")
+_RES_NORM = ("res", "norm")
 #: The per-layer parameters every family adapter provides, stacked ``(L, ...)``,
 #: with the spaces of their axes (``nn.Linear`` layout: ``(out, in)``).
 LAYER_PARAMS: dict[str, AxisSpec] = {
@@ -71,15 +84,18 @@ LAYER_PARAMS: dict[str, AxisSpec] = {
     "attn.v.bias": (("v", "out"),),
     "attn.o.weight": (_RES_OUT, ("v", "in")),
     "attn.o.bias": (_RES_OUT,),
-    "attn_norm.weight": (_RES_OUT,),
+    "attn_norm.weight": (_RES_NORM,),
     "attn_norm.bias": (_RES_OUT,),
     "ffn.in.weight": (("ffn", "out"), ("res", "in")),
     "ffn.in.bias": (("ffn", "out"),),
     "ffn.out.weight": (_RES_OUT, ("ffn", "in")),
     "ffn.out.bias": (_RES_OUT,),
-    "ffn_norm.weight": (_RES_OUT,),
+    "ffn_norm.weight": (_RES_NORM,),
     "ffn_norm.bias": (_RES_OUT,),
 }
+#: The kinds that write into the residual stream: with ``depth_init="identity"``
+#: a new layer gets zero coefficients for them, so its sublayers add nothing.
+RESIDUAL_OUTPUT_KINDS = ("attn.o.weight", "attn.o.bias", "ffn.out.weight", "ffn.out.bias")
 #: Spaces with one width matrix per target layer (unless tied across layers).
 LAYER_SPACES = ("q", "k", "v", "ffn")
 SPACES = ("res",) + LAYER_SPACES
@@ -89,13 +105,23 @@ def _kind_key(kind: str) -> str:
     return kind.replace(".", "_")
 
 
-def depth_init_matrix(l1: int, l2: int, method: DepthInit, noise: float, generator: torch.Generator) -> Tensor:
-    """Initial depth coefficients ``(L2, L1)`` (LiGO reference code).
+def depth_init_matrix(
+    l1: int, l2: int, method: DepthInit, noise: float, generator: torch.Generator, *, zero_new: bool = False
+) -> Tensor:
+    """Initial depth coefficients ``(L2, L1)`` (LiGO reference code; identity option).
 
     ``stackbert``: target layer ``i`` copies source layer ``i mod L1`` (StackBERT,
     Gong et al. 2019); ``interlace``: copies ``floor(i * L1 / L2)`` (``i // 2``
     for doubling). Uniform noise ``U[0, noise)`` is added and every row is
     normalised to sum 1.
+
+    ``identity``: as ``interlace``, the first target layer that copies source
+    layer ``j`` *is* layer ``j`` and the following ones are new layers. With
+    ``zero_new=True`` (the kinds of :data:`RESIDUAL_OUTPUT_KINDS`) the rows of
+    new layers are zero, so a new pre-LN block adds nothing to the residual
+    stream and starts as the identity (the zero-initialised residual branch of
+    LEMON, Wang et al. 2024, Sec. 4.2; MSG, Yao et al. 2024, grows from zero
+    masks to the same end). Noise is added to non-zero rows only.
 
     Raises
     ------
@@ -110,7 +136,12 @@ def depth_init_matrix(l1: int, l2: int, method: DepthInit, noise: float, generat
     c[rows, cols] = 1.0
     if noise:
         c += noise * torch.rand(c.shape, generator=generator)
-    return c / c.sum(dim=1, keepdim=True)
+    c = c / c.sum(dim=1, keepdim=True)
+    if method == "identity" and zero_new:
+        new = torch.zeros(l2, dtype=torch.bool)
+        new[1:] = cols[1:] == cols[:-1]
+        c[new] = 0.0
+    return c
 
 
 class LiGO(nn.Module):
@@ -124,21 +155,22 @@ class LiGO(nn.Module):
     tie_layers : bool
         Share the ``q``, ``k``, ``v`` and ``ffn`` width matrices across target
         layers (Local-LiGO; saves ``(L2 - 1)/L2`` of those parameters).
-    depth_init : {"stackbert", "interlace"}
-        Depth initialisation (:func:`depth_init_matrix`).
+    depth_init : {"stackbert", "interlace", "identity"}
+        Depth initialisation (:func:`depth_init_matrix`); ``identity`` makes new
+        layers start with zero residual-branch outputs.
     depth_noise : float
         Upper bound of the uniform noise ``U[0, depth_noise)`` added to the depth
         coefficients before row normalisation (reference code: 0.03).
     width_noise : float
         Upper bound of the uniform noise added to every entry of the width
         matrices ``E``. The reference code uses 0.03; we default to 0, which keeps
-        width growth exactly function preserving (module doc of
-        :mod:`fedgrow_core.expansion`). Non-zero-mean noise on all ``d1`` columns
+        width growth function preserving (module doc of
+        :mod:`fedgrow_core.expansion`); the copies are told apart by their
+        unequal input-side split weights instead. Non-zero-mean noise on all ``d1`` columns
         adds ``~ width_noise / 2 * sum(x)`` to every new feature: on the real
         all-MiniLM-L6-v2 grown to 768 wide, 0.03 drops the cosine similarity of
         the final hidden states to the small model's from 1.0 to about -0.1
-        (tests/test_real_minilm.py). The new rows need no noise to break symmetry
-        because the original block is fixed.
+        (tests/test_real_minilm.py).
     input_side : {"normalised", "tied"}
         Input-side matrix ``B`` (see :mod:`fedgrow_core.expansion`).
     seed : int
@@ -180,7 +212,14 @@ class LiGO(nn.Module):
         self.depth = nn.ParameterDict(
             {
                 _kind_key(kind): nn.Parameter(
-                    depth_init_matrix(source.layers, target.layers, depth_init, depth_noise, gen)
+                    depth_init_matrix(
+                        source.layers,
+                        target.layers,
+                        depth_init,
+                        depth_noise,
+                        gen,
+                        zero_new=kind in RESIDUAL_OUTPUT_KINDS,
+                    )
                 )
                 for kind in LAYER_PARAMS
             }
@@ -190,31 +229,52 @@ class LiGO(nn.Module):
         self.register_buffer("perm_heads", head_perm, persistent=False)
         self.register_buffer("perm_res", torch.arange(target.hidden), persistent=False)
         self.register_buffer("perm_ffn", torch.arange(target.ffn), persistent=False)
+        # decided once here: no device-to-host comparison of permutations per forward
+        self._permuted = {"res": False, "ffn": False, "heads": not torch.equal(head_perm, torch.arange(target.hidden))}
 
-        def sel_res() -> Tensor:
-            return balanced_choice(target.hidden - source.hidden, source.hidden, gen)
-
-        width = {"res": selection_init(sel_res(), source.hidden, width_noise, gen)}
-        heads, ffn = [], []
+        e_res, split_res, self.norm_scale = residual_selection(source.hidden, target.hidden, gen)
+        if width_noise:
+            e_res = e_res + width_noise * torch.rand(e_res.shape, generator=gen)
+        width, split = {"res": e_res}, {"res": split_res}
+        heads, ffn, splits = [], [], []
+        n_heads, n_ffn = target.hidden - source.hidden, target.ffn - source.ffn
         for _ in range(width_layers):
-            sel = head_selection(source.heads, source.head_dim, target.heads, target.head_dim, gen)
+            sel, key_scale = head_selection(source.heads, source.head_dim, target.heads, target.head_dim, gen)
             # q, k and v share the selection so a new head starts as a copy.
-            heads.append([selection_init(sel, source.hidden, width_noise, gen) for _ in "qkv"])
-            sel_ffn = balanced_choice(target.ffn - source.ffn, source.ffn, gen)
+            q, k, v = (selection_init(sel, source.hidden, width_noise, gen) for _ in "qkv")
+            k = k * key_scale.unsqueeze(-1)
+            heads.append([q, k, v])
+            sel_ffn = balanced_choice(n_ffn, source.ffn, gen)
             ffn.append(selection_init(sel_ffn, source.ffn, width_noise, gen))
-        for i, space in enumerate("qkv"):
-            width[space] = torch.stack([h[i] for h in heads])
+            splits.append([split_weights(n_heads, gen) for _ in "qkv"] + [split_weights(n_ffn, gen)])
+        for i, space in enumerate(LAYER_SPACES):
+            if space != "ffn":
+                width[space] = torch.stack([h[i] for h in heads])
+            split[space] = torch.stack([s[i] for s in splits])
         width["ffn"] = torch.stack(ffn)
         if tie_layers:
             width = {k: (v[0] if k in LAYER_SPACES else v) for k, v in width.items()}
+            split = {k: (v[0] if k in LAYER_SPACES else v) for k, v in split.items()}
         self.width = nn.ParameterDict({k: nn.Parameter(v) for k, v in width.items()})
+        for space, w in split.items():
+            self.register_buffer(f"split_{space}", w, persistent=False)
 
     def _perm(self, space: str) -> Tensor:
         return {"res": self.perm_res, "ffn": self.perm_ffn}.get(space, self.perm_heads)
 
     def expansions(self) -> dict[str, Expansion]:
         """The width expansion of every space, as :class:`Expansion` views."""
-        return {space: Expansion(self.width[space], self._perm(space), self.input_side) for space in SPACES}
+        return {
+            space: Expansion(
+                self.width[space],
+                self._perm(space),
+                self.input_side,
+                split=getattr(self, f"split_{space}"),
+                norm_scale=self.norm_scale if space == "res" else 1.0,
+                permuted=self._permuted.get(space, self._permuted["heads"]),
+            )
+            for space in SPACES
+        }
 
     def depth_coefficients(self) -> dict[str, Tensor]:
         """Depth coefficients per layer-parameter kind, each ``(L2, L1)``."""
@@ -227,13 +287,11 @@ class LiGO(nn.Module):
         embed_spaces: Mapping[str, AxisSpec],
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Grow canonical source weights; see :func:`apply_growth`."""
-        return apply_growth(
-            self.depth_coefficients(),
-            {s: [e] for s, e in self.expansions().items()},
-            embed,
-            layers,
-            embed_spaces,
-        )
+        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces)
+
+    def width_chains(self) -> dict[str, list[Expansion]]:
+        """``space -> [Expansion]``, the form :func:`grow_tensor` takes."""
+        return {s: [e] for s, e in self.expansions().items()}
 
 
 class DualLiGO(nn.Module):
@@ -274,6 +332,11 @@ class DualLiGO(nn.Module):
         self.global_ = global_
         self.source, self.target = local.source, global_.target
 
+    @property
+    def norm_scale(self) -> float:
+        """LayerNorm weight factor of the composed residual expansion, ``local * global``."""
+        return self.local.norm_scale * self.global_.norm_scale
+
     def depth_coefficients(self) -> dict[str, Tensor]:
         """Composed depth coefficients ``c_g @ c_l``, each ``(L_t, L_k)``."""
         cg, cl = self.global_.depth_coefficients(), self.local.depth_coefficients()
@@ -292,12 +355,33 @@ class DualLiGO(nn.Module):
         width factors (:func:`apply_growth`). No intermediate-shape model is
         materialised.
         """
+        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces)
+
+    def width_chains(self) -> dict[str, list[Expansion]]:
+        """``space -> [local, global]`` expansions, the form :func:`grow_tensor` takes."""
         le, ge = self.local.expansions(), self.global_.expansions()
-        chains = {s: [le[s], ge[s]] for s in SPACES}
-        return apply_growth(self.depth_coefficients(), chains, embed, layers, embed_spaces)
+        return {s: [le[s], ge[s]] for s in SPACES}
 
 
-def _grow_tensor(w: Tensor, spec: AxisSpec, chains: Mapping[str, list[Expansion]], stacked: bool) -> Tensor:
+def grow_tensor(w: Tensor, spec: AxisSpec, chains: Mapping[str, list[Expansion]], stacked: bool = False) -> Tensor:
+    """Grow every axis of ``w`` named in ``spec`` through its space's chain of expansions.
+
+    Parameters
+    ----------
+    w : torch.Tensor
+        A source tensor, or a stack ``(L, ...)`` of per-layer tensors.
+    spec : AxisSpec
+        Space and side of every axis of the (unstacked) tensor.
+    chains : mapping
+        ``space -> [Expansion, ...]``, applied in order.
+    stacked : bool
+        ``w`` carries a leading layer dimension.
+
+    Returns
+    -------
+    torch.Tensor
+        ``w`` with every named axis at its target size.
+    """
     # Grow the axis with the largest source size first, while the others are
     # still small: for an FFN weight this saves about a third of the FLOPs.
     lead = 1 if stacked else 0
@@ -307,6 +391,8 @@ def _grow_tensor(w: Tensor, spec: AxisSpec, chains: Mapping[str, list[Expansion]
         space, side = axis
         for exp in chains[space]:
             w = exp.apply(w, dim, input_side=(side == "in"), stacked=stacked)
+            if side == "norm" and exp.norm_scale != 1.0:
+                w = w * exp.norm_scale
     return w
 
 
@@ -343,9 +429,9 @@ def apply_growth(
     KeyError
         If a layer kind or embed tensor has no coefficient or axis spec.
     """
-    grown_embed = {name: _grow_tensor(t, embed_spaces[name], chains, stacked=False) for name, t in embed.items()}
+    grown_embed = {name: grow_tensor(t, embed_spaces[name], chains, stacked=False) for name, t in embed.items()}
     grown_layers = {}
     for kind, stack in layers.items():
         mixed = torch.einsum("ij,j...->i...", depth[kind].to(stack.dtype), stack)
-        grown_layers[kind] = _grow_tensor(mixed, LAYER_PARAMS[kind], chains, stacked=True)
+        grown_layers[kind] = grow_tensor(mixed, LAYER_PARAMS[kind], chains, stacked=True)
     return grown_embed, grown_layers

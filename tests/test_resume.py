@@ -155,9 +155,9 @@ def test_clients_kept_their_private_state_on_disk_per_round(runs):
 
 def test_resume_refuses_other_settings_and_missing_checkpoints(runs, tmp_path):
     _, resumed, _, base = runs
-    config = {**base, "output-dir": str(tmp_path), "resume-from": str(resumed), "lr-ligo": 0.5}
+    config = {**base, "output-dir": str(tmp_path), "resume-from": str(resumed), "lr-width": 0.5}
     run = RunConfig.from_flower(config)
-    with pytest.raises(ConfigError, match=r"lr-ligo = '0.5', but the checkpoint .* written with '0.0001'"):
+    with pytest.raises(ConfigError, match=r"lr-width = '0.5', but the checkpoint .* written with '0.001'"):
         check_resumable(read_checkpoint(resumed), run)
     with pytest.raises(ConfigError, match=f"no {CHECKPOINT_FILE}"):
         read_checkpoint(tmp_path)

@@ -19,7 +19,7 @@ def test_pyproject_defaults_equal_the_dataclass_defaults():
     run = RunConfig.from_flower(_pyproject_config())
     assert run == RunConfig()
     assert run.client_models == ("minilm-l3", "minilm-l6", "minilm-l6-sre")
-    assert run.target_shape == TransformerShape(10, 512, 2048, 16)
+    assert run.target_shape == TransformerShape(8, 768, 3072, 12)
 
 
 def test_image_preset_is_valid():
@@ -69,9 +69,9 @@ def test_bool_is_not_an_integer():
 
 
 def test_pyproject_overrides_are_toml_literals():
-    config = pyproject_config(ROOT / "pyproject.toml", ["lr-ligo=2e-4", 'strategy="fedadam"', "seed=3"])
+    config = pyproject_config(ROOT / "pyproject.toml", ["lr-width=2e-4", 'strategy="fedadam"', "seed=3"])
     run = RunConfig.from_flower(config)
-    assert (run.lr_ligo, run.strategy, run.seed) == (2e-4, "fedadam", 3)
+    assert (run.lr_width, run.strategy, run.seed) == (2e-4, "fedadam", 3)
     with pytest.raises(ValueError, match="override must be key=value, got 'seed'"):
         pyproject_config(ROOT / "pyproject.toml", ["seed"])
 

@@ -22,6 +22,10 @@ class ModelFamily(ABC):
     """
 
     name: str
+    #: ``"pre"`` (LayerNorm before each sublayer, residual stream never normalised:
+    #: timm ViT) or ``"post"`` (LayerNorm after each residual sum: BERT). Decides
+    #: what width and depth growth can preserve (:mod:`fedgrow_core.preservation`).
+    norm_position: str
 
     @abstractmethod
     def shape(self, model: nn.Module) -> TransformerShape:
@@ -36,8 +40,16 @@ class ModelFamily(ABC):
         """Axis spec of every tensor in ``embed``."""
 
     @abstractmethod
-    def target_config(self, model: nn.Module, target: TransformerShape, num_labels: int) -> Any:
-        """Configuration of the target model: ``model``'s, with ``target``'s shape."""
+    def target_config(
+        self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0
+    ) -> Any:
+        """Configuration of the target model: ``model``'s, with ``target``'s shape.
+
+        ``norm_scale`` is the growth's LayerNorm weight factor
+        (:func:`~fedgrow_core.expansion.residual_selection`): the target's
+        LayerNorm epsilon is the source's times ``norm_scale**2``, so that
+        ``sqrt(var' + eps')`` is exactly ``norm_scale * sqrt(var + eps)``.
+        """
 
     @abstractmethod
     def build(self, config: Any) -> nn.Module:

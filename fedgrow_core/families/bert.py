@@ -20,11 +20,12 @@ from ..shapes import TransformerShape
 from .base import ModelFamily
 
 _RES = ("res", "out")
+_NORM = ("res", "norm")
 _EMBED_SPACES: dict[str, AxisSpec] = {
     "embeddings.word_embeddings.weight": (None, _RES),
     "embeddings.position_embeddings.weight": (None, _RES),
     "embeddings.token_type_embeddings.weight": (None, _RES),
-    "embeddings.LayerNorm.weight": (_RES,),
+    "embeddings.LayerNorm.weight": (_NORM,),
     "embeddings.LayerNorm.bias": (_RES,),
     "pooler.dense.weight": (_RES, ("res", "in")),
     "pooler.dense.bias": (_RES,),
@@ -70,6 +71,7 @@ class BertFamily(ModelFamily):
     """
 
     name = "bert"
+    norm_position = "post"
 
     def shape(self, model: nn.Module) -> TransformerShape:
         """Shape from the ``BertConfig``: layers, hidden, intermediate, heads."""
@@ -93,9 +95,12 @@ class BertFamily(ModelFamily):
         """Residual-stream spaces of embeddings, embedding norm and pooler."""
         return {k: _EMBED_SPACES[k] for k in embed}
 
-    def target_config(self, model: nn.Module, target: TransformerShape, num_labels: int) -> BertConfig:
-        """The client's ``BertConfig`` with the target shape and ``num_labels``."""
+    def target_config(
+        self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0
+    ) -> BertConfig:
+        """The client's ``BertConfig`` with the target shape, ``num_labels`` and scaled ``layer_norm_eps``."""
         cfg = copy.deepcopy(_encoder(model).config)
+        cfg.layer_norm_eps = cfg.layer_norm_eps * norm_scale**2
         cfg.num_hidden_layers = target.layers
         cfg.hidden_size = target.hidden
         cfg.intermediate_size = target.ffn

@@ -17,6 +17,7 @@ from ..shapes import TransformerShape
 from .base import ModelFamily
 
 _RES = ("res", "out")
+_NORM = ("res", "norm")
 #: The timm architecture name used to build targets; every structural argument
 #: is passed explicitly, so the name only selects the VisionTransformer class.
 ARCHITECTURE = "vit_base_patch16_224"
@@ -28,9 +29,9 @@ _EMBED_SPACES: dict[str, AxisSpec] = {
     "patch_embed.proj.bias": (_RES,),
     "cls_token": (None, None, _RES),
     "pos_embed": (None, None, _RES),
-    "norm.weight": (_RES,),
+    "norm.weight": (_NORM,),
     "norm.bias": (_RES,),
-    "fc_norm.weight": (_RES,),
+    "fc_norm.weight": (_NORM,),
     "fc_norm.bias": (_RES,),
 }
 _SIMPLE = {
@@ -79,6 +80,7 @@ class VitFamily(ModelFamily):
     """
 
     name = "vit"
+    norm_position = "pre"
 
     def shape(self, model: nn.Module) -> TransformerShape:
         """Shape from the blocks: depth, ``embed_dim``, ``fc1`` width, heads."""
@@ -107,12 +109,15 @@ class VitFamily(ModelFamily):
         """Residual-stream spaces of patch embedding, tokens and final norms."""
         return {k: _EMBED_SPACES[k] for k in embed}
 
-    def target_config(self, model: nn.Module, target: TransformerShape, num_labels: int) -> dict:
-        """``timm.create_model`` arguments of the target (JSON-serialisable)."""
+    def target_config(
+        self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0
+    ) -> dict:
+        """``timm.create_model`` arguments of the target, and its LayerNorm epsilon (JSON-serialisable)."""
         vit = _check_supported(model)
         pe = vit.patch_embed
         return {
             "architecture": ARCHITECTURE,
+            "norm_eps": vit.norm.eps * norm_scale**2,
             "model_args": {
                 "img_size": list(pe.img_size),
                 "patch_size": list(pe.patch_size),
@@ -129,10 +134,15 @@ class VitFamily(ModelFamily):
         }
 
     def build(self, config: dict) -> nn.Module:
-        """``timm.create_model(architecture, pretrained=False, **model_args)``."""
+        """``timm.create_model(architecture, pretrained=False, **model_args)``, LayerNorm eps ``norm_eps``."""
         args = dict(config["model_args"])
         args["img_size"], args["patch_size"] = tuple(args["img_size"]), tuple(args["patch_size"])
-        return timm.create_model(config["architecture"], pretrained=False, **args)
+        model = timm.create_model(config["architecture"], pretrained=False, **args)
+        if "norm_eps" in config:
+            for module in model.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = config["norm_eps"]
+        return model
 
     def to_state_dict(self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Timm ``VisionTransformer`` keys (``qkv`` fused), no ``head``."""

@@ -1,0 +1,79 @@
+"""Operator training: fp32 materialisation under autocast, parameter groups and the learning-rate schedule."""
+
+import torch
+import torch.nn.functional as F
+
+from fedgrow_core import GrownModel, LiGO, TransformerShape, get_family
+from fedgrow_core.growth_client import growth_param_groups, growth_schedule, seek_schedule
+from fedgrow_core.run_config import RunConfig
+from tests.conftest import make_bert
+
+
+def _grown(token_batch):
+    small = make_bert()
+    s = get_family("bert").shape(small)
+    return GrownModel(get_family("bert"), small, LiGO(s, TransformerShape(4, 64, 128, 8), depth_noise=0.0), 3).eval()
+
+
+def _loss(grown, token_batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = grown(**token_batch)
+    return F.cross_entropy(logits.float(), torch.tensor([0, 1, 2]))
+
+
+def test_a_small_depth_coefficient_change_reaches_the_loss_under_bf16_autocast(token_batch):
+    grown = _grown(token_batch)
+    before = _loss(grown, token_batch)
+    before.backward()
+    depth = grown.operator.depth["attn_v_weight"]
+    assert depth.grad.dtype == torch.float32 and depth.grad.abs().sum() > 0
+    with torch.no_grad():
+        depth[1, 1] += 1e-3  # bf16 cannot hold 1 + 1e-3: materialised in bf16 this change would vanish
+        after = _loss(grown, token_batch)
+    assert after != before.detach()
+    # the grown weights themselves are float32 under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = grown.grown_state_dict()
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    # what bf16 materialisation would have done: the depth product rounds the change away
+    stack = grown.small_layers.as_dict()["attn.v.weight"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = grown.operator.depth["attn_v_weight"].detach()
+        lossy = torch.einsum("ij,j...->i...", c, stack)[1]
+        c0 = c.clone()
+        c0[1, 1] -= 1e-3
+        torch.testing.assert_close(lossy, torch.einsum("ij,j...->i...", c0, stack)[1], rtol=0, atol=0)
+
+
+def test_param_groups_split_depth_width_and_head_with_their_own_rates(token_batch):
+    grown = _grown(token_batch)
+    run = RunConfig(lr_depth=1e-2, lr_width=1e-3, lr_head=5e-3)
+    groups = {g["name"]: g for g in growth_param_groups(grown, run)}
+    assert {k: g["lr"] for k, g in groups.items()} == {"depth": 1e-2, "width": 1e-3, "head": 5e-3}
+    ids = {k: {id(p) for p in g["params"]} for k, g in groups.items()}
+    names = {id(p): n for n, p in grown.named_parameters()}
+    assert all(".depth." in names[i] for i in ids["depth"]) and len(ids["depth"]) == 16
+    assert {names[i] for i in ids["width"]} == {f"operator.width.{s}" for s in ("res", "q", "k", "v", "ffn")}
+    assert {names[i] for i in ids["head"]} == {"head.weight", "head.bias"}
+
+
+def test_schedule_warms_up_decays_and_seeks_to_a_client_step():
+    run = RunConfig(num_server_rounds=3, local_steps=10, warmup_steps=3, lr_depth=1.0, lr_width=0.5, lr_head=0.25)
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    opt = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(params, (1.0, 0.5, 0.25), strict=True)])
+    sched = growth_schedule(opt, run)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[1] < lrs[2] < lrs[3] == 1.0  # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False)) and lrs[-1] < 0.01  # cosine decay
+    # a client that resumes at step 17 gets the rate the uninterrupted schedule had there
+    fresh = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(params, (1.0, 0.5, 0.25), strict=True)])
+    seeked = growth_schedule(fresh, run)
+    seek_schedule(seeked, 17)
+    assert fresh.param_groups[0]["lr"] == lrs[17]
+    assert fresh.param_groups[1]["lr"] == lrs[17] * 0.5
+    seeked.step()
+    assert fresh.param_groups[0]["lr"] == lrs[18]
