@@ -127,20 +127,28 @@ class GrownModel(nn.Module):
         self._template[0].train(mode)
         return self
 
-    def grown_state_dict(self) -> dict[str, Tensor]:
-        """Materialise the target model's full state dict (differentiable).
+    def grown_state_dict(self, embed: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Materialise the target model's state dict (differentiable).
+
+        Parameters
+        ----------
+        embed : mapping, optional
+            Source ``embed`` tensors to grow instead of the small model's own,
+            e.g. only the embedding rows a batch reads
+            (:meth:`ModelFamily.batch_rows`). Default: the whole tables.
 
         Returns
         -------
         dict
             Every parameter of the family's target classifier, shapes of the target
-            shape, with the task head included.
+            shape (embedding tables with the rows of ``embed``), with the task head
+            included.
         """
-        small_embed = self.small_embed.as_dict()
+        small_embed = self.small_embed.as_dict() if embed is None else embed
         # fp32, whatever autocast the caller runs under (class Notes)
         with torch.autocast(next(iter(small_embed.values())).device.type, enabled=False):
-            embed, layers = self.operator.grow(small_embed, self.small_layers.as_dict(), self._embed_spaces)
-        sd = self.family.to_state_dict(embed, layers)
+            grown, layers = self.operator.grow(small_embed, self.small_layers.as_dict(), self._embed_spaces)
+        sd = self.family.to_state_dict(grown, layers)
         w_name, b_name = self.family.head_names()
         sd[w_name], sd[b_name] = self.head.weight, self.head.bias
         return sd
@@ -149,9 +157,13 @@ class GrownModel(nn.Module):
         """Logits of the grown model, ``(batch, num_labels)``.
 
         Takes the family model's own inputs (``input_ids``, ``attention_mask``, ...
-        for BERT; an image batch ``(B, C, H, W)`` for ViT).
+        for BERT; an image batch ``(B, C, H, W)`` for ViT). Only the embedding
+        rows the batch reads are grown (:meth:`ModelFamily.batch_rows`): the
+        same logits and gradients as growing whole tables, without a
+        vocabulary-sized product per step.
         """
-        tensors = {**self.grown_state_dict(), **self.template_buffers.as_dict()}
+        embed, kwargs = self.family.batch_rows(self.small_embed.as_dict(), kwargs, self.target_config)
+        tensors = {**self.grown_state_dict(embed), **self.template_buffers.as_dict()}
         out = functional_call(self._template[0], tensors, args, kwargs, strict=True)
         return self.family.logits(out)
 

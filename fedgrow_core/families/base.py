@@ -39,6 +39,30 @@ class ModelFamily(ABC):
     def embed_spaces(self, embed: Mapping[str, Tensor]) -> dict[str, AxisSpec]:
         """Axis spec of every tensor in ``embed``."""
 
+    def batch_rows(self, embed: Mapping[str, Tensor], kwargs: dict[str, Any], config: Any) -> tuple[dict, dict]:
+        """The source embedding rows one batch reads, and the batch's inputs re-indexed onto them.
+
+        Growing only these rows gives the same logits and the same gradients as
+        growing the whole tables and indexing them (a row's growth does not
+        depend on the other rows). The default reads every row unchanged.
+
+        Parameters
+        ----------
+        embed : mapping
+            Canonical source ``embed`` tensors (:meth:`extract`).
+        kwargs : dict
+            The batch's keyword inputs to the target model's forward.
+        config : Any
+            The target configuration (:meth:`target_config`).
+
+        Returns
+        -------
+        tuple of (dict, dict)
+            ``embed`` with some tables replaced by the rows the batch reads, and
+            ``kwargs`` with ids that index those rows.
+        """
+        return dict(embed), kwargs
+
     @abstractmethod
     def target_config(
         self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0

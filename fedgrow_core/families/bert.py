@@ -95,6 +95,40 @@ class BertFamily(ModelFamily):
         """Residual-stream spaces of embeddings, embedding norm and pooler."""
         return {k: _EMBED_SPACES[k] for k in embed}
 
+    def batch_rows(self, embed: Mapping[str, Tensor], kwargs: dict[str, Any], config: BertConfig) -> tuple[dict, dict]:
+        """Word-embedding rows of the batch's tokens and position rows up to its length.
+
+        Word embeddings: one row per token of ``input_ids`` ``(B, T)``, so the
+        grown table is ``(p + 1 + B * T, D)`` instead of ``(vocab, D)``, with
+        ``p`` the padding id (``config.pad_token_id``, normally 0). Rows ``0..p``
+        are the table's own, so the padding token still indexes
+        ``padding_idx`` and gets no gradient, as in the full table; every other
+        token indexes its own row. No ``unique`` (a host sync on CUDA): repeated
+        tokens are grown more than once, which is exact. Position embeddings:
+        the first ``T`` rows, unless ``position_ids`` are given. Rows are
+        ``index_select``-ed, so the gradient of the word-embedding growth is the
+        full table's restricted to the rows read, i.e. identical
+        (``tests/test_batch_rows.py`` checks logits and every gradient).
+        """
+        embed = dict(embed)
+        ids = kwargs.get("input_ids")
+        if ids is None or kwargs.get("inputs_embeds") is not None:
+            return embed, kwargs
+        words = "embeddings.word_embeddings.weight"
+        pad = config.pad_token_id
+        lead = 0 if pad is None else int(pad) + 1
+        flat = ids.reshape(-1)
+        rows = torch.cat([torch.arange(lead, device=ids.device), flat])
+        embed[words] = embed[words].index_select(0, rows)
+        new_ids = torch.arange(lead, lead + flat.numel(), device=ids.device).view_as(ids)
+        if pad is not None:
+            new_ids = torch.where(ids == pad, torch.full_like(ids, int(pad)), new_ids)
+        kwargs = {**kwargs, "input_ids": new_ids}
+        if kwargs.get("position_ids") is None:
+            positions = "embeddings.position_embeddings.weight"
+            embed[positions] = embed[positions][: ids.shape[-1]]
+        return embed, kwargs
+
     def target_config(
         self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0
     ) -> BertConfig:
