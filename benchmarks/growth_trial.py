@@ -25,8 +25,11 @@ from fedgrow_core.run_config import RunConfig, pyproject_config
 
 
 def _movement(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
-    depth = [(after[k] - v).abs() for k, v in before.items() if ".depth." in f".{k}"]
-    width = [(after[k] - v).abs() for k, v in before.items() if ".width." in f".{k}"]
+    def change(k: str, v: torch.Tensor) -> torch.Tensor:
+        return (after[k].detach() - v).abs()
+
+    depth = [change(k, v) for k, v in before.items() if ".depth." in f".{k}" and v.numel()]
+    width = [change(k, v) for k, v in before.items() if ".width." in f".{k}" and v.numel()]
     return {
         "depth_max_change": max(float(d.max()) for d in depth),
         "width_max_change": max(float(w.max()) for w in width),
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     initial = client.evaluate()
     before = {k: v.detach().clone() for k, v in client.model.operator.named_parameters()}
-    state, train = client.train_round(global_ligo(run).state_dict())
+    state, train = client.train_round(global_ligo(run).state_dict(), with_eval=False)
     moved = _movement(before, dict(client.model.operator.named_parameters()))
     grown = client.evaluate()
     final = client.finetune_and_evaluate(state, None)

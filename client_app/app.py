@@ -193,18 +193,22 @@ def _train(
         _restore(context, store, server_round)
     if phase == "grow":
         client = _growth_client(context)
-        shared, metrics = client.train_round(received, proximal_mu=float(config.get("proximal-mu", 0.0)))
+        shared, metrics = client.train_round(
+            received,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            with_eval=run.evaluates_round(server_round),
+        )
         _keep(context, store, server_round, client.private_state())
         return _reply(msg, shared, metrics)
     if phase == "train-local":
         client = _model_client(context, "small")
-        metrics = client.train_round(run.local_steps)
+        metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(server_round))
         _keep(context, store, server_round, client.private_state())
         return _reply(msg, None, metrics)
     if phase == "train-shared":
         client = _shared_model_client(context)
         client.load_weights(received)
-        metrics = client.train_round(run.local_steps)
+        metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(server_round))
         context.state[DATA_KEY] = ConfigRecord({"steps": client.data_steps})
         return _reply(msg, client.weights(), metrics)
     if phase == "collect":

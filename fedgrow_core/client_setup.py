@@ -179,6 +179,13 @@ class ClientSetup:
         stream.seek(start_step)
         return stream
 
-    def test_loader(self) -> DataLoader:
-        """The client's test rows in batches of 64, in order."""
-        return make_dataloader(self.test_rows, self.small.preprocessor, 64, max_length=self.run.max_length)
+    def test_loader(self, max_rows: int = 0) -> DataLoader:
+        """The client's test rows in batches of 64, in order; the first ``max_rows`` of them if > 0."""
+        rows = self.test_rows
+        if 0 < max_rows < len(rows):
+            rows = rows.select(range(max_rows))
+        return make_dataloader(rows, self.small.preprocessor, 64, max_length=self.run.max_length)
+
+    def round_test_loader(self) -> DataLoader:
+        """The rows of a per-round evaluation: the first ``run.eval_max_examples`` test rows (0: all)."""
+        return self.test_loader(self.run.eval_max_examples)

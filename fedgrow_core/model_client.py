@@ -80,6 +80,7 @@ class ModelClient:
         self.optimizer = self._new_optimizer()
         self._batches = setup.batches()
         self._test = setup.test_loader()
+        self._round_test = setup.round_test_loader()
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.run.weight_decay)
@@ -128,27 +129,32 @@ class ModelClient:
         load_training_state(state, self.optimizer, self._batches, self.device)
 
     # --- training --------------------------------------------------------------
-    def train_round(self, steps: int) -> dict:
-        """Train ``steps`` optimiser steps, then evaluate on the test rows.
+    def train_round(self, steps: int, with_eval: bool = True) -> dict:
+        """Train ``steps`` optimiser steps, then (``with_eval``) evaluate on the per-round test rows.
 
         Returns
         -------
         dict
             ``num-examples`` (training rows), ``train-loss``, ``train-accuracy``,
-            ``train-seconds`` (seconds of training), ``eval-accuracy``,
-            ``trainable-params``.
+            ``train-seconds`` (seconds of training), ``trainable-params``, and
+            with ``with_eval`` ``eval-accuracy`` (on
+            :meth:`ClientSetup.round_test_loader`'s rows) and ``eval-seconds``.
         """
         start = time.perf_counter()
         stats = train_steps(self.model, self._batches, self.optimizer, steps, self.device)
         seconds = time.perf_counter() - start
-        return {
+        metrics = {
             "num-examples": len(self.setup.train_rows),
             "train-loss": stats.mean_loss,
             "train-accuracy": stats.accuracy,
             "train-seconds": seconds,
-            "eval-accuracy": self.evaluate().accuracy,
             "trainable-params": self.trainable_params,
         }
+        if with_eval:
+            start = time.perf_counter()
+            metrics["eval-accuracy"] = evaluate(self.model, self._round_test, self.device).accuracy
+            metrics["eval-seconds"] = time.perf_counter() - start
+        return metrics
 
     def evaluate(self) -> EvalResult:
         """Loss, accuracy and macro precision on the client's test rows."""

@@ -82,6 +82,14 @@ class RunConfig:
     max_test_examples : int
         Cap on each client's test rows (0: no cap); every evaluation of a run uses
         the same capped rows.
+    eval_every : int
+        Rounds between the per-round evaluations of each client's current model
+        (the accuracy-per-round curves): rounds ``eval_every, 2 * eval_every, ...``
+        report ``eval-accuracy``; 0 turns them off. The final evaluation always
+        runs, on every test row.
+    eval_max_examples : int
+        Cap on the test rows of a per-round evaluation (the first rows of the
+        client's test split, the same every round; 0: all of them).
     depth_init : {"stackbert", "interlace", "identity"}
         Depth initialisation of both operators (LiGO reference code's names;
         ``identity``: new layers start with zero residual-branch outputs, exact
@@ -162,6 +170,8 @@ class RunConfig:
     max_length: int = 64
     max_train_examples: int = 0
     max_test_examples: int = 0
+    eval_every: int = 1
+    eval_max_examples: int = 256
     depth_init: str = "stackbert"
     depth_noise: float = 0.0
     lr_depth: float = 1e-2
@@ -219,6 +229,10 @@ class RunConfig:
         run.check()
         return run
 
+    def evaluates_round(self, server_round: int) -> bool:
+        """Whether ``server_round``'s replies carry a per-round ``eval-accuracy`` (see ``eval_every``)."""
+        return self.eval_every > 0 and server_round % self.eval_every == 0
+
     def check(self) -> None:
         """Check ranges and shape compatibility; raises :class:`ConfigError` listing every problem."""
         p: list[str] = []
@@ -249,7 +263,14 @@ class RunConfig:
         ):
             if getattr(self, name) < 1:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 1")
-        for name in ("max_train_examples", "max_test_examples", "finetune_steps", "warmup_steps"):
+        for name in (
+            "max_train_examples",
+            "max_test_examples",
+            "eval_every",
+            "eval_max_examples",
+            "finetune_steps",
+            "warmup_steps",
+        ):
             if getattr(self, name) < 0:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 0")
         for name in ("lr_depth", "lr_width", "lr_head", "lr_finetune", "dirichlet_alpha"):

@@ -13,7 +13,14 @@ from collections.abc import Iterable
 from flwr.app import Message
 
 #: Client metrics copied into the round log (per node), when a reply carries them.
-LOGGED_METRICS = ("eval-accuracy", "train-loss", "train-accuracy", "train-seconds", "trainable-params")
+LOGGED_METRICS = (
+    "eval-accuracy",
+    "train-loss",
+    "train-accuracy",
+    "train-seconds",
+    "eval-seconds",
+    "trainable-params",
+)
 
 
 def payload_bytes(message: Message) -> int:

@@ -95,3 +95,24 @@ def test_a_node_can_bring_its_own_data_file(run, tmp_path):
     client = GrowthClient(replace(run, max_train_examples=0), 5, 9, dataset=str(text))
     assert len(client.train_rows) + len(client.test_rows) == 50  # all of the file, no partitioning
     assert set(client.train_rows["text"]) <= {f"review {i}" for i in range(50)}
+
+
+def test_round_evaluation_is_capped_and_can_be_skipped(run):
+    from dataclasses import replace
+
+    from fedgrow_core.training import evaluate
+
+    capped = replace(run, eval_max_examples=5)
+    client = GrowthClient(capped, 0, 3)
+    assert sum(len(b["labels"]) for b in client._round_test) == min(5, len(client.test_rows))
+    assert sum(len(b["labels"]) for b in client._test) == len(client.test_rows) > 5  # the final evaluation: all rows
+    sent = global_ligo(run).state_dict()
+    _, metrics = client.train_round({k: v.clone() for k, v in sent.items()})
+    # the reported accuracy is the grown model's on exactly the first five test rows
+    assert metrics["eval-accuracy"] == evaluate(client.grown_model(), client._round_test, client.device).accuracy
+    assert metrics["eval-seconds"] > 0
+    _, skipped = client.train_round({k: v.clone() for k, v in sent.items()}, with_eval=False)
+    assert "eval-accuracy" not in skipped and "eval-seconds" not in skipped
+    assert [capped.evaluates_round(r) for r in (1, 2, 3)] == [True, True, True]
+    assert [replace(run, eval_every=2).evaluates_round(r) for r in (1, 2, 3, 4)] == [False, True, False, True]
+    assert not any(replace(run, eval_every=0).evaluates_round(r) for r in (1, 2, 3))

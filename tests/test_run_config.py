@@ -85,3 +85,14 @@ def test_an_unwritable_output_dir_is_a_config_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="output-dir = .*a-file.*cannot write there"):
         check_writable(blocker / "runs")
+
+
+def test_evaluation_keys_reject_negative_values():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower({"eval-every": -1, "eval-max-examples": -5})
+    assert info.value.problems == [
+        "eval-every = -1: expected an integer >= 0",
+        "eval-max-examples = -5: expected an integer >= 0",
+    ]
+    run = RunConfig.from_flower({"eval-every": 0, "eval-max-examples": 0})
+    assert not run.evaluates_round(1)
