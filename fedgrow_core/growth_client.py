@@ -247,7 +247,7 @@ class GrowthClient:
         -------
         tuple of (dict, dict)
             The Global-LiGO after training, and ``{"num-examples", "train-loss",
-            "train-accuracy", "train-seconds", "trainable-params"}``, plus with
+            "train-accuracy", "train-seconds", "trainable-params", "compute-threads"}``, plus with
             ``with_eval`` ``eval-accuracy`` (the grown model after this round)
             and ``eval-seconds`` (materialisation and evaluation, seconds).
         """
@@ -278,6 +278,7 @@ class GrowthClient:
             "train-accuracy": stats.accuracy,
             "train-seconds": seconds,
             "trainable-params": self.trainable_params,
+            "compute-threads": torch.get_num_threads(),
         }
         if with_eval:
             start = time.perf_counter()
@@ -306,7 +307,8 @@ class GrowthClient:
         dict
             ``num-examples`` (test rows), ``accuracy``, ``precision`` (macro),
             ``loss``, ``trainable-params`` (growth phase: operators + head),
-            ``model-params`` (the grown model's), ``finetune-seconds``.
+            ``model-params`` (the grown model's), ``finetune-seconds``, ``eval-seconds`` (all test rows),
+            ``compute-threads``.
         """
         self.load_global_state(global_state)
         grown = self.grown_model()
@@ -317,7 +319,9 @@ class GrowthClient:
             )
             train_steps(grown, self._batches, optimizer, self.run.finetune_steps, self.device)
         seconds = time.perf_counter() - start
+        start = time.perf_counter()
         result = evaluate(grown, self._test, self.device)
+        eval_seconds = time.perf_counter() - start
         if out_dir is not None:
             self.small.family.save(grown.cpu(), self.model.target_config, out_dir)
             if hasattr(self.small.preprocessor, "save_pretrained"):
@@ -330,4 +334,6 @@ class GrowthClient:
             "trainable-params": self.trainable_params,
             "model-params": sum(p.numel() for p in grown.parameters()),
             "finetune-seconds": seconds,
+            "eval-seconds": eval_seconds,
+            "compute-threads": torch.get_num_threads(),
         }

@@ -136,8 +136,8 @@ class ModelClient:
         -------
         dict
             ``num-examples`` (training rows), ``train-loss``, ``train-accuracy``,
-            ``train-seconds`` (seconds of training), ``trainable-params``, and
-            with ``with_eval`` ``eval-accuracy`` (on
+            ``train-seconds`` (seconds of training), ``trainable-params``,
+            ``compute-threads`` (``torch.get_num_threads()``), and with ``with_eval`` ``eval-accuracy`` (on
             :meth:`ClientSetup.round_test_loader`'s rows) and ``eval-seconds``.
         """
         start = time.perf_counter()
@@ -149,6 +149,7 @@ class ModelClient:
             "train-accuracy": stats.accuracy,
             "train-seconds": seconds,
             "trainable-params": self.trainable_params,
+            "compute-threads": torch.get_num_threads(),
         }
         if with_eval:
             start = time.perf_counter()
@@ -167,13 +168,16 @@ class ModelClient:
         -------
         dict
             ``num-examples`` (test rows), ``accuracy``, ``precision``, ``loss``,
-            ``model-params`` (this model's parameters), ``finetune-seconds``.
+            ``model-params`` (this model's parameters), ``finetune-seconds``, ``eval-seconds`` (all test rows),
+            ``compute-threads``.
         """
         start = time.perf_counter()
         if steps:
             train_steps(self.model, self._batches, self.optimizer, steps, self.device)
         seconds = time.perf_counter() - start
+        start = time.perf_counter()
         result = self.evaluate()
+        eval_seconds = time.perf_counter() - start
         if out_dir is not None:
             self.setup.small.family.save(self.model.cpu(), self.config, out_dir)
             self.model.to(self.device)
@@ -186,4 +190,6 @@ class ModelClient:
             "loss": result.loss,
             "model-params": self.trainable_params,
             "finetune-seconds": seconds,
+            "eval-seconds": eval_seconds,
+            "compute-threads": torch.get_num_threads(),
         }

@@ -19,6 +19,7 @@ LOGGED_METRICS = (
     "train-accuracy",
     "train-seconds",
     "eval-seconds",
+    "compute-threads",
     "trainable-params",
 )
 

@@ -7,6 +7,7 @@ tensor payload uploaded by one client (:func:`server_app.round_log.payload_bytes
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 from flwr.app import Message
@@ -99,9 +100,39 @@ def final_clients(replies: list[Message], entries: list[dict]) -> list[dict]:
                 "trainable_params": trained.get(str(msg.metadata.src_node_id), int(m["model-params"])),
                 "model_params": int(m["model-params"]),
                 "test_examples": int(m["num-examples"]),
+                "final_compute_s": _core_seconds(m, "finetune-seconds"),
             }
         )
     return sorted(clients, key=lambda c: c["partition_id"])
+
+
+def _core_seconds(metrics, phase_key: str) -> float:
+    seconds = float(metrics.get(phase_key, 0.0)) + float(metrics.get("eval-seconds", 0.0))
+    return seconds * int(metrics.get("compute-threads", 1))
+
+
+def compute_seconds(entries: list[dict], clients: list[dict]) -> float:
+    """Pure compute of every client over the run, in core-seconds.
+
+    For every round and node, the reported ``train-seconds`` plus
+    ``eval-seconds`` times the client's ``compute-threads``; plus every client's
+    final fine-tuning and evaluation (``final_compute_s``, counted the same way).
+    Setup, model loading, serialisation and waiting are not in it. Counting a
+    multi-threaded phase as ``seconds x threads`` core-seconds charges the
+    client for imperfect thread scaling, so the floor is a lower bound only for
+    perfectly packed compute at the clients' own thread counts.
+    """
+    rounds = sum(_core_seconds(m, "train-seconds") for e in entries for m in e.get("client_metrics", {}).values())
+    return rounds + sum(c.get("final_compute_s", 0.0) for c in clients)
+
+
+def compute_cores() -> int:
+    """Cores the clients' compute can share: this machine's (``os.cpu_count()``).
+
+    Meaningful in local simulation, where every client runs on this machine; a
+    deployment's clients compute on their own machines.
+    """
+    return max(1, os.cpu_count() or 1)
 
 
 def build_summary(run: RunConfig, entries: list[dict], clients: list[dict], rows: list[dict], wall: float) -> dict:
@@ -115,11 +146,17 @@ def build_summary(run: RunConfig, entries: list[dict], clients: list[dict], rows
     ``upload_bytes_per_round`` (mean over rounds of the per-client upload),
     ``upload_bytes_total`` (per client, over the run), ``model_bytes`` (float32
     bytes of ``model_params``), ``participation`` (:func:`participation`),
-    ``rounds_log``, ``wall_time_s`` (seconds).
+    ``rounds_log``, ``wall_time_s`` (seconds), ``compute_s`` (:func:`compute_seconds`),
+    ``compute_cores`` (:func:`compute_cores`), ``compute_floor_s``
+    (``compute_s / compute_cores``: the wall time of client compute packed
+    perfectly onto every core) and ``wall_over_floor`` (``wall_time_s / compute_floor_s``).
     """
     accs = [c["accuracy"] for c in clients]
     uploads = [r["upload-bytes"] for r in rows if r["phase"] != "finetune-evaluate"]
     model_params = _mean([c["model_params"] for c in clients]) or 0
+    compute = compute_seconds(entries, clients)
+    cores = compute_cores()
+    floor = compute / cores
     return {
         "mode": run.mode,
         "strategy": run.strategy,
@@ -141,6 +178,10 @@ def build_summary(run: RunConfig, entries: list[dict], clients: list[dict], rows
         "participation": participation(entries),
         "rounds_log": entries,
         "wall_time_s": wall,
+        "compute_s": compute,
+        "compute_cores": cores,
+        "compute_floor_s": floor,
+        "wall_over_floor": wall / floor if floor > 0 else None,
     }
 
 

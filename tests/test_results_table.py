@@ -6,7 +6,7 @@ import pytest
 
 from experiments.tables import METRICS, markdown, results_table
 from fedgrow_core.run_config import RunConfig
-from server_app.summary import build_summary, round_rows
+from server_app.summary import build_summary, final_clients, round_rows
 
 
 def _summary(mode, seed, alpha, acc, upload):
@@ -93,3 +93,50 @@ def test_comparison_with_the_paper_uses_fedgrow_against_each_baseline(tmp_path):
     paths = write_tables(results_table(summaries), tmp_path)
     text = (tmp_path / "comparison.md").read_text()
     assert tmp_path / "comparison.md" in paths and "75.00%" in text and "n/a (sends nothing)" in text
+
+
+def test_compute_floor_sums_every_phase_over_the_cores_used(monkeypatch):
+    import server_app.summary as summary
+
+    run = RunConfig()
+    entries = [
+        {
+            "round": r,
+            "phase": "grow",
+            "replies": 3,
+            "accepted_nodes": [1, 2, 3],
+            "failed": 0,
+            "rejected": [],
+            "seconds": 9.0,
+            "client_metrics": {
+                "1": {"train-seconds": 2.0, "eval-seconds": 0.5, "compute-threads": 1},
+                "2": {"train-seconds": 1.5, "compute-threads": 2},  # no evaluation; two threads: 3 core-s
+                "3": {"train-seconds": 4.0, "eval-seconds": 0.5},  # (one thread when not reported)
+            },
+        }
+        for r in (1, 2)
+    ]
+    clients = [
+        {"accuracy": 0.5, "precision": 0.5, "trainable_params": 1, "model_params": 1, "final_compute_s": f}
+        for f in (1.0, 2.0, 3.0)
+    ]
+    monkeypatch.setattr(summary.os, "cpu_count", lambda: 2)
+    s = build_summary(run, entries, clients, round_rows(run, entries, clients), wall=30.0)
+    assert s["compute_s"] == pytest.approx(2 * (2 + 0.5 + 3 + 4 + 0.5) + 6)  # 26 s
+    assert s["compute_cores"] == 2  # three clients, two cores
+    assert s["compute_floor_s"] == pytest.approx(13.0)
+    assert s["wall_over_floor"] == pytest.approx(30.0 / 13.0)
+    finals = final_clients([_final_reply(seconds=2.0, threads=2)], [])
+    assert finals[0]["final_compute_s"] == pytest.approx(2 * (2.0 + 0.25))
+
+
+def _final_reply(seconds, threads):
+    """A received final-phase reply, as :func:`final_clients` reads it (content and ``metadata.src_node_id``)."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    metrics = {"partition-id": 0, "accuracy": 0.5, "precision": 0.5, "model-params": 10, "num-examples": 4}
+    metrics |= {"finetune-seconds": seconds, "eval-seconds": 0.25, "compute-threads": threads}
+    content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"model": "m"})})
+    return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=7))
