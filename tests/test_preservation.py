@@ -1,6 +1,8 @@
 """What growth keeps of the small model's function at initialisation (LEMON-style width, identity depth)."""
 
 import logging
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +155,33 @@ def test_forward_makes_no_device_to_host_permutation_check(monkeypatch, token_ba
 
     monkeypatch.setattr(torch, "equal", refuse)
     grown(**token_batch)
+
+
+def test_a_pretrained_vit_grows_to_the_image_presets_widths_within_1e4(tmp_path):
+    """A ViT pre-trained here (as an image client's) through the preset's widths: 128 -> 192 -> 384, heads of 32."""
+    from fedgrow_core.data_sources import load_data_source
+    from fedgrow_core.preprocessing import make_dataloader
+    from fedgrow_core.run_config import RunConfig
+    from fedgrow_core.vit_pretrain import VitSpec, pretrain_small_vits
+    from fedgrow_core.zoo import load_small_model
+
+    data = load_data_source("digits")["train"].train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+    (result,) = pretrain_small_vits(
+        [VitSpec.parse("3x128")], data["train"], data["test"], tmp_path, data_tag="digits", steps=60,
+        batch_size=64, lr=3e-3, patch_size=4, seed=0, device="cpu",
+    )  # fmt: skip
+    assert result.test_accuracy > 0.3  # it learned something: weights that are not an initialisation
+    small = load_small_model(result.path, 10)
+    images = next(iter(make_dataloader(data["test"], small.preprocessor, 16)))["pixel_values"]
+    preset = RunConfig.from_flower(tomllib.loads((Path(__file__).parents[1] / "presets" / "image.toml").read_text()))
+    inter, target = preset.intermediate_shape, preset.target_shape
+    s = get_family("vit").shape(small.model)
+    for depth_init, layers in (("stackbert", (s.layers, s.layers)), ("identity", (inter.layers, target.layers))):
+        mid = TransformerShape(layers[0], inter.hidden, inter.ffn, inter.heads)
+        big = TransformerShape(layers[1], target.hidden, target.ffn, target.heads)
+        op = DualLiGO(
+            LiGO(s, mid, tie_layers=True, depth_init=depth_init, depth_noise=0.0, seed=1),
+            LiGO(mid, big, depth_init=depth_init, depth_noise=0.0, seed=2),
+        )
+        feat, logits = _gaps("vit", small.model.eval(), op, images)
+        assert feat <= 1e-4 and logits <= 1e-4, (depth_init, feat, logits)
