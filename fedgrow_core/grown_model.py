@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from .families import ModelFamily
 from .ligo import DualLiGO, LiGO, grow_tensor
-from .preservation import width_gaps
+from .preservation import probe_gap, width_gaps
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ class GrownModel(nn.Module):
     CUDA). bf16 cannot represent ``1 + 1e-3``, so materialising under autocast
     would lose the small updates of depth coefficients and width matrices.
     A width growth that is not exact at initialisation
-    (:func:`~fedgrow_core.preservation.width_gaps`) is logged as a warning.
+    (:func:`~fedgrow_core.preservation.width_gaps`) is logged as a warning that
+    names the dimension and gives the measured max |difference| of the final
+    features on a random probe batch (:func:`~fedgrow_core.preservation.probe_gap`).
 
     Raises
     ------
@@ -100,9 +102,11 @@ class GrownModel(nn.Module):
         self.small_layers = TensorStore(layers)
         self._embed_spaces = family.embed_spaces(embed)
 
-        for leg in (operator.local, operator.global_) if isinstance(operator, DualLiGO) else (operator,):
-            for gap in width_gaps(leg.source, leg.target, family.norm_position):
-                log.warning("width growth of this %s model is not exact at initialisation: %s", family.name, gap)
+        gaps = [
+            gap
+            for leg in ((operator.local, operator.global_) if isinstance(operator, DualLiGO) else (operator,))
+            for gap in width_gaps(leg.source, leg.target, family.norm_position)
+        ]
 
         template = family.build(self.target_config)
         w_name, b_name = family.head_names()
@@ -120,6 +124,17 @@ class GrownModel(nn.Module):
         self.template_buffers = TensorStore(dict(template.named_buffers()))
         # Not a submodule: its parameters live on "meta" and are always replaced.
         self._template = [template.to("meta")]
+        if gaps:
+            with torch.random.fork_rng():  # measuring must not change the run's random stream
+                bound = probe_gap(family.name, small_model, self.to_family_model())
+            for gap in gaps:
+                log.warning(
+                    "width growth of this %s model is not exact at initialisation: %s; measured: max |diff| %.3g "
+                    "of the final features on a random probe batch (width and depth growth together)",
+                    family.name,
+                    gap,
+                    bound,
+                )
 
     def train(self, mode: bool = True) -> GrownModel:
         """Set training mode here and in the target template (dropout)."""

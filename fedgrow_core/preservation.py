@@ -25,7 +25,9 @@ so no depth initialisation of this form preserves the function; LiGO (Wang et
 al. 2023) promises nothing for depth either.
 
 :func:`width_gaps` and :func:`depth_gaps` name what is not exact before any
-tensor is allocated; :func:`feature_gap` measures it.
+tensor is allocated; :func:`feature_gap` measures it, and :func:`probe_gap` measures
+it on a random probe batch (what :class:`~fedgrow_core.grown_model.GrownModel`'s
+warning reports).
 """
 
 from __future__ import annotations
@@ -105,3 +107,46 @@ def final_features(family_name: str, model: nn.Module, *args, **kwargs) -> Tenso
         bert = model.bert if hasattr(model, "bert") else model
         return bert(*args, **kwargs).last_hidden_state
     return model.forward_features(*args, **kwargs)
+
+
+def probe_inputs(family_name: str, model: nn.Module, generator: torch.Generator) -> tuple[tuple, dict]:
+    """A random probe batch for ``model``: 2 sequences of 16 token ids (BERT) or 2 images (timm ViT).
+
+    Token ids are drawn from ``[1000, vocab)`` (ordinary word pieces, no special
+    tokens); images from a standard normal at the model's input size.
+    """
+    if family_name == "bert":
+        bert = model.bert if hasattr(model, "bert") else model
+        ids = torch.randint(min(1000, bert.config.vocab_size - 1), bert.config.vocab_size, (2, 16), generator=generator)
+        return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    size = tuple(model.patch_embed.img_size)
+    return (torch.randn(2, model.patch_embed.proj.in_channels, *size, generator=generator),), {}
+
+
+@torch.no_grad()
+def probe_gap(family_name: str, small: nn.Module, grown: nn.Module, seed: int = 0) -> float:
+    """Max |difference| of final features (source coordinates) between ``small`` and ``grown`` on a probe batch.
+
+    Parameters
+    ----------
+    family_name : {"bert", "vit"}
+    small : nn.Module
+        The small model.
+    grown : nn.Module
+        The grown model as an ordinary family model (``GrownModel.to_family_model()``).
+    seed : int
+        Seed of :func:`probe_inputs`.
+
+    Returns
+    -------
+    float
+        :func:`feature_gap` on the probe batch (both models in eval mode, CPU).
+    """
+    args, kwargs = probe_inputs(family_name, small, torch.Generator().manual_seed(seed))
+    was_training = small.training
+    small.eval()
+    try:
+        ref = final_features(family_name, small, *args, **kwargs)
+        return feature_gap(ref, final_features(family_name, grown.eval(), *args, **kwargs))
+    finally:
+        small.train(was_training)

@@ -86,6 +86,14 @@ def test_post_ln_bert_at_an_indivisible_width_is_not_exact_and_says_so(token_bat
         feat, _ = _gaps("bert", small, LiGO(s, target, depth_noise=0.0), token_batch)
     assert "hidden 32 -> 48" in caplog.text
     assert feat > 1e-3
+    # the warning gives the bound it measured on its probe batch
+    import re
+
+    from fedgrow_core.preservation import probe_gap
+
+    (stated,) = (float(m) for m in re.findall(r"measured: max \|diff\| (\S+) of the final", caplog.text))
+    grown = GrownModel(get_family("bert"), small, LiGO(s, target, depth_noise=0.0), 3)
+    assert stated == pytest.approx(probe_gap("bert", small, grown.to_family_model()), rel=1e-2) and stated > 1e-3
 
 
 def test_head_dim_growth_below_twofold_is_named_and_shrinks_logits_by_the_stated_factor():
