@@ -130,6 +130,7 @@ def probe_gap(family_name: str, small: nn.Module, grown: nn.Module, seed: int = 
     Parameters
     ----------
     family_name : {"bert", "vit"}
+        The models' family.
     small : nn.Module
         The small model.
     grown : nn.Module
