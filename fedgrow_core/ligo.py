@@ -22,9 +22,9 @@ transformer of shape ``(L1, D1, F1, H1)`` to a target ``(L2, D2, F2, H2)``:
 
 What the initial operator preserves (tested; README, "What growth preserves"):
 width growth keeps the small model's function exactly for pre-LN models at every
-width the config accepts, and for post-LN models (BERT) when the target width is
-a multiple of the source width; a head dimension that grows at least twofold is
-exact, a smaller growth is not (:mod:`fedgrow_core.preservation`). Depth growth
+hidden and FFN width the config accepts, and for post-LN models (BERT) when the
+target width is a multiple of the source width; in both, a head dimension that is
+kept or grows at least twofold is exact, a growth by a factor in (1, 2) is not (:mod:`fedgrow_core.preservation`). Depth growth
 keeps the function with ``depth_init="identity"`` for pre-LN models.
 
 Fed-Grow (Shen et al., arXiv 2406.13450, Sec. 4) composes a private
