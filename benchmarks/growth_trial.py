@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         *args.overrides,
     ]
     run = RunConfig.from_flower(pyproject_config("pyproject.toml", overrides))
+    torch.manual_seed(run.seed)  # the task head's initialisation
     client = GrowthClient(run, args.partition_id, args.num_partitions)
     start = time.perf_counter()
     initial = client.evaluate()

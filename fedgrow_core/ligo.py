@@ -24,8 +24,8 @@ What the initial operator preserves (tested; README, "What growth preserves"):
 width growth keeps the small model's function exactly for pre-LN models at every
 hidden and FFN width the config accepts, and for post-LN models (BERT) when the
 target width is a multiple of the source width; in both, a head dimension that is
-kept or grows at least twofold is exact, a growth by a factor in (1, 2) is not (:mod:`fedgrow_core.preservation`). Depth growth
-keeps the function with ``depth_init="identity"`` for pre-LN models.
+kept or grows at least twofold is exact, a growth by a factor in (1, 2) is not
+(:mod:`fedgrow_core.preservation`). Depth growth keeps the function with ``depth_init="identity"`` for pre-LN models.
 
 Fed-Grow (Shen et al., arXiv 2406.13450, Sec. 4) composes a private
 Local-LiGO (client shape -> intermediate shape) with a shared Global-LiGO

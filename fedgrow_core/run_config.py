@@ -174,11 +174,11 @@ class RunConfig:
     eval_max_examples: int = 256
     depth_init: str = "stackbert"
     depth_noise: float = 0.0
-    lr_depth: float = 1e-2
-    lr_width: float = 1e-3
+    lr_depth: float = 1e-4
+    lr_width: float = 1e-4
     lr_head: float = 5e-3
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     fraction_train: float = 1.0
     partitioner: str = "dirichlet"
