@@ -59,7 +59,7 @@ def test_param_groups_split_depth_width_and_head_with_their_own_rates(token_batc
 
 def test_schedule_warms_up_decays_and_seeks_to_a_client_step():
     run = RunConfig(
-        num_server_rounds=3, local_steps=10, warmup_steps=3, lr_schedule="cosine", lr_depth=1.0, lr_width=0.5, lr_head=0.25
+        num_server_rounds=3, local_steps=10, warmup_steps=3, lr_schedule="cosine", lr_depth=1.0, lr_width=0.5
     )
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
     opt = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(params, (1.0, 0.5, 0.25), strict=True)])
