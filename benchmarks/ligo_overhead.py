@@ -21,7 +21,7 @@ so the Dual-LiGO step's fixed cost is the layers' materialisation.
 
 The last printed line is ``step_time_ratio=<x> peak_mem_ratio=<y>``, each the
 worst over all cases (goals: <= 1.10 and <= 1.5). With ``--device cuda`` every
-case also prints ``tokens_per_s`` of both steps.
+case also prints ``tokens_per_s`` (BERT) or ``images_per_s`` (ViT) of both steps.
 
 Usage: ``python -m benchmarks.ligo_overhead [--device cuda] [--steps 3] [--batches 32x128,16x32]``
 """
@@ -168,8 +168,8 @@ def main() -> None:
             "peak_mem_ratio": round(m_ratio, 3),
         }
         if args.device == "cuda":
-            tokens = batch * (seq or 1)
-            record["tokens_per_s"] = {"plain": tokens / plain["time_s"], "dual_ligo": tokens / grown["time_s"]}
+            items, unit = (batch * seq, "tokens_per_s") if seq else (batch, "images_per_s")
+            record[unit] = {"plain": items / plain["time_s"], "dual_ligo": items / grown["time_s"]}
         print(json.dumps(record), flush=True)
         worst = (max(worst[0], t_ratio), max(worst[1], m_ratio))
     print(f"step_time_ratio={worst[0]:.3f} peak_mem_ratio={worst[1]:.3f}")

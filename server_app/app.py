@@ -83,7 +83,8 @@ def main(grid: Grid, context: Context) -> None:
     plot_rounds(run_dir, rows)
     if result.global_ligo is not None:
         write_global_ligo(run_dir, result.global_ligo.to_torch_state_dict())
-    summary = build_summary(run, result.entries, clients, rows, time.perf_counter() - start)
+    resumed_after = resume.server_round if resume is not None else 0
+    summary = build_summary(run, result.entries, clients, rows, time.perf_counter() - start, resumed_after)
     write_summary(run_dir, summary)
     log(
         INFO,

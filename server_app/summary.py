@@ -23,7 +23,8 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
     """One row per round plus a last ``finetune-evaluate`` row.
 
     Columns: ``round``, ``phase``, ``eval-accuracy`` (mean over clients of the
-    model evaluated on each client's test rows after the round), ``train-loss``
+    model evaluated after the round on each client's first ``eval-max-examples``
+    test rows; None in rounds without evaluation; the last row: every test row), ``train-loss``
     (mean over clients), ``upload-bytes`` (mean per client this round),
     ``cumulative-upload-bytes``, ``replies``, ``accepted``, ``rejected``,
     ``failed``, ``missing``, ``seconds``, ``accepted_nodes``. The last row's round counts the
@@ -111,8 +112,23 @@ def _core_seconds(metrics, phase_key: str) -> float:
     return seconds * int(metrics.get("compute-threads", 1))
 
 
-def compute_seconds(entries: list[dict], clients: list[dict]) -> float:
+def compute_seconds(entries: list[dict], clients: list[dict], after_round: int = 0) -> float:
     """Pure compute of every client over the run, in core-seconds.
+
+    Parameters
+    ----------
+    entries : list of dict
+        The round log (``client_metrics`` per node).
+    clients : list of dict
+        :func:`final_clients`.
+    after_round : int
+        Count only rounds after this one (a resumed run: the rounds restored from
+        the checkpoint ran in an earlier ServerApp, outside this one's wall time).
+
+    Returns
+    -------
+    float
+        Core-seconds, as below.
 
     For every round and node, the reported ``train-seconds`` plus
     ``eval-seconds`` times the client's ``compute-threads``; plus every client's
@@ -122,7 +138,12 @@ def compute_seconds(entries: list[dict], clients: list[dict]) -> float:
     client for imperfect thread scaling, so the floor is a lower bound only for
     perfectly packed compute at the clients' own thread counts.
     """
-    rounds = sum(_core_seconds(m, "train-seconds") for e in entries for m in e.get("client_metrics", {}).values())
+    rounds = sum(
+        _core_seconds(m, "train-seconds")
+        for e in entries
+        if e["round"] > after_round
+        for m in e.get("client_metrics", {}).values()
+    )
     return rounds + sum(c.get("final_compute_s", 0.0) for c in clients)
 
 
@@ -135,7 +156,9 @@ def compute_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def build_summary(run: RunConfig, entries: list[dict], clients: list[dict], rows: list[dict], wall: float) -> dict:
+def build_summary(
+    run: RunConfig, entries: list[dict], clients: list[dict], rows: list[dict], wall: float, resumed_after: int = 0
+) -> dict:
     """The run's ``summary.json`` content.
 
     Keys: ``mode``, ``strategy``, ``seed``, ``dirichlet_alpha``, ``rounds``
@@ -148,13 +171,15 @@ def build_summary(run: RunConfig, entries: list[dict], clients: list[dict], rows
     bytes of ``model_params``), ``participation`` (:func:`participation`),
     ``rounds_log``, ``wall_time_s`` (seconds), ``compute_s`` (:func:`compute_seconds`),
     ``compute_cores`` (:func:`compute_cores`), ``compute_floor_s``
+    (of this ServerApp's rounds only: ``resumed_after`` is the checkpoint's round
+    of a resumed run)
     (``compute_s / compute_cores``: the wall time of client compute packed
     perfectly onto every core) and ``wall_over_floor`` (``wall_time_s / compute_floor_s``).
     """
     accs = [c["accuracy"] for c in clients]
     uploads = [r["upload-bytes"] for r in rows if r["phase"] != "finetune-evaluate"]
     model_params = _mean([c["model_params"] for c in clients]) or 0
-    compute = compute_seconds(entries, clients)
+    compute = compute_seconds(entries, clients, after_round=resumed_after)
     cores = compute_cores()
     floor = compute / cores
     return {

@@ -126,6 +126,9 @@ def test_compute_floor_sums_every_phase_over_the_cores_used(monkeypatch):
     assert s["compute_cores"] == 2  # three clients, two cores
     assert s["compute_floor_s"] == pytest.approx(13.0)
     assert s["wall_over_floor"] == pytest.approx(30.0 / 13.0)
+    # a run resumed after round 1 counts only the rounds its own ServerApp ran
+    resumed = build_summary(run, entries, clients, round_rows(run, entries, clients), wall=30.0, resumed_after=1)
+    assert resumed["compute_s"] == pytest.approx(10 + 6)
     finals = final_clients([_final_reply(seconds=2.0, threads=2)], [])
     assert finals[0]["final_compute_s"] == pytest.approx(2 * (2.0 + 0.25))
 
