@@ -113,11 +113,19 @@ def probe_inputs(family_name: str, model: nn.Module, generator: torch.Generator)
     """A random probe batch for ``model``: 2 sequences of 16 token ids (BERT) or 2 images (timm ViT).
 
     Token ids are drawn from ``[1000, vocab)`` (ordinary word pieces, no special
-    tokens); images from a standard normal at the model's input size.
+    tokens; ``[1, vocab)`` for vocabularies of at most 2,000); images from a
+    standard normal at the model's input size.
+
+    Returns
+    -------
+    tuple of (tuple, dict)
+        Positional and keyword inputs of the model's forward.
     """
     if family_name == "bert":
         bert = model.bert if hasattr(model, "bert") else model
-        ids = torch.randint(min(1000, bert.config.vocab_size - 1), bert.config.vocab_size, (2, 16), generator=generator)
+        vocab = bert.config.vocab_size
+        low = 1000 if vocab > 2000 else 1  # past BERT's special and unused ids; tiny vocabularies: any but padding
+        ids = torch.randint(low, vocab, (2, 16), generator=generator)
         return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     size = tuple(model.patch_embed.img_size)
     return (torch.randn(2, model.patch_embed.proj.in_channels, *size, generator=generator),), {}
