@@ -54,7 +54,10 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text()
 
-    def stop_all(self, markers: list[str]) -> None:
+    def stop_all(self) -> None:
+        # Flower detaches its SuperExec processes into their own sessions: find them by
+        # parentage (while their parents still run), never by a command-line pattern.
+        family = {d for proc, _ in self.started for d in _descendants(proc.pid)}
         for proc, _ in self.started:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -64,8 +67,28 @@ class Processes:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             log.close()
-        for marker in markers:  # Flower detaches its SuperExec processes into their own sessions
-            subprocess.run(["pkill", "-f", marker], check=False)
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid``, from the parent ids in ``/proc/<pid>/stat``."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit():
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
 
 def _flwr(env, *args, timeout=120) -> subprocess.CompletedProcess:
@@ -145,7 +168,7 @@ def deployment(tmp_path_factory):
         refused_rc = refused.wait(timeout=120)
         logs = {name: procs.log(name) for name in ("superlink", "supernode-0", "supernode-1", "unregistered")}
     finally:
-        procs.stop_all([str(tmp), *(f"127.0.0.1:{p}" for p in (port, *runtime_ports))])
+        procs.stop_all()
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:] + logs["supernode-0"][-2000:]
     (run_dir,) = (tmp / "server-out").glob("*-text-fedavg")
 
