@@ -48,7 +48,7 @@ run: setup
 run-image:
 	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml
 
-# Issue 5's comparison (README, "Results"): every mode over 3 seeds, then tables and plots.
+# The comparison (README, "Results"): every mode over 3 seeds, then tables and plots.
 # A run whose summary.json exists is skipped, so an interrupted sweep resumes.
 RUNNER := $(FLWR_ENV) $(PY) -m experiments.runner --seeds 0 1 2
 results-text: setup

@@ -1,6 +1,6 @@
 """Cost of one Dual-LiGO training step against a plain step of the same target.
 
-Cases (issue: growth-engine benchmark):
+Cases:
 
 * ``bert``: all-MiniLM-L6-v2 (6 x 384, real weights when the asset package is
   installed) -> Local-LiGO -> 8 x 512 intermediate -> Global-LiGO -> 12 x 768

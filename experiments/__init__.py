@@ -1,1 +1,1 @@
-"""Issue 5's comparison: run every mode of the app over seeds and Dirichlet alphas, tabulate, plot."""
+"""The comparison of Fed-Grow with its baselines: run every mode of the app over seeds and Dirichlet alphas, tabulate, plot."""

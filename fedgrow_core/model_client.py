@@ -1,6 +1,6 @@
 """A client that trains an ordinary family model: the baselines and federated fine-tuning.
 
-One class serves three roles of issue 5's comparison, all on the rows and batch
+One class serves three roles of the comparison, all on the rows and batch
 order of :class:`fedgrow_core.client_setup.ClientSetup`:
 
 * ``small-only``: the client's own pre-trained small model, trained alone;

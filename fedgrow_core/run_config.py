@@ -18,7 +18,7 @@ from .partitions import PARTITIONERS
 from .shapes import TransformerShape
 
 TASKS = ("text", "image")
-#: What the app runs (issue 5's comparison): Fed-Grow, its baselines, and Fed-Grow
+#: What the app runs (the comparison of README, "Results"): Fed-Grow, its baselines, and Fed-Grow
 #: followed by federated fine-tuning. See ``server_app/app.py``.
 DP_CLIPPING = ("off", "fixed", "adaptive")
 MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft")
