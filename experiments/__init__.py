@@ -1,1 +1,1 @@
-"""The comparison of Fed-Grow with its baselines: run every mode of the app over seeds and Dirichlet alphas, tabulate, plot."""
+"""Fed-Grow against its baselines: run every mode of the app over seeds and Dirichlet alphas, tabulate, plot."""
