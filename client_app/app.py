@@ -41,15 +41,15 @@ from fedgrow_core.model_client import ModelClient, target_model
 from fedgrow_core.run_config import RunConfig
 
 from .egress_audit import egress_audit_mod
+from .guards import FINAL_PHASE, RefusedMessage, check_phase, check_run_tag, sanitised_errors_mod
 
-app = ClientApp(mods=[egress_audit_mod])
+app = ClientApp(mods=[sanitised_errors_mod, egress_audit_mod])
 
 STATE_KEY = "fedgrow-private"
 #: ``Context.state`` key of the round ``STATE_KEY`` was saved after (a ConfigRecord ``{"round": int}``).
 ROUND_KEY = "fedgrow-private-round"
 #: ``Context.state`` key of a shared-model client's batch position (``{"steps": int}``).
 DATA_KEY = "fedgrow-data"
-FINAL_PHASE = "finetune-evaluate"
 _PHASE_CODES = {"grow": 1, "train-local": 2, "train-shared": 3, "collect": 4, FINAL_PHASE: 5}
 #: Clients built in this process, most recent last. A simulation actor serves
 #: several nodes in turn; rebuilding a client (model, data, tokenisation) costs
@@ -119,7 +119,7 @@ def _seeded(context: Context, run: RunConfig, phase: str, server_round: int) -> 
 
 def _state_store(context: Context, run: RunConfig, config: ConfigRecord) -> ClientStateStore | None:
     """The node's on-disk state for the server's run ``config["run-tag"]`` (``None`` without a tag)."""
-    tag = str(config.get("run-tag", ""))
+    tag = check_run_tag(config.get("run-tag", ""))
     if not tag:
         return None
     node = context.node_config
@@ -129,15 +129,31 @@ def _state_store(context: Context, run: RunConfig, config: ConfigRecord) -> Clie
     return ClientStateStore(Path(str(base)) / tag)
 
 
-def _restore(context: Context, store: ClientStateStore | None, server_round: int) -> None:
-    """Put the newest private state saved before ``server_round`` into ``Context.state`` (memory or disk)."""
+def _restore(context: Context, store: ClientStateStore | None, server_round: int, resumed_after: int = 0) -> None:
+    """Put the newest private state saved before ``server_round`` into ``Context.state`` (memory or disk).
+
+    Raises
+    ------
+    RefusedMessage
+        If the server resumes a run (``resumed_after`` > 0) in which every node
+        trains every round, and this node has no private state from it: a fresh
+        start would silently train new operators.
+    """
     if store is None:
         return
     have = int(context.state[ROUND_KEY]["round"]) if ROUND_KEY in context.state else 0
-    newest = store.latest(at_most=server_round - 1)
-    if newest is not None and newest > have:
-        context.state[STATE_KEY] = ArrayRecord(store.load(newest))
-        context.state[ROUND_KEY] = ConfigRecord({"round": newest})
+    if have < server_round - 1:
+        found = store.load_latest(at_most=server_round - 1)
+        if found is not None and found[0] > have:
+            context.state[STATE_KEY] = ArrayRecord(found[1])
+            context.state[ROUND_KEY] = ConfigRecord({"round": found[0]})
+            have = found[0]
+    run = RunConfig.from_flower(context.run_config)
+    if resumed_after > 0 and have == 0 and run.fraction_train >= 1:
+        raise RefusedMessage(
+            f"resumed run {store.folder.name!r} after round {resumed_after}: this node has no private state from it "
+            "(in memory or in its state folder); refusing to start from fresh operators"
+        )
 
 
 def _keep(context: Context, store: ClientStateStore | None, server_round: int, state: dict) -> None:
@@ -164,6 +180,8 @@ def _reply(msg: Message, arrays: dict | None, metrics: dict) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Preflight: check the run config, load this node's model and data (cached for round 1), report row counts."""
+    run = RunConfig.from_flower(context.run_config)
+    check_phase(run.mode, "preflight", context.node_config)
     _, _, setup = _setup(context)
     metrics = {
         "partition-id": setup.partition_id,
@@ -178,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round: train ``local-steps`` steps on the node's data; reply with what the mode shares and metrics."""
     run = RunConfig.from_flower(context.run_config)
     config = msg.content["config"]
-    phase = str(config.get("phase", "grow"))
+    phase = check_phase(run.mode, str(config.get("phase", "")), context.node_config)
     server_round = int(config.get("server-round", 0))
     with _seeded(context, run, phase, server_round):
         return _train(msg, context, run, config, phase, server_round)
@@ -190,7 +208,7 @@ def _train(
     received = msg.content["arrays"].to_torch_state_dict()
     if phase in ("grow", "train-local"):
         store = _state_store(context, run, config)
-        _restore(context, store, server_round)
+        _restore(context, store, server_round, int(config.get("resumed-after", 0)))
     if phase == "grow":
         client = _growth_client(context)
         shared, metrics = client.train_round(
@@ -226,6 +244,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Final phase: fine-tune the mode's model (``finetune-steps``), evaluate it, save it privately."""
     run = RunConfig.from_flower(context.run_config)
     config = msg.content["config"] if "config" in msg.content else ConfigRecord()
+    check_phase(run.mode, str(config.get("phase", FINAL_PHASE)), context.node_config)
     server_round = int(config.get("server-round", 0))
     if run.mode in ("fedgrow", "independent-ligo", "small-only"):
         _restore(context, _state_store(context, run, config), server_round + 1)

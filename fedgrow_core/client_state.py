@@ -7,11 +7,13 @@ SuperNode or another simulation process starts without it. :class:`ClientStateSt
 also writes it after every round to ``<folder>/round-<r>.safetensors`` (a
 temporary file, then ``os.replace``) and keeps the newest ``keep`` rounds, so a
 client can pick up the state of the last round the server has checkpointed.
-Nothing in this folder is ever sent.
+A file that cannot be read (truncated, damaged) is skipped for the one before
+it (:meth:`ClientStateStore.load_latest`). Nothing in this folder is ever sent.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+_LOG = logging.getLogger(__name__)
 _ROUND_FILE = re.compile(r"^round-(\d+)\.safetensors$")
 
 
@@ -64,6 +67,8 @@ class ClientStateStore:
         path = self.folder / f"round-{server_round}.safetensors"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         for old in self.rounds()[: -self.keep]:
             (self.folder / f"round-{old}.safetensors").unlink(missing_ok=True)
@@ -86,3 +91,16 @@ class ClientStateStore:
         if not path.is_file():
             raise FileNotFoundError(f"no client state for round {server_round} in {self.folder}")
         return load_file(str(path))
+
+    def load_latest(self, at_most: int) -> tuple[int, dict[str, Tensor]] | None:
+        """The newest readable state saved for a round ``<= at_most``, as ``(round, state)``, or ``None``.
+
+        A newest file that cannot be read (truncated, damaged) is logged and
+        skipped for the one before it.
+        """
+        for server_round in reversed([r for r in self.rounds() if r <= at_most]):
+            try:
+                return server_round, self.load(server_round)
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own type for a damaged file
+                _LOG.warning("client state of round %d unreadable (%s); trying the round before", server_round, err)
+        return None

@@ -9,6 +9,7 @@ value and what was expected.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -126,7 +127,28 @@ class RunConfig:
         the checks (otherwise the Global-LiGO is kept unchanged).
     round_timeout : float
         Seconds the server waits for a round's replies; a node that has not
-        replied by then is recorded as missing for that round.
+        replied by then is recorded as missing for that round. It also bounds
+        the wait for ``min_train_nodes`` online nodes before a round.
+    clip_update_norm : float
+        Fixed L2 bound on each reply's update of the shared tensors (reply minus
+        what was sent), applied before aggregation; 0 turns it off.
+    clip_update_median : float
+        Bound on each reply's update norm as a multiple of the round's median
+        update norm (:mod:`server_app.bounded_influence`); 0 turns it off. The
+        bound used is the smaller of the two.
+    proximal_mu : float
+        FedProx's proximal weight (Li et al. 2020, Eq. 2); must be > 0 with
+        ``strategy = "fedprox"``.
+    fedopt_eta, fedopt_eta_l, fedopt_beta_1, fedopt_beta_2, fedopt_tau : float
+        Server learning rate, client learning rate (as Flower records it),
+        moment decays and adaptivity of FedAdam, FedYogi and FedAdagrad (Reddi
+        et al. 2021, Alg. 2); Flower's FedAdam defaults.
+    server_momentum, server_lr : float
+        FedAvgM's server momentum and learning rate (Hsu et al. 2019).
+    num_malicious_nodes : int
+        Krum's ``f`` (Blanchard et al. 2017): nodes that may be Byzantine.
+    trimmed_beta : float
+        FedTrimmedAvg's fraction cut from each end, in [0, 0.5).
     dp_clipping : {"off", "fixed", "adaptive"}
         Central differential privacy on the shared tensors with Flower's
         server-side clipping wrappers (``DifferentialPrivacyServerSideFixedClipping``
@@ -191,6 +213,18 @@ class RunConfig:
     strategy: str = "fedavg"
     min_train_nodes: int = 1
     round_timeout: float = 3600.0
+    clip_update_norm: float = 0.0
+    clip_update_median: float = 2.0
+    proximal_mu: float = 0.0
+    fedopt_eta: float = 0.1
+    fedopt_eta_l: float = 0.1
+    fedopt_beta_1: float = 0.9
+    fedopt_beta_2: float = 0.99
+    fedopt_tau: float = 1e-3
+    server_momentum: float = 0.9
+    server_lr: float = 1.0
+    num_malicious_nodes: int = 0
+    trimmed_beta: float = 0.2
     dp_clipping: str = "off"
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
@@ -243,6 +277,31 @@ class RunConfig:
         _one_of(p, "depth_init", self.depth_init, ("stackbert", "interlace", "identity"))
         _one_of(p, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of(p, "dp_clipping", self.dp_clipping, DP_CLIPPING)
+        nonfinite = [
+            f"{f.name.replace('_', '-')} = {getattr(self, f.name)!r}: expected a finite number"
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))
+        ]
+        if nonfinite:  # the range checks below cannot be trusted on NaN
+            raise ConfigError(p + nonfinite)
+        for name in ("clip_update_norm", "clip_update_median", "proximal_mu", "fedopt_tau", "server_lr"):
+            if getattr(self, name) < 0:
+                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number >= 0")
+        if self.strategy == "fedprox" and not self.proximal_mu > 0:
+            p.append("proximal-mu = 0.0: strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)")
+        for name in ("fedopt_beta_1", "fedopt_beta_2", "server_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number in [0, 1)")
+        if not 0 <= self.trimmed_beta < 0.5:
+            p.append(f"trimmed-beta = {self.trimmed_beta!r}: expected a number in [0, 0.5)")
+        if self.num_malicious_nodes < 0:
+            p.append(f"num-malicious-nodes = {self.num_malicious_nodes!r}: expected an integer >= 0")
+        if self.dp_clipping != "off" and self.mode != "fedgrow":
+            p.append(
+                f"dp-clipping = {self.dp_clipping!r}: central DP is available in mode 'fedgrow' only, not "
+                f"{self.mode!r} (the local baselines aggregate nothing; the collect phase of 'scratch-fedavg' and "
+                "'fedgrow-fedft' averages whole models with no shared reference to clip updates against)"
+            )
         if self.dp_noise_multiplier < 0:
             p.append(f"dp-noise-multiplier = {self.dp_noise_multiplier!r}: expected a number >= 0")
         if not self.dp_clipping_norm > 0:

@@ -25,7 +25,7 @@ from fedgrow_core.run_config import ConfigError, RunConfig
 from .checkpoint import check_resumable, read_checkpoint
 from .modes import run_mode
 from .outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
-from .strategy import resolve_strategy
+from .strategy import strategy_for_run
 from .summary import build_summary, final_clients, round_rows
 
 app = ServerApp()
@@ -59,7 +59,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured mode and write the run folder."""
     start = time.perf_counter()
     run = RunConfig.from_flower(context.run_config)
-    resolve_strategy(run.strategy)  # an unknown strategy fails here, before any client trains
+    num_nodes = len(list(grid.get_node_ids()))
+    # the strategy is built once now, so an unknown or unconstructible one fails before any client trains
+    strategy_for_run(run, max(num_nodes, run.min_train_nodes))
     check_writable(Path(run.output_dir))  # and so does an output-dir the results could not be written to
     resume = None
     if run.resume_from:  # a missing or mismatched checkpoint fails here too
@@ -72,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
         run.mode,
         run.intermediate_shape,
         run.target_shape,
-        len(list(grid.get_node_ids())),
+        num_nodes,
         run_dir,
     )
     result = run_mode(grid, run, run_dir, resume)
@@ -85,6 +87,7 @@ def main(grid: Grid, context: Context) -> None:
         write_global_ligo(run_dir, result.global_ligo.to_torch_state_dict())
     resumed_after = resume.server_round if resume is not None else 0
     summary = build_summary(run, result.entries, clients, rows, time.perf_counter() - start, resumed_after)
+    summary["final_rejected"] = result.final_rejected
     write_summary(run_dir, summary)
     log(
         INFO,

@@ -8,15 +8,24 @@ L2 norm ``dp-clipping-norm`` over all shared tensors together, the clipped
 replies are aggregated by the wrapped strategy, and Gaussian noise of std
 ``dp-noise-multiplier * clipping norm / sampled clients`` is added to the
 aggregate. For adaptive clipping the count of clipped updates is noised with
-:func:`clipped_count_stddev`. What this does and does not guarantee is in the README
-("Reliability and privacy").
+:func:`clipped_count_stddev`.
+
+Both noises are drawn by :func:`secure_gaussian` from the operating system's
+cryptographically secure generator (``secrets``/``os.urandom``), never from
+NumPy's global generator, whose state the checkpoint stores: no file a run
+writes lets anyone regenerate a round's noise. What this does and does not
+guarantee is in the README ("Reliability and privacy").
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Callable
 from logging import INFO
 
+import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.common import log
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -25,6 +34,64 @@ from flwr.serverapp.strategy import (
 )
 
 from fedgrow_core.run_config import RunConfig
+
+try:  # flwr >= 1.40 keeps the DP maths in flwr.supercore
+    from flwr.supercore.differential_privacy import compute_stdv
+except ImportError:  # pragma: no cover
+    from flwr.common.differential_privacy import compute_stdv
+
+
+def secure_gaussian(shape: tuple[int, ...], std: float) -> np.ndarray:
+    """Gaussian noise of ``std`` drawn from the OS's cryptographically secure generator.
+
+    Box-Muller transform (Box and Muller 1958) of uniforms built from
+    ``secrets.token_bytes`` (53 random bits each, in ``(0, 1]``); float64.
+    Nothing of the generator's state is held or written anywhere.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Output shape.
+    std : float
+        Standard deviation, >= 0.
+
+    Returns
+    -------
+    ndarray
+        float64 array of ``shape``.
+    """
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    raw = np.frombuffer(secrets.token_bytes(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+    u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53  # (0, 1]
+    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) / 2.0**53  # [0, 1)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    normals = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n]
+    return (std * normals).reshape(shape)
+
+
+class SecureNoise:
+    """Mixin for Flower's server-side DP wrappers: the same noise std, drawn by :func:`secure_gaussian`."""
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        noisy = {}
+        for name, array in aggregated.items():
+            value = array.numpy()
+            noisy[name] = Array((value + secure_gaussian(value.shape, std)).astype(value.dtype))
+        log(INFO, "central DP: noise of std %.4g added (secure generator)", std)
+        return ArrayRecord(noisy)
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return float(count + secure_gaussian((1,), self.clipped_count_stddev)[0]) / float(total)
+
+
+class SecureFixedClipping(SecureNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's ``DifferentialPrivacyServerSideFixedClipping`` with :class:`SecureNoise`."""
+
+
+class SecureAdaptiveClipping(SecureNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` with :class:`SecureNoise`."""
 
 
 def with_central_dp(
@@ -60,10 +127,10 @@ def with_central_dp(
         wrappers for a negative noise multiplier or non-positive clipping norm.
     """
     if run.dp_clipping == "fixed":
-        cls = wrap(DifferentialPrivacyServerSideFixedClipping)
+        cls = wrap(SecureFixedClipping)
         dp = cls(strategy, run.dp_noise_multiplier, run.dp_clipping_norm, num_sampled_clients)
     elif run.dp_clipping == "adaptive":
-        cls = wrap(DifferentialPrivacyServerSideAdaptiveClipping)
+        cls = wrap(SecureAdaptiveClipping)
         dp = cls(
             strategy,
             run.dp_noise_multiplier,

@@ -7,17 +7,30 @@ round's checkpoint intact. It holds
 * ``global/<name>``: the Global-LiGO after the round;
 * ``strategy/<name>``: the strategy's own state (:func:`strategy_state`), e.g.
   FedAdam's first and second moments;
-* ``rng/numpy``: NumPy's global Mersenne-Twister key (Flower's DP noise draws from it);
+* ``rng/numpy``: NumPy's global Mersenne-Twister key (central DP's noise does
+  not draw from it: :func:`server_app.central_dp.secure_gaussian`);
 
 and, as ``safetensors`` string metadata, JSON of the round number, the round-log
 entries so far, the run config (to refuse a resume with different settings),
-Python's ``random`` state (Flower samples nodes with it) and the strategy's
-scalar state.
+Python's ``random`` state (Flower samples nodes with it), the strategy's
+scalar state, and ``sha256``: a SHA-256 over every tensor and every other
+metadata field (:func:`content_hash`). The file is fsync'ed before the rename
+and the folder after it.
+
+Nothing in a checkpoint is trusted on resume (:func:`check_resumable`): the
+hash must match (it detects corruption and truncation, not a party that can
+rewrite the file and its hash); the Global-LiGO must have exactly the names and
+shapes of ``global_ligo(run)``, all finite; the round must be in
+``[1, num-server-rounds]``; strategy tensors must be known state of known
+tensors, finite; and only the scalars in ``_STRATEGY_SCALARS`` are restored,
+each range-checked.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -117,6 +130,31 @@ def strategy_state(strategy: Strategy) -> dict:
     return {"arrays": arrays, "scalars": scalars}
 
 
+#: Attributes a strategy changes while aggregating (Flower's built-ins and wrappers).
+_ROUND_STATE = ("m_t", "v_t", "momentum_vector", "clipping_norm", "current_arrays")
+
+
+def snapshot_state(strategy: Strategy) -> list[dict]:
+    """A deep copy of what aggregating one round may change, through wrappers (see :func:`restore_state`).
+
+    A strategy with ``state_dict()`` is snapshotted through it; otherwise the
+    attributes in ``_ROUND_STATE`` of each strategy in the wrapper chain.
+    """
+    if hasattr(strategy, "state_dict"):
+        return [{"state_dict": copy.deepcopy(strategy.state_dict())}]
+    return [{a: copy.deepcopy(getattr(s, a)) for a in _ROUND_STATE if hasattr(s, a)} for s in _wrapped(strategy)]
+
+
+def restore_state(strategy: Strategy, saved: list[dict]) -> None:
+    """Put back a :func:`snapshot_state` (a refused round leaves no trace in the strategy)."""
+    if hasattr(strategy, "load_state_dict") and saved and "state_dict" in saved[0]:
+        strategy.load_state_dict(saved[0]["state_dict"])
+        return
+    for s, attrs in zip(_wrapped(strategy), saved, strict=False):
+        for attr, value in attrs.items():
+            setattr(s, attr, value)
+
+
 def load_strategy_state(strategy: Strategy, state: dict) -> None:
     """Put :func:`strategy_state`'s output back (``load_state_dict`` if the strategy has one)."""
     if hasattr(strategy, "load_state_dict"):
@@ -169,12 +207,35 @@ def write_checkpoint(
             {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)}
         ),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
+    metadata["sha256"] = content_hash(tensors, metadata)
     path = run_dir / CHECKPOINT_FILE
     tmp = run_dir / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(run_dir, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as err:
+        raise OSError(f"cannot write the checkpoint {path}: {err.strerror or err}") from err
     return path
+
+
+def content_hash(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """SHA-256 hex digest of the tensors (name, dtype, shape, bytes; by name) and the metadata but ``sha256``."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{value.dtype}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    for key in sorted(k for k in metadata if k != "sha256"):
+        digest.update(f"{key}={metadata[key]}|".encode())
+    return digest.hexdigest()
 
 
 def read_checkpoint(run_dir: str | Path) -> Checkpoint:
@@ -188,22 +249,35 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise ConfigError([f"resume-from = {str(run_dir)!r}: no {CHECKPOINT_FILE} there (expected a run folder)"])
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ConfigError([f"resume-from = {str(run_dir)!r}: {path.name} is not a {FORMAT} file"])
-    tensors = load_file(str(path))
-    arrays = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("strategy/")}
-    glob = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("global/")}
-    return Checkpoint(
-        server_round=int(metadata["round"]),
-        global_ligo=ArrayRecord({k: Array(glob[k]) for k in sorted(glob)}),
-        entries=json.loads(metadata["entries"]),
-        strategy={"arrays": arrays, "scalars": json.loads(metadata["strategy-scalars"])},
-        run_config=json.loads(metadata["run-config"]),
-        python_random=json.loads(metadata["python-random"]),
-        numpy_random=(tensors["rng/numpy"], json.loads(metadata["numpy-random"])),
-    )
+    where = f"resume-from = {str(run_dir)!r}: {path}"
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ConfigError([f"{where} is not a {FORMAT} file"])
+        tensors = load_file(str(path))
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for truncated files
+        raise ConfigError(
+            [f"{where} cannot be read ({type(err).__name__}: {err}); it is damaged or truncated"]
+        ) from err
+    if metadata.get("sha256") != content_hash(tensors, metadata):
+        raise ConfigError([f"{where}: integrity hash does not match its contents (damaged or altered)"])
+    try:
+        arrays = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("strategy/")}
+        glob = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("global/")}
+        return Checkpoint(
+            server_round=int(metadata["round"]),
+            global_ligo=ArrayRecord({k: Array(glob[k]) for k in sorted(glob)}),
+            entries=json.loads(metadata["entries"]),
+            strategy={"arrays": arrays, "scalars": json.loads(metadata["strategy-scalars"])},
+            run_config=json.loads(metadata["run-config"]),
+            python_random=json.loads(metadata["python-random"]),
+            numpy_random=(tensors["rng/numpy"], json.loads(metadata["numpy-random"])),
+        )
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError([f"{where}: malformed checkpoint field ({type(err).__name__}: {err})"]) from err
 
 
 def check_resumable(checkpoint: Checkpoint, run: RunConfig) -> None:
@@ -227,5 +301,55 @@ def check_resumable(checkpoint: Checkpoint, run: RunConfig) -> None:
             f"num-server-rounds = {run.num_server_rounds}: the checkpoint has already done "
             f"{checkpoint.server_round} rounds"
         )
+    problems += content_problems(checkpoint, run)
     if problems:
         raise ConfigError(problems)
+
+
+def content_problems(checkpoint: Checkpoint, run: RunConfig) -> list[str]:
+    """What in a checkpoint's contents a run must not trust (empty if nothing).
+
+    Checks the round, the Global-LiGO against ``global_ligo(run)`` (names,
+    shapes, float32, finite), the strategy tensors (known attribute, known
+    tensor, its shape, finite) and the scalars (known, finite, in range).
+    """
+    from fedgrow_core.growth_client import global_ligo  # the LiGO modules are heavy; only a resume needs them
+
+    p = []
+    if not 1 <= checkpoint.server_round <= run.num_server_rounds:
+        p.append(f"checkpoint round {checkpoint.server_round}: expected an integer in [1, {run.num_server_rounds}]")
+    expected = {k: tuple(v.shape) for k, v in global_ligo(run).state_dict().items()}
+    got = {k: tuple(a.shape) for k, a in checkpoint.global_ligo.items()}
+    if set(got) != set(expected):
+        extra, missing = sorted(set(got) - set(expected)), sorted(set(expected) - set(got))
+        p.append(f"checkpoint Global-LiGO tensors differ from the run's: extra {extra[:5]}, missing {missing[:5]}")
+    for name, array in checkpoint.global_ligo.items():
+        if name in expected and (got[name] != expected[name] or str(array.dtype) != "float32"):
+            p.append(f"checkpoint tensor {name!r}: {got[name]} {array.dtype}, expected {expected[name]} float32")
+        elif not np.isfinite(array.numpy()).all():
+            p.append(f"checkpoint tensor {name!r} holds NaN or Inf")
+    for key, value in checkpoint.strategy["arrays"].items():
+        depth, attr, name = (key.split(".", 2) + ["", ""])[:3]
+        kind = _STRATEGY_ARRAYS.get(attr)
+        known = name in expected if kind == "dict" else name.isdigit() and int(name) < len(expected)
+        if not depth.isdigit() or kind is None or not known:
+            p.append(f"checkpoint strategy tensor {key!r}: not a known strategy state")
+        elif kind == "dict" and tuple(value.shape) != expected[name]:
+            p.append(f"checkpoint strategy tensor {key!r}: shape {tuple(value.shape)}, expected {expected[name]}")
+        elif not np.isfinite(value).all():
+            p.append(f"checkpoint strategy tensor {key!r} holds NaN or Inf")
+    for key, value in checkpoint.strategy["scalars"].items():
+        depth, _, attr = key.partition(".")
+        if not depth.isdigit() or attr not in _STRATEGY_SCALARS:
+            p.append(f"checkpoint strategy scalar {key!r}: only {list(_STRATEGY_SCALARS)} may be restored")
+        elif not isinstance(value, (int, float)) or not _scalar_range(run)[0] <= value <= _scalar_range(run)[1]:
+            low, high = _scalar_range(run)
+            p.append(f"checkpoint strategy scalar {key!r} = {value!r}: expected a number in [{low:g}, {high:g}]")
+    return p
+
+
+def _scalar_range(run: RunConfig) -> tuple[float, float]:
+    """Range of a restored clipping norm: what ``dp-clipping-norm`` is (fixed), or within 1000x of it (adaptive)."""
+    if run.dp_clipping == "fixed":
+        return run.dp_clipping_norm, run.dp_clipping_norm
+    return run.dp_clipping_norm / 1000, run.dp_clipping_norm * 1000

@@ -40,13 +40,16 @@ class ModeResult:
         Round-log entries in order (:func:`server_app.round_log.round_entry` plus
         ``phase``).
     final_replies : list of Message
-        The final phase's replies (accuracy, precision, parameter counts).
+        The final phase's accepted replies (accuracy, precision, parameter counts).
+    final_rejected : list of dict
+        ``{"node_id", "reason"}`` per final reply that failed its checks.
     global_ligo : ArrayRecord or None
         The final Global-LiGO, for modes that train one.
     """
 
     entries: list[dict]
     final_replies: list[Message]
+    final_rejected: list[dict]
     global_ligo: ArrayRecord | None = None
 
 
@@ -67,25 +70,34 @@ def run_mode(grid: Grid, run: RunConfig, run_dir: Path | None = None, resume: Ch
         If a node cannot set up; nothing has been trained then.
     """
     rounds, t = run.num_server_rounds, run.round_timeout  # t: seconds per exchange
-    preflight(grid, t)
+    rows = preflight(grid, t)
+    caps = {node: int(m["train-examples"]) for node, m in rows.items()}
+
+    def final(arrays: ArrayRecord, last_round: int = 0, tag: str = "") -> tuple[list[Message], list[dict]]:
+        return final_phase(grid, arrays, t, last_round, tag, preflight_rows=rows)
+
     if run.mode in ("fedgrow", "fedgrow-fedft"):
         start = ArrayRecord(global_ligo(run).state_dict())
-        glob, entries = shared_rounds(grid, run, start, rounds, "grow", 1, run_dir=run_dir, resume=resume)
+        glob, entries = shared_rounds(
+            grid, run, start, rounds, "grow", 1, run_dir=run_dir, resume=resume, example_caps=caps
+        )
         if run.mode == "fedgrow":
             tag = run_dir.name if run_dir is not None else ""
-            return ModeResult(entries, final_phase(grid, glob, t, rounds, tag), glob)
-        averaged, collected = collect_average(grid, run, glob, rounds, t)
+            return ModeResult(entries, *final(glob, rounds, tag), glob)
+        averaged, collected = collect_average(grid, run, glob, rounds, t, example_caps=caps)
         ft_rounds = run.finetune_steps // run.local_steps
-        final, ft_entries = averaged, []
+        last, ft_entries = averaged, []
         if ft_rounds:
-            final, ft_entries = shared_rounds(grid, run, averaged, ft_rounds, "train-shared", rounds + 1)
-        return ModeResult([*entries, collected, *ft_entries], final_phase(grid, final, t), glob)
+            last, ft_entries = shared_rounds(
+                grid, run, averaged, ft_rounds, "train-shared", rounds + 1, example_caps=caps
+            )
+        return ModeResult([*entries, collected, *ft_entries], *final(last), glob)
     if run.mode == "scratch-fedavg":
-        averaged, collected = collect_average(grid, run, ArrayRecord(), 0, t)
-        final, entries = shared_rounds(grid, run, averaged, rounds, "train-shared", 1)
-        return ModeResult([collected, *entries], final_phase(grid, final, t))
+        averaged, collected = collect_average(grid, run, ArrayRecord(), 0, t, example_caps=caps)
+        last, entries = shared_rounds(grid, run, averaged, rounds, "train-shared", 1, example_caps=caps)
+        return ModeResult([collected, *entries], *final(last))
     if run.mode in ("independent-ligo", "small-only"):
         phase = "grow" if run.mode == "independent-ligo" else "train-local"
         entries = local_rounds(grid, rounds, phase, 1, t)
-        return ModeResult(entries, final_phase(grid, ArrayRecord(), t))
+        return ModeResult(entries, *final(ArrayRecord()))
     raise ValueError(f"unknown mode {run.mode!r}")

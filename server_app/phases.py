@@ -10,21 +10,26 @@ uniformly.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedgrow_core.run_config import RunConfig
 
 from .checkpoint import Checkpoint, load_strategy_state, write_checkpoint
-from .reply_checks import array_spec
+from .reply_checks import FINAL_METRICS, PREFLIGHT_METRICS, ReplySchema, array_spec, reply_problem, train_schema
 from .round_log import last_line, round_entry
 from .strategy import build_strategy, strategy_for_run
 
 FINAL_PHASE = "finetune-evaluate"
+#: The schema of a preflight reply (metrics only) and of a final-phase reply (metrics and ``info``).
+PREFLIGHT_SCHEMA = ReplySchema(PREFLIGHT_METRICS, arrays=None)
+FINAL_SCHEMA = ReplySchema(FINAL_METRICS, arrays=None, info=True)
 
 
 def _send(
@@ -61,17 +66,22 @@ def preflight(grid: Grid, timeout: float) -> dict[int, dict]:
     -------
     dict of int to dict
         Node id -> the reply's metrics (``partition-id``, ``train-examples``,
-        ``test-examples``).
+        ``test-examples``); the counts cap the node's later replies.
 
     Raises
     ------
     PreflightError
-        If any node replied with an error or did not reply within ``timeout``
-        seconds; the message lists every such node with its reason.
+        If any node replied with an error, with a reply that does not match
+        :data:`PREFLIGHT_SCHEMA`, or did not reply within ``timeout`` seconds;
+        the message lists every such node with its reason.
     """
     sent = list(grid.get_node_ids())
     replies = _send(grid, ArrayRecord(), "preflight", MessageType.QUERY, timeout)
     problems = [f"node {m.metadata.src_node_id}: {last_line(m.error.reason)}" for m in replies if m.has_error()]
+    for m in replies:
+        problem = None if m.has_error() else reply_problem(m.content, PREFLIGHT_SCHEMA)
+        if problem:
+            problems.append(f"node {m.metadata.src_node_id}: malformed preflight reply: {problem}")
     replied = {m.metadata.src_node_id for m in replies}
     problems += [f"node {n}: no reply within {timeout:g} s" for n in sent if n not in replied]
     if problems:
@@ -89,6 +99,7 @@ def shared_rounds(
     *,
     run_dir: Path | None = None,
     resume: Checkpoint | None = None,
+    example_caps: dict[int, int] | None = None,
 ) -> tuple[ArrayRecord, list[dict]]:
     """``num_rounds`` rounds of the configured (checked) strategy over ``arrays``.
 
@@ -100,7 +111,10 @@ def shared_rounds(
     (:func:`server_app.checkpoint.write_checkpoint`, through ``Strategy.start``'s
     ``evaluate_fn`` hook). With ``resume`` the Global-LiGO, the strategy's state,
     the RNGs and the log of the checkpoint's rounds are restored and only the
-    rounds after ``resume.server_round`` run.
+    rounds after ``resume.server_round`` run, and clients are told so
+    (``resumed-after``), so a client that finds no private state refuses.
+    ``example_caps`` (node id -> preflight training rows) caps each reply's
+    ``num-examples`` (:class:`server_app.strategy.ReplyChecks`).
 
     Returns
     -------
@@ -109,7 +123,7 @@ def shared_rounds(
         aggregated anything) and one log entry per round.
     """
     num_nodes = len(list(grid.get_node_ids()))
-    strategy = strategy_for_run(run, num_nodes)
+    strategy = strategy_for_run(run, num_nodes, example_caps)
     done, before = 0, []
     if resume is not None:
         done, arrays, before = resume.server_round, resume.global_ligo, resume.entries
@@ -132,6 +146,8 @@ def shared_rounds(
     if num_rounds <= done:
         return arrays, before
     config = {"phase": phase, **({"run-tag": run_dir.name} if run_dir is not None else {})}
+    if done:
+        config["resumed-after"] = done
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays,
@@ -140,7 +156,12 @@ def shared_rounds(
         train_config=ConfigRecord(config),
         evaluate_fn=checkpoint,
     )
-    return (result.arrays if result.arrays is not None else arrays), entries()
+    aggregated = result.arrays is not None and len(result.arrays) > 0  # Flower leaves it empty if no round aggregated
+    return (result.arrays if aggregated else arrays), entries()
+
+
+#: A local-only round's reply: metrics and an empty ``arrays`` record.
+LOCAL_SCHEMA = train_schema({})
 
 
 def local_rounds(
@@ -149,8 +170,9 @@ def local_rounds(
     """``num_rounds`` rounds in which every node trains locally and replies with metrics only.
 
     The messages carry an empty ``ArrayRecord``, the round (``server-round``) and
-    ``run_tag`` (``run-tag``, if any: clients keep their state on disk under it); a reply that carries any tensor
-    is logged as rejected (nothing is aggregated in these modes anyway).
+    ``run_tag`` (``run-tag``, if any: clients keep their state on disk under it). A reply that does not
+    match :data:`LOCAL_SCHEMA` (e.g. one that carries any tensor) is logged as rejected; nothing is
+    aggregated in these modes.
     """
     entries = []
     for r in range(first_round, first_round + num_rounds):
@@ -160,8 +182,17 @@ def local_rounds(
         replies = _send(grid, ArrayRecord(), phase, MessageType.TRAIN, timeout, **{"server-round": r, **tag})
         accepted, rejected = [], []
         for msg in replies:
-            if not msg.has_error() and any(len(rec) for rec in msg.content.array_records.values()):
-                rejected.append({"node_id": msg.metadata.src_node_id, "reason": "a local-only reply carried tensors"})
+            problem = None if msg.has_error() else reply_problem(msg.content, LOCAL_SCHEMA)
+            if problem:
+                rejected.append({"node_id": msg.metadata.src_node_id, "reason": problem})
+                log(
+                    WARNING,
+                    "round %d (%s): rejected reply from node %d: %s",
+                    r,
+                    phase,
+                    msg.metadata.src_node_id,
+                    problem,
+                )
             else:
                 accepted.append(msg)
         entry = round_entry(r, replies, accepted, rejected, time.perf_counter() - start, sent)
@@ -171,15 +202,21 @@ def local_rounds(
 
 
 def collect_average(
-    grid: Grid, run: RunConfig, arrays: ArrayRecord, round_number: int, timeout: float = 3600
+    grid: Grid,
+    run: RunConfig,
+    arrays: ArrayRecord,
+    round_number: int,
+    timeout: float = 3600,
+    example_caps: dict[int, int] | None = None,
 ) -> tuple[ArrayRecord, dict]:
     """Ask every node for its starting weights and average them with the strategy's FedAvg.
 
     Used before federated training of a full model: ``scratch-fedavg`` (clients
     build the seeded random initialisation) and ``fedgrow-fedft`` (clients
-    materialise their grown models from the Global-LiGO in ``arrays``). Replies
-    must all match the first accepted reply's names, shapes and dtypes, and pass
-    the usual reply checks.
+    materialise their grown models from the Global-LiGO in ``arrays``). The
+    expected tensor names, shapes and dtypes are those a strict majority of the
+    replies share (:func:`majority_spec`), so no single reply sets them; every
+    reply must match them and pass the usual checks and bounds.
 
     Returns
     -------
@@ -190,18 +227,24 @@ def collect_average(
     Raises
     ------
     RuntimeError
-        If no node replied with weights.
+        If no strict majority of the replies agrees on the tensors, or every
+        reply was rejected.
     """
-    start = time.perf_counter()
+    sent = list(grid.get_node_ids())
     replies = _send(grid, arrays, "collect", MessageType.TRAIN, timeout)
-    ok = [m for m in replies if not m.has_error() and m.content.array_records]
-    if not ok:
-        raise RuntimeError("collect: no node replied with weights")
-    num_nodes = len(list(grid.get_node_ids()))
-    strategy = build_strategy("fedavg", num_nodes, 1.0)
-    strategy.expected_spec = array_spec(next(iter(ok[0].content.array_records.values())))
-    strategy._round_start = start
-    strategy._sent_nodes = list(grid.get_node_ids())
+    spec = majority_spec(replies)
+    if spec is None:
+        raise RuntimeError(f"collect: no strict majority of the {len(replies)} replies agrees on the tensors sent")
+    strategy = build_strategy("fedavg", len(sent), 1.0)
+    strategy.clip_median = run.clip_update_median
+    strategy.clip_norm = run.clip_update_norm
+    strategy.example_caps = example_caps
+    strategy.expected_spec = spec
+    # Clipping needs a reference: the majority's coordinate-wise median, an estimate no single reply controls.
+    reference = _median_arrays(replies, spec)
+    if reference is None:
+        raise RuntimeError("collect: every reply was rejected (no finite weights)")
+    strategy.record_round(round_number, reference, sent)
     averaged, _ = strategy.aggregate_train(round_number, replies)
     if averaged is None:
         raise RuntimeError("collect: every reply was rejected")
@@ -210,14 +253,84 @@ def collect_average(
 
 
 def final_phase(
-    grid: Grid, arrays: ArrayRecord, timeout: float = 3600, last_round: int = 0, run_tag: str = ""
-) -> list[Message]:
-    """Ask every node to fine-tune (per its mode), evaluate and save its model; return the good replies.
+    grid: Grid,
+    arrays: ArrayRecord,
+    timeout: float = 3600,
+    last_round: int = 0,
+    run_tag: str = "",
+    preflight_rows: dict[int, dict] | None = None,
+) -> tuple[list[Message], list[dict]]:
+    """Ask every node to fine-tune (per its mode), evaluate and save its model.
 
     One ``EVALUATE`` message per node carries ``arrays`` (the final Global-LiGO,
     the final averaged model, or nothing), ``phase = "finetune-evaluate"``, the
     last round (``server-round``) and the run's tag (``run-tag``, if any);
-    ``timeout`` is in seconds. Failed replies are logged with the node id and left out.
+    ``timeout`` is in seconds. Every reply is checked against
+    :data:`FINAL_SCHEMA` and, with ``preflight_rows``, against the node's
+    preflight reply (same ``partition-id``, ``num-examples`` at most its test
+    rows).
+
+    Returns
+    -------
+    tuple of (list of Message, list of dict)
+        The accepted replies, and ``{"node_id", "reason"}`` per rejected one
+        (failed replies are logged and left out of both).
     """
     config = {"server-round": last_round, **({"run-tag": run_tag} if run_tag else {})}
-    return [m for m in _send(grid, arrays, FINAL_PHASE, MessageType.EVALUATE, timeout, **config) if not m.has_error()]
+    accepted, rejected = [], []
+    for msg in _send(grid, arrays, FINAL_PHASE, MessageType.EVALUATE, timeout, **config):
+        if msg.has_error():
+            continue
+        problem = reply_problem(msg.content, FINAL_SCHEMA) or _preflight_mismatch(msg, preflight_rows)
+        if problem:
+            rejected.append({"node_id": msg.metadata.src_node_id, "reason": problem})
+            log(WARNING, "%s: rejected reply from node %d: %s", FINAL_PHASE, msg.metadata.src_node_id, problem)
+        else:
+            accepted.append(msg)
+    return accepted, rejected
+
+
+def _preflight_mismatch(msg: Message, preflight_rows: dict[int, dict] | None) -> str | None:
+    """Why a final reply contradicts its node's preflight reply, or ``None``."""
+    if preflight_rows is None:
+        return None
+    before = preflight_rows.get(msg.metadata.src_node_id)
+    if before is None:
+        return "node did not take part in preflight"
+    metrics = msg.content["metrics"]
+    if metrics["partition-id"] != before["partition-id"]:
+        return f"partition-id {metrics['partition-id']}, but preflight said {before['partition-id']}"
+    if metrics["num-examples"] > before["test-examples"]:
+        return f"num-examples {metrics['num-examples']} > the {before['test-examples']} test rows of preflight"
+    return None
+
+
+def majority_spec(replies: list[Message]) -> dict | None:
+    """The array spec (names, shapes, dtypes) a strict majority of the content replies share, or ``None``."""
+    content = [m for m in replies if not m.has_error()]
+    specs = [
+        tuple(sorted(array_spec(m.content["arrays"]).items()))
+        for m in content
+        if isinstance(m.content.get("arrays"), ArrayRecord)
+    ]
+    if not specs:
+        return None
+    spec, count = Counter(specs).most_common(1)[0]
+    return dict(spec) if 2 * count > len(content) else None
+
+
+def _median_arrays(replies: list[Message], spec: dict) -> ArrayRecord | None:
+    """Coordinate-wise median of the finite replies that match ``spec`` (the collect phase's clipping reference)."""
+    matching = [
+        m.content["arrays"]
+        for m in replies
+        if not m.has_error()
+        and isinstance(m.content.get("arrays"), ArrayRecord)
+        and array_spec(m.content["arrays"]) == spec
+        and all(np.isfinite(a.numpy()).all() for a in m.content["arrays"].values())
+    ]
+    if not matching:
+        return None
+    return ArrayRecord(
+        {k: Array(np.median(np.stack([r[k].numpy() for r in matching]), axis=0).astype(spec[k][1])) for k in spec}
+    )

@@ -1,21 +1,124 @@
-"""Checks of a client's training reply before it may be aggregated.
+"""Per-phase schemas of the replies a client may send, and the check of a reply against one.
 
-A reply is accepted only if it carries exactly the Global-LiGO: one
-``ArrayRecord`` whose tensor names, shapes and dtypes equal the ones the server
-sent, all finite, and one ``MetricRecord`` whose ``num-examples`` is a positive
-integer. Anything else (a missing or extra tensor, e.g. a Local-LiGO or
-small-model weight; a wrong shape or dtype; NaN or Inf) is rejected with a reason.
+Every reply is untrusted. Before anything reads it, the server checks it
+against the schema of the phase it answers (:data:`TRAIN_METRICS`,
+:data:`FINAL_METRICS`, :data:`PREFLIGHT_METRICS`):
+
+* the record names and kinds are exactly the phase's (``arrays`` +
+  ``metrics``, plus ``info`` in the final phase); nothing else, so no extra
+  ``ConfigRecord`` blob travels;
+* the ``ArrayRecord`` holds exactly the expected tensor names, shapes and
+  dtypes (the Global-LiGO the server sent, nothing in local-only rounds), all
+  finite;
+* the ``MetricRecord`` holds every required key and no key outside the
+  phase's, each a scalar (no lists) of the stated type, finite and in the stated
+  range;
+* the ``info`` ``ConfigRecord`` of the final phase holds one short string.
+
+A reply that fails is rejected with a one-line reason naming the offending
+record, tensor or metric; it is never aggregated nor copied into the logs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 #: name -> (shape, numpy dtype string)
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
+
+#: Bound on counts (rows, parameters) a client may report.
+MAX_COUNT = 10**12
+#: Bound on seconds a client may report (about 115 days).
+MAX_SECONDS = 1e7
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric key: its type (``int`` or ``float``), inclusive range and whether it is required."""
+
+    kind: type
+    low: float
+    high: float
+    required: bool = True
+
+    def problem(self, key: str, value: object) -> str | None:
+        """Why ``value`` is not acceptable for ``key``, or ``None``."""
+        if isinstance(value, bool) or isinstance(value, (list, tuple)):
+            return f"metric {key!r} = {_short(value)}: expected a single {'integer' if self.kind is int else 'number'}"
+        if self.kind is int and not isinstance(value, int):
+            return f"metric {key!r} = {_short(value)}: expected an integer"
+        if not isinstance(value, (int, float)):
+            return f"metric {key!r} = {_short(value)}: expected a number"
+        if not math.isfinite(value) or not self.low <= value <= self.high:
+            word = "an integer" if self.kind is int else "a number"
+            return f"metric {key!r} = {_short(value)}: expected {word} in [{self.low:g}, {self.high:g}]"
+        return None
+
+
+_COUNT = MetricSpec(int, 1, MAX_COUNT)
+_PARAMS = MetricSpec(int, 0, MAX_COUNT)
+_SECONDS = MetricSpec(float, 0.0, MAX_SECONDS)
+_FRACTION = MetricSpec(float, 0.0, 1.0)
+
+#: Metrics of a round's reply (``grow``, ``train-local``, ``train-shared``).
+TRAIN_METRICS: dict[str, MetricSpec] = {
+    "num-examples": _COUNT,
+    "train-loss": MetricSpec(float, 0.0, 1e6),
+    "train-accuracy": _FRACTION,
+    "train-seconds": _SECONDS,
+    "trainable-params": _PARAMS,
+    "compute-threads": MetricSpec(int, 1, 1 << 16),
+    "eval-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
+    "eval-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
+}
+#: Metrics of a ``collect`` reply.
+COLLECT_METRICS: dict[str, MetricSpec] = {"num-examples": _COUNT}
+#: Metrics of a final-phase reply (``finetune-evaluate``).
+FINAL_METRICS: dict[str, MetricSpec] = {
+    "num-examples": _COUNT,
+    "accuracy": _FRACTION,
+    "precision": _FRACTION,
+    "loss": MetricSpec(float, 0.0, 1e6),
+    "trainable-params": MetricSpec(int, 0, MAX_COUNT, required=False),
+    "model-params": _PARAMS,
+    "finetune-seconds": _SECONDS,
+    "eval-seconds": _SECONDS,
+    "compute-threads": MetricSpec(int, 1, 1 << 16),
+    "partition-id": MetricSpec(int, 0, MAX_COUNT),
+}
+#: Metrics of a preflight reply.
+PREFLIGHT_METRICS: dict[str, MetricSpec] = {
+    "partition-id": MetricSpec(int, 0, MAX_COUNT),
+    "train-examples": MetricSpec(int, 0, MAX_COUNT),
+    "test-examples": MetricSpec(int, 0, MAX_COUNT),
+}
+#: Longest string in a final reply's ``info`` record (the model's folder name).
+MAX_INFO_CHARS = 256
+
+
+@dataclass(frozen=True)
+class ReplySchema:
+    """What one phase's reply must hold.
+
+    Attributes
+    ----------
+    metrics : mapping of str to MetricSpec
+        The ``metrics`` record's keys.
+    arrays : mapping of str to (shape, dtype) or None
+        The ``arrays`` record's tensors (empty: the record must be empty);
+        ``None``: the reply has no ``arrays`` record.
+    info : bool
+        Whether the reply carries the final phase's ``info`` ``ConfigRecord``.
+    """
+
+    metrics: Mapping[str, MetricSpec]
+    arrays: ArraySpec | None = field(default_factory=dict)
+    info: bool = False
 
 
 def array_spec(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -23,36 +126,62 @@ def array_spec(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
 
 
-def reply_problem(content: RecordDict, expected: ArraySpec, weight_key: str = "num-examples") -> str | None:
-    """Why a training reply must be rejected, or ``None`` if it is acceptable.
+def train_schema(expected: ArraySpec) -> ReplySchema:
+    """The schema of a round's reply that returns the tensors in ``expected`` (empty for local-only rounds)."""
+    return ReplySchema(TRAIN_METRICS, expected)
+
+
+def reply_problem(content: RecordDict, schema: ReplySchema | ArraySpec) -> str | None:
+    """Why a reply must be rejected, or ``None`` if it matches ``schema``.
 
     Parameters
     ----------
     content : RecordDict
         The reply's content.
-    expected : mapping of str to (shape, dtype)
-        From :func:`array_spec` of the Global-LiGO the server sent.
-    weight_key : str
-        The metric used as aggregation weight.
+    schema : ReplySchema or mapping of str to (shape, dtype)
+        The phase's schema; a bare array spec (from :func:`array_spec` of what
+        the server sent) means :func:`train_schema` of it.
 
     Returns
     -------
     str or None
-        A one-line reason naming the offending tensor or metric.
+        A one-line reason naming the offending record, tensor or metric.
     """
-    arrays = list(content.array_records.values())
-    metrics = list(content.metric_records.values())
-    if len(arrays) != 1:
-        return f"expected one ArrayRecord, got {len(arrays)}"
-    if len(metrics) != 1:
-        return f"expected one MetricRecord, got {len(metrics)}"
-    names = set(arrays[0].keys())
+    if not isinstance(schema, ReplySchema):
+        schema = train_schema(schema)
+    expected_records = {"metrics": MetricRecord}
+    if schema.arrays is not None:
+        expected_records["arrays"] = ArrayRecord
+    if schema.info:
+        expected_records["info"] = ConfigRecord
+    names = set(content.keys())
+    if names != set(expected_records):
+        extra, missing = sorted(names - set(expected_records)), sorted(set(expected_records) - names)
+        return f"records: expected {sorted(expected_records)}, got extra {extra[:5]}, missing {missing}"
+    for name, kind in expected_records.items():
+        if not isinstance(content[name], kind):
+            return f"record {name!r} is a {type(content[name]).__name__}, expected a {kind.__name__}"
+    if schema.arrays is not None:
+        problem = _array_problem(content["arrays"], schema.arrays)
+        if problem:
+            return problem
+    problem = metric_problem(content["metrics"], schema.metrics)
+    if problem or not schema.info:
+        return problem
+    info = content["info"]
+    if set(info.keys()) != {"model"} or not isinstance(info["model"], str) or len(info["model"]) > MAX_INFO_CHARS:
+        return f"record 'info' must hold one string 'model' of at most {MAX_INFO_CHARS} characters"
+    return None
+
+
+def _array_problem(arrays: ArrayRecord, expected: ArraySpec) -> str | None:
+    names = set(arrays.keys())
     extra, missing = sorted(names - set(expected)), sorted(set(expected) - names)
     if extra:
         return f"unexpected tensors (only Global-LiGO may travel): {extra[:5]}{' ...' if len(extra) > 5 else ''}"
     if missing:
         return f"missing Global-LiGO tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-    for name, array in arrays[0].items():
+    for name, array in arrays.items():
         shape, dtype = expected[name]
         if tuple(array.shape) != shape:
             return f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape}"
@@ -60,16 +189,28 @@ def reply_problem(content: RecordDict, expected: ArraySpec, weight_key: str = "n
             return f"tensor {name!r} has dtype {array.dtype}, expected {dtype}"
         if not np.isfinite(array.numpy()).all():
             return f"tensor {name!r} holds NaN or Inf"
-    return _metric_problem(metrics[0], weight_key)
-
-
-def _metric_problem(metrics: MetricRecord, weight_key: str) -> str | None:
-    if weight_key not in metrics:
-        return f"metric {weight_key!r} is missing"
-    value = metrics[weight_key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        return f"metric {weight_key!r} = {value!r}; expected a positive integer"
-    for key, v in metrics.items():
-        if isinstance(v, float) and not np.isfinite(v):
-            return f"metric {key!r} is {v}"
     return None
+
+
+def metric_problem(metrics: MetricRecord, spec: Mapping[str, MetricSpec]) -> str | None:
+    """Why ``metrics`` does not match ``spec`` (unknown or missing key, wrong type, out of range), or ``None``."""
+    unknown = sorted(k for k in metrics.keys() if k not in spec)
+    if unknown:
+        return f"unexpected metrics {unknown[:5]}; this phase allows {sorted(spec)}"
+    for key, item in spec.items():
+        if key not in metrics:
+            if item.required:
+                return f"metric {key!r} is missing"
+            continue
+        problem = item.problem(key, metrics[key])
+        if problem:
+            return problem
+    return None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a reply may hold a million-element list)."""
+    if isinstance(value, (list, tuple)) and len(value) > 4:
+        return f"[{', '.join(repr(v) for v in value[:3])}, ... ({len(value)} values)]"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -10,11 +10,14 @@ same checks mixed in.
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -31,10 +34,12 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedgrow_core.run_config import RunConfig
+from fedgrow_core.run_config import ConfigError, RunConfig
 
+from .bounded_influence import capped_weight, clip_bound, clipped, update_norm
 from .central_dp import with_central_dp
-from .reply_checks import ArraySpec, array_spec, reply_problem
+from .checkpoint import restore_state, snapshot_state
+from .reply_checks import ArraySpec, ReplySchema, array_spec, reply_problem, train_schema
 from .round_log import round_entry
 
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
@@ -51,16 +56,33 @@ BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
 
 
 class ReplyChecks:
-    """Mixin for a Flower strategy: drop malformed training replies before aggregation.
+    """Mixin for a Flower strategy: check, bound and then aggregate training replies.
 
-    The expected Global-LiGO names, shapes and dtypes are taken from the arrays the
-    strategy sends. Rejected replies are logged with node id and reason and
-    counted; error replies (a client that raised) and missing ones (a client that
-    timed out or is gone) are recorded too. Only replies that pass reach the
-    wrapped strategy, and only if there are at least ``min_train_nodes`` of them;
-    otherwise the round is skipped and the arrays stay as they were. The
-    aggregate is cast back to the dtypes that were sent (:func:`_as_sent`). ``round_log``
-    keeps one :func:`server_app.round_log.round_entry` per round.
+    Per round, in ``aggregate_train`` (the hook Flower's ``Strategy.start``
+    calls), before the wrapped strategy reads anything:
+
+    1. every reply is checked against the round's schema
+       (:func:`server_app.reply_checks.train_schema` of the arrays sent: exact
+       tensor names, shapes, dtypes, finite values; exact metric keys, types
+       and ranges; no other record). A failing reply is rejected with its node
+       and reason, logged and counted; error replies (a client that raised)
+       and missing ones (timed out, gone) are recorded too;
+    2. each accepted reply's ``num-examples`` is capped at the node's preflight
+       training rows (``example_caps``) and its update norm clipped
+       (:mod:`server_app.bounded_influence`, ``clip_norm`` and
+       ``clip_median``); its metrics are reduced to the required keys, so
+       Flower's reply-consistency check always holds;
+    3. the wrapped strategy aggregates the bounded replies if at least
+       ``min_train_nodes`` remain (inside central DP: only if every sampled
+       node's reply is usable, Flower's own rule). Should it raise, or return
+       a non-finite aggregate, the round is refused: the strategy's state is
+       restored and the arrays stay as they were.
+
+    Waiting for nodes is bounded: ``configure_train`` waits at most
+    ``node_wait`` seconds for ``min_train_nodes`` online nodes, then samples
+    from those online (expected nodes that are not are logged as
+    ``offline_nodes``). ``round_log`` keeps one
+    :func:`server_app.round_log.round_entry` per round.
 
     ``round_offset`` (rounds done before a resume) is added to the round number
     Flower's ``Strategy.start`` counts from 1, so the wrapped strategy (FedAdam's
@@ -69,23 +91,56 @@ class ReplyChecks:
 
     expected_spec: ArraySpec | None = None
     round_offset: int = 0
+    #: node id -> training rows from preflight; ``None``: no cap (no preflight).
+    example_caps: dict[int, int] | None = None
+    #: Fixed update-norm bound (0: off) and multiple of the round's median norm (0: off).
+    clip_norm: float = 0.0
+    clip_median: float = 0.0
+    #: Seconds ``configure_train`` waits for ``min_train_nodes`` online nodes.
+    node_wait: float = 600.0
+    #: Whether the wrapped strategy is a central-DP wrapper (every sampled reply must be usable).
+    requires_all_replies: bool = False
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """Remember the sent arrays' spec, the sampled nodes and the round's start, then delegate."""
+        """Remember the sent arrays, wait (bounded) for enough nodes, then delegate."""
         server_round += self.round_offset
         self.expected_spec = array_spec(arrays)
+        self._sent_arrays = {k: v.numpy() for k, v in arrays.items()}
         self._round_start = time.perf_counter()
+        online = wait_for_nodes(grid, getattr(self, "min_train_nodes", 1), self.node_wait)
+        expected = set(self.example_caps or ())
+        self._offline_nodes = sorted(expected - set(online))
+        if len(online) < getattr(self, "min_train_nodes", 1):
+            log(
+                WARNING,
+                "round %d: %d nodes online < min-train-nodes = %d after %.0f s; nothing sent",
+                server_round,
+                len(online),
+                self.min_train_nodes,
+                self.node_wait,
+            )
+            self._sent_nodes = []
+            return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent_nodes = [m.metadata.dst_node_id for m in messages]
         return messages
 
+    def record_round(self, server_round: int, sent_arrays: ArrayRecord, sent_nodes: list[int]) -> None:
+        """Set what ``configure_train`` records, for a round this strategy did not configure (collection)."""
+        self.expected_spec = self.expected_spec or array_spec(sent_arrays)
+        self._sent_arrays = {k: v.numpy() for k, v in sent_arrays.items()}
+        self._round_start = time.perf_counter()
+        self._sent_nodes = list(sent_nodes)
+        self._offline_nodes = []
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """Reject malformed replies, aggregate the rest with the wrapped strategy."""
+        """Reject malformed replies, bound the rest, aggregate them with the wrapped strategy."""
         server_round += self.round_offset
         replies = list(replies)
+        schema = train_schema(self.expected_spec or {})
         accepted, rejected = [], []
         for msg in replies:
-            problem = None if msg.has_error() else reply_problem(msg.content, self.expected_spec or {})
+            problem = None if msg.has_error() else self._problem(msg, schema)
             if problem is None:
                 accepted.append(msg)
             else:
@@ -98,10 +153,23 @@ class ReplyChecks:
                     problem,
                 )
         ok = [m for m in accepted if not m.has_error()]
+        seconds = time.perf_counter() - getattr(self, "_round_start", time.perf_counter())
+        entry = round_entry(server_round, replies, accepted, rejected, seconds, getattr(self, "_sent_nodes", ()))
+        entry["offline_nodes"] = list(getattr(self, "_offline_nodes", []))
+        entry["clipped"] = self._bound(ok, schema)
+        arrays, metrics = None, None
         needed = getattr(self, "min_train_nodes", 1)
-        if len(ok) >= needed:
-            arrays, metrics = super().aggregate_train(server_round, ok)
-            arrays = _as_sent(arrays, self.expected_spec or {})
+        sent = len(getattr(self, "_sent_nodes", ()))
+        if self.requires_all_replies and len(ok) < sent:
+            log(
+                WARNING,
+                "round %d: central DP needs every sampled reply (%d of %d usable): round skipped, arrays unchanged",
+                server_round,
+                len(ok),
+                sent,
+            )
+        elif len(ok) >= needed:
+            arrays, metrics = self._aggregate(server_round, ok)
         else:
             log(
                 WARNING,
@@ -110,9 +178,6 @@ class ReplyChecks:
                 len(ok),
                 needed,
             )
-            arrays, metrics = None, None
-        seconds = time.perf_counter() - getattr(self, "_round_start", time.perf_counter())
-        entry = round_entry(server_round, replies, accepted, rejected, seconds, getattr(self, "_sent_nodes", ()))
         entry["aggregated"] = arrays is not None
         self.round_log = [*getattr(self, "round_log", []), entry]
         if metrics is None:
@@ -131,6 +196,57 @@ class ReplyChecks:
             len(entry["missing_nodes"]),
             seconds,
         )
+        return arrays, metrics
+
+    def _problem(self, msg: Message, schema: ReplySchema) -> str | None:
+        problem = reply_problem(msg.content, schema)
+        if problem is None and self.example_caps is not None:
+            cap = self.example_caps.get(msg.metadata.src_node_id)
+            if cap is None:
+                problem = "node did not take part in preflight"
+            elif cap < 1:
+                problem = f"node reported {cap} training rows in preflight; its reply cannot carry weight"
+        return problem
+
+    def _bound(self, ok: list[Message], schema: ReplySchema) -> list[dict]:
+        """Cap weights, clip update norms and keep only required metrics, in place; returns the clipped replies."""
+        sent = getattr(self, "_sent_arrays", None)  # set by configure_train or record_round
+        if sent is None or not ok:
+            norms, bound = [0.0] * len(ok), math.inf
+        else:
+            norms = [update_norm({k: v.numpy() for k, v in m.content["arrays"].items()}, sent) for m in ok]
+            bound = clip_bound(norms, self.clip_norm, self.clip_median)
+        clipped_nodes = []
+        for msg, norm in zip(ok, norms, strict=True):
+            node = msg.metadata.src_node_id
+            values = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            if norm > bound:
+                msg.content["arrays"] = ArrayRecord(
+                    {k: Array(v) for k, v in clipped(values, sent, norm, bound).items()}
+                )
+                clipped_nodes.append({"node_id": node, "norm": norm, "bound": bound})
+                log(INFO, "update of node %d clipped: norm %.4g -> %.4g", node, norm, bound)
+            weight = int(msg.content["metrics"]["num-examples"])
+            cap = None if self.example_caps is None else self.example_caps.get(node)
+            required = {k: msg.content["metrics"][k] for k, s in schema.metrics.items() if s.required}
+            required["num-examples"] = capped_weight(weight, cap)
+            msg.content["metrics"] = MetricRecord(required)
+        return clipped_nodes
+
+    def _aggregate(self, server_round: int, ok: list[Message]):
+        """The wrapped strategy's aggregate; ``(None, None)``, state restored, if it fails or is not finite."""
+        saved = snapshot_state(self)
+        try:
+            arrays, metrics = super().aggregate_train(server_round, ok)
+        except Exception as err:  # noqa: BLE001 - a strategy's failure on untrusted input must not end the run
+            restore_state(self, saved)
+            log(WARNING, "round %d: the strategy failed to aggregate (%s): round refused", server_round, err)
+            return None, None
+        arrays = _as_sent(arrays, self.expected_spec or {})
+        if arrays is not None and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
+            restore_state(self, saved)
+            log(WARNING, "round %d: the aggregate is not finite: refused, previous Global-LiGO kept", server_round)
+            return None, None
         return arrays, metrics
 
 
@@ -173,60 +289,123 @@ def resolve_strategy(name: str) -> type[Strategy]:
     return cls
 
 
+#: Flower constructor parameter -> run-config field, passed to the built-in strategies that take it.
+STRATEGY_KNOBS = {
+    "proximal_mu": "proximal_mu",
+    "eta": "fedopt_eta",
+    "eta_l": "fedopt_eta_l",
+    "beta_1": "fedopt_beta_1",
+    "beta_2": "fedopt_beta_2",
+    "tau": "fedopt_tau",
+    "server_momentum": "server_momentum",
+    "server_learning_rate": "server_lr",
+    "num_malicious_nodes": "num_malicious_nodes",
+    "beta": "trimmed_beta",
+}
+#: Strategies whose aggregate is an average of the clipped updates, which central DP's noise is calibrated for.
+DP_STRATEGIES = (FedAvg, FedProx)
+
+
+def strategy_kwargs(cls: type[Strategy], run: RunConfig) -> dict[str, Any]:
+    """The run's knobs for a built-in strategy (``STRATEGY_KNOBS`` it accepts); none for a user's class."""
+    if cls not in BUILTIN_STRATEGIES.values():
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    return {param: getattr(run, field) for param, field in STRATEGY_KNOBS.items() if param in params}
+
+
 def build_strategy(
     name: str, num_nodes: int, fraction_train: float, min_train_nodes: int = 1, **kwargs: Any
 ) -> Strategy:
     """Instantiate a checked strategy for ``num_nodes`` clients.
 
     ``fraction_evaluate`` is 0 (Fed-Grow evaluates once, after growth);
-    ``min_available_nodes`` is ``num_nodes`` (the first round waits for every
-    node); ``min_train_nodes`` is both Flower's minimum sample size and, through
-    :class:`ReplyChecks`, the minimum number of usable replies for a round to
-    aggregate. Extra ``kwargs`` go to the class.
+    ``min_train_nodes`` is Flower's minimum sample size, Flower's
+    ``min_available_nodes`` and, through :class:`ReplyChecks`, the minimum
+    number of usable replies for a round to aggregate. Extra ``kwargs`` go to
+    the class.
 
     Raises
     ------
     ValueError
         From :func:`resolve_strategy`, for an unknown or unimportable strategy,
         or if ``min_train_nodes`` is not in ``[1, num_nodes]``.
+    ConfigError
+        If the class cannot be constructed with these arguments.
     """
     cls = checked(resolve_strategy(name))
     _check_min_train_nodes(min_train_nodes, num_nodes)
-    return cls(
-        fraction_train=fraction_train,
-        fraction_evaluate=0.0,
-        min_train_nodes=min_train_nodes,
-        min_evaluate_nodes=0,
-        min_available_nodes=num_nodes,
-        **kwargs,
-    )
+    return _construct(name, cls, fraction_train, min_train_nodes, kwargs)
 
 
-def strategy_for_run(run: RunConfig, num_nodes: int) -> Strategy:
-    """The run's strategy: ``run.strategy`` with reply checks, inside Flower's central-DP wrapper if configured.
+def strategy_for_run(run: RunConfig, num_nodes: int, example_caps: dict[int, int] | None = None) -> Strategy:
+    """The run's strategy: ``run.strategy`` with reply checks and bounds, inside central DP if configured.
 
-    With ``dp-clipping`` off this is :func:`build_strategy`. Otherwise the named
-    strategy (unchecked) is wrapped by :func:`server_app.central_dp.with_central_dp`
-    and the reply checks go on the outside, so a malformed reply is dropped
-    before it is clipped.
+    With ``dp-clipping`` off this is :func:`build_strategy` with the run's
+    knobs (:func:`strategy_kwargs`). Otherwise the named strategy (unchecked)
+    is wrapped by :func:`server_app.central_dp.with_central_dp` and the reply
+    checks go on the outside, so a malformed reply is dropped before it is
+    clipped, and a round in which a sampled reply is unusable is skipped.
+    ``example_caps`` (node id -> preflight training rows) caps each reply's
+    weight; the update-norm bounds are ``clip-update-norm`` and
+    ``clip-update-median``.
 
     Raises
     ------
     ValueError
         As :func:`build_strategy`.
+    ConfigError
+        If the strategy cannot be constructed, or central DP is asked for with
+        a strategy other than FedAvg or FedProx (a server optimiser such as
+        FedAdam keeps moments of the aggregate before noise; a median or Krum
+        is not the average the noise is calibrated for). A user's class may
+        declare ``dp_compatible = True`` to be allowed.
     """
-    if run.dp_clipping == "off":
-        return build_strategy(run.strategy, num_nodes, run.fraction_train, run.min_train_nodes)
     _check_min_train_nodes(run.min_train_nodes, num_nodes)
-    inner = resolve_strategy(run.strategy)(
-        fraction_train=run.fraction_train,
-        fraction_evaluate=0.0,
-        min_train_nodes=run.min_train_nodes,
-        min_evaluate_nodes=0,
-        min_available_nodes=num_nodes,
-    )
-    sampled = max(int(run.fraction_train * num_nodes), run.min_train_nodes)
-    return with_central_dp(inner, run, sampled, checked)
+    cls = resolve_strategy(run.strategy)
+    kwargs = strategy_kwargs(cls, run)
+    if run.dp_clipping == "off":
+        strategy = _construct(run.strategy, checked(cls), run.fraction_train, run.min_train_nodes, kwargs)
+    else:
+        if cls not in DP_STRATEGIES and not getattr(cls, "dp_compatible", False):
+            raise ConfigError(
+                [
+                    f"strategy = {run.strategy!r} with dp-clipping = {run.dp_clipping!r}: central DP needs an "
+                    "average of clipped updates ('fedavg' or 'fedprox'); server optimisers keep state built from "
+                    "the aggregate before noise, and robust aggregators are not the average the noise is "
+                    "calibrated for (a user's class may set dp_compatible = True)"
+                ]
+            )
+        inner = _construct(run.strategy, cls, run.fraction_train, run.min_train_nodes, kwargs)
+        sampled = max(int(run.fraction_train * num_nodes), run.min_train_nodes)
+        strategy = with_central_dp(inner, run, sampled, checked)
+        strategy.requires_all_replies = True
+    strategy.example_caps = example_caps
+    strategy.clip_norm = run.clip_update_norm
+    strategy.clip_median = run.clip_update_median
+    strategy.node_wait = run.round_timeout
+    return strategy
+
+
+def _construct(
+    name: str, cls: type[Strategy], fraction_train: float, min_train_nodes: int, kwargs: dict[str, Any]
+) -> Strategy:
+    try:
+        return cls(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=0,
+            min_available_nodes=min_train_nodes,
+            **kwargs,
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            [
+                f"strategy = {name!r}: cannot be constructed as Flower's FedAvg is "
+                f"(fraction_train, fraction_evaluate, min_*_nodes{', ' if kwargs else ''}{', '.join(kwargs)}): {err}"
+            ]
+        ) from err
 
 
 def _as_sent(arrays: ArrayRecord | None, spec: ArraySpec) -> ArrayRecord | None:
@@ -244,3 +423,18 @@ def _as_sent(arrays: ArrayRecord | None, spec: ArraySpec) -> ArrayRecord | None:
 def _check_min_train_nodes(min_train_nodes: int, num_nodes: int) -> None:
     if not 1 <= min_train_nodes <= num_nodes:
         raise ValueError(f"min-train-nodes = {min_train_nodes}: expected an integer in [1, {num_nodes}] (the nodes)")
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """The online node ids, once at least ``needed`` are online or after ``timeout`` seconds, whichever is first.
+
+    Flower's ``sample_nodes`` waits for ``min_available_nodes`` without a bound;
+    this is the bounded wait a round takes instead.
+    """
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < needed and time.monotonic() < deadline:
+        log(INFO, "waiting for nodes: %d online, %d needed", len(nodes), needed)
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        nodes = list(grid.get_node_ids())
+    return nodes

@@ -27,6 +27,19 @@ from server_app.phases import shared_rounds
 WARMUP = "warmup"
 
 
+def train_metrics(num_examples: int, **extra) -> dict:
+    """The metrics of a well-formed round reply (the keys the real client reports), ``extra`` added or overriding."""
+    return {
+        "num-examples": num_examples,
+        "train-loss": 0.5,
+        "train-accuracy": 0.5,
+        "train-seconds": 1.0,
+        "trainable-params": 10,
+        "compute-threads": 1,
+        **extra,
+    }
+
+
 def warmup_reply(msg: Message, context: Context) -> Message:
     """What a test ClientApp answers to the warm-up message."""
     pid = int(context.node_config["partition-id"])

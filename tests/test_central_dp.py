@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
-from simulated_federation import WARMUP, phase_of, simulate, warmup_reply
+from simulated_federation import WARMUP, phase_of, simulate, train_metrics, warmup_reply
 
 from fedgrow_core.run_config import ConfigError, RunConfig
 from server_app.strategy import ReplyChecks, strategy_for_run
@@ -40,23 +40,33 @@ def dp_train(msg: Message, context: Context) -> Message:
     if pid == 2:  # malformed: must be dropped before clipping (clipping would fail on it)
         arrays["width.res"] = np.zeros((3, 3), np.float32)
     record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
-    return Message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(train_metrics(10))}), reply_to=msg)
 
 
 def test_fixed_clipping_clips_each_update_and_adds_the_stated_noise():
     run = RunConfig(dp_clipping="fixed", dp_clipping_norm=CLIP, dp_noise_multiplier=NOISE, round_timeout=120.0)
-    final, entries, partitions = simulate(dp_app, run, 3, SENT, 1, sys.modules[__name__])
+    final, entries, partitions = simulate(dp_app, run, 2, SENT, 1, sys.modules[__name__])
     honest = [0, 1]
     # independent computation: each update scaled to norm CLIP, averaged with equal weights
     noiseless = {k: np.mean([CLIP / UPDATE_NORM * _update(p)[k] for p in honest], axis=0) for k in SENT}
     residual = np.concatenate([(final[k] - noiseless[k]).ravel() for k in SENT])
-    expected_std = NOISE * CLIP / 3  # Flower divides by the sampled clients (3), not the accepted ones
+    expected_std = NOISE * CLIP / 2  # Flower divides by the sampled clients
     assert abs(residual.mean()) < 0.05 * expected_std
     assert residual.std() == pytest.approx(expected_std, rel=0.03)
     # unclipped, the two updates (norm 300) would add a std of about 1.7 per value to the residual: 5x the noise
     (entry,) = entries
-    assert [partitions[n] for n in sorted(entry["accepted_nodes"], key=partitions.get)] == honest
+    assert sorted(partitions[n] for n in entry["accepted_nodes"]) == honest and entry["aggregated"]
+
+
+def test_a_rejected_reply_skips_the_dp_round_instead_of_noising_fewer_clients_for_more():
+    # Flower's rule (any failed reply: skip the round) also holds for replies our checks reject
+    run = RunConfig(dp_clipping="fixed", dp_clipping_norm=CLIP, dp_noise_multiplier=NOISE, round_timeout=120.0)
+    final, entries, partitions = simulate(dp_app, run, 3, SENT, 1, sys.modules[__name__])
+    (entry,) = entries
     assert [partitions[r["node_id"]] for r in entry["rejected"]] == [2]
+    assert not entry["aggregated"]
+    for name, value in SENT.items():
+        np.testing.assert_array_equal(final[name], value)
 
 
 @pytest.mark.parametrize(

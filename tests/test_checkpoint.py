@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from simulated_federation import train_metrics
 from test_strategy import SENT, SPEC, _Reply
 
 from fedgrow_core.run_config import RunConfig
@@ -17,7 +18,7 @@ def _update(round_number, node):
     """A deterministic client reply for a round."""
     rng = np.random.default_rng(100 * round_number + node)
     arrays = ArrayRecord({k: Array((v + rng.normal(size=v.shape)).astype(np.float32)) for k, v in SENT.items()})
-    return _Reply(node, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10 * node})}))
+    return _Reply(node, RecordDict({"arrays": arrays, "metrics": MetricRecord(train_metrics(10 * node))}))
 
 
 def _round(strategy, round_number, current):

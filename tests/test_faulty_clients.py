@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam
-from simulated_federation import WARMUP, phase_of, simulate, warmup_reply
+from simulated_federation import WARMUP, phase_of, simulate, train_metrics, warmup_reply
 
 from fedgrow_core.run_config import RunConfig
 
@@ -31,8 +31,8 @@ HOSTILE = {  # partition -> (what it does wrong, a phrase of the server's reason
     6: ("wrong dtype", "has dtype float64"),
     7: ("NaN", "NaN or Inf"),
     8: ("Inf", "NaN or Inf"),
-    9: ("num-examples 0", "expected a positive integer"),
-    10: ("num-examples 2.5", "expected a positive integer"),
+    9: ("num-examples 0", "'num-examples' = 0: expected an integer in [1, "),
+    10: ("num-examples 2.5", "'num-examples' = 2.5: expected an integer"),
     11: ("num-examples missing", "'num-examples' is missing"),
 }
 
@@ -53,8 +53,8 @@ def hostile_train(msg: Message, context: Context) -> Message:
     received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     if pid in HONEST:
         step, n = HONEST[pid]
-        return _reply(msg, {k: v + step for k, v in received.items()}, {"num-examples": n})
-    arrays, metrics = {k: v + 100.0 for k, v in received.items()}, {"num-examples": 10}
+        return _reply(msg, {k: v + step for k, v in received.items()}, train_metrics(n))
+    arrays, metrics = {k: v + 100.0 for k, v in received.items()}, train_metrics(10)
     if pid == 2:
         arrays["local.width.res"] = np.zeros((4, 3), np.float32)
     elif pid == 3:
@@ -74,7 +74,7 @@ def hostile_train(msg: Message, context: Context) -> Message:
     elif pid == 10:
         metrics["num-examples"] = 2.5
     elif pid == 11:
-        metrics = {"train-loss": 0.5}
+        del metrics["num-examples"]
     return _reply(msg, arrays, metrics)
 
 
@@ -152,7 +152,7 @@ def flaky_train(msg: Message, context: Context) -> Message:
     if pid == 2 and seen == 2:
         time.sleep(ROUND_TIMEOUT + 2)
     received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    return _reply(msg, {k: v + 1.0 for k, v in received.items()}, {"num-examples": 10})
+    return _reply(msg, {k: v + 1.0 for k, v in received.items()}, train_metrics(10))
 
 
 def test_failing_and_slow_clients_do_not_stop_the_run_and_min_train_nodes_decides():

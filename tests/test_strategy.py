@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
+from simulated_federation import train_metrics
 
 from server_app.reply_checks import array_spec, reply_problem
 from server_app.strategy import BUILTIN_STRATEGIES, FedGrow, ReplyChecks, build_strategy, resolve_strategy
@@ -24,7 +25,7 @@ def _content(arrays=None, num_examples=10, **metrics):
     return RecordDict(
         {
             "arrays": _record(arrays),
-            "metrics": MetricRecord({"num-examples": num_examples, **metrics}),
+            "metrics": MetricRecord(train_metrics(num_examples, **metrics)),
         }
     )
 
@@ -49,9 +50,9 @@ def test_a_well_formed_reply_passes():
         ({**SENT, "width.res": np.zeros((2, 3), np.float64)}, 10, "'width.res' has dtype float64, expected float32"),
         ({**SENT, "width.res": np.full((2, 3), np.nan, np.float32)}, 10, "'width.res' holds NaN or Inf"),
         ({**SENT, "width.res": np.full((2, 3), np.inf, np.float32)}, 10, "NaN or Inf"),
-        (None, 0, "'num-examples' = 0; expected a positive integer"),
-        (None, 2.5, "'num-examples' = 2.5; expected a positive integer"),
-        (None, -3, "expected a positive integer"),
+        (None, 0, "'num-examples' = 0: expected an integer in \\[1, "),
+        (None, 2.5, "'num-examples' = 2.5: expected an integer"),
+        (None, -3, "expected an integer in \\[1, "),
     ],
 )
 def test_malformed_replies_are_named(arrays, num_examples, match):
@@ -67,7 +68,7 @@ def test_nan_metric_is_rejected():
 def test_two_array_records_are_rejected():
     content = _content()
     content["more"] = _record({"x": np.zeros(1, np.float32)})
-    assert reply_problem(content, SPEC) == "expected one ArrayRecord, got 2"
+    assert reply_problem(content, SPEC) == "records: expected ['arrays', 'metrics'], got extra ['more'], missing []"
 
 
 class _Meta:
@@ -115,7 +116,7 @@ def test_every_builtin_strategy_is_checked():
     for name, cls in BUILTIN_STRATEGIES.items():
         strategy = build_strategy(name, 3, 2 / 3, min_train_nodes=2)
         assert isinstance(strategy, ReplyChecks) and isinstance(strategy, cls)
-        assert strategy.min_train_nodes == 2 and strategy.min_available_nodes == 3
+        assert strategy.min_train_nodes == 2 and strategy.min_available_nodes == 2
     assert isinstance(build_strategy("fedavg", 3, 1.0), FedGrow)
     assert issubclass(FedGrow, FedAvg)
 

@@ -1,0 +1,113 @@
+"""The client's side of the trust boundary: what a node serves, and what its errors may say.
+
+The server is a party the client does not trust either. A message is served
+only if the run's mode serves its phase (:data:`MODE_PHASES`), and the node
+operator may narrow the modes further with the node config key
+``allowed-modes`` (comma-separated, e.g. ``--node-config "allowed-modes='fedgrow'"``):
+a server that asks a ``fedgrow`` node for ``train-shared`` (a whole target model
+trained on private rows) is refused. The server's ``run-tag`` names a folder on
+the node's disk, so it must be one safe path component (:func:`check_run_tag`).
+
+Error replies leave the node too. :func:`sanitised_errors_mod` turns every
+exception into an error reply with the exception's type only, or for the
+project's own refusals (:class:`RefusedMessage`, ``ConfigError``) their text
+with absolute paths replaced by ``<path>``; the full traceback stays in the
+node's own log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+from fedgrow_core.run_config import MODES, ConfigError
+
+_LOG = logging.getLogger(__name__)
+
+FINAL_PHASE = "finetune-evaluate"
+#: Phases each mode's client serves; ``preflight`` and the final phase are served in every mode.
+MODE_PHASES: dict[str, frozenset[str]] = {
+    "fedgrow": frozenset({"grow"}),
+    "independent-ligo": frozenset({"grow"}),
+    "small-only": frozenset({"train-local"}),
+    "scratch-fedavg": frozenset({"collect", "train-shared"}),
+    "fedgrow-fedft": frozenset({"grow", "collect", "train-shared"}),
+}
+_ALWAYS = frozenset({"preflight", FINAL_PHASE})
+_RUN_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.\-~@+]+){2,}[\\/]?")
+
+
+class RefusedMessage(RuntimeError):
+    """Raised when a client refuses a server message (a phase its mode does not serve, an unsafe run tag)."""
+
+
+def allowed_modes(node_config: Mapping[str, object]) -> tuple[str, ...]:
+    """The modes this node serves: node config ``allowed-modes`` (comma-separated), or every mode.
+
+    Raises
+    ------
+    RefusedMessage
+        If ``allowed-modes`` names an unknown mode.
+    """
+    raw = str(node_config.get("allowed-modes", "") or "")
+    modes = tuple(m.strip() for m in raw.split(",") if m.strip()) or MODES
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise RefusedMessage(f"node config allowed-modes names unknown modes {unknown}; expected some of {list(MODES)}")
+    return modes
+
+
+def check_phase(mode: str, phase: str, node_config: Mapping[str, object]) -> str:
+    """``phase`` if this node serves it in ``mode``.
+
+    Raises
+    ------
+    RefusedMessage
+        If the node's ``allowed-modes`` exclude ``mode``, or ``mode`` does not
+        serve ``phase``; the message names both and what is served.
+    """
+    if mode not in allowed_modes(node_config):
+        raise RefusedMessage(f"mode {mode!r} is not among this node's allowed-modes {list(allowed_modes(node_config))}")
+    served = MODE_PHASES.get(mode, frozenset()) | _ALWAYS
+    if phase not in served:
+        raise RefusedMessage(f"phase {phase[:40]!r} is not served in mode {mode!r}; it serves {sorted(served)}")
+    return phase
+
+
+def check_run_tag(tag: object) -> str:
+    """``tag`` as a string if it is empty or one safe path component (letters, digits, ``.``, ``_``, ``-``).
+
+    Raises
+    ------
+    RefusedMessage
+        For anything else (``..``, a separator, a leading dot, over 200 characters).
+    """
+    text = str(tag)
+    if text and (not _RUN_TAG.match(text) or ".." in text):
+        raise RefusedMessage(
+            f"run-tag {text[:40]!r}: expected one path component of letters, digits, '.', '_' and '-' "
+            "(at most 200, not starting with '.', no '..')"
+        )
+    return text
+
+
+def sanitised_reason(err: BaseException) -> str:
+    """What an error reply may say about ``err``: its type; for the project's own refusals, their text without paths."""
+    if isinstance(err, (RefusedMessage, ConfigError)):
+        return f"{type(err).__name__}: {_PATH.sub('<path>', str(err))}"[:2000]
+    return f"{type(err).__name__} (details are in the node's own log)"
+
+
+def sanitised_errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: reply to any exception with :func:`sanitised_reason`, logging the full traceback locally."""
+    try:
+        return call_next(msg, context)
+    except Exception as err:  # noqa: BLE001 - every exception becomes an error reply; none leaves unsanitised
+        _LOG.exception("ClientApp raised while serving a %s message", msg.metadata.message_type)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=sanitised_reason(err)), reply_to=msg)

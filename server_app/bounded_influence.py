@@ -1,0 +1,79 @@
+"""Bounded influence of one reply on the aggregate: weight caps and update-norm clipping.
+
+Two bounds apply to every accepted training reply before the strategy sees it:
+
+* **Weight cap.** A reply's ``num-examples`` (FedAvg's weight, McMahan et al.
+  2017, Eq. 1) is capped at the training rows the node reported in preflight,
+  so a node cannot claim ``2**62`` rows in a round.
+* **Update-norm clipping.** The update ``u_k = w_k - w`` (reply minus the arrays
+  sent) over all tensors together is scaled to L2 norm at most
+  ``min(clip-update-norm, clip-update-median * median_k ||u_k||)``, as in
+  norm-bounded robust aggregation (Sun et al. 2019, "Can you really backdoor
+  federated learning?"). The median is over the round's accepted replies; with a
+  majority of honest replies it is bounded by an honest norm, so a hostile reply
+  moves an example-weighted average by at most its weight share times the bound.
+
+Both are pure functions of numpy arrays; :class:`server_app.strategy.ReplyChecks`
+applies them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def update_norm(reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``reply - sent`` over all tensors, computed in float64 (finite for float32 inputs).
+
+    Parameters
+    ----------
+    reply, sent : mapping of str to ndarray
+        Same names and shapes.
+
+    Returns
+    -------
+    float
+        ``sqrt(sum_k ||reply[k] - sent[k]||^2)``.
+    """
+    total = 0.0
+    for name, value in reply.items():
+        diff = np.asarray(value, np.float64) - np.asarray(sent[name], np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def clip_bound(norms: Sequence[float], fixed: float, median_multiple: float) -> float:
+    """The round's clipping bound: ``min(fixed, median_multiple * median(norms))``, ``inf`` where a term is off (0).
+
+    Raises
+    ------
+    ValueError
+        If ``norms`` is empty while ``median_multiple`` is set.
+    """
+    bound = fixed if fixed > 0 else math.inf
+    if median_multiple > 0:
+        if not norms:
+            raise ValueError("clip_bound: no update norms to take a median of")
+        bound = min(bound, median_multiple * float(np.median(np.asarray(norms, np.float64))))
+    return bound
+
+
+def clipped(
+    reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], norm: float, bound: float
+) -> dict[str, np.ndarray]:
+    """``sent + min(1, bound / norm) * (reply - sent)``, in each tensor's dtype (``reply`` unchanged if within)."""
+    if norm <= bound:
+        return dict(reply)
+    scale = bound / norm
+    return {
+        name: (np.asarray(sent[name], np.float64) + scale * (np.asarray(v, np.float64) - sent[name])).astype(v.dtype)
+        for name, v in reply.items()
+    }
+
+
+def capped_weight(num_examples: int, cap: int | None) -> int:
+    """``min(num_examples, cap)``; ``cap`` ``None`` means no cap is known (no preflight)."""
+    return num_examples if cap is None else min(num_examples, cap)
