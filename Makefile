@@ -43,7 +43,7 @@ pretrain-vits: setup
 run: setup
 	mkdir -p $(FLWR_HOME_DIR) && cp flwr_home/config.toml $(FLWR_HOME_DIR)/config.toml
 	$(FLWR_ENV) flwr run . --stream $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)'); \
-	status=$$?; pkill -f "$(FLWR_HOME_DIR)/[l]ocal-superlink" || true; exit $$status
+	status=$$?; $(PY) -m experiments.flower_launcher --stop $(FLWR_HOME_DIR) || true; exit $$status
 
 run-image:
 	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml
@@ -61,7 +61,7 @@ results-alpha: setup
 	$(RUNNER) --preset presets/results-text.toml --alphas 0.1 0.5 10 --out results/text
 
 stop-superlink:
-	-pkill -f "$(FLWR_HOME_DIR)/[l]ocal-superlink" || true
+	-$(PY) -m experiments.flower_launcher --stop $(FLWR_HOME_DIR)
 
 clean:
 	rm -rf $(VENV)

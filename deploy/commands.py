@@ -54,7 +54,12 @@ def node_config(values: Mapping[str, int | str]) -> str:
 
 
 def supernode_command(
-    superlink: str, ca_certificate: str, private_key: str, config: Mapping[str, int | str], runtime_port: int = 9094
+    superlink: str,
+    ca_certificate: str,
+    private_key: str,
+    config: Mapping[str, int | str],
+    runtime_port: int = 9094,
+    trusted_entities: str | None = None,
 ) -> list[str]:
     """``flower-supernode`` connecting over TLS with its own authentication key.
 
@@ -73,6 +78,13 @@ def supernode_command(
         ``output-dir`` (where its grown model is saved).
     runtime_port : int
         Port of the node's local Runtime API (distinct per node on one host).
+    trusted_entities : str, optional
+        A YAML file of the public keys (``fpk_<id>: 'ssh-ed25519 ...'``) whose
+        signature an app must carry to run on this node (Flower's FAB
+        verification, ``--trusted-entities``). Flower verifies only apps
+        published and signed through its platform; a local ``flwr run .`` FAB
+        carries no signature and is then refused, so the loopback test runs
+        without it.
     """
     return [
         "flower-supernode",
@@ -86,4 +98,5 @@ def supernode_command(
         str(runtime_port),
         "--node-config",
         node_config(config),
+        *(["--trusted-entities", trusted_entities] if trusted_entities else []),
     ]

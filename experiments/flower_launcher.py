@@ -70,11 +70,40 @@ def flwr_run(run_config: Path, home: Path, log_file: Path, timeout: float = 7200
     return proc.returncode
 
 
-def stop_local_superlink(home: Path) -> None:
-    """SIGTERM every process whose command line names ``home`` (the local SuperLink started for it)."""
-    out = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout.split()
-    for pid in out:
+def processes_started_for(home: Path) -> list[int]:
+    """Pids of this user's processes whose environment has ``FLWR_HOME=<home>``.
+
+    ``flwr run`` starts a detached local SuperLink (and its SuperExec) that
+    inherit the environment :func:`flwr_env` gave it, so this names exactly the
+    processes started for ``home``, unlike a command-line pattern, which can
+    match anyone's process.
+    """
+    wanted = f"FLWR_HOME={Path(home)}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
         try:
-            os.kill(int(pid), signal.SIGTERM)
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if wanted in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_local_superlink(home: Path) -> None:
+    """SIGTERM every process started for ``home`` (:func:`processes_started_for`: the local SuperLink and its own)."""
+    for pid in processes_started_for(home):
+        try:
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+
+if __name__ == "__main__":  # ``python -m experiments.flower_launcher --stop <FLWR_HOME>`` (the Makefile's clean-up)
+    import sys
+
+    if sys.argv[1:2] != ["--stop"] or len(sys.argv) != 3:
+        raise SystemExit("usage: python -m experiments.flower_launcher --stop <FLWR_HOME folder>")
+    stop_local_superlink(Path(sys.argv[2]).resolve())

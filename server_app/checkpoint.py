@@ -145,6 +145,13 @@ def snapshot_state(strategy: Strategy) -> list[dict]:
     return [{a: copy.deepcopy(getattr(s, a)) for a in _ROUND_STATE if hasattr(s, a)} for s in _wrapped(strategy)]
 
 
+def state_is_finite(strategy: Strategy) -> bool:
+    """Whether every tensor and scalar of :func:`strategy_state` is finite (FedAdam's ``v_t`` can overflow to inf)."""
+    state = strategy_state(strategy)
+    arrays_ok = all(np.isfinite(np.asarray(v, np.float64)).all() for v in state["arrays"].values())
+    return arrays_ok and all(np.isfinite(float(v)) for v in state["scalars"].values())
+
+
 def restore_state(strategy: Strategy, saved: list[dict]) -> None:
     """Put back a :func:`snapshot_state` (a refused round leaves no trace in the strategy)."""
     if hasattr(strategy, "load_state_dict") and saved and "state_dict" in saved[0]:

@@ -22,7 +22,15 @@ from flwr.serverapp import Grid
 from fedgrow_core.run_config import RunConfig
 
 from .checkpoint import Checkpoint, load_strategy_state, write_checkpoint
-from .reply_checks import FINAL_METRICS, PREFLIGHT_METRICS, ReplySchema, array_spec, reply_problem, train_schema
+from .reply_checks import (
+    COLLECT_METRICS,
+    FINAL_METRICS,
+    PREFLIGHT_METRICS,
+    ReplySchema,
+    array_spec,
+    reply_problem,
+    train_schema,
+)
 from .round_log import last_line, round_entry
 from .strategy import build_strategy, strategy_for_run
 
@@ -240,6 +248,7 @@ def collect_average(
     strategy.clip_norm = run.clip_update_norm
     strategy.example_caps = example_caps
     strategy.expected_spec = spec
+    strategy.reply_metrics = COLLECT_METRICS
     # Clipping needs a reference: the majority's coordinate-wise median, an estimate no single reply controls.
     reference = _median_arrays(replies, spec)
     if reference is None:

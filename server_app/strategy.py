@@ -13,7 +13,7 @@ import importlib
 import inspect
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -38,8 +38,8 @@ from fedgrow_core.run_config import ConfigError, RunConfig
 
 from .bounded_influence import capped_weight, clip_bound, clipped, update_norm
 from .central_dp import with_central_dp
-from .checkpoint import restore_state, snapshot_state
-from .reply_checks import ArraySpec, ReplySchema, array_spec, reply_problem, train_schema
+from .checkpoint import restore_state, snapshot_state, state_is_finite
+from .reply_checks import TRAIN_METRICS, ArraySpec, MetricSpec, ReplySchema, array_spec, reply_problem
 from .round_log import round_entry
 
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
@@ -100,6 +100,8 @@ class ReplyChecks:
     node_wait: float = 600.0
     #: Whether the wrapped strategy is a central-DP wrapper (every sampled reply must be usable).
     requires_all_replies: bool = False
+    #: The metrics a reply must carry (:data:`server_app.reply_checks.TRAIN_METRICS`; the collect phase's are fewer).
+    reply_metrics: Mapping[str, MetricSpec] = TRAIN_METRICS
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Remember the sent arrays, wait (bounded) for enough nodes, then delegate."""
@@ -137,7 +139,7 @@ class ReplyChecks:
         """Reject malformed replies, bound the rest, aggregate them with the wrapped strategy."""
         server_round += self.round_offset
         replies = list(replies)
-        schema = train_schema(self.expected_spec or {})
+        schema = ReplySchema(self.reply_metrics, self.expected_spec or {})
         accepted, rejected = [], []
         for msg in replies:
             problem = None if msg.has_error() else self._problem(msg, schema)
@@ -243,9 +245,14 @@ class ReplyChecks:
             log(WARNING, "round %d: the strategy failed to aggregate (%s): round refused", server_round, err)
             return None, None
         arrays = _as_sent(arrays, self.expected_spec or {})
-        if arrays is not None and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
+        finite = arrays is None or all(np.isfinite(a.numpy()).all() for a in arrays.values())
+        if not (finite and state_is_finite(self)):
             restore_state(self, saved)
-            log(WARNING, "round %d: the aggregate is not finite: refused, previous Global-LiGO kept", server_round)
+            log(
+                WARNING,
+                "round %d: the aggregate or the strategy's state is not finite: refused, previous Global-LiGO kept",
+                server_round,
+            )
             return None, None
         return arrays, metrics
 

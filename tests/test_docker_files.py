@@ -98,3 +98,9 @@ def test_gpu_override_requests_a_gpu_for_every_supernode(compose):
         assert service["build"]["dockerfile"] == "docker/supernode-cuda.Dockerfile"
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["capabilities"] == ["gpu"] and device["count"] == 1
+
+
+def test_fab_verification_is_one_argument_away():
+    plain = supernode_command("link:8000", "ca.crt", "key", {"partition-id": 0})
+    verified = supernode_command("link:8000", "ca.crt", "key", {"partition-id": 0}, trusted_entities="trusted.yaml")
+    assert verified == [*plain, "--trusted-entities", "trusted.yaml"] and "--trusted-entities" not in plain

@@ -8,7 +8,6 @@ stops it afterwards, even on failure.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from client_app.egress_audit import REPLY_CONFIGS, REPLY_METRICS
+from experiments.flower_launcher import stop_local_superlink
 from fedgrow_core.accounting import tensor_bytes
 from fedgrow_core.ligo import LiGO
 from fedgrow_core.run_config import parse_shape
@@ -29,12 +29,8 @@ BIN = Path(sys.executable).parent
 
 
 def _stop_superlinks(flwr_home):
-    out = subprocess.run(["pgrep", "-f", str(flwr_home)], capture_output=True, text=True).stdout.split()
-    for pid in out:
-        try:
-            os.kill(int(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    """Stop what ``flwr run`` started for ``flwr_home``: processes whose environment names it, by pid."""
+    stop_local_superlink(flwr_home)
 
 
 def _local_superlink_running() -> bool:
