@@ -1,7 +1,8 @@
 """Hostile participants against the real apps, end to end in Flower's simulation runtime.
 
-Two runs of the real ServerApp and ClientApp (``server_app.app``,
-``client_app.app``) with 4 tiny BERT clients, mode ``fedgrow``, FedAvg:
+Two runs of the real ServerApp and ClientApp (``server_app.app``, and
+``client_app.app:app`` with its mods, wrapped by a ClientApp that corrupts its
+replies) with 4 tiny BERT clients, mode ``fedgrow``, FedAvg:
 
 * **honest**: every node trains honestly; in the final phase partitions 1-3
   corrupt their replies (one attack each, :data:`FINAL_ATTACKS`);
@@ -127,12 +128,12 @@ def _with_config(context: Context) -> Context:
 
 @client.query()
 def query(msg: Message, context: Context) -> Message:
-    return fedgrow_client.query(msg, _with_config(context))
+    return fedgrow_client.app(msg, _with_config(context))  # the real ClientApp, its mods included
 
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    reply = fedgrow_client.train(msg, _with_config(context))
+    reply = fedgrow_client.app(msg, _with_config(context))
     pid = int(context.node_config["partition-id"])
     if SCENARIO.get("train") and pid == HOSTILE and not reply.has_error():
         return _train_attack(int(msg.content["config"]["server-round"]), reply, msg)
@@ -141,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @client.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    reply = fedgrow_client.evaluate(msg, _with_config(context))
+    reply = fedgrow_client.app(msg, _with_config(context))
     pid = int(context.node_config["partition-id"])
     if SCENARIO.get("final") and pid in FINAL_ATTACKS and not reply.has_error():
         return _final_attack(pid, reply, msg)

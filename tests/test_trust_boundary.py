@@ -18,6 +18,7 @@ from simulated_federation import train_metrics
 from test_strategy import SENT, SPEC, _record, _Reply
 
 import client_app.app as fedgrow_client
+from client_app.egress_audit import REPLY_METRICS
 from client_app.guards import check_phase, check_run_tag, sanitised_errors_mod, sanitised_reason
 from fedgrow_core.client_state import ClientStateStore
 from fedgrow_core.growth_client import global_ligo
@@ -26,7 +27,7 @@ from server_app.bounded_influence import clip_bound, clipped, update_norm
 from server_app.central_dp import secure_gaussian
 from server_app.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint, write_checkpoint
 from server_app.phases import FINAL_SCHEMA, collect_average, final_phase
-from server_app.reply_checks import reply_problem
+from server_app.reply_checks import COLLECT_METRICS, FINAL_METRICS, PREFLIGHT_METRICS, TRAIN_METRICS, reply_problem
 from server_app.strategy import build_strategy, strategy_for_run, wait_for_nodes
 
 
@@ -103,6 +104,11 @@ def test_final_replies_are_checked(change, phrase):
         content["metrics"] = MetricRecord({**metrics, **change})
     problem = reply_problem(content, FINAL_SCHEMA)
     assert problem is not None and phrase in problem, problem
+
+
+def test_the_schemas_cover_exactly_the_documented_reply_metrics():
+    schemas = [TRAIN_METRICS, COLLECT_METRICS, FINAL_METRICS, PREFLIGHT_METRICS]
+    assert set().union(*schemas) == set(REPLY_METRICS)
 
 
 def test_update_norm_and_clipping_against_a_direct_computation():
