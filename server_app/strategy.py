@@ -1,8 +1,8 @@
 """The Fed-Grow strategy, and any Flower strategy with the same reply checks.
 
 :class:`FedGrow` is Flower's ``FedAvg`` (example-weighted, McMahan et al. 2017)
-over the Global-LiGO tensors only, which rejects malformed replies before
-aggregation (:mod:`server_app.reply_checks`). :func:`build_strategy` returns
+over the Global-LiGO tensors only, with every reply checked and bounded before
+aggregation (:class:`server_app.checked_round.ReplyChecks`). :func:`build_strategy` returns
 FedGrow or any other Flower strategy, by config name or import path, with the
 same checks mixed in.
 """
@@ -11,16 +11,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
-import time
-from collections.abc import Iterable, Mapping
-from logging import INFO, WARNING
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -36,11 +28,8 @@ from flwr.serverapp.strategy import (
 
 from fedgrow_core.run_config import ConfigError, RunConfig
 
-from .bounded_influence import capped_weight, clip_bound, clipped, update_norm
 from .central_dp import with_central_dp
-from .checkpoint import restore_state, snapshot_state, state_is_finite
-from .reply_checks import TRAIN_METRICS, ArraySpec, MetricSpec, ReplySchema, array_spec, reply_problem
-from .round_log import round_entry
+from .checked_round import ReplyChecks
 
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -53,208 +42,6 @@ BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
 }
-
-
-class ReplyChecks:
-    """Mixin for a Flower strategy: check, bound and then aggregate training replies.
-
-    Per round, in ``aggregate_train`` (the hook Flower's ``Strategy.start``
-    calls), before the wrapped strategy reads anything:
-
-    1. every reply is checked against the round's schema
-       (:func:`server_app.reply_checks.train_schema` of the arrays sent: exact
-       tensor names, shapes, dtypes, finite values; exact metric keys, types
-       and ranges; no other record). A failing reply is rejected with its node
-       and reason, logged and counted; error replies (a client that raised)
-       and missing ones (timed out, gone) are recorded too;
-    2. each accepted reply's ``num-examples`` is capped at the node's preflight
-       training rows (``example_caps``) and its update norm clipped
-       (:mod:`server_app.bounded_influence`, ``clip_norm`` and
-       ``clip_median``); its metrics are reduced to the required keys, so
-       Flower's reply-consistency check always holds;
-    3. the wrapped strategy aggregates the bounded replies if at least
-       ``min_train_nodes`` remain (inside central DP: only if every sampled
-       node's reply is usable, Flower's own rule). Should it raise, or return
-       a non-finite aggregate, the round is refused: the strategy's state is
-       restored and the arrays stay as they were.
-
-    Waiting for nodes is bounded: ``configure_train`` waits at most
-    ``node_wait`` seconds for ``min_train_nodes`` online nodes, then samples
-    from those online (expected nodes that are not are logged as
-    ``offline_nodes``). ``round_log`` keeps one
-    :func:`server_app.round_log.round_entry` per round.
-
-    ``round_offset`` (rounds done before a resume) is added to the round number
-    Flower's ``Strategy.start`` counts from 1, so the wrapped strategy (FedAdam's
-    bias correction, the clients' ``server-round``) sees the run's real round.
-    """
-
-    expected_spec: ArraySpec | None = None
-    round_offset: int = 0
-    #: node id -> training rows from preflight; ``None``: no cap (no preflight).
-    example_caps: dict[int, int] | None = None
-    #: Fixed update-norm bound (0: off) and multiple of the round's median norm (0: off).
-    clip_norm: float = 0.0
-    clip_median: float = 0.0
-    #: Seconds ``configure_train`` waits for ``min_train_nodes`` online nodes.
-    node_wait: float = 600.0
-    #: Whether the wrapped strategy is a central-DP wrapper (every sampled reply must be usable).
-    requires_all_replies: bool = False
-    #: The metrics a reply must carry (:data:`server_app.reply_checks.TRAIN_METRICS`; the collect phase's are fewer).
-    reply_metrics: Mapping[str, MetricSpec] = TRAIN_METRICS
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """Remember the sent arrays, wait (bounded) for enough nodes, then delegate."""
-        server_round += self.round_offset
-        self.expected_spec = array_spec(arrays)
-        self._sent_arrays = {k: v.numpy() for k, v in arrays.items()}
-        self._round_start = time.perf_counter()
-        online = wait_for_nodes(grid, getattr(self, "min_train_nodes", 1), self.node_wait)
-        expected = set(self.example_caps or ())
-        self._offline_nodes = sorted(expected - set(online))
-        if len(online) < getattr(self, "min_train_nodes", 1):
-            log(
-                WARNING,
-                "round %d: %d nodes online < min-train-nodes = %d after %.0f s; nothing sent",
-                server_round,
-                len(online),
-                self.min_train_nodes,
-                self.node_wait,
-            )
-            self._sent_nodes = []
-            return []
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent_nodes = [m.metadata.dst_node_id for m in messages]
-        return messages
-
-    def record_round(self, server_round: int, sent_arrays: ArrayRecord, sent_nodes: list[int]) -> None:
-        """Set what ``configure_train`` records, for a round this strategy did not configure (collection)."""
-        self.expected_spec = self.expected_spec or array_spec(sent_arrays)
-        self._sent_arrays = {k: v.numpy() for k, v in sent_arrays.items()}
-        self._round_start = time.perf_counter()
-        self._sent_nodes = list(sent_nodes)
-        self._offline_nodes = []
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """Reject malformed replies, bound the rest, aggregate them with the wrapped strategy."""
-        server_round += self.round_offset
-        replies = list(replies)
-        schema = ReplySchema(self.reply_metrics, self.expected_spec or {})
-        accepted, rejected = [], []
-        for msg in replies:
-            problem = None if msg.has_error() else self._problem(msg, schema)
-            if problem is None:
-                accepted.append(msg)
-            else:
-                rejected.append({"node_id": msg.metadata.src_node_id, "reason": problem})
-                log(
-                    WARNING,
-                    "round %d: rejected reply from node %d: %s",
-                    server_round,
-                    msg.metadata.src_node_id,
-                    problem,
-                )
-        ok = [m for m in accepted if not m.has_error()]
-        seconds = time.perf_counter() - getattr(self, "_round_start", time.perf_counter())
-        entry = round_entry(server_round, replies, accepted, rejected, seconds, getattr(self, "_sent_nodes", ()))
-        entry["offline_nodes"] = list(getattr(self, "_offline_nodes", []))
-        entry["clipped"] = self._bound(ok, schema)
-        arrays, metrics = None, None
-        needed = getattr(self, "min_train_nodes", 1)
-        sent = len(getattr(self, "_sent_nodes", ()))
-        if self.requires_all_replies and len(ok) < sent:
-            log(
-                WARNING,
-                "round %d: central DP needs every sampled reply (%d of %d usable): round skipped, arrays unchanged",
-                server_round,
-                len(ok),
-                sent,
-            )
-        elif len(ok) >= needed:
-            arrays, metrics = self._aggregate(server_round, ok)
-        else:
-            log(
-                WARNING,
-                "round %d: %d usable replies < min_train_nodes = %d: round skipped, arrays unchanged",
-                server_round,
-                len(ok),
-                needed,
-            )
-        entry["aggregated"] = arrays is not None
-        self.round_log = [*getattr(self, "round_log", []), entry]
-        if metrics is None:
-            metrics = MetricRecord()
-        metrics["rejected-replies"] = len(rejected)
-        metrics["failed-replies"] = entry["failed"]
-        metrics["missing-replies"] = len(entry["missing_nodes"])
-        log(
-            INFO,
-            "round %d: %d replies, %d accepted, %d rejected, %d failed, %d missing, %.1f s",
-            server_round,
-            len(replies),
-            len(ok),
-            len(rejected),
-            entry["failed"],
-            len(entry["missing_nodes"]),
-            seconds,
-        )
-        return arrays, metrics
-
-    def _problem(self, msg: Message, schema: ReplySchema) -> str | None:
-        problem = reply_problem(msg.content, schema)
-        if problem is None and self.example_caps is not None:
-            cap = self.example_caps.get(msg.metadata.src_node_id)
-            if cap is None:
-                problem = "node did not take part in preflight"
-            elif cap < 1:
-                problem = f"node reported {cap} training rows in preflight; its reply cannot carry weight"
-        return problem
-
-    def _bound(self, ok: list[Message], schema: ReplySchema) -> list[dict]:
-        """Cap weights, clip update norms and keep only required metrics, in place; returns the clipped replies."""
-        sent = getattr(self, "_sent_arrays", None)  # set by configure_train or record_round
-        if sent is None or not ok:
-            norms, bound = [0.0] * len(ok), math.inf
-        else:
-            norms = [update_norm({k: v.numpy() for k, v in m.content["arrays"].items()}, sent) for m in ok]
-            bound = clip_bound(norms, self.clip_norm, self.clip_median)
-        clipped_nodes = []
-        for msg, norm in zip(ok, norms, strict=True):
-            node = msg.metadata.src_node_id
-            values = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            if norm > bound:
-                msg.content["arrays"] = ArrayRecord(
-                    {k: Array(v) for k, v in clipped(values, sent, norm, bound).items()}
-                )
-                clipped_nodes.append({"node_id": node, "norm": norm, "bound": bound})
-                log(INFO, "update of node %d clipped: norm %.4g -> %.4g", node, norm, bound)
-            weight = int(msg.content["metrics"]["num-examples"])
-            cap = None if self.example_caps is None else self.example_caps.get(node)
-            required = {k: msg.content["metrics"][k] for k, s in schema.metrics.items() if s.required}
-            required["num-examples"] = capped_weight(weight, cap)
-            msg.content["metrics"] = MetricRecord(required)
-        return clipped_nodes
-
-    def _aggregate(self, server_round: int, ok: list[Message]):
-        """The wrapped strategy's aggregate; ``(None, None)``, state restored, if it fails or is not finite."""
-        saved = snapshot_state(self)
-        try:
-            arrays, metrics = super().aggregate_train(server_round, ok)
-        except Exception as err:  # noqa: BLE001 - a strategy's failure on untrusted input must not end the run
-            restore_state(self, saved)
-            log(WARNING, "round %d: the strategy failed to aggregate (%s): round refused", server_round, err)
-            return None, None
-        arrays = _as_sent(arrays, self.expected_spec or {})
-        finite = arrays is None or all(np.isfinite(a.numpy()).all() for a in arrays.values())
-        if not (finite and state_is_finite(self)):
-            restore_state(self, saved)
-            log(
-                WARNING,
-                "round %d: the aggregate or the strategy's state is not finite: refused, previous Global-LiGO kept",
-                server_round,
-            )
-            return None, None
-        return arrays, metrics
 
 
 class FedGrow(ReplyChecks, FedAvg):
@@ -415,33 +202,6 @@ def _construct(
         ) from err
 
 
-def _as_sent(arrays: ArrayRecord | None, spec: ArraySpec) -> ArrayRecord | None:
-    """``arrays`` cast back to the dtypes that were sent.
-
-    Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad) returns float64 arrays
-    for float32 input; without the cast the Global-LiGO would double in bytes from
-    round 2 on and the dtype check would follow the drift.
-    """
-    if arrays is None or all(str(a.dtype) == spec.get(k, (None, str(a.dtype)))[1] for k, a in arrays.items()):
-        return arrays
-    return ArrayRecord({k: Array(a.numpy().astype(spec[k][1]) if k in spec else a.numpy()) for k, a in arrays.items()})
-
-
 def _check_min_train_nodes(min_train_nodes: int, num_nodes: int) -> None:
     if not 1 <= min_train_nodes <= num_nodes:
         raise ValueError(f"min-train-nodes = {min_train_nodes}: expected an integer in [1, {num_nodes}] (the nodes)")
-
-
-def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
-    """The online node ids, once at least ``needed`` are online or after ``timeout`` seconds, whichever is first.
-
-    Flower's ``sample_nodes`` waits for ``min_available_nodes`` without a bound;
-    this is the bounded wait a round takes instead.
-    """
-    deadline = time.monotonic() + timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < needed and time.monotonic() < deadline:
-        log(INFO, "waiting for nodes: %d online, %d needed", len(nodes), needed)
-        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-        nodes = list(grid.get_node_ids())
-    return nodes

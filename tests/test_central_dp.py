@@ -14,7 +14,8 @@ from flwr.serverapp.strategy import (
 from simulated_federation import WARMUP, phase_of, simulate, train_metrics, warmup_reply
 
 from fedgrow_core.run_config import ConfigError, RunConfig
-from server_app.strategy import ReplyChecks, strategy_for_run
+from server_app.checked_round import ReplyChecks
+from server_app.strategy import strategy_for_run
 
 SENT = {"width.res": np.zeros((200, 50), np.float32), "depth.attn_q_weight": np.zeros((100, 50), np.float32)}
 CLIP, NOISE, UPDATE_NORM = 0.5, 2.0, 300.0

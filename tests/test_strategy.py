@@ -10,8 +10,9 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from simulated_federation import train_metrics
 
+from server_app.checked_round import ReplyChecks
 from server_app.reply_checks import array_spec, reply_problem
-from server_app.strategy import BUILTIN_STRATEGIES, FedGrow, ReplyChecks, build_strategy, resolve_strategy
+from server_app.strategy import BUILTIN_STRATEGIES, FedGrow, build_strategy, resolve_strategy
 
 SENT = {"width.res": np.zeros((2, 3), np.float32), "depth.attn_q_weight": np.ones((4, 2), np.float32)}
 

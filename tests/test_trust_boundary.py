@@ -25,10 +25,11 @@ from fedgrow_core.growth_client import global_ligo
 from fedgrow_core.run_config import ConfigError, RunConfig
 from server_app.bounded_influence import clip_bound, clipped, update_norm
 from server_app.central_dp import secure_gaussian
+from server_app.checked_round import wait_for_nodes
 from server_app.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint, write_checkpoint
 from server_app.phases import FINAL_SCHEMA, collect_average, final_phase
 from server_app.reply_checks import COLLECT_METRICS, FINAL_METRICS, PREFLIGHT_METRICS, TRAIN_METRICS, reply_problem
-from server_app.strategy import build_strategy, strategy_for_run, wait_for_nodes
+from server_app.strategy import build_strategy, strategy_for_run
 
 
 @pytest.fixture
