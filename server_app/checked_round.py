@@ -132,7 +132,8 @@ class ReplyChecks:
         entry["clipped"] = self._bound(ok, schema)
         arrays, metrics = None, None
         needed = getattr(self, "min_train_nodes", 1)
-        sent = len(getattr(self, "_sent_nodes", ()))
+        # inside central DP the noise is calibrated for num_sampled_clients: every one of them must reply usably
+        sent = max(len(getattr(self, "_sent_nodes", ())), getattr(self, "num_sampled_clients", 0))
         if self.requires_all_replies and len(ok) < sent:
             log(
                 WARNING,
@@ -245,6 +246,20 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -
 
     Flower's ``sample_nodes`` waits for ``min_available_nodes`` without a bound;
     this is the bounded wait a round takes instead.
+
+    Parameters
+    ----------
+    grid : Grid
+        Asked for ``get_node_ids()`` every ``poll`` seconds.
+    needed : int
+        Nodes the round needs (``min-train-nodes``).
+    timeout, poll : float
+        Seconds to wait at most, and between checks.
+
+    Returns
+    -------
+    list of int
+        The node ids online when the wait ended (possibly fewer than ``needed``).
     """
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())

@@ -315,7 +315,20 @@ def _preflight_mismatch(msg: Message, preflight_rows: dict[int, dict] | None) ->
 
 
 def majority_spec(replies: list[Message]) -> dict | None:
-    """The array spec (names, shapes, dtypes) a strict majority of the content replies share, or ``None``."""
+    """The array spec (names, shapes, dtypes) a strict majority of the content replies share, or ``None``.
+
+    Parameters
+    ----------
+    replies : list of Message
+        A collection's replies; error replies do not count, replies without an
+        ``arrays`` ``ArrayRecord`` count against every spec.
+
+    Returns
+    -------
+    dict or None
+        ``{name: (shape, dtype)}`` shared by more than half of the content
+        replies; ``None`` if no spec has that majority.
+    """
     content = [m for m in replies if not m.has_error()]
     specs = [
         tuple(sorted(array_spec(m.content["arrays"]).items()))

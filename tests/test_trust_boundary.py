@@ -427,3 +427,16 @@ def test_state_writes_are_synced(tmp_path, monkeypatch):
     run = RunConfig(num_server_rounds=2)
     _checkpoint(tmp_path, run)
     assert len(synced) == 2  # the file, then its folder after the rename
+
+
+def test_a_dp_round_with_fewer_nodes_online_than_the_noise_assumes_is_skipped():
+    run = RunConfig(dp_clipping="fixed", dp_noise_multiplier=1.0, round_timeout=0.5)
+    strategy = strategy_for_run(run, 3, {1: 5, 2: 5, 3: 5})  # noise calibrated for 3 sampled clients
+    assert strategy.num_sampled_clients == 3
+    strategy.expected_spec = SPEC
+    strategy._sent_arrays = {k: v.copy() for k, v in SENT.items()}
+    strategy.current_arrays = _record(SENT)
+    strategy._sent_nodes = [1, 2]  # node 3 was offline: only two were sent the round
+    honest = {k: v + 0.1 for k, v in SENT.items()}
+    arrays, _ = strategy.aggregate_train(1, [_Reply(1, _content(honest)), _Reply(2, _content(honest))])
+    assert arrays is None and not strategy.round_log[0]["aggregated"]
