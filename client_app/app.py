@@ -247,7 +247,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     check_phase(run.mode, str(config.get("phase", FINAL_PHASE)), context.node_config)
     server_round = int(config.get("server-round", 0))
     if run.mode in ("fedgrow", "independent-ligo", "small-only"):
-        _restore(context, _state_store(context, run, config), server_round + 1)
+        resumed_after = int(config.get("resumed-after", 0))
+        _restore(context, _state_store(context, run, config), server_round + 1, resumed_after)
     with _seeded(context, run, FINAL_PHASE, server_round):
         return _finetune_and_evaluate(msg, context, run)
 

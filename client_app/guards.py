@@ -40,7 +40,9 @@ MODE_PHASES: dict[str, frozenset[str]] = {
 }
 _ALWAYS = frozenset({"preflight", FINAL_PHASE})
 _RUN_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.\-~@+]+){2,}[\\/]?")
+#: A quoted string holding a path separator or ``~``; then any bare token holding a separator.
+_QUOTED_PATH = re.compile(r"""(['"])(?:(?!\1).)*[/\\~](?:(?!\1).)*\1""")
+_BARE_PATH = re.compile(r"""[^\s'"(),;]*[/\\][^\s'"(),;]*""")
 
 
 class RefusedMessage(RuntimeError):
@@ -100,7 +102,8 @@ def check_run_tag(tag: object) -> str:
 def sanitised_reason(err: BaseException) -> str:
     """What an error reply may say about ``err``: its type; for the project's own refusals, their text without paths."""
     if isinstance(err, (RefusedMessage, ConfigError)):
-        return f"{type(err).__name__}: {_PATH.sub('<path>', str(err))}"[:2000]
+        text = _BARE_PATH.sub("<path>", _QUOTED_PATH.sub("'<path>'", str(err)))
+        return f"{type(err).__name__}: {text}"[:2000]
     return f"{type(err).__name__} (details are in the node's own log)"
 
 

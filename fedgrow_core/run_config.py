@@ -134,8 +134,12 @@ class RunConfig:
         what was sent), applied before aggregation; 0 turns it off.
     clip_update_median : float
         Bound on each reply's update norm as a multiple of the round's median
-        update norm (:mod:`server_app.bounded_influence`); 0 turns it off. The
-        bound used is the smaller of the two.
+        update norm (:mod:`server_app.bounded_influence`, median (the smaller of two)); 0 turns
+        it off. The bound used is the smaller of the two.
+    cap_weight_median : float
+        Cap on each reply's ``num-examples`` (its FedAvg weight) as a multiple of
+        the median (the smaller of two) of the round's preflight row counts, on top of the cap
+        at the node's own preflight count; 0 turns it off.
     proximal_mu : float
         FedProx's proximal weight (Li et al. 2020, Eq. 2); must be > 0 with
         ``strategy = "fedprox"``.
@@ -215,6 +219,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     clip_update_norm: float = 0.0
     clip_update_median: float = 2.0
+    cap_weight_median: float = 3.0
     proximal_mu: float = 0.0
     fedopt_eta: float = 0.1
     fedopt_eta_l: float = 0.1
@@ -284,11 +289,14 @@ class RunConfig:
         ]
         if nonfinite:  # the range checks below cannot be trusted on NaN
             raise ConfigError(p + nonfinite)
-        for name in ("clip_update_norm", "clip_update_median", "proximal_mu", "fedopt_tau", "server_lr"):
+        for name in ("clip_update_norm", "clip_update_median", "cap_weight_median", "proximal_mu", "fedopt_tau"):
             if getattr(self, name) < 0:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number >= 0")
         if self.strategy == "fedprox" and not self.proximal_mu > 0:
             p.append("proximal-mu = 0.0: strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)")
+        for name in ("fedopt_eta", "fedopt_eta_l", "server_lr"):
+            if not getattr(self, name) > 0:
+                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number > 0")
         for name in ("fedopt_beta_1", "fedopt_beta_2", "server_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number in [0, 1)")

@@ -4,13 +4,16 @@ Two bounds apply to every accepted training reply before the strategy sees it:
 
 * **Weight cap.** A reply's ``num-examples`` (FedAvg's weight, McMahan et al.
   2017, Eq. 1) is capped at the training rows the node reported in preflight,
-  so a node cannot claim ``2**62`` rows in a round.
+  and at ``cap-weight-median`` times the median of the round's preflight
+  counts (:func:`weight_bound`), so a node can neither claim ``2**62`` rows in a
+  round nor ``10**12`` in preflight to outweigh everyone.
 * **Update-norm clipping.** The update ``u_k = w_k - w`` (reply minus the arrays
   sent) over all tensors together is scaled to L2 norm at most
   ``min(clip-update-norm, clip-update-median * median_k ||u_k||)``, as in
   norm-bounded robust aggregation (Sun et al. 2019, "Can you really backdoor
-  federated learning?"). The median is over the round's accepted replies; with a
-  majority of honest replies it is bounded by an honest norm, so a hostile reply
+  federated learning?"). The median (:func:`robust_median`: the smaller of two)
+  is over the round's accepted replies; with an honest majority, or one honest
+  node of two, it is bounded by honest norms, so a hostile reply
   moves an example-weighted average by at most its weight share times the bound.
 
 Both are pure functions of numpy arrays; :class:`server_app.strategy.ReplyChecks`
@@ -45,8 +48,29 @@ def update_norm(reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray])
     return math.sqrt(total)
 
 
+def robust_median(values: Sequence[float]) -> float:
+    """The median of ``values``, but the smaller of two: with an honest majority (or one of two) it is honest-bounded.
+
+    For three or more values the median lies between honest values whenever a
+    strict majority is honest. For two, the plain median is their mean, which
+    either node could set at will, so the smaller one is used.
+
+    Raises
+    ------
+    ValueError
+        If ``values`` is empty.
+    """
+    if not values:
+        raise ValueError("robust_median: no values")
+    if len(values) == 2:
+        return float(min(values))
+    return float(np.median(np.asarray(values, np.float64)))
+
+
 def clip_bound(norms: Sequence[float], fixed: float, median_multiple: float) -> float:
-    """The round's clipping bound: ``min(fixed, median_multiple * median(norms))``, ``inf`` where a term is off (0).
+    """The round's clipping bound: ``min(fixed, median_multiple * robust_median(norms))``, ``inf`` where a term is off.
+
+    A term is off when its parameter is 0.
 
     Raises
     ------
@@ -55,10 +79,20 @@ def clip_bound(norms: Sequence[float], fixed: float, median_multiple: float) -> 
     """
     bound = fixed if fixed > 0 else math.inf
     if median_multiple > 0:
-        if not norms:
-            raise ValueError("clip_bound: no update norms to take a median of")
-        bound = min(bound, median_multiple * float(np.median(np.asarray(norms, np.float64))))
+        bound = min(bound, median_multiple * robust_median(norms))
     return bound
+
+
+def weight_bound(preflight_rows: Sequence[int], median_multiple: float) -> float:
+    """Cap on one reply's weight: ``median_multiple`` times :func:`robust_median` of the round's preflight row counts.
+
+    Preflight counts are self-reported, so the per-node cap alone lets a node
+    that claimed 10^12 rows outweigh everyone; this second cap bounds its share.
+    ``inf`` when ``median_multiple`` is 0 or no count is known.
+    """
+    if median_multiple <= 0 or not preflight_rows:
+        return math.inf
+    return median_multiple * robust_median(preflight_rows)
 
 
 def clipped(

@@ -20,9 +20,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from .bounded_influence import capped_weight, clip_bound, clipped, update_norm
+from .bounded_influence import capped_weight, clip_bound, clipped, update_norm, weight_bound
 from .checkpoint import restore_state, snapshot_state, state_is_finite
-from .reply_checks import TRAIN_METRICS, ArraySpec, MetricSpec, ReplySchema, array_spec, reply_problem
+from .reply_checks import (
+    TRAIN_METRICS,
+    ArraySpec,
+    MetricSpec,
+    ReplySchema,
+    array_spec,
+    decode_arrays,
+    reply_problem,
+)
 from .round_log import round_entry
 
 
@@ -67,6 +75,8 @@ class ReplyChecks:
     #: Fixed update-norm bound (0: off) and multiple of the round's median norm (0: off).
     clip_norm: float = 0.0
     clip_median: float = 0.0
+    #: Cap on a weight as a multiple of the median (the smaller of two) of the round's preflight row counts (0: off).
+    cap_weight_median: float = 0.0
     #: Seconds ``configure_train`` waits for ``min_train_nodes`` online nodes.
     node_wait: float = 600.0
     #: Whether the wrapped strategy is a central-DP wrapper (every sampled reply must be usable).
@@ -185,25 +195,28 @@ class ReplyChecks:
     def _bound(self, ok: list[Message], schema: ReplySchema) -> list[dict]:
         """Cap weights, clip update norms and keep only required metrics, in place; returns the clipped replies."""
         sent = getattr(self, "_sent_arrays", None)  # set by configure_train or record_round
+        # every tensor was decoded and checked by the schema; re-encode from the decoded values, so nothing
+        # downstream reads a sender's own shape or dtype metadata
+        values = [decode_arrays(m.content["arrays"], schema.arrays or {})[0] or {} for m in ok]
         if sent is None or not ok:
             norms, bound = [0.0] * len(ok), math.inf
         else:
-            norms = [update_norm({k: v.numpy() for k, v in m.content["arrays"].items()}, sent) for m in ok]
+            norms = [update_norm(v, sent) for v in values]
             bound = clip_bound(norms, self.clip_norm, self.clip_median)
+        preflight = [self.example_caps.get(m.metadata.src_node_id) for m in ok] if self.example_caps else []
+        weight_cap = weight_bound([c for c in preflight if c is not None], self.cap_weight_median)
         clipped_nodes = []
-        for msg, norm in zip(ok, norms, strict=True):
+        for msg, value, norm in zip(ok, values, norms, strict=True):
             node = msg.metadata.src_node_id
-            values = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             if norm > bound:
-                msg.content["arrays"] = ArrayRecord(
-                    {k: Array(v) for k, v in clipped(values, sent, norm, bound).items()}
-                )
+                value = clipped(value, sent, norm, bound)
                 clipped_nodes.append({"node_id": node, "norm": norm, "bound": bound})
                 log(INFO, "update of node %d clipped: norm %.4g -> %.4g", node, norm, bound)
+            msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in value.items()})
             weight = int(msg.content["metrics"]["num-examples"])
             cap = None if self.example_caps is None else self.example_caps.get(node)
             required = {k: msg.content["metrics"][k] for k, s in schema.metrics.items() if s.required}
-            required["num-examples"] = capped_weight(weight, cap)
+            required["num-examples"] = max(1, min(capped_weight(weight, cap), weight_cap))
             msg.content["metrics"] = MetricRecord(required)
         return clipped_nodes
 

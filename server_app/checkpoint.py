@@ -335,24 +335,68 @@ def content_problems(checkpoint: Checkpoint, run: RunConfig) -> list[str]:
             p.append(f"checkpoint tensor {name!r}: {got[name]} {array.dtype}, expected {expected[name]} float32")
         elif not np.isfinite(array.numpy()).all():
             p.append(f"checkpoint tensor {name!r} holds NaN or Inf")
+    ordered = list(expected.values())  # FedAvgM's momentum list follows the Global-LiGO's order
     for key, value in checkpoint.strategy["arrays"].items():
         depth, attr, name = (key.split(".", 2) + ["", ""])[:3]
         kind = _STRATEGY_ARRAYS.get(attr)
         known = name in expected if kind == "dict" else name.isdigit() and int(name) < len(expected)
-        if not depth.isdigit() or kind is None or not known:
+        if not (depth.isdigit() and int(depth) <= _MAX_WRAPPER_DEPTH) or kind is None or not known:
             p.append(f"checkpoint strategy tensor {key!r}: not a known strategy state")
-        elif kind == "dict" and tuple(value.shape) != expected[name]:
-            p.append(f"checkpoint strategy tensor {key!r}: shape {tuple(value.shape)}, expected {expected[name]}")
+            continue
+        want = expected[name] if kind == "dict" else ordered[int(name)]
+        if tuple(value.shape) != want:
+            p.append(f"checkpoint strategy tensor {key!r}: shape {tuple(value.shape)}, expected {want}")
         elif not np.isfinite(value).all():
             p.append(f"checkpoint strategy tensor {key!r} holds NaN or Inf")
     for key, value in checkpoint.strategy["scalars"].items():
         depth, _, attr = key.partition(".")
-        if not depth.isdigit() or attr not in _STRATEGY_SCALARS:
+        if not (depth.isdigit() and int(depth) <= _MAX_WRAPPER_DEPTH) or attr not in _STRATEGY_SCALARS:
             p.append(f"checkpoint strategy scalar {key!r}: only {list(_STRATEGY_SCALARS)} may be restored")
         elif not isinstance(value, (int, float)) or not _scalar_range(run)[0] <= value <= _scalar_range(run)[1]:
             low, high = _scalar_range(run)
             p.append(f"checkpoint strategy scalar {key!r} = {value!r}: expected a number in [{low:g}, {high:g}]")
+    p += _rng_problems(checkpoint)
+    if not isinstance(checkpoint.entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("round"), int) for e in checkpoint.entries
+    ):
+        p.append("checkpoint round log: expected a list of entries with an integer 'round'")
     return p
+
+
+#: Wrappers around the strategy a checkpoint may hold state of (the central-DP wrapper: depth 0, FedAvg: 1).
+_MAX_WRAPPER_DEPTH = 1
+
+
+def _rng_problems(checkpoint: Checkpoint) -> list[str]:
+    """Why the stored Python and NumPy RNG states cannot be restored (their shapes as ``random`` and NumPy need)."""
+    problems = []
+    state = checkpoint.python_random
+    ok = (
+        isinstance(state, list)
+        and len(state) == 3
+        and isinstance(state[0], int)
+        and isinstance(state[1], list)
+        and len(state[1]) == 625
+        and all(isinstance(v, int) and 0 <= v < 2**32 for v in state[1])
+        and (state[2] is None or isinstance(state[2], float))
+    )
+    if not ok:
+        problems.append("checkpoint python-random: not a Python random state (version, 625 words, gauss)")
+    key, meta = checkpoint.numpy_random if checkpoint.numpy_random is not None else (None, None)
+    ok = (
+        isinstance(key, np.ndarray)
+        and key.shape == (624,)
+        and key.dtype == np.uint32
+        and isinstance(meta, dict)
+        and meta.get("name") == "MT19937"
+        and isinstance(meta.get("pos"), int)
+        and 0 <= meta["pos"] <= 624
+        and meta.get("has_gauss") in (0, 1)
+        and isinstance(meta.get("cached_gaussian"), float)
+    )
+    if not ok:
+        problems.append("checkpoint numpy-random: not a NumPy MT19937 state (624 uint32 words, position 0..624)")
+    return problems
 
 
 def _scalar_range(run: RunConfig) -> tuple[float, float]:

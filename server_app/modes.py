@@ -74,7 +74,8 @@ def run_mode(grid: Grid, run: RunConfig, run_dir: Path | None = None, resume: Ch
     caps = {node: int(m["train-examples"]) for node, m in rows.items()}
 
     def final(arrays: ArrayRecord, last_round: int = 0, tag: str = "") -> tuple[list[Message], list[dict]]:
-        return final_phase(grid, arrays, t, last_round, tag, preflight_rows=rows)
+        resumed = resume.server_round if resume is not None else 0
+        return final_phase(grid, arrays, t, last_round, tag, preflight_rows=rows, resumed_after=resumed)
 
     if run.mode in ("fedgrow", "fedgrow-fedft"):
         start = ArrayRecord(global_ligo(run).state_dict())

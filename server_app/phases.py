@@ -28,6 +28,7 @@ from .reply_checks import (
     PREFLIGHT_METRICS,
     ReplySchema,
     array_spec,
+    decode_arrays,
     reply_problem,
     train_schema,
 )
@@ -246,6 +247,7 @@ def collect_average(
     strategy = build_strategy("fedavg", len(sent), 1.0)
     strategy.clip_median = run.clip_update_median
     strategy.clip_norm = run.clip_update_norm
+    strategy.cap_weight_median = run.cap_weight_median
     strategy.example_caps = example_caps
     strategy.expected_spec = spec
     strategy.reply_metrics = COLLECT_METRICS
@@ -268,6 +270,7 @@ def final_phase(
     last_round: int = 0,
     run_tag: str = "",
     preflight_rows: dict[int, dict] | None = None,
+    resumed_after: int = 0,
 ) -> tuple[list[Message], list[dict]]:
     """Ask every node to fine-tune (per its mode), evaluate and save its model.
 
@@ -277,7 +280,8 @@ def final_phase(
     ``timeout`` is in seconds. Every reply is checked against
     :data:`FINAL_SCHEMA` and, with ``preflight_rows``, against the node's
     preflight reply (same ``partition-id``, ``num-examples`` at most its test
-    rows).
+    rows). ``resumed_after`` (rounds restored from a checkpoint) tells clients
+    that they must hold private state from before.
 
     Returns
     -------
@@ -286,6 +290,8 @@ def final_phase(
         (failed replies are logged and left out of both).
     """
     config = {"server-round": last_round, **({"run-tag": run_tag} if run_tag else {})}
+    if resumed_after:
+        config["resumed-after"] = resumed_after
     accepted, rejected = [], []
     for msg in _send(grid, arrays, FINAL_PHASE, MessageType.EVALUATE, timeout, **config):
         if msg.has_error():
@@ -342,17 +348,16 @@ def majority_spec(replies: list[Message]) -> dict | None:
 
 
 def _median_arrays(replies: list[Message], spec: dict) -> ArrayRecord | None:
-    """Coordinate-wise median of the finite replies that match ``spec`` (the collect phase's clipping reference)."""
+    """Coordinate-wise median of the replies whose decoded tensors match ``spec`` (the collect phase's reference)."""
     matching = [
-        m.content["arrays"]
+        decoded
         for m in replies
-        if not m.has_error()
-        and isinstance(m.content.get("arrays"), ArrayRecord)
-        and array_spec(m.content["arrays"]) == spec
-        and all(np.isfinite(a.numpy()).all() for a in m.content["arrays"].values())
+        if not m.has_error() and isinstance(m.content.get("arrays"), ArrayRecord)
+        for decoded in [decode_arrays(m.content["arrays"], spec)[0]]
+        if decoded is not None
     ]
     if not matching:
         return None
     return ArrayRecord(
-        {k: Array(np.median(np.stack([r[k].numpy() for r in matching]), axis=0).astype(spec[k][1])) for k in spec}
+        {k: Array(np.median(np.stack([r[k] for r in matching]), axis=0).astype(spec[k][1])) for k in spec}
     )

@@ -175,21 +175,46 @@ def reply_problem(content: RecordDict, schema: ReplySchema | ArraySpec) -> str |
 
 
 def _array_problem(arrays: ArrayRecord, expected: ArraySpec) -> str | None:
+    return decode_arrays(arrays, expected)[1]
+
+
+def decode_arrays(arrays: ArrayRecord, expected: ArraySpec) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """Decode ``arrays`` and check the decoded tensors against ``expected``.
+
+    An ``Array``'s ``shape`` and ``dtype`` are metadata a sender sets apart from
+    its bytes, so both are checked on the decoded ``numpy`` array, and a tensor
+    that cannot be decoded (other serialisation type, pickled objects, garbage)
+    is a problem, not an exception.
+
+    Returns
+    -------
+    tuple of (dict or None, str or None)
+        ``({name: ndarray}, None)`` if every tensor matches; ``(None, reason)``
+        otherwise.
+    """
     names = set(arrays.keys())
     extra, missing = sorted(names - set(expected)), sorted(set(expected) - names)
     if extra:
-        return f"unexpected tensors (only Global-LiGO may travel): {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+        return None, f"unexpected tensors (only Global-LiGO may travel): {extra[:5]}{' ...' if len(extra) > 5 else ''}"
     if missing:
-        return f"missing Global-LiGO tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        return None, f"missing Global-LiGO tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+    decoded = {}
     for name, array in arrays.items():
         shape, dtype = expected[name]
         if tuple(array.shape) != shape:
-            return f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape}"
+            return None, f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape}"
         if str(array.dtype) != dtype:
-            return f"tensor {name!r} has dtype {array.dtype}, expected {dtype}"
-        if not np.isfinite(array.numpy()).all():
-            return f"tensor {name!r} holds NaN or Inf"
-    return None
+            return None, f"tensor {name!r} has dtype {array.dtype}, expected {dtype}"
+        try:
+            value = array.numpy()
+        except Exception as err:  # noqa: BLE001 - any decoding failure of untrusted bytes is a rejection
+            return None, f"tensor {name!r} cannot be decoded ({type(err).__name__})"
+        if tuple(value.shape) != shape or str(value.dtype) != dtype:
+            return None, f"tensor {name!r} decodes to {tuple(value.shape)} {value.dtype}, expected {shape} {dtype}"
+        if not np.isfinite(value).all():
+            return None, f"tensor {name!r} holds NaN or Inf"
+        decoded[name] = value
+    return decoded, None
 
 
 def metric_problem(metrics: MetricRecord, spec: Mapping[str, MetricSpec]) -> str | None:

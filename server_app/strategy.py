@@ -177,6 +177,7 @@ def strategy_for_run(run: RunConfig, num_nodes: int, example_caps: dict[int, int
     strategy.example_caps = example_caps
     strategy.clip_norm = run.clip_update_norm
     strategy.clip_median = run.clip_update_median
+    strategy.cap_weight_median = run.cap_weight_median
     strategy.node_wait = run.round_timeout
     return strategy
 

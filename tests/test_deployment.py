@@ -148,6 +148,7 @@ def deployment(tmp_path_factory):
                 "model": models[i],
                 "state-dir": str(tmp / f"node-{i}/state"),
                 "output-dir": str(tmp / f"node-{i}/out"),
+                "allowed-modes": "fedgrow",
             }
             cmd = supernode_command(
                 f"127.0.0.1:{port}", str(certs / "ca.crt"), str(keys / f"supernode_{i}"), node, runtime_ports[i]

@@ -51,6 +51,7 @@ def test_compose_commands_are_the_loopback_tests_commands(compose):
             "dataset": "/data/train.csv",
             "state-dir": "/state",
             "output-dir": "/outputs",
+            "allowed-modes": "fedgrow",  # a deployed node serves Fed-Grow only, whatever run config arrives
         }
         expected = supernode_command(
             f"superlink:{SUPERLINK_PORT}", "/run/secrets/ca.crt", f"/run/secrets/supernode_{i}", node

@@ -6,8 +6,9 @@ replies) with 4 tiny BERT clients, mode ``fedgrow``, FedAvg:
 
 * **honest**: every node trains honestly; in the final phase partitions 1-3
   corrupt their replies (one attack each, :data:`FINAL_ATTACKS`);
-* **attacked**: partition 3 trains honestly, then corrupts its real reply with a
-  different attack every round (:data:`TRAIN_ATTACKS`).
+* **attacked**: partition 3 claims 10**12 training rows in preflight, trains
+  honestly, then corrupts its real reply with a different attack every round
+  (:data:`TRAIN_ATTACKS`).
 
 Both runs must finish and write their outputs; every hostile reply must be
 recorded as rejected with its reason, or, where the reply is well formed but
@@ -79,6 +80,7 @@ TRAIN_ATTACKS = {
     7: ("num-examples 2**39 with a 1000x poisoned update", "bounded", ""),
     8: ("finite but huge values (3e38)", "bounded", ""),
     9: ("sign-flipped update, 50x", "bounded", ""),
+    10: ("Array metadata that lies about its bytes", "rejected", "decodes to (3,) float32"),
 }
 
 
@@ -100,7 +102,13 @@ def _train_attack(server_round: int, reply: Message, msg: Message) -> Message:
     if server_round == 8:
         huge = {k: Array(np.full(a.shape, 3e38, np.float32)) for k, a in reply.content["arrays"].items()}
         return _replace(reply, msg, arrays=huge)
-    return _replace(reply, msg, arrays=_scaled(reply, msg, -50.0))
+    if server_round == 9:
+        return _replace(reply, msg, arrays=_scaled(reply, msg, -50.0))
+    arrays = dict(reply.content["arrays"].items())
+    name, honest = next(iter(arrays.items()))
+    small = Array(np.zeros(3, np.float32))  # the right shape declared, three values sent
+    arrays[name] = Array(dtype=honest.dtype, shape=honest.shape, stype=honest.stype, data=small.data)
+    return _replace(reply, msg, arrays=arrays)
 
 
 #: partition -> (attack on its final-phase reply, the server's reason)
@@ -128,7 +136,11 @@ def _with_config(context: Context) -> Context:
 
 @client.query()
 def query(msg: Message, context: Context) -> Message:
-    return fedgrow_client.app(msg, _with_config(context))  # the real ClientApp, its mods included
+    reply = fedgrow_client.app(msg, _with_config(context))  # the real ClientApp, its mods included
+    if SCENARIO.get("train") and int(context.node_config["partition-id"]) == HOSTILE:
+        metrics = {**dict(reply.content["metrics"]), "train-examples": 10**12}  # claims to outweigh everyone
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return reply
 
 
 @client.train()

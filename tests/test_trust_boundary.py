@@ -330,8 +330,10 @@ def test_restored_contents_are_checked_against_the_run(tmp_path):
     checkpoint = read_checkpoint(tmp_path)
     checkpoint.server_round = -1
     checkpoint.strategy["scalars"] = {"0.noise_multiplier": 0.0, "0.clipping_norm": 1e12}
-    checkpoint.strategy["arrays"] = {"1.m_t.foreign": np.zeros(3, np.float32)}
     name = next(iter(checkpoint.global_ligo.keys()))
+    checkpoint.strategy["arrays"] = {"1.m_t.foreign": np.zeros(3, np.float32), f"7.v_t.{name}": np.zeros(1)}
+    checkpoint.python_random = [3, [1, 2], None]
+    checkpoint.numpy_random = (np.zeros(5, np.uint32), {"name": "MT19937", "pos": 9999})
     bad = checkpoint.global_ligo[name].numpy().copy()
     bad.flat[0] = np.nan
     checkpoint.global_ligo[name] = Array(bad)
@@ -346,6 +348,9 @@ def test_restored_contents_are_checked_against_the_run(tmp_path):
         "'1.m_t.foreign': not a known strategy state",
         f"{name!r} holds NaN or Inf",
         "extra ['foreign']",
+        f"'7.v_t.{name}': not a known strategy state",
+        "python-random: not a Python random state",
+        "numpy-random: not a NumPy MT19937 state",
     ):
         assert phrase in text, (phrase, text)
 
@@ -399,6 +404,9 @@ def test_error_replies_carry_no_paths_and_no_data_values(tmp_path, task_identity
     assert sanitised_reason(err) == "FileNotFoundError (details are in the node's own log)"
     refusal = ConfigError([f"model = {str(secret)!r}: not found"])
     assert str(tmp_path) not in sanitised_reason(refusal) and "<path>" in sanitised_reason(refusal)
+    for leaky in ("/home/jane doe/labels.csv", "data/private/labels.csv", "~/secret.csv", "C:\\Users\\x.csv"):
+        reason = sanitised_reason(ConfigError([f"model = {leaky!r}: not found", f"bare {leaky} too"]))
+        assert "labels" not in reason and "secret" not in reason and "Users" not in reason, reason
 
     def raises(msg, context):
         raise err
@@ -440,3 +448,55 @@ def test_a_dp_round_with_fewer_nodes_online_than_the_noise_assumes_is_skipped():
     honest = {k: v + 0.1 for k, v in SENT.items()}
     arrays, _ = strategy.aggregate_train(1, [_Reply(1, _content(honest)), _Reply(2, _content(honest))])
     assert arrays is None and not strategy.round_log[0]["aggregated"]
+
+
+@pytest.mark.parametrize(
+    "data,stype,phrase",
+    [
+        (b"\x00garbage", "numpy.ndarray", "cannot be decoded"),
+        (None, "torch", "cannot be decoded"),
+        ("other-shape", "numpy.ndarray", "decodes to (5, 7) float32"),
+        ("scalar", "numpy.ndarray", "decodes to () float32"),
+    ],
+)
+def test_array_metadata_that_lies_about_its_bytes_is_rejected_not_raised(data, stype, phrase):
+    honest = Array(SENT["width.res"] + 1.0)
+    if data == "other-shape":
+        data = Array(np.zeros((5, 7), np.float32)).data
+    elif data == "scalar":
+        data = Array(np.array(1.0, dtype=np.float32)).data
+    elif data is None:
+        data = honest.data
+    forged = Array(dtype=honest.dtype, shape=honest.shape, stype=stype, data=data)
+    arrays = {**{k: Array(v) for k, v in SENT.items()}, "width.res": forged}
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(train_metrics(10))})
+    problem = reply_problem(content, SPEC)
+    assert problem is not None and phrase in problem, problem
+    strategy = _strategy()
+    arrays_out, _ = strategy.aggregate_train(1, [_Reply(1, content)])  # rejected, never raised
+    assert arrays_out is None and strategy.round_log[0]["rejected"][0]["node_id"] == 1
+
+
+def test_weight_is_capped_by_the_median_of_preflight_counts_too():
+    # a node that claimed 10**12 training rows in preflight cannot outweigh the rest
+    strategy = _strategy(caps={1: 10, 2: 10, 3: 10**12}, clip_update_median=0.0)
+    honest = {k: v + 1.0 for k, v in SENT.items()}
+    poison = {k: v - 1.0 for k, v in SENT.items()}
+    replies = [
+        _Reply(1, _content(honest, train_metrics(10))),
+        _Reply(2, _content(honest, train_metrics(10))),
+        _Reply(3, _content(poison, train_metrics(10**12))),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for k, value in arrays.items():  # weights 10, 10 and 3 x 10 (the cap): (10 + 10 - 30) / 50 = -0.2
+        np.testing.assert_allclose(value.numpy(), SENT[k] - 0.2, rtol=1e-6)
+
+
+def test_two_nodes_clip_against_the_smaller_norm():
+    strategy = strategy_for_run(RunConfig(), 2, None)
+    strategy.expected_spec, strategy._sent_arrays = SPEC, {k: v.copy() for k, v in SENT.items()}
+    honest = {k: v + 1.0 for k, v in SENT.items()}
+    poison = {k: v - 1000.0 for k, v in SENT.items()}
+    arrays, _ = strategy.aggregate_train(1, [_Reply(1, _content(honest)), _Reply(2, _content(poison))])
+    for k, value in arrays.items():  # the poison is scaled to 2 x the honest norm: -2 per value
+        np.testing.assert_allclose(value.numpy(), SENT[k] + (1.0 - 2.0) / 2, rtol=1e-6)
