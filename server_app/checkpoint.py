@@ -228,8 +228,8 @@ def write_checkpoint(
             os.fsync(folder)
         finally:
             os.close(folder)
-    except OSError as err:
-        raise OSError(f"cannot write the checkpoint {path}: {err.strerror or err}") from err
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own type (e.g. a header over 100 MB)
+        raise OSError(f"cannot write the checkpoint {path}: {getattr(err, 'strerror', None) or err}") from err
     return path
 
 
@@ -356,11 +356,27 @@ def content_problems(checkpoint: Checkpoint, run: RunConfig) -> list[str]:
             low, high = _scalar_range(run)
             p.append(f"checkpoint strategy scalar {key!r} = {value!r}: expected a number in [{low:g}, {high:g}]")
     p += _rng_problems(checkpoint)
-    if not isinstance(checkpoint.entries, list) or not all(
-        isinstance(e, dict) and isinstance(e.get("round"), int) for e in checkpoint.entries
-    ):
-        p.append("checkpoint round log: expected a list of entries with an integer 'round'")
+    if not isinstance(checkpoint.entries, list) or not all(_entry_ok(e) for e in checkpoint.entries):
+        p.append(f"checkpoint round log: expected a list of round entries with {sorted(_ENTRY_FIELDS)}")
     return p
+
+
+#: Fields of a round-log entry the summary reads, and their types.
+_ENTRY_FIELDS = {
+    "round": int,
+    "phase": str,
+    "replies": int,
+    "accepted_nodes": list,
+    "failed": int,
+    "rejected": list,
+    "seconds": (int, float),
+    "client_metrics": dict,
+    "upload_bytes": dict,
+}
+
+
+def _entry_ok(entry: object) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in _ENTRY_FIELDS.items())
 
 
 #: Wrappers around the strategy a checkpoint may hold state of (the central-DP wrapper: depth 0, FedAvg: 1).
@@ -374,10 +390,11 @@ def _rng_problems(checkpoint: Checkpoint) -> list[str]:
     ok = (
         isinstance(state, list)
         and len(state) == 3
-        and isinstance(state[0], int)
+        and state[0] == 3  # random.getstate()'s version
         and isinstance(state[1], list)
         and len(state[1]) == 625
         and all(isinstance(v, int) and 0 <= v < 2**32 for v in state[1])
+        and 0 <= state[1][-1] <= 624  # the position word
         and (state[2] is None or isinstance(state[2], float))
     )
     if not ok:

@@ -131,6 +131,10 @@ def train_schema(expected: ArraySpec) -> ReplySchema:
     return ReplySchema(TRAIN_METRICS, expected)
 
 
+#: Longest rejection reason kept (it goes into logs, the round log and the checkpoint).
+MAX_REASON_CHARS = 500
+
+
 def reply_problem(content: RecordDict, schema: ReplySchema | ArraySpec) -> str | None:
     """Why a reply must be rejected, or ``None`` if it matches ``schema``.
 
@@ -145,8 +149,14 @@ def reply_problem(content: RecordDict, schema: ReplySchema | ArraySpec) -> str |
     Returns
     -------
     str or None
-        A one-line reason naming the offending record, tensor or metric.
+        A one-line reason naming the offending record, tensor or metric, at
+        most :data:`MAX_REASON_CHARS` characters (a sender's names are cut).
     """
+    problem = _reply_problem(content, schema)
+    return problem if problem is None else problem[:MAX_REASON_CHARS]
+
+
+def _reply_problem(content: RecordDict, schema: ReplySchema | ArraySpec) -> str | None:
     if not isinstance(schema, ReplySchema):
         schema = train_schema(schema)
     expected_records = {"metrics": MetricRecord}
@@ -157,7 +167,7 @@ def reply_problem(content: RecordDict, schema: ReplySchema | ArraySpec) -> str |
     names = set(content.keys())
     if names != set(expected_records):
         extra, missing = sorted(names - set(expected_records)), sorted(set(expected_records) - names)
-        return f"records: expected {sorted(expected_records)}, got extra {extra[:5]}, missing {missing}"
+        return f"records: expected {sorted(expected_records)}, got extra {_names(extra)}, missing {missing}"
     for name, kind in expected_records.items():
         if not isinstance(content[name], kind):
             return f"record {name!r} is a {type(content[name]).__name__}, expected a {kind.__name__}"
@@ -195,7 +205,7 @@ def decode_arrays(arrays: ArrayRecord, expected: ArraySpec) -> tuple[dict[str, n
     names = set(arrays.keys())
     extra, missing = sorted(names - set(expected)), sorted(set(expected) - names)
     if extra:
-        return None, f"unexpected tensors (only Global-LiGO may travel): {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+        return None, f"unexpected tensors (only Global-LiGO may travel): {_names(extra)}"
     if missing:
         return None, f"missing Global-LiGO tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
     decoded = {}
@@ -221,7 +231,7 @@ def metric_problem(metrics: MetricRecord, spec: Mapping[str, MetricSpec]) -> str
     """Why ``metrics`` does not match ``spec`` (unknown or missing key, wrong type, out of range), or ``None``."""
     unknown = sorted(k for k in metrics.keys() if k not in spec)
     if unknown:
-        return f"unexpected metrics {unknown[:5]}; this phase allows {sorted(spec)}"
+        return f"unexpected metrics {_names(unknown)}; this phase allows {sorted(spec)}"
     for key, item in spec.items():
         if key not in metrics:
             if item.required:
@@ -231,6 +241,12 @@ def metric_problem(metrics: MetricRecord, spec: Mapping[str, MetricSpec]) -> str
         if problem:
             return problem
     return None
+
+
+def _names(names: list[str], limit: int = 40) -> str:
+    """The first five of a sender's names, each cut to ``limit`` characters (a name can be megabytes long)."""
+    shown = [n if len(n) <= limit else n[:limit] + "..." for n in names[:5]]
+    return f"{shown}{' ...' if len(names) > 5 else ''}"
 
 
 def _short(value: object, limit: int = 60) -> str:

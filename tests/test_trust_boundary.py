@@ -73,6 +73,20 @@ def test_an_extra_config_record_is_rejected():
     assert "extra ['blob']" in reply_problem(_content(blob=blob), SPEC)
 
 
+@pytest.mark.parametrize("where", ["record", "tensor", "metric"])
+def test_a_megabyte_long_name_gives_a_short_reason(where):
+    # reasons go into the round log, which every checkpoint's header holds (safetensors caps it at 100 MB)
+    name = "x" * 1_000_000
+    if where == "record":
+        content = _content(**{name: ConfigRecord()})
+    elif where == "tensor":
+        content = _content({**SENT, name: np.zeros(1, np.float32)})
+    else:
+        content = _content(metrics=train_metrics(10, **{name: 1.0}))
+    problem = reply_problem(content, SPEC)
+    assert problem is not None and len(problem) <= 500 and "xxx..." in problem
+
+
 @pytest.mark.parametrize(
     "change,phrase",
     [
@@ -332,7 +346,8 @@ def test_restored_contents_are_checked_against_the_run(tmp_path):
     checkpoint.strategy["scalars"] = {"0.noise_multiplier": 0.0, "0.clipping_norm": 1e12}
     name = next(iter(checkpoint.global_ligo.keys()))
     checkpoint.strategy["arrays"] = {"1.m_t.foreign": np.zeros(3, np.float32), f"7.v_t.{name}": np.zeros(1)}
-    checkpoint.python_random = [3, [1, 2], None]
+    checkpoint.python_random = [99, [1] * 625, None]  # a version random.setstate() refuses
+    checkpoint.entries = [{"round": 1}]  # the summary reads more of an entry than its round
     checkpoint.numpy_random = (np.zeros(5, np.uint32), {"name": "MT19937", "pos": 9999})
     bad = checkpoint.global_ligo[name].numpy().copy()
     bad.flat[0] = np.nan
@@ -351,6 +366,7 @@ def test_restored_contents_are_checked_against_the_run(tmp_path):
         f"'7.v_t.{name}': not a known strategy state",
         "python-random: not a Python random state",
         "numpy-random: not a NumPy MT19937 state",
+        "checkpoint round log: expected a list of round entries",
     ):
         assert phrase in text, (phrase, text)
 
