@@ -51,6 +51,39 @@ def phase_of(msg: Message) -> str:
     return str(msg.content["config"].get("phase", ""))
 
 
+def wait_for_registration(grid: Grid, num_nodes: int, timeout: float = 120) -> None:
+    """Wait up to ``timeout`` seconds until ``num_nodes`` nodes have registered (they do so asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < num_nodes and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def with_run_config(context: Context, run_config: dict) -> Context:
+    """``context`` with ``run_config`` (``run_simulation`` gives apps an empty one); same node config and state."""
+    return Context(context.run_id, context.node_id, context.node_config, context.state, dict(run_config))
+
+
+def simulate_fedgrow_server(client_app: ClientApp, run_config: dict, num_nodes: int, test_module: ModuleType) -> None:
+    """Run the real Fed-Grow ServerApp's ``main`` under ``run_config`` against ``client_app`` in simulation.
+
+    ``client_app``'s handlers are defined in ``test_module`` (shipped to the Ray
+    workers by value, with this module); they must give the real ClientApp the
+    same ``run_config`` (:func:`with_run_config`).
+    """
+    import server_app.app as fedgrow_server
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        wait_for_registration(grid, num_nodes)
+        fedgrow_server.main(grid, with_run_config(context, run_config))
+
+    ray.cloudpickle.register_pickle_by_value(test_module)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    run_simulation(server, client_app, num_supernodes=num_nodes, backend_config={"client_resources": {"num_cpus": 1}})
+
+
 def simulate(
     client_app: ClientApp,
     run: RunConfig,
@@ -75,9 +108,7 @@ def simulate(
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        deadline = time.monotonic() + 120
-        while len(list(grid.get_node_ids())) < num_nodes and time.monotonic() < deadline:
-            time.sleep(0.5)  # nodes register asynchronously
+        wait_for_registration(grid, num_nodes)
         warm = [
             Message(
                 RecordDict({"config": ConfigRecord({"phase": WARMUP})}),

@@ -11,20 +11,16 @@ The resumed Global-LiGO must equal the uninterrupted one.
 import json
 import re
 import sys
-import time
 
 import numpy as np
 import pytest
-import ray.cloudpickle
 from conftest import reviews_csv, tiny_bert_folder
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 from safetensors.numpy import load_file
+from simulated_federation import simulate_fedgrow_server, with_run_config
 
 import client_app.app as fedgrow_client
-import server_app.app as fedgrow_server
 import server_app.phases
 from fedgrow_core.run_config import ConfigError, RunConfig
 from server_app.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint
@@ -37,8 +33,7 @@ client = ClientApp()
 
 
 def _with_config(context: Context) -> Context:
-    """``context`` with the test's run config (run_simulation gives apps an empty one); same state."""
-    return Context(context.run_id, context.node_id, context.node_config, context.state, dict(RUN_CONFIG))
+    return with_run_config(context, RUN_CONFIG)
 
 
 @client.query()
@@ -63,17 +58,7 @@ class ServerStopped(RuntimeError):
 def _simulate(config: dict) -> None:
     RUN_CONFIG.clear()
     RUN_CONFIG.update(config)
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        deadline = time.monotonic() + 120
-        while len(list(grid.get_node_ids())) < NODES and time.monotonic() < deadline:
-            time.sleep(0.5)  # nodes register asynchronously
-        fedgrow_server.main(grid, _with_config(context))
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    run_simulation(server, client, num_supernodes=NODES, backend_config={"client_resources": {"num_cpus": 1}})
+    simulate_fedgrow_server(client, RUN_CONFIG, NODES, sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
