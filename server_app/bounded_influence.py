@@ -98,7 +98,22 @@ def weight_bound(preflight_rows: Sequence[int], median_multiple: float) -> float
 def clipped(
     reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], norm: float, bound: float
 ) -> dict[str, np.ndarray]:
-    """``sent + min(1, bound / norm) * (reply - sent)``, in each tensor's dtype (``reply`` unchanged if within)."""
+    """``sent + min(1, bound / norm) * (reply - sent)``, in each tensor's dtype (``reply`` unchanged if within).
+
+    Parameters
+    ----------
+    reply, sent : mapping of str to ndarray
+        Same names and shapes; the result has them too.
+    norm : float
+        :func:`update_norm` of ``reply`` against ``sent`` (L2, all tensors together).
+    bound : float
+        The L2 bound (:func:`clip_bound`).
+
+    Returns
+    -------
+    dict of str to ndarray
+        The clipped reply, computed in float64 and cast back to each tensor's dtype.
+    """
     if norm <= bound:
         return dict(reply)
     scale = bound / norm
@@ -109,5 +124,18 @@ def clipped(
 
 
 def capped_weight(num_examples: int, cap: int | None) -> int:
-    """``min(num_examples, cap)``; ``cap`` ``None`` means no cap is known (no preflight)."""
+    """``min(num_examples, cap)`` rows; ``cap`` ``None`` means no cap is known (no preflight).
+
+    Parameters
+    ----------
+    num_examples : int
+        The reply's claimed training rows (its FedAvg weight).
+    cap : int or None
+        The node's preflight training rows.
+
+    Returns
+    -------
+    int
+        The weight used, in rows.
+    """
     return num_examples if cap is None else min(num_examples, cap)

@@ -139,6 +139,12 @@ def snapshot_state(strategy: Strategy) -> list[dict]:
 
     A strategy with ``state_dict()`` is snapshotted through it; otherwise the
     attributes in ``_ROUND_STATE`` of each strategy in the wrapper chain.
+
+    Returns
+    -------
+    list of dict
+        One ``{attribute: deep copy}`` per strategy in the chain, outermost
+        first (or one ``{"state_dict": ...}``).
     """
     if hasattr(strategy, "state_dict"):
         return [{"state_dict": copy.deepcopy(strategy.state_dict())}]
@@ -234,7 +240,20 @@ def write_checkpoint(
 
 
 def content_hash(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
-    """SHA-256 hex digest of the tensors (name, dtype, shape, bytes; by name) and the metadata but ``sha256``."""
+    """SHA-256 hex digest of the tensors (name, dtype, shape, bytes; by name) and the metadata but ``sha256``.
+
+    Parameters
+    ----------
+    tensors : dict of str to ndarray
+        What the checkpoint file holds, any shapes.
+    metadata : dict of str to str
+        Its string metadata; a ``sha256`` key is skipped.
+
+    Returns
+    -------
+    str
+        64 hex characters (FIPS 180-4 SHA-256 via ``hashlib``).
+    """
     digest = hashlib.sha256()
     for name in sorted(tensors):
         value = np.ascontiguousarray(tensors[name])
