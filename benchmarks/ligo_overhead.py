@@ -3,21 +3,25 @@
 Cases:
 
 * ``bert``: all-MiniLM-L6-v2 (6 x 384, real weights when the asset package is
-  installed) -> Local-LiGO -> 8 x 512 intermediate -> Global-LiGO -> 12 x 768
-  BERT (FFN 3072, 24 heads of 32), at three batches: 32 x 128, 32 x 64 (the
-  default run's) and 16 x 32 tokens (``--batches``);
+  installed) -> Local-LiGO -> intermediate -> Global-LiGO -> target BERT, by
+  default the default run's shapes (``6x384x1536x12`` -> ``8x768x3072x12``;
+  ``--intermediate`` and ``--target`` change them), at three batches: 32 x 128,
+  32 x 64 (the default run's) and 16 x 32 tokens (the comparison presets';
+  ``--batches``);
 * ``vit``: a 4 x 192 ViT (3 heads, patch 16, 224 px) -> 6 x 256 -> 12 x 384 ViT
   (6 heads), batch of 32 images.
 
 The plain step trains the target model's own parameters with AdamW; the
 Dual-LiGO step trains Local-LiGO, Global-LiGO and the task head with AdamW
-through :class:`fedgrow_core.GrownModel`. Each case runs in a fresh process;
+through :class:`fedgrow_core.GrownModel`, which grows only the embedding rows a
+batch reads and evaluates every BERT linear layer in the cheapest order for the
+batch (:mod:`fedgrow_core.linear_chain`). Each case runs in a fresh process;
 time is the median over the timed steps (seconds), peak memory is the peak
 resident set size over the process's size after imports (CPU) or
-``torch.cuda.max_memory_allocated`` (CUDA), in bytes.
-
-Only the embedding rows a batch reads are grown (:meth:`ModelFamily.batch_rows`),
-so the Dual-LiGO step's fixed cost is the layers' materialisation.
+``torch.cuda.max_memory_allocated`` (CUDA), in bytes. Every BERT case also
+prints ``linear_macs_ratio``: the forward multiply-adds of the Dual-LiGO linear
+layers (as planned for that batch) over the target's own linear layers, the
+floor the time ratio cannot beat on compute-bound hardware.
 
 The last printed line is ``step_time_ratio=<x> peak_mem_ratio=<y>``, each the
 worst over all cases (goals: <= 1.10 and <= 1.5). With ``--device cuda`` every
@@ -41,11 +45,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _models(case: str, grown: bool):
+def _models(case: str, grown: bool, args: argparse.Namespace):
     import timm
     from transformers import BertConfig, BertForSequenceClassification
 
     from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
+    from fedgrow_core.run_config import parse_shape
 
     if case == "bert":
         try:
@@ -56,7 +61,7 @@ def _models(case: str, grown: bool):
             small = BertForSequenceClassification(
                 BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
             )
-        inter, target = TransformerShape(8, 512, 2048, 16), TransformerShape(12, 768, 3072, 24)
+        inter, target = parse_shape(args.intermediate), parse_shape(args.target)
         num_labels = 2
     else:
         small = timm.create_model(
@@ -96,7 +101,7 @@ def _run(case: str, grown: bool, args: argparse.Namespace, queue) -> None:
 
     device = torch.device(args.device)
     base = _rss_bytes()
-    model, fam = _models(case, grown)
+    model, fam = _models(case, grown, args)
     model.to(device).train()
     x, y = _batch(case, args.batch, args.seq, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -125,6 +130,29 @@ def _run(case: str, grown: bool, args: argparse.Namespace, queue) -> None:
     queue.put({"time_s": statistics.median(times), "peak_bytes": peak})
 
 
+def linear_macs_ratio(args: argparse.Namespace, tokens: int) -> float:
+    """Forward multiply-adds of the planned Dual-LiGO linear layers over the target's, for ``tokens`` tokens."""
+    from fedgrow_core import DualLiGO, LiGO, TransformerShape
+    from fedgrow_core.ligo import LAYER_PARAMS
+    from fedgrow_core.linear_chain import LINEAR_KINDS, plan_linear
+    from fedgrow_core.run_config import parse_shape
+
+    small = TransformerShape(6, 384, 1536, 12)
+    inter, target = parse_shape(args.intermediate), parse_shape(args.target)
+    chains = DualLiGO(LiGO(small, inter, tie_layers=True), LiGO(inter, target)).width_chains()
+    sizes = {"res": (small.hidden, target.hidden), "ffn": (small.ffn, target.ffn)}
+    dual = plain = 0
+    for kind in LINEAR_KINDS:
+        (out_space, _), (in_space, _) = LAYER_PARAMS[f"{kind}.weight"]
+        (o, o_t), (i, i_t) = sizes.get(out_space, sizes["res"]), sizes.get(in_space, sizes["res"])
+        out_chain = [e for e in chains[out_space] if not e.is_identity]
+        in_chain = [e for e in chains[in_space] if not e.is_identity]
+        plan = plan_linear(out_chain, in_chain, (o, i), tokens)
+        dual += plan.fixed_macs + tokens * plan.token_macs
+        plain += tokens * o_t * i_t
+    return dual / plain
+
+
 def measure(case: str, grown: bool, args: argparse.Namespace) -> dict:
     """Run one variant in a fresh process; returns ``time_s`` and ``peak_bytes``."""
     ctx = mp.get_context("spawn")
@@ -144,6 +172,8 @@ def main() -> None:
     parser.add_argument("--batches", default="32x128,32x64,16x32", help="BERT batches, sequences x tokens")
     parser.add_argument("--vit-batch", type=int, default=32, help="images per ViT batch")
     parser.add_argument("--cases", default="bert,vit")
+    parser.add_argument("--intermediate", default="6x384x1536x12", help="BERT intermediate shape LxDxFxH")
+    parser.add_argument("--target", default="8x768x3072x12", help="BERT target shape LxDxFxH")
     args = parser.parse_args()
     runs = []
     for case in args.cases.split(","):
@@ -160,6 +190,7 @@ def main() -> None:
         m_ratio = grown["peak_bytes"] / plain["peak_bytes"]
         record = {
             "case": case,
+            **({"shapes": f"{args.intermediate} -> {args.target}"} if case == "bert" else {}),
             "batch": f"{batch}x{seq}" if seq else batch,
             "device": args.device,
             "plain": plain,
@@ -167,6 +198,8 @@ def main() -> None:
             "step_time_ratio": round(t_ratio, 3),
             "peak_mem_ratio": round(m_ratio, 3),
         }
+        if case == "bert":
+            record["linear_macs_ratio"] = round(linear_macs_ratio(args, batch * seq), 3)
         if args.device == "cuda":
             items, unit = (batch * seq, "tokens_per_s") if seq else (batch, "images_per_s")
             record[unit] = {"plain": items / plain["time_s"], "dual_ligo": items / grown["time_s"]}

@@ -333,6 +333,71 @@ class Expansion:
             new = new * w.unsqueeze(-2)
         return self._append_new(x, new, dim=-1)
 
+    def contract_cols(self, x: Tensor, input_side: bool = False) -> Tensor:
+        """Compute ``x @ A`` (or ``x @ B``): shrink the last dimension from ``d2`` to ``d1``.
+
+        The transpose of :meth:`grow_cols`. It applies the input side of a grown
+        weight to activations: ``x (W B^T)^T = (x B) W^T``, so a grown linear
+        layer can run on the source weight (:mod:`fedgrow_core.linear_chain`).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(..., d2)``; ``E`` must not be batched per layer (see :meth:`unbind`).
+        input_side : bool
+            Use ``B = P [I ; diag(w) E] diag(s)`` instead of ``A = P [I ; E]``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(..., d1)``.
+        """
+        if self.permuted:
+            x = x.index_select(-1, torch.argsort(self.perm))
+        base, new = x[..., : self.d1], x[..., self.d1 :]
+        w = self._split(x) if input_side else None
+        if w is not None:
+            new = new * w
+        out = base + torch.matmul(new, self.e.to(x.dtype))
+        if input_side:
+            out = out * self.input_side_scale().to(x.dtype)
+        return out
+
+    def unbind(self, layers: int) -> list[Expansion]:
+        """One :class:`Expansion` per target layer.
+
+        Parameters
+        ----------
+        layers : int
+            Number of target layers; a layer-shared ``E`` ``(d2 - d1, d1)`` is
+            repeated, a batched ``E`` ``(layers, d2 - d1, d1)`` is unbound
+            (one autograd node, no per-layer zero-filled gradient copies).
+
+        Returns
+        -------
+        list of Expansion
+            ``layers`` expansions with unbatched ``E``.
+
+        Raises
+        ------
+        ValueError
+            If a batched ``E`` does not have ``layers`` entries.
+        """
+        if self.e.dim() == 2:
+            return [self] * layers
+        if self.e.shape[0] != layers:
+            raise ValueError(f"E is batched over {self.e.shape[0]} layers, expected {layers}")
+        splits = self.split.unbind(0) if self.split is not None else [None] * layers
+        return [
+            Expansion(e, self.perm, self.input_side, split=w, norm_scale=self.norm_scale, permuted=self.permuted)
+            for e, w in zip(self.e.unbind(0), splits, strict=True)
+        ]
+
+    @property
+    def is_identity(self) -> bool:
+        """``d2 == d1`` and no permutation: the expansion changes nothing."""
+        return self.d2 == self.d1 and not self.permuted
+
     def _append_new(self, x: Tensor, new: Tensor, dim: int) -> Tensor:
         """``P [x ; new]`` along ``dim``; ``x`` takes ``new``'s batch dimensions.
 

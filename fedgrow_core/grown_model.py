@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .families import ModelFamily
-from .ligo import DualLiGO, LiGO, grow_tensor
+from .ligo import LAYER_PARAMS, DualLiGO, LiGO, grow_tensor
+from .linear_chain import LINEAR_KINDS, GrownLinear, grow_linear_stack
 from .preservation import probe_gap, width_gaps
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class GrownModel(nn.Module):
         self.template_buffers = TensorStore(dict(template.named_buffers()))
         # Not a submodule: its parameters live on "meta" and are always replaced.
         self._template = [template.to("meta")]
+        self._factored = self._factored_template(family, operator.target.layers)
         if gaps:
             with torch.random.fork_rng():  # measuring must not change the run's random stream
                 bound = probe_gap(family.name, small_model, self.to_family_model())
@@ -136,10 +138,26 @@ class GrownModel(nn.Module):
                     bound,
                 )
 
+    def _factored_template(self, family: ModelFamily, layers: int) -> list[dict[tuple[str, int], GrownLinear]]:
+        """A second meta template whose linear layers are :class:`GrownLinear` (empty when unsupported)."""
+        if family.linear_module(LINEAR_KINDS[0], 0) is None:
+            return []
+        template = family.build(self.target_config).to("meta")
+        slots = {}
+        for kind in LINEAR_KINDS:
+            for i in range(layers):
+                name = family.linear_module(kind, i)
+                linear = template.get_submodule(name)
+                slots[kind, i] = GrownLinear(linear.in_features, linear.out_features)
+                template.set_submodule(name, slots[kind, i])
+        self._template.append(template)
+        return [slots]
+
     def train(self, mode: bool = True) -> GrownModel:
-        """Set training mode here and in the target template (dropout)."""
+        """Set training mode here and in the target templates (dropout)."""
         super().train(mode)
-        self._template[0].train(mode)
+        for template in self._template:
+            template.train(mode)
         return self
 
     def grown_state_dict(self, embed: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -178,9 +196,54 @@ class GrownModel(nn.Module):
         vocabulary-sized product per step.
         """
         embed, kwargs = self.family.batch_rows(self.small_embed.as_dict(), kwargs, self.target_config)
-        tensors = {**self.grown_state_dict(embed), **self.template_buffers.as_dict()}
-        out = functional_call(self._template[0], tensors, args, kwargs, strict=True)
+        tokens = self.family.tokens(kwargs)
+        if not self._factored or tokens is None:
+            tensors = {**self.grown_state_dict(embed), **self.template_buffers.as_dict()}
+            out = functional_call(self._template[0], tensors, args, kwargs, strict=True)
+            return self.family.logits(out)
+        slots = self._factored[0]
+        sd, linears = self._grow_factored(embed, tokens)
+        for kind, factors in linears.items():
+            for i, f in enumerate(factors):
+                slots[kind, i].factors = f
+        try:
+            tensors = {**sd, **self.template_buffers.as_dict()}
+            out = functional_call(self._template[1], tensors, args, kwargs, strict=True)
+        finally:
+            for slot in slots.values():
+                slot.factors = None
         return self.family.logits(out)
+
+    def _grow_factored(self, embed: Mapping[str, Tensor], tokens: int) -> tuple[dict[str, Tensor], dict]:
+        """Grown tensors of the factored template, and the linear layers' factors for ``tokens`` tokens.
+
+        Every weight is grown as in :meth:`grown_state_dict` except the
+        linear layers' weights, which :func:`~fedgrow_core.linear_chain.grow_linear_stack`
+        grows only as far as is cheapest for this batch.
+        """
+        op = self.operator
+        with torch.autocast(next(iter(embed.values())).device.type, enabled=False):
+            chains, depth = op.width_chains(), op.depth_coefficients()
+            grown = {name: grow_tensor(t, self._embed_spaces[name], chains) for name, t in embed.items()}
+            layers, weights = {}, {}
+            for kind, stack in self.small_layers.as_dict().items():
+                mixed = torch.einsum("ij,j...->i...", depth[kind].to(stack.dtype), stack)
+                module, param = kind.rsplit(".", 1)
+                if module in LINEAR_KINDS and param == "weight":
+                    weights[module] = mixed
+                else:
+                    layers[kind] = grow_tensor(mixed, LAYER_PARAMS[kind], chains, stacked=True)
+            linears, inputs = {}, {}
+            for module, mixed in weights.items():
+                (out_space, _), (in_space, _) = LAYER_PARAMS[f"{module}.weight"]
+                bias = layers.pop(f"{module}.bias", None)
+                linears[module] = grow_linear_stack(
+                    mixed, bias, chains[out_space], chains[in_space], tokens, inputs=inputs, space=in_space
+                )
+        sd = self.family.to_state_dict(grown, layers)
+        w_name, b_name = self.family.head_names()
+        sd[w_name], sd[b_name] = self.head.weight, self.head.bias
+        return sd, linears
 
     @torch.no_grad()
     def to_family_model(self) -> nn.Module:

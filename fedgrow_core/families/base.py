@@ -63,6 +63,27 @@ class ModelFamily(ABC):
         """
         return dict(embed), kwargs
 
+    def linear_module(self, kind: str, layer: int) -> str | None:
+        """Name of the target classifier's ``nn.Linear`` for a linear layer kind, if it has its own.
+
+        Families that name one module per kind of :data:`~fedgrow_core.linear_chain.LINEAR_KINDS`
+        let :class:`~fedgrow_core.grown_model.GrownModel` evaluate those layers
+        in factored form (:mod:`fedgrow_core.linear_chain`). The default,
+        ``None``, materialises every grown weight (e.g. timm's fused ``qkv``).
+
+        Parameters
+        ----------
+        kind : str
+            A linear kind without ``.weight`` (``"attn.q"``, ..., ``"ffn.out"``).
+        layer : int
+            Target layer index.
+        """
+        return None
+
+    def tokens(self, kwargs: dict[str, Any]) -> int | None:
+        """Vectors each linear layer is applied to for a batch, or ``None`` when unknown."""
+        return None
+
     @abstractmethod
     def target_config(
         self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0

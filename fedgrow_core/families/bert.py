@@ -129,6 +129,15 @@ class BertFamily(ModelFamily):
             embed[positions] = embed[positions][: ids.shape[-1]]
         return embed, kwargs
 
+    def linear_module(self, kind: str, layer: int) -> str | None:
+        """``bert.encoder.layer.<i>.<module>`` (every linear kind has its own module)."""
+        return f"bert.encoder.layer.{layer}.{_LAYER_NAMES[kind]}"
+
+    def tokens(self, kwargs: dict[str, Any]) -> int | None:
+        """``input_ids.numel()`` (batch x sequence), ``None`` for ``inputs_embeds``."""
+        ids = kwargs.get("input_ids")
+        return None if ids is None else ids.numel()
+
     def target_config(
         self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0
     ) -> BertConfig:

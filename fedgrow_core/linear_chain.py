@@ -1,0 +1,245 @@
+"""Grown linear layers evaluated in the cheapest order for the batch.
+
+A grown linear weight of Dual-LiGO (Shen et al., arXiv 2406.13450, Sec. 4;
+LiGO, Wang et al., ICLR 2023, Eq. 4) is a matrix chain::
+
+    W_t = A_g A_l W B_l^T B_g^T              (target out x target in)
+
+with ``W`` the depth-mixed source weight and ``A``/``B`` the output- and
+input-side width expansions of the Local- (``l``) and Global-LiGO (``g``)
+(:class:`~fedgrow_core.expansion.Expansion`). Materialising ``W_t`` every step
+costs a fixed number of FLOPs whatever the batch; applying the factors to the
+activations instead, ``y = A_g (A_l (W ((x B_g) B_l)^T))``, costs FLOPs per
+token. Matrix products are associative, so every split point gives the same
+``y`` and the same gradients (up to float rounding): :func:`plan_linear`
+chooses, per layer kind and batch, how many factors of each side to absorb
+into the weight, by counting multiply-adds of the forward pass (the backward
+pass costs about twice the forward for every factor, so the same choice is
+cheapest there). This is the matrix-chain ordering problem (Hu and Shing,
+1982) restricted to the two sides of ``W``.
+
+With the ``[I ; E]`` form of ``A``, one expansion ``d1 -> d2`` applied to ``n``
+vectors costs ``(d2 - d1) d1 n`` multiply-adds, so at small batches the
+factored evaluation is often cheaper than the plain target layer itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .expansion import Expansion
+
+#: The layer kinds of :data:`~fedgrow_core.ligo.LAYER_PARAMS` that are linear layers
+#: (a ``.weight`` of axes ``(out, in)`` and a ``.bias``).
+LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out")
+
+
+def expansion_cost(exp: Expansion, vectors: int) -> int:
+    """Multiply-adds of applying ``exp`` (or its transpose) to ``vectors`` vectors."""
+    return (exp.d2 - exp.d1) * exp.d1 * vectors
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How many expansions of each side are absorbed into the weight.
+
+    Attributes
+    ----------
+    out_absorbed, in_absorbed : int
+        Factors of the output side (``A_l`` first) and of the input side
+        (``B_l`` first) multiplied into ``W`` once per step; the rest are
+        applied to the activations.
+    fixed_macs, token_macs : int
+        Forward multiply-adds per step and per token (one layer).
+    """
+
+    out_absorbed: int
+    in_absorbed: int
+    fixed_macs: int
+    token_macs: int
+
+
+def plan_linear(
+    out_chain: list[Expansion], in_chain: list[Expansion], shape: tuple[int, int], tokens: int
+) -> LinearPlan:
+    """The cheapest split of one grown linear layer's matrix chain for ``tokens`` tokens.
+
+    Parameters
+    ----------
+    out_chain, in_chain : list of Expansion
+        Output- and input-side expansions in growth order (local, then global).
+    shape : tuple of int
+        ``(out, in)`` of the source weight ``W``.
+    tokens : int
+        Vectors the layer is applied to in one forward (batch x sequence).
+
+    Returns
+    -------
+    LinearPlan
+        The split with the fewest forward multiply-adds
+        ``fixed + tokens * per_token``; ties go to absorbing more (fewer kernels).
+    """
+    best = None
+    for k_out, k_in in itertools.product(range(len(out_chain) + 1), range(len(in_chain) + 1)):
+        rows, cols = shape
+        fixed = 0
+        for exp in out_chain[:k_out]:
+            fixed += expansion_cost(exp, cols)
+            rows = exp.d2
+        for exp in in_chain[:k_in]:
+            fixed += expansion_cost(exp, rows)
+            cols = exp.d2
+        per_token = rows * cols
+        per_token += sum(expansion_cost(e, 1) for e in out_chain[k_out:] + in_chain[k_in:])
+        cost = fixed + tokens * per_token
+        key = (cost, -(k_out + k_in))
+        if best is None or key < best[0]:
+            best = (key, LinearPlan(k_out, k_in, fixed, per_token))
+    return best[1]
+
+
+@dataclass
+class LinearFactors:
+    """One grown linear layer, partly materialised.
+
+    ``y = A_rest((x B_rest) weight^T) + bias``: ``in_rest`` is contracted from
+    the input in order (outermost expansion first), ``out_rest`` is applied to
+    the output in order (innermost first).
+
+    Attributes
+    ----------
+    weight : torch.Tensor
+        ``(out', in')``: the source weight with the absorbed expansions applied.
+    bias : torch.Tensor or None
+        ``(out_target,)``, fully grown.
+    in_rest, out_rest : list of Expansion
+        Unbatched expansions still to apply to the activations.
+    inputs : dict, optional
+        Per-forward memo shared by the layers that read the same input through
+        the same expansions (query, key and value): ``key -> (x, x B)``, so
+        ``x B`` is computed once when the same tensor ``x`` comes again.
+    key : tuple, optional
+        This layer's entry in ``inputs``.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    in_rest: list[Expansion]
+    out_rest: list[Expansion]
+    inputs: dict | None = None
+    key: tuple | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``(..., in_target) -> (..., out_target)``."""
+        hit = self.inputs.get(self.key) if self.inputs is not None and self.in_rest else None
+        if hit is not None and hit[0] is x:
+            x = hit[1]
+        elif self.in_rest:
+            seen = x
+            for exp in self.in_rest:
+                x = exp.contract_cols(x, input_side=True)
+            if self.inputs is not None:
+                self.inputs[self.key] = (seen, x)
+        y = F.linear(x, self.weight)
+        for exp in self.out_rest:
+            y = exp.grow_cols(y)
+        return y if self.bias is None else y + self.bias
+
+
+def grow_linear_stack(
+    weight: Tensor,
+    bias: Tensor | None,
+    out_chain: list[Expansion],
+    in_chain: list[Expansion],
+    tokens: int | None,
+    absorb: tuple[int, int] | None = None,
+    inputs: dict | None = None,
+    space: str = "",
+) -> list[LinearFactors]:
+    """Grow a stack of depth-mixed linear layers for one forward, split by :func:`plan_linear`.
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        ``(L, out, in)`` depth-mixed source weights of the target's ``L`` layers.
+    bias : torch.Tensor or None
+        ``(L, out_target)`` grown biases.
+    out_chain, in_chain : list of Expansion
+        Expansions of the two sides (local, then global; per-layer ``E`` batched
+        ``(L, ...)`` or shared).
+    tokens : int or None
+        Tokens of the batch; ``None`` materialises every factor.
+    absorb : tuple of int, optional
+        ``(out, in)`` factors to absorb, overriding :func:`plan_linear` (for
+        tests and benchmarks); counted after dropping identity expansions.
+    inputs : dict, optional
+        Per-forward memo of contracted inputs (:class:`LinearFactors`); layers
+        of one forward whose input side is the same ``space`` with the same
+        number of absorbed factors share entries.
+    space : str
+        Name of the input side's space, part of the memo key.
+
+    Returns
+    -------
+    list of LinearFactors
+        One per target layer.
+    """
+    layers = weight.shape[0]
+    out_chain = [e for e in out_chain if not e.is_identity]
+    in_chain = [e for e in in_chain if not e.is_identity]
+    if absorb is not None:
+        k_out, k_in = absorb
+    elif tokens is None:
+        k_out, k_in = len(out_chain), len(in_chain)
+    else:
+        plan = plan_linear(out_chain, in_chain, tuple(weight.shape[1:]), tokens)
+        k_out, k_in = plan.out_absorbed, plan.in_absorbed
+    w = weight
+    for exp in out_chain[:k_out]:
+        w = exp.apply(w, 0, input_side=False, stacked=True)
+    for exp in in_chain[:k_in]:
+        w = exp.apply(w, 1, input_side=True, stacked=True)
+    outs = [e.unbind(layers) for e in out_chain[k_out:]]
+    ins = [e.unbind(layers) for e in reversed(in_chain[k_in:])]
+    biases = bias.unbind(0) if bias is not None else [None] * layers
+    return [
+        LinearFactors(wi, bi, [e[i] for e in ins], [e[i] for e in outs], inputs, (space, k_in, i))
+        for i, (wi, bi) in enumerate(zip(w.unbind(0), biases, strict=True))
+    ]
+
+
+class GrownLinear(nn.Module):
+    """Stand-in for an ``nn.Linear`` of the target template, fed with :class:`LinearFactors`.
+
+    It holds no parameters: :class:`~fedgrow_core.grown_model.GrownModel` sets
+    :attr:`factors` before each forward of the template and clears it after.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Target sizes, for ``repr`` and checks.
+
+    Raises
+    ------
+    RuntimeError
+        When called without factors.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.factors: LinearFactors | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., in_features) -> (..., out_features)``."""
+        if self.factors is None:
+            raise RuntimeError("GrownLinear called outside GrownModel.forward (no factors set)")
+        return self.factors(x)
+
+    def extra_repr(self) -> str:
+        """``in_features=..., out_features=...``."""
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,155 @@
+"""Grown linear layers in factored form: every split of the matrix chain against dense matrices."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
+from fedgrow_core.expansion import Expansion
+from fedgrow_core.linear_chain import grow_linear_stack, plan_linear
+from tests.conftest import make_bert
+
+
+def _ops(seed=0):
+    """A Dual-LiGO with width growth on both legs, moved off its init so every factor matters."""
+    small, inter = TransformerShape(2, 32, 64, 4), TransformerShape(3, 48, 96, 4)
+    target = TransformerShape(4, 72, 128, 6)
+    op = DualLiGO(LiGO(small, inter, tie_layers=True, seed=2), LiGO(inter, target, seed=1))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in op.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return op
+
+
+def _dense_chain(chain, layer, input_side):
+    """The product A_g A_l (or B_g B_l) of one layer, as a dense matrix."""
+    mats = []
+    for exp in chain:
+        d = exp.dense(input_side=input_side)
+        mats.append(d[layer] if d.dim() == 3 else d)
+    out = mats[0]
+    for m in mats[1:]:
+        out = m @ out
+    return out
+
+
+@pytest.mark.parametrize("input_side", [False, True])
+def test_contract_cols_is_the_transpose_of_the_dense_matrix(input_side):
+    op = _ops()
+    for space in ("res", "q", "ffn"):
+        exp = op.global_.expansions()[space]
+        layer = exp.unbind(4)[2] if exp.e.dim() == 3 else exp
+        x = torch.randn(5, 7, layer.d2, dtype=torch.float64)
+        dense = layer.dense(input_side=input_side).double()
+        got = Expansion(layer.e.double(), layer.perm, layer.input_side, split=layer.split, permuted=layer.permuted)
+        torch.testing.assert_close(got.contract_cols(x, input_side=input_side), x @ dense)
+
+
+@pytest.mark.parametrize("kind", [("q", "res"), ("res", "v"), ("ffn", "res"), ("res", "ffn")])
+@pytest.mark.parametrize("absorb", list(itertools.product(range(3), range(3))))
+def test_every_split_gives_the_dense_layer_and_its_gradients(kind, absorb):
+    """y = x (A W B^T)^T + b with A, B built densely: outputs and gradients of E, depth-mixed W and x."""
+    out_space, in_space = kind
+    op = _ops()
+    chains = op.width_chains()
+    out_chain, in_chain = chains[out_space], chains[in_space]
+    d_out, d_in = out_chain[0].d1, in_chain[0].d1
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, d_out, d_in, generator=g, requires_grad=True)
+    x = torch.randn(3, 6, in_chain[-1].d2, generator=g, requires_grad=True)
+    bias = torch.randn(4, out_chain[-1].d2, generator=g)
+
+    factors = grow_linear_stack(w, bias, out_chain, in_chain, tokens=18, absorb=absorb)
+    got = torch.stack([f(x) for f in factors])
+    got_grads = torch.autograd.grad(got.square().sum(), [w, x, *op.parameters()], allow_unused=True)
+
+    dense = []
+    for i in range(4):
+        a, b = _dense_chain(out_chain, i, False), _dense_chain(in_chain, i, True)
+        dense.append(x @ (a @ w[i] @ b.T).T + bias[i])
+    want = torch.stack(dense)
+    want_grads = torch.autograd.grad(want.square().sum(), [w, x, *op.parameters()], allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_the_plan_materialises_for_large_batches_and_factors_for_small_ones():
+    chains = _ops().width_chains()
+    out_chain, in_chain = chains["ffn"], chains["res"]
+    small = plan_linear(out_chain, in_chain, (64, 32), tokens=1)
+    large = plan_linear(out_chain, in_chain, (64, 32), tokens=10**6)
+    assert (small.out_absorbed, small.in_absorbed) == (0, 0)
+    # rows grow 64 -> 96 -> 128 on 32 columns once per step; the input side 72 -> 48 -> 32 stays on the
+    # activations, since contracting it costs (48-32)*32 + (72-48)*48 per token, less than the 128 x (72-32)
+    # it would add to the matmul
+    assert (large.out_absorbed, large.in_absorbed) == (2, 0)
+    assert large.fixed_macs == (96 - 64) * 64 * 32 + (128 - 96) * 96 * 32
+    assert large.token_macs == 128 * 32 + (48 - 32) * 32 + (72 - 48) * 48
+    assert large.token_macs < 128 * 72  # cheaper per token than the target layer itself
+
+
+def test_plan_cost_is_minimal_over_all_splits():
+    chains = _ops().width_chains()
+    for tokens in (1, 30, 300, 3000):
+        best = plan_linear(chains["q"], chains["res"], (32, 32), tokens)
+        for k_out, k_in in itertools.product(range(3), range(3)):
+            other = plan_linear(chains["q"][:k_out], chains["res"][:k_in], (32, 32), 0)
+            # absorbing everything of a shortened chain is one candidate split of the full chain
+            rest = sum((e.d2 - e.d1) * e.d1 for e in chains["q"][k_out:] + chains["res"][k_in:])
+            cost = other.fixed_macs + tokens * (other.token_macs + rest)
+            assert best.fixed_macs + tokens * best.token_macs <= cost
+
+
+@pytest.mark.parametrize("seq", [2, 64])
+def test_grown_model_factored_forward_equals_materialised_weights(seq):
+    small = make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, vocab_size=100, max_positions=64)
+    fam = get_family("bert")
+    inter, target = TransformerShape(3, 48, 96, 4), TransformerShape(4, 72, 128, 6)
+    model = GrownModel(fam, small, DualLiGO(LiGO(fam.shape(small), inter, tie_layers=True), LiGO(inter, target)), 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    ids = torch.randint(1, 100, (2, seq))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = torch.tensor([0, 2])
+    fast = model(**batch)
+    fast_grads = torch.autograd.grad(F.cross_entropy(fast, labels), list(model.parameters()), allow_unused=True)
+    reference = model.to_family_model()
+    torch.testing.assert_close(fast, reference(**batch).logits, rtol=1e-4, atol=1e-5)
+    model._factored = []  # the materialised path
+    slow = model(**batch)
+    slow_grads = torch.autograd.grad(F.cross_entropy(slow, labels), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_layers_reading_the_same_input_contract_it_once(monkeypatch):
+    op = _ops()
+    chains = op.width_chains()
+    calls = []
+    original = Expansion.contract_cols
+
+    def counted(self, x, input_side=False):
+        calls.append(x.shape)
+        return original(self, x, input_side)
+
+    monkeypatch.setattr(Expansion, "contract_cols", counted)
+    w = torch.randn(4, 32, 32)
+    inputs = {}
+    q, k = (
+        grow_linear_stack(w, None, chains["q"], chains["res"], 10, absorb=(0, 0), inputs=inputs, space="res")
+        for _ in "qk"
+    )
+    x = torch.randn(2, 5, 72)
+    torch.testing.assert_close(q[1](x), k[1](x))
+    assert len(calls) == 2  # global then local contraction, once for both layers
+    k[1](x.clone())  # another tensor: contracted again
+    assert len(calls) == 4
