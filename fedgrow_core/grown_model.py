@@ -40,11 +40,15 @@ class GrownModel(nn.Module):
     """Grow a frozen small model through a LiGO or Dual-LiGO operator and run it.
 
     The small model's weights are copied once into non-trainable buffers; every
-    forward materialises the target weights from them inside the autograd graph
-    and runs one target-shaped module (kept on the ``meta`` device, so it holds no
-    weights) with :func:`torch.func.functional_call`. Gradients therefore reach
-    only the operator(s) and the task head. ``state_dict()`` holds exactly the
-    operator and head tensors.
+    forward grows the target weights from them inside the autograd graph and runs
+    a target-shaped module (kept on the ``meta`` device, so it holds no weights)
+    with :func:`torch.func.functional_call`. For families that name their linear
+    layers (:meth:`ModelFamily.linear_module`: BERT), those layers are
+    :class:`~fedgrow_core.linear_chain.GrownLinear` stand-ins that apply the
+    width factors not worth materialising for the batch to the activations
+    instead (:mod:`fedgrow_core.linear_chain`); the logits and gradients are those
+    of the materialised weights. Gradients reach only the operator(s) and the
+    task head. ``state_dict()`` holds exactly the operator and head tensors.
 
     Parameters
     ----------
@@ -142,7 +146,8 @@ class GrownModel(nn.Module):
         """A second meta template whose linear layers are :class:`GrownLinear` (empty when unsupported)."""
         if family.linear_module(LINEAR_KINDS[0], 0) is None:
             return []
-        template = family.build(self.target_config).to("meta")
+        with torch.device("meta"):  # no weights allocated or initialised
+            template = family.build(self.target_config)
         slots = {}
         for kind in LINEAR_KINDS:
             for i in range(layers):

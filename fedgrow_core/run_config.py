@@ -189,7 +189,7 @@ class RunConfig:
     image_column: str = "image"
     client_models: tuple[str, ...] = ("minilm-l3", "minilm-l6", "minilm-l6-sre")
     intermediate_shape: TransformerShape = TransformerShape(6, 384, 1536, 12)
-    target_shape: TransformerShape = TransformerShape(8, 768, 3072, 12)
+    target_shape: TransformerShape = TransformerShape(8, 768, 1536, 12)
     num_server_rounds: int = 3
     local_steps: int = 10
     batch_size: int = 32

@@ -44,8 +44,9 @@ def test_identity_growth_of_real_minilm_reproduces_its_logits(minilm):
         torch.testing.assert_close(grown(**batch), small(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_width_growth_of_real_minilm_to_the_default_shapes_keeps_its_function(minilm):
-    """384 -> 384 -> 768 wide (head dim 32 -> 64), FFN 1536 -> 3072, depth kept: the default widths.
+@pytest.mark.parametrize("target_ffn", [None, 3072])
+def test_width_growth_of_real_minilm_to_the_default_shapes_keeps_its_function(minilm, target_ffn):
+    """384 -> 384 -> 768 wide (head dim 32 -> 64), depth kept: the default widths (FFN kept at 1536), and FFN 3072.
 
     Measured on 2026-11-23: max |difference| of the final hidden states 4.7e-5
     (python -m benchmarks.function_preservation); with the reference code's width
@@ -56,6 +57,8 @@ def test_width_growth_of_real_minilm_to_the_default_shapes_keeps_its_function(mi
     s = fam.shape(small)
     run = RunConfig()
     inter, target = replace(run.intermediate_shape, layers=6), replace(run.target_shape, layers=6)
+    if target_ffn:
+        target = replace(target, ffn=target_ffn)
     with torch.no_grad():
         ref = _hidden(small, batch)
         op = DualLiGO(LiGO(s, inter, tie_layers=True, depth_noise=0.0), LiGO(inter, target, depth_noise=0.0, seed=1))

@@ -19,7 +19,7 @@ def test_pyproject_defaults_equal_the_dataclass_defaults():
     run = RunConfig.from_flower(_pyproject_config())
     assert run == RunConfig()
     assert run.client_models == ("minilm-l3", "minilm-l6", "minilm-l6-sre")
-    assert run.target_shape == TransformerShape(8, 768, 3072, 12)
+    assert run.target_shape == TransformerShape(8, 768, 1536, 12)
 
 
 def test_image_preset_is_valid():
