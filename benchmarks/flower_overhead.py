@@ -13,12 +13,15 @@
    ``num-examples``), and at the end every client fine-tunes and evaluates its
    grown model. Timed from building the first client to the last evaluation.
 
-Both use the default run config with the same overrides (by default a short
-run: ``num-server-rounds=2 local-steps=5 finetune-steps=5``; pass
-``key=value`` to change it). Prints one JSON line per variant; the last line is
-``flower_overhead_ratio=<flwr run wall / in-process wall>`` (goal: <= 1.15).
+Both run the default run config (the work of ``make run``) with
+``save-models=false`` and the same overrides (``key=value``; ``--short`` for a
+quick run: ``num-server-rounds=2 local-steps=5 finetune-steps=5``). Flower's
+cost is mostly fixed (SuperLink, FAB install, Ray start, preflight), so the
+ratio is higher for shorter runs. Prints one JSON line per variant; the last
+line is ``flower_overhead_ratio=<flwr run wall / in-process wall>`` (goal:
+<= 1.15).
 
-    python -m benchmarks.flower_overhead [key=value ...]
+    python -m benchmarks.flower_overhead [--short] [key=value ...]
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from experiments.flower_launcher import flwr_run, prepare_flwr_home, stop_local_
 from fedgrow_core.growth_client import GrowthClient, global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
 
-SHORT_RUN = ["num-server-rounds=2", "local-steps=5", "finetune-steps=5", "save-models=false"]
+SHORT_RUN = ["num-server-rounds=2", "local-steps=5", "finetune-steps=5"]
 NUM_NODES = 3  # flwr_home/config.toml's num-supernodes
 
 
@@ -86,9 +89,10 @@ def through_flower(overrides: list[str], work: Path) -> dict:
 def main(argv: list[str] | None = None) -> float:
     """Run both variants; returns the ratio printed last."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help=f"run-config key=value (default: {' '.join(SHORT_RUN)})")
+    parser.add_argument("--short", action="store_true", help=f"a quick run: {' '.join(SHORT_RUN)}")
+    parser.add_argument("overrides", nargs="*", help="run-config key=value")
     args = parser.parse_args(argv)
-    overrides = [*SHORT_RUN, *args.overrides]
+    overrides = ["save-models=false", *(SHORT_RUN if args.short else []), *args.overrides]
     with tempfile.TemporaryDirectory(prefix="flower-overhead-") as tmp:
         flower = through_flower(overrides, Path(tmp))
     print(json.dumps(flower), flush=True)

@@ -134,7 +134,7 @@ def linear_macs_ratio(args: argparse.Namespace, tokens: int) -> float:
     """Forward multiply-adds of the planned Dual-LiGO linear layers over the target's, for ``tokens`` tokens."""
     from fedgrow_core import DualLiGO, LiGO, TransformerShape
     from fedgrow_core.ligo import LAYER_PARAMS
-    from fedgrow_core.linear_chain import LINEAR_KINDS, plan_linear
+    from fedgrow_core.linear_chain import INPUT_READERS, LINEAR_KINDS, plan_linear
     from fedgrow_core.run_config import parse_shape
 
     small = TransformerShape(6, 384, 1536, 12)
@@ -147,7 +147,7 @@ def linear_macs_ratio(args: argparse.Namespace, tokens: int) -> float:
         (o, o_t), (i, i_t) = sizes.get(out_space, sizes["res"]), sizes.get(in_space, sizes["res"])
         out_chain = [e for e in chains[out_space] if not e.is_identity]
         in_chain = [e for e in chains[in_space] if not e.is_identity]
-        plan = plan_linear(out_chain, in_chain, (o, i), tokens)
+        plan = plan_linear(out_chain, in_chain, (o, i), tokens, INPUT_READERS.get(kind, 1))
         dual += plan.fixed_macs + tokens * plan.token_macs
         plain += tokens * o_t * i_t
     return dual / plain

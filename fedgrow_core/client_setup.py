@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
@@ -122,7 +123,9 @@ class ClientSetup:
 
         The small model is ``model`` or ``run.client_models[partition_id %
         len(run.client_models)]``; a ``vit:LxD`` spec is first pre-trained on
-        this client's own rows (cached under the model cache).
+        this client's own rows (cached under the model cache). Whatever the
+        checkpoint lacks (e.g. a classifier head) is initialised from a torch
+        seed derived from ``(run.seed, partition_id)`` only.
 
         Raises
         ------
@@ -150,7 +153,13 @@ class ClientSetup:
                 device=run.device,
             )
             path = result.path
-        small = load_small_model(path, len(names), run.cache_dir or None)
+        # A head the checkpoint lacks (a sentence-embedding model has no classifier) is drawn by
+        # ``from_pretrained`` from torch's global RNG, and the grown model's head starts from it:
+        # seed it per client, so that it does not depend on what the process drew before (in
+        # simulation, on which nodes the same worker happened to serve first).
+        with torch.random.fork_rng():
+            torch.manual_seed(int(np.random.SeedSequence([run.seed, partition_id]).generate_state(1)[0]))
+            small = load_small_model(path, len(names), run.cache_dir or None)
         return cls(run, partition_id, model_name, small, train, test, names, resolve_device(run.device))
 
     @property

@@ -351,7 +351,15 @@ class Expansion:
         -------
         torch.Tensor
             ``(..., d1)``.
+
+        Raises
+        ------
+        ValueError
+            If ``E`` is batched per layer (``(L, d2 - d1, d1)``): it would
+            broadcast against ``x``'s leading dimension.
         """
+        if self.e.dim() != 2:
+            raise ValueError(f"contract_cols needs one layer's E (d2 - d1, d1), got shape {tuple(self.e.shape)}")
         if self.permuted:
             x = x.index_select(-1, torch.argsort(self.perm))
         base, new = x[..., : self.d1], x[..., self.d1 :]

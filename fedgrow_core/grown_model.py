@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from .families import ModelFamily
 from .ligo import LAYER_PARAMS, DualLiGO, LiGO, grow_tensor
-from .linear_chain import LINEAR_KINDS, GrownLinear, grow_linear_stack
+from .linear_chain import INPUT_READERS, LINEAR_KINDS, GrownLinear, grow_linear_stack
 from .preservation import probe_gap, width_gaps
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,10 @@ class GrownModel(nn.Module):
 
     Notes
     -----
-    The grown weights are materialised in float32 with autocast disabled; only
-    the target model's forward runs under the caller's autocast (e.g. bf16 on
+    The grown weights (in factored form, the partly grown ones) are computed in
+    float32 with autocast disabled, and the width factors left for the
+    activations run in float32 too (:mod:`fedgrow_core.linear_chain`); only the
+    target model's forward runs under the caller's autocast (e.g. bf16 on
     CUDA). bf16 cannot represent ``1 + 1e-3``, so materialising under autocast
     would lose the small updates of depth coefficients and width matrices.
     A width growth that is not exact at initialisation
@@ -142,10 +144,10 @@ class GrownModel(nn.Module):
                     bound,
                 )
 
-    def _factored_template(self, family: ModelFamily, layers: int) -> list[dict[tuple[str, int], GrownLinear]]:
-        """A second meta template whose linear layers are :class:`GrownLinear` (empty when unsupported)."""
+    def _factored_template(self, family: ModelFamily, layers: int) -> dict[tuple[str, int], GrownLinear]:
+        """A second meta template whose linear layers are :class:`GrownLinear`; its slots (empty when unsupported)."""
         if family.linear_module(LINEAR_KINDS[0], 0) is None:
-            return []
+            return {}
         with torch.device("meta"):  # no weights allocated or initialised
             template = family.build(self.target_config)
         slots = {}
@@ -156,7 +158,7 @@ class GrownModel(nn.Module):
                 slots[kind, i] = GrownLinear(linear.in_features, linear.out_features)
                 template.set_submodule(name, slots[kind, i])
         self._template.append(template)
-        return [slots]
+        return slots
 
     def train(self, mode: bool = True) -> GrownModel:
         """Set training mode here and in the target templates (dropout)."""
@@ -206,7 +208,7 @@ class GrownModel(nn.Module):
             tensors = {**self.grown_state_dict(embed), **self.template_buffers.as_dict()}
             out = functional_call(self._template[0], tensors, args, kwargs, strict=True)
             return self.family.logits(out)
-        slots = self._factored[0]
+        slots = self._factored
         sd, linears = self._grow_factored(embed, tokens)
         for kind, factors in linears.items():
             for i, f in enumerate(factors):
@@ -226,24 +228,23 @@ class GrownModel(nn.Module):
         linear layers' weights, which :func:`~fedgrow_core.linear_chain.grow_linear_stack`
         grows only as far as is cheapest for this batch.
         """
-        op = self.operator
+        weights = [f"{kind}.weight" for kind in LINEAR_KINDS]
         with torch.autocast(next(iter(embed.values())).device.type, enabled=False):
-            chains, depth = op.width_chains(), op.depth_coefficients()
-            grown = {name: grow_tensor(t, self._embed_spaces[name], chains) for name, t in embed.items()}
-            layers, weights = {}, {}
-            for kind, stack in self.small_layers.as_dict().items():
-                mixed = torch.einsum("ij,j...->i...", depth[kind].to(stack.dtype), stack)
-                module, param = kind.rsplit(".", 1)
-                if module in LINEAR_KINDS and param == "weight":
-                    weights[module] = mixed
-                else:
-                    layers[kind] = grow_tensor(mixed, LAYER_PARAMS[kind], chains, stacked=True)
-            linears, inputs = {}, {}
-            for module, mixed in weights.items():
-                (out_space, _), (in_space, _) = LAYER_PARAMS[f"{module}.weight"]
-                bias = layers.pop(f"{module}.bias", None)
-                linears[module] = grow_linear_stack(
-                    mixed, bias, chains[out_space], chains[in_space], tokens, inputs=inputs, space=in_space
+            chains = self.operator.width_chains()
+            grown, layers = self.operator.grow(embed, self.small_layers.as_dict(), self._embed_spaces, weights)
+            linears = {}
+            inputs: dict = {}
+            for kind in LINEAR_KINDS:
+                (out_space, _), (in_space, _) = LAYER_PARAMS[f"{kind}.weight"]
+                linears[kind] = grow_linear_stack(
+                    layers.pop(f"{kind}.weight"),
+                    layers.pop(f"{kind}.bias", None),
+                    chains[out_space],
+                    chains[in_space],
+                    tokens,
+                    inputs=inputs,
+                    space=in_space,
+                    readers=INPUT_READERS.get(kind, 1),
                 )
         sd = self.family.to_state_dict(grown, layers)
         w_name, b_name = self.family.head_names()

@@ -45,7 +45,7 @@ Tensor names (the Global-LiGO's ``state_dict``, what travels in an
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Collection, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -285,9 +285,10 @@ class LiGO(nn.Module):
         embed: Mapping[str, Tensor],
         layers: Mapping[str, Tensor],
         embed_spaces: Mapping[str, AxisSpec],
+        depth_only: Collection[str] = (),
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Grow canonical source weights; see :func:`apply_growth`."""
-        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces)
+        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces, depth_only)
 
     def width_chains(self) -> dict[str, list[Expansion]]:
         """``space -> [Expansion]``, the form :func:`grow_tensor` takes."""
@@ -347,15 +348,16 @@ class DualLiGO(nn.Module):
         embed: Mapping[str, Tensor],
         layers: Mapping[str, Tensor],
         embed_spaces: Mapping[str, AxisSpec],
+        depth_only: Collection[str] = (),
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Grow client weights straight to the target shape.
 
         The small ``(L_t, L_k)`` depth products are formed first; each target
         layer's weights are then grown once, by the local and then the global
-        width factors (:func:`apply_growth`). No intermediate-shape model is
-        materialised.
+        width factors (:func:`apply_growth`; kinds in ``depth_only`` are left at
+        the source widths). No intermediate-shape model is materialised.
         """
-        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces)
+        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces, depth_only)
 
     def width_chains(self) -> dict[str, list[Expansion]]:
         """``space -> [local, global]`` expansions, the form :func:`grow_tensor` takes."""
@@ -402,6 +404,7 @@ def apply_growth(
     embed: Mapping[str, Tensor],
     layers: Mapping[str, Tensor],
     embed_spaces: Mapping[str, AxisSpec],
+    depth_only: Collection[str] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Apply depth then width expansion to canonical weights.
 
@@ -418,6 +421,10 @@ def apply_growth(
         Per-layer source tensors stacked ``(L1, ...)``, keys :data:`LAYER_PARAMS`.
     embed_spaces : mapping
         Axis spec of every ``embed`` tensor (from the family adapter).
+    depth_only : collection of str
+        Layer kinds returned depth-mixed but not width-grown (stacked
+        ``(L2, ...)`` at the source widths), for
+        :func:`~fedgrow_core.linear_chain.grow_linear_stack`.
 
     Returns
     -------
@@ -433,5 +440,7 @@ def apply_growth(
     grown_layers = {}
     for kind, stack in layers.items():
         mixed = torch.einsum("ij,j...->i...", depth[kind].to(stack.dtype), stack)
-        grown_layers[kind] = grow_tensor(mixed, LAYER_PARAMS[kind], chains, stacked=True)
+        if kind not in depth_only:
+            mixed = grow_tensor(mixed, LAYER_PARAMS[kind], chains, stacked=True)
+        grown_layers[kind] = mixed
     return grown_embed, grown_layers

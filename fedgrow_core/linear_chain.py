@@ -8,19 +8,31 @@ LiGO, Wang et al., ICLR 2023, Eq. 4) is a matrix chain::
 with ``W`` the depth-mixed source weight and ``A``/``B`` the output- and
 input-side width expansions of the Local- (``l``) and Global-LiGO (``g``)
 (:class:`~fedgrow_core.expansion.Expansion`). Materialising ``W_t`` every step
-costs a fixed number of FLOPs whatever the batch; applying the factors to the
-activations instead, ``y = A_g (A_l (W ((x B_g) B_l)^T))``, costs FLOPs per
-token. Matrix products are associative, so every split point gives the same
-``y`` and the same gradients (up to float rounding): :func:`plan_linear`
-chooses, per layer kind and batch, how many factors of each side to absorb
-into the weight, by counting multiply-adds of the forward pass (the backward
-pass costs about twice the forward for every factor, so the same choice is
-cheapest there). This is the matrix-chain ordering problem (Hu and Shing,
-1982) restricted to the two sides of ``W``.
+costs a fixed number of multiply-adds whatever the batch; applying the factors
+to the activations instead (row vectors ``x``),
+``y = ((x B_g) B_l) W^T A_l^T A_g^T``, costs multiply-adds per token. Matrix
+products are associative, so every split point gives the same ``y`` and the
+same gradients (up to float rounding): :func:`plan_linear` chooses, per layer
+kind and batch, how many factors of each side to absorb into the weight, by
+counting multiply-adds of the forward pass (the backward pass costs about
+twice the forward for every factor, so the same choice is cheapest there).
+This is the matrix-chain ordering problem (Hu and Shing, 1982) restricted to
+the two sides of ``W``.
 
 With the ``[I ; E]`` form of ``A``, one expansion ``d1 -> d2`` applied to ``n``
-vectors costs ``(d2 - d1) d1 n`` multiply-adds, so at small batches the
-factored evaluation is often cheaper than the plain target layer itself.
+vectors costs ``(d2 - d1) d1 n`` multiply-adds. When the source is at most half
+as wide as the target, every factor applied to the activations is cheaper per
+token than the part of the target's matmul it replaces, so the factored layer
+costs less than the target layer at every batch; the default shapes are such a
+case. A per-layer Global-LiGO matrix as large as the target's own layer (an FFN
+growing by less than twofold) makes the plan absorb it, and then the step has a
+fixed cost.
+
+Mixed precision: the width factors are applied to the activations in float32
+with autocast disabled, and only the matmul with ``W`` runs under the caller's
+autocast (bf16 cannot hold ``1 + 1e-3``: an update of ``E`` that small would not
+reach the loss). The layer's output takes the dtype of that matmul, as
+``nn.Linear``'s would.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -36,10 +49,26 @@ from .expansion import Expansion
 #: The layer kinds of :data:`~fedgrow_core.ligo.LAYER_PARAMS` that are linear layers
 #: (a ``.weight`` of axes ``(out, in)`` and a ``.bias``).
 LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out")
+#: Layers that read one input through one input-side chain (query, key and value
+#: read the attention block's input): its contraction is computed once per forward.
+INPUT_READERS = {"attn.q": 3, "attn.k": 3, "attn.v": 3}
 
 
 def expansion_cost(exp: Expansion, vectors: int) -> int:
-    """Multiply-adds of applying ``exp`` (or its transpose) to ``vectors`` vectors."""
+    """Multiply-adds of applying ``exp`` (or its transpose) to vectors.
+
+    Parameters
+    ----------
+    exp : Expansion
+        A ``d1 -> d2`` expansion.
+    vectors : int
+        Vectors it is applied to.
+
+    Returns
+    -------
+    int
+        ``(d2 - d1) d1 vectors``.
+    """
     return (exp.d2 - exp.d1) * exp.d1 * vectors
 
 
@@ -54,17 +83,22 @@ class LinearPlan:
         (``B_l`` first) multiplied into ``W`` once per step; the rest are
         applied to the activations.
     fixed_macs, token_macs : int
-        Forward multiply-adds per step and per token (one layer).
+        Forward multiply-adds per step and per token (one layer; a shared input
+        contraction charged ``1 / readers``).
     """
 
     out_absorbed: int
     in_absorbed: int
     fixed_macs: int
-    token_macs: int
+    token_macs: float
 
 
 def plan_linear(
-    out_chain: list[Expansion], in_chain: list[Expansion], shape: tuple[int, int], tokens: int
+    out_chain: list[Expansion],
+    in_chain: list[Expansion],
+    shape: tuple[int, int],
+    tokens: int,
+    readers: int = 1,
 ) -> LinearPlan:
     """The cheapest split of one grown linear layer's matrix chain for ``tokens`` tokens.
 
@@ -76,6 +110,9 @@ def plan_linear(
         ``(out, in)`` of the source weight ``W``.
     tokens : int
         Vectors the layer is applied to in one forward (batch x sequence).
+    readers : int
+        Layers that share this layer's input contraction (:data:`INPUT_READERS`);
+        its per-token cost is divided among them.
 
     Returns
     -------
@@ -93,10 +130,9 @@ def plan_linear(
         for exp in in_chain[:k_in]:
             fixed += expansion_cost(exp, rows)
             cols = exp.d2
-        per_token = rows * cols
-        per_token += sum(expansion_cost(e, 1) for e in out_chain[k_out:] + in_chain[k_in:])
-        cost = fixed + tokens * per_token
-        key = (cost, -(k_out + k_in))
+        per_token = rows * cols + sum(expansion_cost(e, 1) for e in out_chain[k_out:])
+        per_token += sum(expansion_cost(e, 1) for e in in_chain[k_in:]) / readers
+        key = (fixed + tokens * per_token, -(k_out + k_in))
         if best is None or key < best[0]:
             best = (key, LinearPlan(k_out, k_in, fixed, per_token))
     return best[1]
@@ -120,10 +156,13 @@ class LinearFactors:
         Unbatched expansions still to apply to the activations.
     inputs : dict, optional
         Per-forward memo shared by the layers that read the same input through
-        the same expansions (query, key and value): ``key -> (x, x B)``, so
-        ``x B`` is computed once when the same tensor ``x`` comes again.
+        the same expansions (query, key and value): ``key -> (layer, x,
+        x._version, grad mode, x B)``. It is used only for the very tensor
+        ``x``, unchanged in place, in the same layer and grad mode.
     key : tuple, optional
-        This layer's entry in ``inputs``.
+        This layer's slot in ``inputs``: ``(space, absorbed input factors)``.
+    layer : int
+        Target layer index.
     """
 
     weight: Tensor
@@ -132,22 +171,50 @@ class LinearFactors:
     out_rest: list[Expansion]
     inputs: dict | None = None
     key: tuple | None = None
+    layer: int = 0
+
+    def _contract(self, x: Tensor) -> Tensor:
+        """``x B_rest`` in float32, from the memo when the same input was contracted already."""
+        if not self.in_rest:
+            return x
+        stamp = (self.layer, x, x._version, torch.is_grad_enabled())
+        hit = self.inputs.get(self.key) if self.inputs is not None else None
+        if hit is not None and hit[0] == stamp[0] and hit[1] is x and hit[2:4] == stamp[2:4]:
+            return hit[4]
+        out = x.float()
+        for exp in self.in_rest:
+            out = exp.contract_cols(out, input_side=True)
+        if self.inputs is not None:
+            self.inputs[self.key] = (*stamp, out)
+        return out
 
     def __call__(self, x: Tensor) -> Tensor:
-        """``(..., in_target) -> (..., out_target)``."""
-        hit = self.inputs.get(self.key) if self.inputs is not None and self.in_rest else None
-        if hit is not None and hit[0] is x:
-            x = hit[1]
-        elif self.in_rest:
-            seen = x
-            for exp in self.in_rest:
-                x = exp.contract_cols(x, input_side=True)
-            if self.inputs is not None:
-                self.inputs[self.key] = (seen, x)
+        """Apply the layer.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(..., in_target)`` activations.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(..., out_target)``, in the dtype of the matmul with ``weight``
+            (bf16 under bf16 autocast, as ``nn.Linear``).
+        """
+        device = x.device.type
+        with torch.autocast(device, enabled=False):
+            x = self._contract(x)
+        if not self.out_rest:
+            return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
-        for exp in self.out_rest:
-            y = exp.grow_cols(y)
-        return y if self.bias is None else y + self.bias
+        with torch.autocast(device, enabled=False):
+            grown = y.float()
+            for exp in self.out_rest:
+                grown = exp.grow_cols(grown)
+            if self.bias is not None:
+                grown = grown + self.bias
+        return grown.to(y.dtype)
 
 
 def grow_linear_stack(
@@ -159,6 +226,7 @@ def grow_linear_stack(
     absorb: tuple[int, int] | None = None,
     inputs: dict | None = None,
     space: str = "",
+    readers: int = 1,
 ) -> list[LinearFactors]:
     """Grow a stack of depth-mixed linear layers for one forward, split by :func:`plan_linear`.
 
@@ -170,7 +238,8 @@ def grow_linear_stack(
         ``(L, out_target)`` grown biases.
     out_chain, in_chain : list of Expansion
         Expansions of the two sides (local, then global; per-layer ``E`` batched
-        ``(L, ...)`` or shared).
+        ``(L, ...)`` or shared). Identity expansions (``d2 == d1``, no
+        permutation) are dropped.
     tokens : int or None
         Tokens of the batch; ``None`` materialises every factor.
     absorb : tuple of int, optional
@@ -179,24 +248,35 @@ def grow_linear_stack(
     inputs : dict, optional
         Per-forward memo of contracted inputs (:class:`LinearFactors`); layers
         of one forward whose input side is the same ``space`` with the same
-        number of absorbed factors share entries.
+        number of absorbed factors share slots.
     space : str
         Name of the input side's space, part of the memo key.
+    readers : int
+        Passed to :func:`plan_linear`.
 
     Returns
     -------
     list of LinearFactors
         One per target layer.
+
+    Raises
+    ------
+    ValueError
+        If ``absorb`` asks for more factors than a side has.
     """
     layers = weight.shape[0]
     out_chain = [e for e in out_chain if not e.is_identity]
     in_chain = [e for e in in_chain if not e.is_identity]
     if absorb is not None:
         k_out, k_in = absorb
+        if not (0 <= k_out <= len(out_chain) and 0 <= k_in <= len(in_chain)):
+            raise ValueError(
+                f"absorb={absorb} but the sides have {len(out_chain)} and {len(in_chain)} non-identity factors"
+            )
     elif tokens is None:
         k_out, k_in = len(out_chain), len(in_chain)
     else:
-        plan = plan_linear(out_chain, in_chain, tuple(weight.shape[1:]), tokens)
+        plan = plan_linear(out_chain, in_chain, tuple(weight.shape[1:]), tokens, readers)
         k_out, k_in = plan.out_absorbed, plan.in_absorbed
     w = weight
     for exp in out_chain[:k_out]:
@@ -207,7 +287,7 @@ def grow_linear_stack(
     ins = [e.unbind(layers) for e in reversed(in_chain[k_in:])]
     biases = bias.unbind(0) if bias is not None else [None] * layers
     return [
-        LinearFactors(wi, bi, [e[i] for e in ins], [e[i] for e in outs], inputs, (space, k_in, i))
+        LinearFactors(wi, bi, [e[i] for e in ins], [e[i] for e in outs], inputs, (space, k_in), i)
         for i, (wi, bi) in enumerate(zip(w.unbind(0), biases, strict=True))
     ]
 
@@ -216,17 +296,14 @@ class GrownLinear(nn.Module):
     """Stand-in for an ``nn.Linear`` of the target template, fed with :class:`LinearFactors`.
 
     It holds no parameters: :class:`~fedgrow_core.grown_model.GrownModel` sets
-    :attr:`factors` before each forward of the template and clears it after.
+    :attr:`factors` before each forward of the template and clears it after,
+    so a template with these modules serves one forward at a time (not
+    re-entrant, not shared across threads).
 
     Parameters
     ----------
     in_features, out_features : int
-        Target sizes, for ``repr`` and checks.
-
-    Raises
-    ------
-    RuntimeError
-        When called without factors.
+        Target sizes, for ``repr``.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -235,7 +312,13 @@ class GrownLinear(nn.Module):
         self.factors: LinearFactors | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., in_features) -> (..., out_features)``."""
+        """``(..., in_features) -> (..., out_features)``.
+
+        Raises
+        ------
+        RuntimeError
+            When called without factors (outside ``GrownModel.forward``).
+        """
         if self.factors is None:
             raise RuntimeError("GrownLinear called outside GrownModel.forward (no factors set)")
         return self.factors(x)

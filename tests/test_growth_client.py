@@ -116,3 +116,26 @@ def test_round_evaluation_is_capped_and_can_be_skipped(run):
     assert [capped.evaluates_round(r) for r in (1, 2, 3)] == [True, True, True]
     assert [replace(run, eval_every=2).evaluates_round(r) for r in (1, 2, 3, 4)] == [False, True, False, True]
     assert not any(replace(run, eval_every=0).evaluates_round(r) for r in (1, 2, 3))
+
+
+def test_a_head_missing_from_the_checkpoint_is_drawn_from_the_client_seed_only(run, tmp_path):
+    """In simulation one worker serves several nodes in any order: the draw must not depend on the process's past."""
+    import dataclasses
+
+    from conftest import make_bert
+    from transformers import AutoTokenizer
+
+    from fedgrow_core.client_setup import ClientSetup
+
+    folder = tmp_path / "encoder-only"
+    make_bert(2, 32, 2, 64, vocab_size=30522, max_positions=64).bert.save_pretrained(folder)  # no classifier saved
+    AutoTokenizer.from_pretrained(run.client_models[0]).save_pretrained(folder)
+    headless = dataclasses.replace(run, client_models=(str(folder),))
+    heads = []
+    for draws in (0, 5):
+        torch.manual_seed(123)
+        torch.rand(draws)  # another history of the global RNG
+        heads.append(ClientSetup.load(headless, 0, 3).small.model.classifier.weight.detach().clone())
+    other = ClientSetup.load(headless, 1, 3).small.model.classifier.weight
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], other)

@@ -21,20 +21,24 @@ def _loss(grown, token_batch):
     return F.cross_entropy(logits.float(), torch.tensor([0, 1, 2]))
 
 
-def test_a_small_depth_coefficient_change_reaches_the_loss_under_bf16_autocast(token_batch):
+def test_a_small_depth_coefficient_change_reaches_the_fp32_weights_under_bf16_autocast(token_batch):
     grown = _grown(token_batch)
     before = _loss(grown, token_batch)
     before.backward()
     depth = grown.operator.depth["attn_v_weight"]
     assert depth.grad.dtype == torch.float32 and depth.grad.abs().sum() > 0
-    with torch.no_grad():
-        depth[1, 1] += 1e-3  # bf16 cannot hold 1 + 1e-3: materialised in bf16 this change would vanish
-        after = _loss(grown, token_batch)
-    assert after != before.detach()
-    # the grown weights themselves are float32 under autocast
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        weights = grown.grown_state_dict()
-    assert all(w.dtype == torch.float32 for w in weights.values())
+    batch = grown.family.batch_rows(grown.small_embed.as_dict(), dict(token_batch), grown.target_config)[0]
+    grown_weights = []
+    for step in (0.0, 1e-3):  # bf16 cannot hold 1 + 1e-3: materialised in bf16 this change would vanish
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            depth[1, 1] += step
+            weights = grown.grown_state_dict()  # export and fine-tuning: every weight materialised
+            _, linears = grown._grow_factored(batch, 36)  # training: the linear layers' factors
+        assert all(w.dtype == torch.float32 for w in weights.values())
+        assert all(f.weight.dtype == torch.float32 for fs in linears.values() for f in fs)
+        grown_weights.append((weights["bert.encoder.layer.1.attention.self.value.weight"], linears["attn.v"][1].weight))
+    for old, new in zip(*grown_weights, strict=True):  # the fp32 weights the bf16 matmuls start from carry it
+        torch.testing.assert_close(new, old * 1.001, rtol=1e-5, atol=1e-7)
     # what bf16 materialisation would have done: the depth product rounds the change away
     stack = grown.small_layers.as_dict()["attn.v.weight"]
     with torch.autocast("cpu", dtype=torch.bfloat16):

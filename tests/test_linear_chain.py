@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
 from fedgrow_core.expansion import Expansion
@@ -43,8 +44,9 @@ def test_contract_cols_is_the_transpose_of_the_dense_matrix(input_side):
         exp = op.global_.expansions()[space]
         layer = exp.unbind(4)[2] if exp.e.dim() == 3 else exp
         x = torch.randn(5, 7, layer.d2, dtype=torch.float64)
-        dense = layer.dense(input_side=input_side).double()
-        got = Expansion(layer.e.double(), layer.perm, layer.input_side, split=layer.split, permuted=layer.permuted)
+        split = None if layer.split is None else layer.split.double()
+        got = Expansion(layer.e.double(), layer.perm, layer.input_side, split=split, permuted=layer.permuted)
+        dense = got.dense(input_side=input_side)  # grow_rows of the identity: A (or B) column by column
         torch.testing.assert_close(got.contract_cols(x, input_side=input_side), x @ dense)
 
 
@@ -79,7 +81,7 @@ def test_every_split_gives_the_dense_layer_and_its_gradients(kind, absorb):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
-def test_the_plan_materialises_for_large_batches_and_factors_for_small_ones():
+def test_the_plan_factors_small_batches_and_absorbs_the_costly_side_of_large_ones():
     chains = _ops().width_chains()
     out_chain, in_chain = chains["ffn"], chains["res"]
     small = plan_linear(out_chain, in_chain, (64, 32), tokens=1)
@@ -94,24 +96,51 @@ def test_the_plan_materialises_for_large_batches_and_factors_for_small_ones():
     assert large.token_macs < 128 * 72  # cheaper per token than the target layer itself
 
 
-def test_plan_cost_is_minimal_over_all_splits():
+def _counted_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", [("q", "res"), ("ffn", "res"), ("res", "ffn")])
+def test_the_plan_is_the_split_with_the_fewest_counted_flops(kind):
+    """An independent count: torch's FlopCounterMode over the real computation of every split."""
+    out_space, in_space = kind
     chains = _ops().width_chains()
+    out_chain, in_chain = chains[out_space], chains[in_space]
+    shape = (out_chain[0].d1, in_chain[0].d1)
+    w = torch.randn(4, *shape)
+    splits = list(itertools.product(range(3), range(3)))
+    fixed = {
+        a: _counted_flops(lambda a=a: grow_linear_stack(w, None, out_chain, in_chain, 1, absorb=a)) / 4 for a in splits
+    }
     for tokens in (1, 30, 300, 3000):
-        best = plan_linear(chains["q"], chains["res"], (32, 32), tokens)
-        for k_out, k_in in itertools.product(range(3), range(3)):
-            other = plan_linear(chains["q"][:k_out], chains["res"][:k_in], (32, 32), 0)
-            # absorbing everything of a shortened chain is one candidate split of the full chain
-            rest = sum((e.d2 - e.d1) * e.d1 for e in chains["q"][k_out:] + chains["res"][k_in:])
-            cost = other.fixed_macs + tokens * (other.token_macs + rest)
-            assert best.fixed_macs + tokens * best.token_macs <= cost
+        x = torch.randn(tokens, in_chain[-1].d2)
+        total = {}
+        for a in splits:
+            factors = grow_linear_stack(w, None, out_chain, in_chain, tokens, absorb=a)[0]
+            total[a] = fixed[a] + _counted_flops(lambda f=factors, x=x: f(x))
+        plan = plan_linear(out_chain, in_chain, shape, tokens)
+        chosen = (plan.out_absorbed, plan.in_absorbed)
+        assert total[chosen] == min(total.values()), (tokens, chosen, total)
+        assert total[chosen] == 2 * (plan.fixed_macs + tokens * plan.token_macs)  # FLOPs = 2 x multiply-adds
 
 
-@pytest.mark.parametrize("seq", [2, 64])
-def test_grown_model_factored_forward_equals_materialised_weights(seq):
+@pytest.mark.parametrize(
+    ("seq", "inter", "input_side"),
+    [
+        (2, TransformerShape(3, 48, 96, 4), "normalised"),
+        (64, TransformerShape(3, 48, 96, 4), "normalised"),
+        (64, TransformerShape(3, 48, 96, 4), "tied"),
+        (16, TransformerShape(3, 32, 64, 4), "normalised"),  # no local width growth: identity factors dropped
+    ],
+)
+def test_grown_model_factored_forward_equals_materialised_weights(seq, inter, input_side):
     small = make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, vocab_size=100, max_positions=64)
     fam = get_family("bert")
-    inter, target = TransformerShape(3, 48, 96, 4), TransformerShape(4, 72, 128, 6)
-    model = GrownModel(fam, small, DualLiGO(LiGO(fam.shape(small), inter, tie_layers=True), LiGO(inter, target)), 3)
+    target = TransformerShape(4, 72, 128, 6)
+    local = LiGO(fam.shape(small), inter, tie_layers=True, input_side=input_side)
+    model = GrownModel(fam, small, DualLiGO(local, LiGO(inter, target, input_side=input_side)), 3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -123,7 +152,7 @@ def test_grown_model_factored_forward_equals_materialised_weights(seq):
     fast_grads = torch.autograd.grad(F.cross_entropy(fast, labels), list(model.parameters()), allow_unused=True)
     reference = model.to_family_model()
     torch.testing.assert_close(fast, reference(**batch).logits, rtol=1e-4, atol=1e-5)
-    model._factored = []  # the materialised path
+    model._factored = {}  # the materialised path
     slow = model(**batch)
     slow_grads = torch.autograd.grad(F.cross_entropy(slow, labels), list(model.parameters()), allow_unused=True)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
@@ -153,3 +182,56 @@ def test_layers_reading_the_same_input_contract_it_once(monkeypatch):
     assert len(calls) == 2  # global then local contraction, once for both layers
     k[1](x.clone())  # another tensor: contracted again
     assert len(calls) == 4
+
+
+def test_the_memo_is_not_used_for_a_changed_or_differently_tracked_input():
+    op = _ops()
+    chains = op.width_chains()
+    w = torch.randn(4, 32, 32)
+    inputs = {}
+    q, k = (
+        grow_linear_stack(w, None, chains["q"], chains["res"], 10, absorb=(0, 0), inputs=inputs, space="res")
+        for _ in "qk"
+    )
+    x = torch.randn(2, 5, 72)
+    q[0](x)
+    x.mul_(2.0)  # in place: the same object, another value
+    torch.testing.assert_close(
+        k[0](x), x @ (_dense_chain(chains["q"], 0, False) @ w[0] @ _dense_chain(chains["res"], 0, True).T).T
+    )
+    y = torch.randn(2, 5, 72, requires_grad=True)
+    with torch.no_grad():
+        q[0](y)
+    k[0](y).sum().backward()  # a no-grad entry must not be reused where gradients are wanted
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+
+def test_width_factors_run_in_float32_under_bf16_autocast(monkeypatch):
+    """E and the activations it meets stay float32 (bf16 cannot hold 1 + 1e-3); only the matmul with W is bf16."""
+    op = _ops()
+    chains = op.width_chains()
+    seen = []
+    for name in ("grow_cols", "contract_cols"):
+        original = getattr(Expansion, name)
+
+        def recorded(self, x, input_side=False, original=original):
+            out = original(self, x, input_side)
+            seen.append((x.dtype, out.dtype))
+            return out
+
+        monkeypatch.setattr(Expansion, name, recorded)
+    w = torch.randn(4, 32, 32)
+    (factors, *_) = grow_linear_stack(w, torch.randn(4, 72), chains["q"], chains["res"], 3, absorb=(0, 0))
+    x = torch.randn(3, 72)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = factors(x)
+    assert len(seen) == 4 and set(seen) == {(torch.float32, torch.float32)}
+    assert y.dtype == torch.bfloat16  # as nn.Linear under autocast
+    want = x @ (_dense_chain(chains["q"], 0, False) @ w[0] @ _dense_chain(chains["res"], 0, True).T).T
+    assert (y.float() - want - factors.bias).abs().max() < 0.1 * want.abs().max()
+
+
+def test_contract_cols_refuses_a_layer_batched_e():
+    exp = _ops().global_.expansions()["q"]
+    with pytest.raises(ValueError, match="one layer's E"):
+        exp.contract_cols(torch.randn(4, 72))
