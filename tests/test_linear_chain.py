@@ -160,6 +160,17 @@ def test_grown_model_factored_forward_equals_materialised_weights(seq, inter, in
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def _query_and_key(chains):
+    """Two fully factored layer stacks that read one input through the residual space, sharing a memo."""
+    w = torch.randn(4, 32, 32)
+    inputs = {}
+    q, k = (
+        grow_linear_stack(w, None, chains["q"], chains["res"], 10, absorb=(0, 0), inputs=inputs, space="res")
+        for _ in "qk"
+    )
+    return w, q, k
+
+
 def test_layers_reading_the_same_input_contract_it_once(monkeypatch):
     op = _ops()
     chains = op.width_chains()
@@ -171,12 +182,7 @@ def test_layers_reading_the_same_input_contract_it_once(monkeypatch):
         return original(self, x, input_side)
 
     monkeypatch.setattr(Expansion, "contract_cols", counted)
-    w = torch.randn(4, 32, 32)
-    inputs = {}
-    q, k = (
-        grow_linear_stack(w, None, chains["q"], chains["res"], 10, absorb=(0, 0), inputs=inputs, space="res")
-        for _ in "qk"
-    )
+    w, q, k = _query_and_key(chains)
     x = torch.randn(2, 5, 72)
     torch.testing.assert_close(q[1](x), k[1](x))
     assert len(calls) == 2  # global then local contraction, once for both layers
@@ -187,12 +193,7 @@ def test_layers_reading_the_same_input_contract_it_once(monkeypatch):
 def test_the_memo_is_not_used_for_a_changed_or_differently_tracked_input():
     op = _ops()
     chains = op.width_chains()
-    w = torch.randn(4, 32, 32)
-    inputs = {}
-    q, k = (
-        grow_linear_stack(w, None, chains["q"], chains["res"], 10, absorb=(0, 0), inputs=inputs, space="res")
-        for _ in "qk"
-    )
+    w, q, k = _query_and_key(chains)
     x = torch.randn(2, 5, 72)
     q[0](x)
     x.mul_(2.0)  # in place: the same object, another value
