@@ -145,9 +145,8 @@ def linear_macs_ratio(args: argparse.Namespace, tokens: int) -> float:
     for kind in LINEAR_KINDS:
         (out_space, _), (in_space, _) = LAYER_PARAMS[f"{kind}.weight"]
         (o, o_t), (i, i_t) = sizes.get(out_space, sizes["res"]), sizes.get(in_space, sizes["res"])
-        out_chain = [e for e in chains[out_space] if not e.is_identity]
-        in_chain = [e for e in chains[in_space] if not e.is_identity]
-        plan = plan_linear(out_chain, in_chain, (o, i), tokens, INPUT_READERS.get(kind, 1))
+        # an identity expansion costs nothing in the plan, so the chains need no filtering here
+        plan = plan_linear(chains[out_space], chains[in_space], (o, i), tokens, INPUT_READERS.get(kind, 1))
         dual += plan.fixed_macs + tokens * plan.token_macs
         plain += tokens * o_t * i_t
     return dual / plain

@@ -188,6 +188,10 @@ class GrownModel(nn.Module):
         # fp32, whatever autocast the caller runs under (class Notes)
         with torch.autocast(next(iter(small_embed.values())).device.type, enabled=False):
             grown, layers = self.operator.grow(small_embed, self.small_layers.as_dict(), self._embed_spaces)
+        return self._with_head(grown, layers)
+
+    def _with_head(self, grown: Mapping[str, Tensor], layers: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The family state dict of grown canonical tensors, with the task head."""
         sd = self.family.to_state_dict(grown, layers)
         w_name, b_name = self.family.head_names()
         sd[w_name], sd[b_name] = self.head.weight, self.head.bias
@@ -246,10 +250,7 @@ class GrownModel(nn.Module):
                     space=in_space,
                     readers=INPUT_READERS.get(kind, 1),
                 )
-        sd = self.family.to_state_dict(grown, layers)
-        w_name, b_name = self.family.head_names()
-        sd[w_name], sd[b_name] = self.head.weight, self.head.bias
-        return sd, linears
+        return self._with_head(grown, layers), linears
 
     @torch.no_grad()
     def to_family_model(self) -> nn.Module:

@@ -77,11 +77,30 @@ class ModelFamily(ABC):
             A linear kind without ``.weight`` (``"attn.q"``, ..., ``"ffn.out"``).
         layer : int
             Target layer index.
+
+        Returns
+        -------
+        str or None
+            A dotted module name in the classifier :meth:`build` returns, or
+            ``None`` (the default) when the family has no such module.
         """
         return None
 
     def tokens(self, kwargs: dict[str, Any]) -> int | None:
-        """Vectors each linear layer is applied to for a batch, or ``None`` when unknown."""
+        """Vectors each linear layer is applied to for a batch.
+
+        Parameters
+        ----------
+        kwargs : dict
+            The batch's keyword inputs to the target model's forward (after
+            :meth:`batch_rows`).
+
+        Returns
+        -------
+        int or None
+            Tokens (batch x sequence), which :func:`~fedgrow_core.linear_chain.plan_linear`
+            plans for; ``None`` (the default) materialises every grown weight.
+        """
         return None
 
     @abstractmethod
