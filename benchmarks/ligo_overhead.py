@@ -15,10 +15,11 @@ The plain step trains the target model's own parameters with AdamW; the
 Dual-LiGO step trains Local-LiGO, Global-LiGO and the task head with AdamW
 through :class:`fedgrow_core.GrownModel`, which grows only the embedding rows a
 batch reads and evaluates every BERT linear layer in the cheapest order for the
-batch (:mod:`fedgrow_core.linear_chain`). Each case runs in a fresh process;
+batch (:mod:`fedgrow_core.linear_chain`; timm's fused ``qkv`` computes query, key
+and value from their own factors). Each case runs in a fresh process;
 time is the median over the timed steps (seconds), peak memory is the peak
 resident set size over the process's size after imports (CPU) or
-``torch.cuda.max_memory_allocated`` (CUDA), in bytes. Every BERT case also
+``torch.cuda.max_memory_allocated`` (CUDA), in bytes. Every case also
 prints ``linear_macs_ratio``: the forward multiply-adds of the Dual-LiGO linear
 layers (as planned for that batch) over the target's own linear layers, the
 floor the time ratio cannot beat on compute-bound hardware.
@@ -49,8 +50,7 @@ def _models(case: str, grown: bool, args: argparse.Namespace):
     import timm
     from transformers import BertConfig, BertForSequenceClassification
 
-    from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
-    from fedgrow_core.run_config import parse_shape
+    from fedgrow_core import DualLiGO, GrownModel, LiGO, get_family
 
     if case == "bert":
         try:
@@ -61,14 +61,13 @@ def _models(case: str, grown: bool, args: argparse.Namespace):
             small = BertForSequenceClassification(
                 BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
             )
-        inter, target = parse_shape(args.intermediate), parse_shape(args.target)
         num_labels = 2
     else:
         small = timm.create_model(
             "vit_base_patch16_224", pretrained=False, embed_dim=192, depth=4, num_heads=3, num_classes=10
         )
-        inter, target = TransformerShape(6, 256, 1024, 4), TransformerShape(12, 384, 1536, 6)
         num_labels = 10
+    _, inter, target = _shapes(case, args)
     fam = get_family(case)
     source = fam.shape(small)
     op = DualLiGO(LiGO(source, inter, tie_layers=True), LiGO(inter, target, seed=1))
@@ -130,15 +129,23 @@ def _run(case: str, grown: bool, args: argparse.Namespace, queue) -> None:
     queue.put({"time_s": statistics.median(times), "peak_bytes": peak})
 
 
-def linear_macs_ratio(args: argparse.Namespace, tokens: int) -> float:
-    """Forward multiply-adds of the planned Dual-LiGO linear layers over the target's, for ``tokens`` tokens."""
-    from fedgrow_core import DualLiGO, LiGO, TransformerShape
-    from fedgrow_core.ligo import LAYER_PARAMS
-    from fedgrow_core.linear_chain import INPUT_READERS, LINEAR_KINDS, plan_linear
+def _shapes(case: str, args: argparse.Namespace):
+    """``(source, intermediate, target)`` shapes of a case."""
+    from fedgrow_core import TransformerShape
     from fedgrow_core.run_config import parse_shape
 
-    small = TransformerShape(6, 384, 1536, 12)
-    inter, target = parse_shape(args.intermediate), parse_shape(args.target)
+    if case == "bert":
+        return TransformerShape(6, 384, 1536, 12), parse_shape(args.intermediate), parse_shape(args.target)
+    return TransformerShape(4, 192, 768, 3), TransformerShape(6, 256, 1024, 4), TransformerShape(12, 384, 1536, 6)
+
+
+def linear_macs_ratio(case: str, args: argparse.Namespace, tokens: int) -> float:
+    """Forward multiply-adds of the planned Dual-LiGO linear layers over the target's, for ``tokens`` tokens."""
+    from fedgrow_core import DualLiGO, LiGO
+    from fedgrow_core.ligo import LAYER_PARAMS
+    from fedgrow_core.linear_chain import INPUT_READERS, LINEAR_KINDS, plan_linear
+
+    small, inter, target = _shapes(case, args)
     chains = DualLiGO(LiGO(small, inter, tie_layers=True), LiGO(inter, target)).width_chains()
     sizes = {"res": (small.hidden, target.hidden), "ffn": (small.ffn, target.ffn)}
     dual = plain = 0
@@ -197,8 +204,8 @@ def main() -> None:
             "step_time_ratio": round(t_ratio, 3),
             "peak_mem_ratio": round(m_ratio, 3),
         }
-        if case == "bert":
-            record["linear_macs_ratio"] = round(linear_macs_ratio(args, batch * seq), 3)
+        tokens = batch * seq if seq else batch * ((224 // 16) ** 2 + 1)  # ViT: patches and the class token
+        record["linear_macs_ratio"] = round(linear_macs_ratio(case, args, tokens), 3)
         if args.device == "cuda":
             items, unit = (batch * seq, "tokens_per_s") if seq else (batch, "images_per_s")
             record[unit] = {"plain": items / plain["time_s"], "dual_ligo": items / grown["time_s"]}

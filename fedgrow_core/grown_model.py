@@ -43,7 +43,7 @@ class GrownModel(nn.Module):
     forward grows the target weights from them inside the autograd graph and runs
     a target-shaped module (kept on the ``meta`` device, so it holds no weights)
     with :func:`torch.func.functional_call`. For families that name their linear
-    layers (:meth:`ModelFamily.linear_module`: BERT), those layers are
+    layers (:meth:`ModelFamily.linear_module`: BERT, ViT), those layers are
     :class:`~fedgrow_core.linear_chain.GrownLinear` stand-ins that apply the
     width factors not worth materialising for the batch to the activations
     instead (:mod:`fedgrow_core.linear_chain`); the logits and gradients are those
@@ -144,19 +144,27 @@ class GrownModel(nn.Module):
                     bound,
                 )
 
-    def _factored_template(self, family: ModelFamily, layers: int) -> dict[tuple[str, int], GrownLinear]:
-        """A second meta template whose linear layers are :class:`GrownLinear`; its slots (empty when unsupported)."""
+    def _factored_template(self, family: ModelFamily, layers: int) -> dict[tuple[str, int], tuple[GrownLinear, int]]:
+        """A second meta template whose linear layers are :class:`GrownLinear`.
+
+        Returns its slots, ``(kind, layer) -> (module, part)`` (empty when the
+        family names no linear modules); kinds that share a fused module get
+        its parts in :data:`~fedgrow_core.linear_chain.LINEAR_KINDS` order.
+        """
         if family.linear_module(LINEAR_KINDS[0], 0) is None:
             return {}
         with torch.device("meta"):  # no weights allocated or initialised
             template = family.build(self.target_config)
         slots = {}
-        for kind in LINEAR_KINDS:
-            for i in range(layers):
-                name = family.linear_module(kind, i)
+        for i in range(layers):
+            names: dict[str, list[str]] = {}
+            for kind in LINEAR_KINDS:
+                names.setdefault(family.linear_module(kind, i), []).append(kind)
+            for name, kinds in names.items():
                 linear = template.get_submodule(name)
-                slots[kind, i] = GrownLinear(linear.in_features, linear.out_features)
-                template.set_submodule(name, slots[kind, i])
+                module = GrownLinear(linear.in_features, linear.out_features, parts=len(kinds))
+                template.set_submodule(name, module)
+                slots.update({(kind, i): (module, part) for part, kind in enumerate(kinds)})
         self._template.append(template)
         return slots
 
@@ -207,7 +215,7 @@ class GrownModel(nn.Module):
         vocabulary-sized product per step.
         """
         embed, kwargs = self.family.batch_rows(self.small_embed.as_dict(), kwargs, self.target_config)
-        tokens = self.family.tokens(kwargs)
+        tokens = self.family.tokens(args, kwargs, self.target_config)
         if not self._factored or tokens is None:
             tensors = {**self.grown_state_dict(embed), **self.template_buffers.as_dict()}
             out = functional_call(self._template[0], tensors, args, kwargs, strict=True)
@@ -216,13 +224,14 @@ class GrownModel(nn.Module):
         sd, linears = self._grow_factored(embed, tokens)
         for kind, factors in linears.items():
             for i, f in enumerate(factors):
-                slots[kind, i].factors = f
+                module, part = slots[kind, i]
+                module.factors[part] = f
         try:
             tensors = {**sd, **self.template_buffers.as_dict()}
             out = functional_call(self._template[1], tensors, args, kwargs, strict=True)
         finally:
-            for slot in slots.values():
-                slot.factors = None
+            for module, _ in slots.values():
+                module.clear()
         return self.family.logits(out)
 
     def _grow_factored(self, embed: Mapping[str, Tensor], tokens: int) -> tuple[dict[str, Tensor], dict]:

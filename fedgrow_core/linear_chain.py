@@ -298,18 +298,22 @@ class GrownLinear(nn.Module):
     It holds no parameters: :class:`~fedgrow_core.grown_model.GrownModel` sets
     :attr:`factors` before each forward of the template and clears it after,
     so a template with these modules serves one forward at a time (not
-    re-entrant, not shared across threads).
+    re-entrant, not shared across threads). A fused module (timm's ``qkv``)
+    has one part per linear layer it computes; its output is theirs
+    concatenated along the last axis, as the fused weight's rows are.
 
     Parameters
     ----------
     in_features, out_features : int
-        Target sizes, for ``repr``.
+        Target sizes (``out_features`` of all parts together), for ``repr``.
+    parts : int
+        Linear layers this module computes (3 for a fused ``qkv``).
     """
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, parts: int = 1) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.factors: LinearFactors | None = None
+        self.factors: list[LinearFactors | None] = [None] * parts
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features) -> (..., out_features)``.
@@ -317,12 +321,19 @@ class GrownLinear(nn.Module):
         Raises
         ------
         RuntimeError
-            When called without factors (outside ``GrownModel.forward``).
+            When called without factors for every part (outside ``GrownModel.forward``).
         """
-        if self.factors is None:
+        if any(f is None for f in self.factors):
             raise RuntimeError("GrownLinear called outside GrownModel.forward (no factors set)")
-        return self.factors(x)
+        if len(self.factors) == 1:
+            return self.factors[0](x)
+        return torch.cat([f(x) for f in self.factors], dim=-1)
+
+    def clear(self) -> None:
+        """Drop the factors of the last forward (and the graph they hold)."""
+        self.factors = [None] * len(self.factors)
 
     def extra_repr(self) -> str:
-        """``in_features=..., out_features=...``."""
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        """``in_features=..., out_features=...`` (and ``parts=`` when fused)."""
+        parts = f", parts={len(self.factors)}" if len(self.factors) > 1 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{parts}"

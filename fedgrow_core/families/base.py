@@ -64,12 +64,14 @@ class ModelFamily(ABC):
         return dict(embed), kwargs
 
     def linear_module(self, kind: str, layer: int) -> str | None:
-        """Name of the target classifier's ``nn.Linear`` for a linear layer kind, if it has its own.
+        """Name of the target classifier's ``nn.Linear`` that computes a linear layer kind.
 
-        Families that name one module per kind of :data:`~fedgrow_core.linear_chain.LINEAR_KINDS`
-        let :class:`~fedgrow_core.grown_model.GrownModel` evaluate those layers
-        in factored form (:mod:`fedgrow_core.linear_chain`). The default,
-        ``None``, materialises every grown weight (e.g. timm's fused ``qkv``).
+        Families that name it let :class:`~fedgrow_core.grown_model.GrownModel`
+        evaluate those layers in factored form (:mod:`fedgrow_core.linear_chain`).
+        Kinds that share one fused module (timm's ``attn.qkv`` computes
+        ``attn.q``, ``attn.k`` and ``attn.v``) return the same name; its output
+        is their outputs concatenated in :data:`~fedgrow_core.linear_chain.LINEAR_KINDS`
+        order. The default, ``None``, materialises every grown weight.
 
         Parameters
         ----------
@@ -86,14 +88,15 @@ class ModelFamily(ABC):
         """
         return None
 
-    def tokens(self, kwargs: dict[str, Any]) -> int | None:
+    def tokens(self, args: tuple, kwargs: dict[str, Any], config: Any) -> int | None:
         """Vectors each linear layer is applied to for a batch.
 
         Parameters
         ----------
-        kwargs : dict
-            The batch's keyword inputs to the target model's forward (after
-            :meth:`batch_rows`).
+        args, kwargs : tuple, dict
+            The batch's inputs to the target model's forward (after :meth:`batch_rows`).
+        config : Any
+            The target configuration (:meth:`target_config`).
 
         Returns
         -------

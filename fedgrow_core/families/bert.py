@@ -133,8 +133,8 @@ class BertFamily(ModelFamily):
         """``bert.encoder.layer.<i>.<module>`` (every linear kind has its own module)."""
         return f"bert.encoder.layer.{layer}.{_LAYER_NAMES[kind]}"
 
-    def tokens(self, kwargs: dict[str, Any]) -> int | None:
-        """``input_ids.numel()`` (batch x sequence), ``None`` for ``inputs_embeds``."""
+    def tokens(self, args: tuple, kwargs: dict[str, Any], config: BertConfig) -> int | None:
+        """``input_ids.numel()`` (batch x sequence); ``None`` for ``inputs_embeds`` or positional inputs."""
         ids = kwargs.get("input_ids")
         return None if ids is None else ids.numel()
 

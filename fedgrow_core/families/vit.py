@@ -41,6 +41,7 @@ _SIMPLE = {
     "ffn.out": "mlp.fc2",
     "ffn_norm": "norm2",
 }
+_QKV = ("attn.q", "attn.k", "attn.v")
 
 
 def _check_supported(model: nn.Module) -> VisionTransformer:
@@ -109,6 +110,22 @@ class VitFamily(ModelFamily):
         """Residual-stream spaces of patch embedding, tokens and final norms."""
         return {k: _EMBED_SPACES[k] for k in embed}
 
+    def linear_module(self, kind: str, layer: int) -> str | None:
+        """``blocks.<i>.attn.qkv`` for ``attn.q/k/v`` (one fused module), else ``blocks.<i>.<module>``."""
+        return f"blocks.{layer}.{'attn.qkv' if kind in _QKV else _SIMPLE[kind]}"
+
+    def tokens(self, args: tuple, kwargs: dict[str, Any], config: dict) -> int | None:
+        """``B * (patches + 1)`` for an image batch ``(B, C, H, W)`` (the class token included).
+
+        The image is the forward's first positional argument or ``x``; ``None``
+        when neither is a 4-d tensor.
+        """
+        x = args[0] if args else kwargs.get("x")
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            return None
+        ph, pw = config["model_args"]["patch_size"]
+        return x.shape[0] * ((x.shape[-2] // ph) * (x.shape[-1] // pw) + 1)
+
     def target_config(
         self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0
     ) -> dict:
@@ -145,18 +162,22 @@ class VitFamily(ModelFamily):
         return model
 
     def to_state_dict(self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Timm ``VisionTransformer`` keys (``qkv`` fused), no ``head``."""
+        """Timm ``VisionTransformer`` keys (``qkv`` fused), no ``head``.
+
+        Kinds missing from ``layers`` (linear layers a factored forward computes
+        elsewhere) are left out; ``qkv`` needs all of q, k and v or none.
+        """
         sd = dict(embed)
-        # unbind, not stack[i]: one backward node instead of L zero-filled copies
-        per_layer = {f"{k}.{p}": layers[f"{k}.{p}"].unbind(0) for k in _SIMPLE for p in ("weight", "bias")}
         for param in ("weight", "bias"):
-            qkv = torch.cat([layers[f"attn.{k}.{param}"] for k in "qkv"], dim=1)
-            for i, w in enumerate(qkv.unbind(0)):
-                sd[f"blocks.{i}.attn.qkv.{param}"] = w
-        for kind, name in _SIMPLE.items():
-            for param in ("weight", "bias"):
-                for i, w in enumerate(per_layer[f"{kind}.{param}"]):
-                    sd[f"blocks.{i}.{name}.{param}"] = w
+            if f"attn.q.{param}" in layers:
+                qkv = torch.cat([layers[f"attn.{k}.{param}"] for k in "qkv"], dim=1)
+                # unbind, not stack[i]: one backward node instead of L zero-filled copies
+                for i, w in enumerate(qkv.unbind(0)):
+                    sd[f"blocks.{i}.attn.qkv.{param}"] = w
+            for kind, name in _SIMPLE.items():
+                if f"{kind}.{param}" in layers:
+                    for i, w in enumerate(layers[f"{kind}.{param}"].unbind(0)):
+                        sd[f"blocks.{i}.{name}.{param}"] = w
         return sd
 
     def head_names(self) -> tuple[str, str]:
