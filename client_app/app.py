@@ -216,8 +216,9 @@ def _train(
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             with_eval=run.evaluates_round(server_round),
         )
+        payload = client.encoded_update(received, shared)  # update-encoding; its residual is private state
         _keep(context, store, server_round, client.private_state())
-        return _reply(msg, shared, metrics)
+        return _reply(msg, payload, metrics)
     if phase == "train-local":
         client = _model_client(context, "small")
         metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(server_round))

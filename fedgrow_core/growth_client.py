@@ -28,22 +28,30 @@ from transformers import (
 from .client_setup import ClientSetup
 from .grown_model import GrownModel
 from .ligo import DualLiGO, LiGO
-from .private_state import load_training_state, model_tensors, training_state
+from .private_state import RESIDUAL_PREFIX, load_training_state, model_tensors, training_state
 from .run_config import RunConfig
 from .training import EvalResult, evaluate, train_steps
+from .update_encoding import encode_update
 
 GLOBAL_PREFIX = "operator.global_."
 HEAD_PREFIX = "head."
 
 
 def global_ligo(run: RunConfig) -> LiGO:
-    """The initial Global-LiGO (intermediate -> target), from the run config alone, seeded by ``run.seed``."""
+    """The initial Global-LiGO (intermediate -> target), from the run config alone, seeded by ``run.seed``.
+
+    ``global-tie-layers`` shares its q/k/v/ffn width matrices across target
+    layers; ``global-rank`` makes each width matrix ``S + U V^T`` with only ``U``
+    trained and sent (:class:`~fedgrow_core.ligo.LiGO`, ``rank``).
+    """
     return LiGO(
         run.intermediate_shape,
         run.target_shape,
+        tie_layers=run.global_tie_layers,
         depth_init=run.depth_init,
         depth_noise=run.depth_noise,
         seed=run.seed,
+        rank=run.global_rank,
     )
 
 
@@ -178,6 +186,8 @@ class GrowthClient:
         self._batches = self.setup.batches()
         self._test = self.setup.test_loader()
         self._round_test = self.setup.round_test_loader()
+        #: What encoding the Global-LiGO update rounded away, added to the next one (private).
+        self.update_residual: dict[str, Tensor] = {}
 
     # --- what travels -----------------------------------------------------
     def global_state(self) -> dict[str, Tensor]:
@@ -208,13 +218,34 @@ class GrowthClient:
             return
         self.model.operator.global_.load_state_dict(state, strict=True)
 
+    def encoded_update(self, received: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The reply's tensors for ``run.update_encoding``, with error feedback.
+
+        Parameters
+        ----------
+        received, new : dict of str to Tensor
+            The Global-LiGO the server sent this round, and :meth:`train_round`'s.
+
+        Returns
+        -------
+        dict of str to Tensor
+            ``new`` itself for ``"float32"``; else the encoded update
+            (:func:`~fedgrow_core.update_encoding.encode_update`). The rounding
+            error is kept in :attr:`update_residual`, part of :meth:`private_state`.
+        """
+        if self.run.update_encoding == "float32":
+            return new
+        arrays, self.update_residual = encode_update(new, received, self.update_residual, self.run.update_encoding)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
     # --- what stays ---------------------------------------------------------
     def private_state(self) -> dict[str, Tensor]:
-        """Local-LiGO, head, optimiser moments and ``data.steps``: the client state kept between rounds."""
+        """Local-LiGO, head, optimiser moments, ``data.steps``, update residual: the state kept between rounds."""
         out = {
             k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if not k.startswith(GLOBAL_PREFIX)
         }
         out.update(training_state(self.optimizer, self._batches))
+        out.update({RESIDUAL_PREFIX + k: v.clone() for k, v in self.update_residual.items()})
         return out
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:
@@ -229,6 +260,9 @@ class GrowthClient:
         # the Global-LiGO is not in the private state: keep the current one, check the rest strictly
         self.model.load_state_dict({**self.model.state_dict(), **model_tensors(state)}, strict=True)
         load_training_state(state, self.optimizer, self._batches, self.device)
+        self.update_residual = {
+            k.removeprefix(RESIDUAL_PREFIX): v for k, v in state.items() if k.startswith(RESIDUAL_PREFIX)
+        }
 
     # --- phases ---------------------------------------------------------------
     def train_round(

@@ -40,7 +40,9 @@ Tensor names (the Global-LiGO's ``state_dict``, what travels in an
 ``ArrayRecord``) are stable: ``depth.<kind>`` with ``<kind>`` one of
 :data:`LAYER_PARAMS` with dots replaced by underscores, shape ``(L2, L1)``; and
 ``width.<space>`` for ``space`` in ``res, q, k, v, ffn``, shape
-``(d2 - d1, d1)`` (``res`` and tied spaces) or ``(L2, d2 - d1, d1)``.
+``(d2 - d1, d1)`` (``res`` and tied spaces) or ``(L2, d2 - d1, d1)``; with a
+low-rank operator (``LiGO(rank=r)``) ``width.<space>`` is the factor ``U``,
+``(d2 - d1, r)`` or ``(L2, d2 - d1, r)``.
 """
 
 from __future__ import annotations
@@ -176,6 +178,17 @@ class LiGO(nn.Module):
     seed : int
         Seed of the selection and noise draws, so that every party can build the
         same initial operator from the configuration alone.
+    rank : int
+        0 (default): every width matrix ``E`` is a parameter. ``r > 0``: each is
+        ``E = S + U V^T`` with ``S`` the initial ``E`` above and ``V``
+        ``(d1, r)`` drawn from ``N(0, 1/r)``, both frozen buffers rebuilt from
+        ``seed`` (never sent), and only ``U`` ``(..., d2 - d1, r)``, zero at
+        initialisation, a parameter under the name ``width.<space>``. The
+        initial operator is the same as with ``rank=0``. Because ``E`` is
+        linear in ``U`` and every party has the same ``S`` and ``V``, FedAvg of
+        ``U`` is exactly FedAvg of ``E`` (frozen-``A`` LoRA, FFA-LoRA: Sun et
+        al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR
+        2024, Sec. 4).
 
     Raises
     ------
@@ -195,8 +208,11 @@ class LiGO(nn.Module):
         width_noise: float = 0.0,
         input_side: InputSide = "normalised",
         seed: int = 0,
+        rank: int = 0,
     ) -> None:
         validate_growth(source, target)
+        if not (isinstance(rank, int) and rank >= 0):
+            raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
         if depth_init not in DEPTH_INITS:
             raise ValueError(f"depth_init must be one of {DEPTH_INITS}, got {depth_init!r}")
         if input_side not in INPUT_SIDES:
@@ -206,7 +222,7 @@ class LiGO(nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         super().__init__()
         self.source, self.target = source, target
-        self.tie_layers, self.input_side = tie_layers, input_side
+        self.tie_layers, self.input_side, self.rank = tie_layers, input_side, rank
         gen = torch.Generator().manual_seed(seed)
 
         self.depth = nn.ParameterDict(
@@ -255,9 +271,25 @@ class LiGO(nn.Module):
         if tie_layers:
             width = {k: (v[0] if k in LAYER_SPACES else v) for k, v in width.items()}
             split = {k: (v[0] if k in LAYER_SPACES else v) for k, v in split.items()}
-        self.width = nn.ParameterDict({k: nn.Parameter(v) for k, v in width.items()})
         for space, w in split.items():
             self.register_buffer(f"split_{space}", w, persistent=False)
+        if rank:  # drawn after every other initial value, so the initial operator does not depend on the rank
+            for space in SPACES:
+                e = width[space]
+                self.register_buffer(f"base_{space}", e, persistent=False)
+                v = torch.randn(e.shape[-1], rank, generator=gen) / rank**0.5
+                self.register_buffer(f"proj_{space}", v, persistent=False)
+                width[space] = torch.zeros(e.shape[:-1] + (rank,))
+        self.width = nn.ParameterDict({k: nn.Parameter(v) for k, v in width.items()})
+
+    def width_matrix(self, space: str) -> Tensor:
+        """``E`` of a space: ``(d2 - d1, d1)`` (``res`` and tied spaces) or ``(L2, d2 - d1, d1)``.
+
+        The parameter itself when ``rank == 0``, else ``S + U V^T`` (class doc).
+        """
+        if not self.rank:
+            return self.width[space]
+        return getattr(self, f"base_{space}") + self.width[space] @ getattr(self, f"proj_{space}").T
 
     def _perm(self, space: str) -> Tensor:
         return {"res": self.perm_res, "ffn": self.perm_ffn}.get(space, self.perm_heads)
@@ -266,7 +298,7 @@ class LiGO(nn.Module):
         """The width expansion of every space, as :class:`Expansion` views."""
         return {
             space: Expansion(
-                self.width[space],
+                self.width_matrix(space),
                 self._perm(space),
                 self.input_side,
                 split=getattr(self, f"split_{space}"),

@@ -17,6 +17,8 @@ from torch import Tensor
 from .batch_stream import BatchStream
 
 OPTIMIZER_PREFIX = "optimizer."
+#: Prefix of the error-feedback residual of an encoded update (:mod:`fedgrow_core.update_encoding`).
+RESIDUAL_PREFIX = "update-residual."
 #: Key of a client's position in its batch stream (a 0-d int64 tensor).
 DATA_STEPS = "data.steps"
 
@@ -33,8 +35,8 @@ def training_state(optimizer: torch.optim.Optimizer, batches: BatchStream) -> di
 
 
 def model_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The entries of a private state that are not :func:`training_state`'s (the model's own tensors)."""
-    return {k: v for k, v in state.items() if not k.startswith(OPTIMIZER_PREFIX) and k != DATA_STEPS}
+    """The entries of a private state that are the model's own tensors (not :func:`training_state`'s, no residual)."""
+    return {k: v for k, v in state.items() if not k.startswith((OPTIMIZER_PREFIX, RESIDUAL_PREFIX)) and k != DATA_STEPS}
 
 
 def load_training_state(

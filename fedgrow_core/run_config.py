@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from .partitions import PARTITIONERS
 from .shapes import TransformerShape
+from .update_encoding import ENCODINGS
 
 TASKS = ("text", "image")
 #: What the app runs (the comparison of README, "Results"): Fed-Grow, its baselines, and Fed-Grow
@@ -162,6 +163,21 @@ class RunConfig:
     dp_clipping_norm : float
         L2 clipping norm of each client's update (the initial norm for
         ``adaptive``), > 0.
+    global_tie_layers : bool
+        Share the Global-LiGO's q/k/v/ffn width matrices across the target's
+        layers (as the Local-LiGO always does): about ``L_target`` times fewer
+        width parameters to train and send.
+    global_rank : int
+        0: full width matrices. ``r > 0``: each Global-LiGO width matrix is
+        ``E = S + U V^T`` with ``S`` (the initial selection) and ``V`` seeded,
+        frozen and never sent; only ``U`` is trained and sent, and FedAvg of
+        ``U`` is exactly FedAvg of ``E`` (:class:`fedgrow_core.ligo.LiGO`).
+        At most the intermediate hidden width.
+    update_encoding : {"float32", "float16", "int8"}
+        How a client sends its Global-LiGO each round (mode ``fedgrow``):
+        ``float32`` the values; ``float16`` / ``int8`` (per-row scales) the
+        update ``new - received``, with error feedback kept in the client's
+        private state (:mod:`fedgrow_core.update_encoding`).
     audit_dir : str
         If set, every client appends one JSON line per message it sends to
         ``<audit-dir>/egress-<node id>.jsonl`` (:mod:`client_app.egress_audit`).
@@ -233,6 +249,9 @@ class RunConfig:
     dp_clipping: str = "off"
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
+    global_tie_layers: bool = False
+    global_rank: int = 0
+    update_encoding: str = "float32"
     audit_dir: str = ""
     resume_from: str = ""
     seed: int = 0
@@ -282,6 +301,7 @@ class RunConfig:
         _one_of(p, "depth_init", self.depth_init, ("stackbert", "interlace", "identity"))
         _one_of(p, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of(p, "dp_clipping", self.dp_clipping, DP_CLIPPING)
+        _one_of(p, "update_encoding", self.update_encoding, ENCODINGS)
         nonfinite = [
             f"{f.name.replace('_', '-')} = {getattr(self, f.name)!r}: expected a finite number"
             for f in fields(self)
@@ -366,8 +386,33 @@ class RunConfig:
             shrink.append(f"head_dim {inter.head_dim} > {target.head_dim}")
         if shrink:
             p.append(f"intermediate-shape {inter} does not fit in target-shape {target}: {', '.join(shrink)}")
+        self._check_transport(p)
         if p:
             raise ConfigError(p)
+
+    def _check_transport(self, p: list[str]) -> None:
+        """The Global-LiGO's size and transport options fit each other and the mode."""
+        if not 0 <= self.global_rank <= self.intermediate_shape.hidden:
+            p.append(
+                f"global-rank = {self.global_rank!r}: expected an integer in [0, {self.intermediate_shape.hidden}] "
+                "(0: full width matrices; at most the intermediate hidden width)"
+            )
+        shares_global = ("fedgrow", "fedgrow-fedft")
+        if (self.global_tie_layers or self.global_rank) and self.mode not in shares_global:
+            p.append(
+                f"global-tie-layers = {self.global_tie_layers}, global-rank = {self.global_rank}: these shape the "
+                f"Global-LiGO, which mode {self.mode!r} does not have (modes {list(shares_global)})"
+            )
+        if self.update_encoding != "float32" and self.mode != "fedgrow":
+            p.append(
+                f"update-encoding = {self.update_encoding!r}: encoded updates are sent in mode 'fedgrow' only, not "
+                f"{self.mode!r} (other modes share whole models or nothing)"
+            )
+        if self.update_encoding != "float32" and self.dp_clipping != "off":
+            p.append(
+                f"update-encoding = {self.update_encoding!r} with dp-clipping = {self.dp_clipping!r}: central DP "
+                "calibrates its noise to the clipped float32 updates; use update-encoding = 'float32'"
+            )
 
 
 def pyproject_config(path: str | Path = "pyproject.toml", overrides: Iterable[str] = ()) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedgrow_core.update_encoding import decode_update, encoded_spec
+
 from .bounded_influence import capped_weight, clip_bound, clipped, update_norm, weight_bound
 from .checkpoint import restore_state, snapshot_state, state_is_finite
 from .reply_checks import (
@@ -31,7 +33,7 @@ from .reply_checks import (
     decode_arrays,
     reply_problem,
 )
-from .round_log import round_entry
+from .round_log import message_bytes, round_entry
 
 
 class ReplyChecks:
@@ -41,9 +43,12 @@ class ReplyChecks:
     calls), before the wrapped strategy reads anything:
 
     1. every reply is checked against the round's schema
-       (:func:`server_app.reply_checks.train_schema` of the arrays sent: exact
-       tensor names, shapes, dtypes, finite values; exact metric keys, types
-       and ranges; no other record). A failing reply is rejected with its node
+       (:func:`server_app.reply_checks.train_schema` of the arrays sent, in
+       the run's ``update_encoding``: exact tensor names, shapes, dtypes,
+       finite values; exact metric keys, types and ranges; no other record),
+       then an encoded update is decoded against what was sent
+       (:func:`fedgrow_core.update_encoding.decode_update`; non-finite values
+       are a rejection). A failing reply is rejected with its node
        and reason, logged and counted; error replies (a client that raised)
        and missing ones (timed out, gone) are recorded too;
     2. each accepted reply's ``num-examples`` is capped at the node's preflight
@@ -83,6 +88,8 @@ class ReplyChecks:
     requires_all_replies: bool = False
     #: The metrics a reply must carry (:data:`server_app.reply_checks.TRAIN_METRICS`; the collect phase's are fewer).
     reply_metrics: Mapping[str, MetricSpec] = TRAIN_METRICS
+    #: How replies carry the shared tensors (:data:`fedgrow_core.update_encoding.ENCODINGS`).
+    update_encoding: str = "float32"
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Remember the sent arrays, wait (bounded) for enough nodes, then delegate."""
@@ -106,6 +113,7 @@ class ReplyChecks:
             return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent_nodes = [m.metadata.dst_node_id for m in messages]
+        self._sent_bytes = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         return messages
 
     def record_round(self, server_round: int, sent_arrays: ArrayRecord, sent_nodes: list[int]) -> None:
@@ -114,18 +122,21 @@ class ReplyChecks:
         self._sent_arrays = {k: v.numpy() for k, v in sent_arrays.items()}
         self._round_start = time.perf_counter()
         self._sent_nodes = list(sent_nodes)
+        self._sent_bytes = {}
         self._offline_nodes = []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Reject malformed replies, bound the rest, aggregate them with the wrapped strategy."""
         server_round += self.round_offset
         replies = list(replies)
-        schema = ReplySchema(self.reply_metrics, self.expected_spec or {})
-        accepted, rejected = [], []
+        schema = ReplySchema(self.reply_metrics, encoded_spec(self.expected_spec or {}, self.update_encoding))
+        accepted, rejected, values = [], [], []
         for msg in replies:
-            problem = None if msg.has_error() else self._problem(msg, schema)
+            problem, value = (None, None) if msg.has_error() else self._problem(msg, schema)
             if problem is None:
                 accepted.append(msg)
+                if value is not None:
+                    values.append(value)
             else:
                 rejected.append({"node_id": msg.metadata.src_node_id, "reason": problem})
                 log(
@@ -138,8 +149,9 @@ class ReplyChecks:
         ok = [m for m in accepted if not m.has_error()]
         seconds = time.perf_counter() - getattr(self, "_round_start", time.perf_counter())
         entry = round_entry(server_round, replies, accepted, rejected, seconds, getattr(self, "_sent_nodes", ()))
+        entry["download_bytes"] = {str(n): b for n, b in getattr(self, "_sent_bytes", {}).items()}
         entry["offline_nodes"] = list(getattr(self, "_offline_nodes", []))
-        entry["clipped"] = self._bound(ok, schema)
+        entry["clipped"] = self._bound(ok, values, schema)
         arrays, metrics = None, None
         needed = getattr(self, "min_train_nodes", 1)
         # inside central DP the noise is calibrated for num_sampled_clients: every one of them must reply usably
@@ -182,7 +194,8 @@ class ReplyChecks:
         )
         return arrays, metrics
 
-    def _problem(self, msg: Message, schema: ReplySchema) -> str | None:
+    def _problem(self, msg: Message, schema: ReplySchema) -> tuple[str | None, dict | None]:
+        """``(reason, None)`` for a reply to reject, else ``(None, its decoded float32 tensors)``."""
         problem = reply_problem(msg.content, schema)
         if problem is None and self.example_caps is not None:
             cap = self.example_caps.get(msg.metadata.src_node_id)
@@ -190,14 +203,24 @@ class ReplyChecks:
                 problem = "node did not take part in preflight"
             elif cap < 1:
                 problem = f"node reported {cap} training rows in preflight; its reply cannot carry weight"
-        return problem
-
-    def _bound(self, ok: list[Message], schema: ReplySchema) -> list[dict]:
-        """Cap weights, clip update norms and keep only required metrics, in place; returns the clipped replies."""
-        sent = getattr(self, "_sent_arrays", None)  # set by configure_train or record_round
-        # every tensor was decoded and checked by the schema; re-encode from the decoded values, so nothing
+        if problem is not None:
+            return problem, None
+        # every tensor was decoded and checked by the schema; decode from those values, so nothing
         # downstream reads a sender's own shape or dtype metadata
-        values = [decode_arrays(m.content["arrays"], schema.arrays or {})[0] or {} for m in ok]
+        arrays = decode_arrays(msg.content["arrays"], schema.arrays or {})[0] or {}
+        sent = getattr(self, "_sent_arrays", None)
+        if self.update_encoding == "float32" or not arrays:
+            return None, arrays
+        if sent is None:
+            return "an encoded update, but no arrays were sent this round", None
+        return tuple(reversed(decode_update(arrays, sent, self.update_encoding)))
+
+    def _bound(self, ok: list[Message], values: list[dict], schema: ReplySchema) -> list[dict]:
+        """Cap weights, clip update norms and keep only required metrics, in place; returns the clipped replies.
+
+        ``values`` are the decoded float32 tensors of ``ok``, in order; they replace each reply's arrays.
+        """
+        sent = getattr(self, "_sent_arrays", None)  # set by configure_train or record_round
         if sent is None or not ok:
             norms, bound = [0.0] * len(ok), math.inf
         else:

@@ -32,7 +32,7 @@ from .reply_checks import (
     reply_problem,
     train_schema,
 )
-from .round_log import last_line, round_entry
+from .round_log import content_bytes, last_line, round_entry
 from .strategy import build_strategy, strategy_for_run
 
 FINAL_PHASE = "finetune-evaluate"
@@ -205,6 +205,10 @@ def local_rounds(
             else:
                 accepted.append(msg)
         entry = round_entry(r, replies, accepted, rejected, time.perf_counter() - start, sent)
+        instruction = RecordDict(
+            {"arrays": ArrayRecord(), "config": ConfigRecord({"phase": phase, "server-round": r, **tag})}
+        )
+        entry["download_bytes"] = {str(n): content_bytes(instruction) for n in sent}
         entries.append({**entry, "phase": phase, "aggregated": False})
         log(INFO, "round %d (%s): %d replies, %.1f s", r, phase, len(replies), entry["seconds"])
     return entries

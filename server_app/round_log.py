@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
 
 #: Client metrics copied into the round log (per node), when a reply carries them.
 LOGGED_METRICS = (
@@ -39,6 +40,22 @@ def payload_bytes(message: Message) -> int:
             )
             total += math.prod(array.shape) * itemsize
     return total
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes of a message's content serialised as Flower serialises it (``flwr.common.serde.recorddict_to_proto``).
+
+    Everything its records carry: record and tensor names, each array's
+    ``.npy`` bytes with their header, metrics and configs. Flower's routing
+    metadata (ids, timestamps, message type: about a hundred bytes) is not
+    counted; 0 for a message without content.
+    """
+    return content_bytes(message.content) if message.has_content() else 0
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of a message content (``RecordDict``) serialised as Flower serialises it."""
+    return recorddict_to_proto(content).ByteSize()
 
 
 def round_entry(
@@ -73,8 +90,9 @@ def round_entry(
         ``round``, ``replies``, ``accepted_nodes``, ``failed``, ``failed_nodes``
         (``{"node_id", "reason"}`` per error reply), ``rejected``,
         ``missing_nodes``, ``seconds``, ``client_metrics`` (node id as str ->
-        :data:`LOGGED_METRICS`) and ``upload_bytes`` (node id as str ->
-        :func:`payload_bytes`).
+        :data:`LOGGED_METRICS`), ``upload_bytes`` (node id as str ->
+        :func:`message_bytes` of its reply) and ``payload_bytes`` (node id as
+        str -> :func:`payload_bytes`).
     """
     accepted = list(accepted)
     ok = [m for m in accepted if not m.has_error()]
@@ -82,12 +100,13 @@ def round_entry(
         {"node_id": m.metadata.src_node_id, "reason": last_line(m.error.reason)} for m in replies if m.has_error()
     ]
     replied = {m.metadata.src_node_id for m in replies}
-    client_metrics, upload = {}, {}
+    client_metrics, upload, payload = {}, {}, {}
     for msg in ok:
         node = str(msg.metadata.src_node_id)
         metrics = next(iter(msg.content.metric_records.values()), {})
         client_metrics[node] = {k: metrics[k] for k in LOGGED_METRICS if k in metrics}
-        upload[node] = payload_bytes(msg)
+        upload[node] = message_bytes(msg)
+        payload[node] = payload_bytes(msg)
     return {
         "round": server_round,
         "replies": len(replies),
@@ -99,6 +118,7 @@ def round_entry(
         "seconds": seconds,
         "client_metrics": client_metrics,
         "upload_bytes": upload,
+        "payload_bytes": payload,
     }
 
 

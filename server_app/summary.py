@@ -1,7 +1,9 @@
 """A run's per-round rows and its ``summary.json``, from the round log and the final replies.
 
-Per-client quantities are averaged over the clients that replied; bytes are the
-tensor payload uploaded by one client (:func:`server_app.round_log.payload_bytes`).
+Per-client quantities are averaged over the clients that replied; bytes are
+those of one client's messages as Flower serialises them
+(:func:`server_app.round_log.message_bytes`): its reply (upload) and the
+instruction it was sent (download).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
     Columns: ``round``, ``phase``, ``eval-accuracy`` (mean over clients of the
     model evaluated after the round on each client's first ``eval-max-examples``
     test rows; None in rounds without evaluation; the last row: every test row), ``train-loss``
-    (mean over clients), ``upload-bytes`` (mean per client this round),
-    ``cumulative-upload-bytes``, ``replies``, ``accepted``, ``rejected``,
+    (mean over clients), ``upload-bytes`` and ``download-bytes`` (mean per
+    client this round), ``cumulative-upload-bytes``, ``replies``, ``accepted``, ``rejected``,
     ``failed``, ``missing``, ``seconds``, ``accepted_nodes``. The last row's round counts the
     final local fine-tuning as ``ceil(finetune_steps / local_steps)`` rounds, so
     every mode's x-axis measures the same number of local steps.
@@ -35,6 +37,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
     for e in entries:
         metrics = list(e.get("client_metrics", {}).values())
         upload = _mean(list(e.get("upload_bytes", {}).values())) or 0.0
+        download = _mean(list(e.get("download_bytes", {}).values())) or 0.0
         cumulative += upload
         rows.append(
             {
@@ -43,6 +46,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
                 "eval-accuracy": _mean([m["eval-accuracy"] for m in metrics if "eval-accuracy" in m]),
                 "train-loss": _mean([m["train-loss"] for m in metrics if "train-loss" in m]),
                 "upload-bytes": upload,
+                "download-bytes": download,
                 "cumulative-upload-bytes": cumulative,
                 "replies": e["replies"],
                 "accepted": len(e["accepted_nodes"]),
@@ -62,6 +66,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
             "eval-accuracy": _mean([c["accuracy"] for c in final]),
             "train-loss": None,
             "upload-bytes": 0.0,
+            "download-bytes": 0.0,
             "cumulative-upload-bytes": cumulative,
             "replies": len(final),
             "accepted": len(final),
@@ -166,9 +171,12 @@ def build_summary(
     ``clients`` (:func:`final_clients`), ``mean_accuracy``, ``std_accuracy``
     (population std over clients: the spread), ``mean_precision``,
     ``trainable_params_per_client`` and ``model_params`` (means over clients),
-    ``upload_bytes_per_round`` (mean over rounds of the per-client upload),
+    ``upload_bytes_per_round`` and ``download_bytes_per_round`` (means over
+    rounds of one client's serialised reply and instruction, bytes),
     ``upload_bytes_total`` (per client, over the run), ``model_bytes`` (float32
-    bytes of ``model_params``), ``participation`` (:func:`participation`),
+    bytes of ``model_params``: the target model's in the growth modes),
+    ``upload_over_model_bytes`` and ``download_over_model_bytes`` (the per-round
+    bytes over ``model_bytes``), ``participation`` (:func:`participation`),
     ``rounds_log``, ``wall_time_s`` (seconds), ``compute_s`` (:func:`compute_seconds`),
     ``compute_cores`` (:func:`compute_cores`), ``compute_floor_s``
     (of this ServerApp's rounds only: ``resumed_after`` is the checkpoint's round
@@ -178,6 +186,7 @@ def build_summary(
     """
     accs = [c["accuracy"] for c in clients]
     uploads = [r["upload-bytes"] for r in rows if r["phase"] != "finetune-evaluate"]
+    downloads = [r["download-bytes"] for r in rows if r["phase"] != "finetune-evaluate"]
     model_params = _mean([c["model_params"] for c in clients]) or 0
     compute = compute_seconds(entries, clients, after_round=resumed_after)
     cores = compute_cores()
@@ -198,8 +207,11 @@ def build_summary(
         "trainable_params_per_client": _mean([c["trainable_params"] for c in clients]),
         "model_params": model_params,
         "upload_bytes_per_round": _mean(uploads) or 0.0,
+        "download_bytes_per_round": _mean(downloads) or 0.0,
         "upload_bytes_total": sum(uploads),
         "model_bytes": 4 * model_params,
+        "upload_over_model_bytes": (_mean(uploads) or 0.0) / (4 * model_params) if model_params else None,
+        "download_over_model_bytes": (_mean(downloads) or 0.0) / (4 * model_params) if model_params else None,
         "participation": participation(entries),
         "rounds_log": entries,
         "wall_time_s": wall,

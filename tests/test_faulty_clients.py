@@ -104,6 +104,9 @@ class _Received:
     def has_error(self):
         return False
 
+    def has_content(self):
+        return True
+
 
 def _content_message(arrays, n):
     record = ArrayRecord({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in arrays.items()})

@@ -6,6 +6,7 @@ stops it afterwards, even on failure.
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from experiments.flower_launcher import stop_local_superlink
 from fedgrow_core.accounting import tensor_bytes
 from fedgrow_core.ligo import LiGO
 from fedgrow_core.run_config import parse_shape
+from fedgrow_core.update_encoding import encoded_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -96,6 +98,9 @@ def flwr_run(tmp_path_factory):
         "output-dir": str(tmp / "out"),
         "cache-dir": str(tmp / "cache"),
         "audit-dir": str(tmp / "audit"),
+        # the smallest message: low-rank Global-LiGO, updates sent as int8 with error feedback
+        "global-rank": 4,
+        "update-encoding": "int8",
     }
     proc, log = _flwr_run(tmp, overrides)
     assert proc.returncode == 0, log[-4000:]
@@ -113,7 +118,8 @@ def test_run_folder_holds_metrics_plot_and_global_ligo(flwr_run):
     assert all(0 <= r["eval-accuracy"] <= 1 for r in rows)
     assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("round,phase,eval-accuracy,train-loss")
     assert (run_dir / "metrics.png").stat().st_size > 1000
-    expected = LiGO(parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"]), seed=0).state_dict()
+    inter, target = parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])
+    expected = LiGO(inter, target, seed=0, rank=cfg["global-rank"]).state_dict()
     final = load_file(str(run_dir / "global_ligo.safetensors"))
     assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in expected.items()}
     assert any(not torch.equal(final[k], expected[k]) for k in expected)  # training moved it
@@ -134,7 +140,17 @@ def test_summary_reports_every_client(flwr_run):
     accs = [c["accuracy"] for c in summary["clients"]]
     assert summary["mean_accuracy"] == pytest.approx(sum(accs) / 3)
     inter, target = parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])
-    assert summary["upload_bytes_per_round"] == tensor_bytes(LiGO(inter, target).state_dict())
+    sent = LiGO(inter, target, rank=cfg["global-rank"]).state_dict()
+    spec = encoded_spec({k: (tuple(v.shape), "float32") for k, v in sent.items()}, "int8")
+    int8_bytes = sum(math.prod(shape) * (1 if dtype == "int8" else 4) for shape, dtype in spec.values())
+    for entry in summary["rounds_log"]:  # every reply carried exactly the int8 update and its scales
+        assert set(entry["payload_bytes"].values()) == {int8_bytes}
+    # serialised messages: the payload plus names, .npy headers and metrics, a few kB at most
+    assert int8_bytes < summary["upload_bytes_per_round"] < int8_bytes + 20_000
+    assert tensor_bytes(sent) < summary["download_bytes_per_round"] < tensor_bytes(sent) + 20_000
+    ratio = summary["upload_bytes_per_round"] / summary["model_bytes"]
+    assert summary["upload_over_model_bytes"] == pytest.approx(ratio)
+    assert int8_bytes < tensor_bytes(sent)  # int8 of the update and its scales, not float32 values
     assert summary["wall_time_s"] > 0
 
 
@@ -160,8 +176,10 @@ def test_privacy_audit_only_the_global_ligo_leaves_a_client(flwr_run):
     files = sorted(Path(cfg["audit-dir"]).glob("egress-*.jsonl"))
     assert len(files) == 3  # one per SuperNode
     records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
-    glob = LiGO(parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])).state_dict()
-    expected = {k: (list(v.shape), "float32") for k, v in glob.items()}
+    glob = LiGO(parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"]), rank=cfg["global-rank"])
+    spec = encoded_spec({k: (tuple(v.shape), "float32") for k, v in glob.state_dict().items()}, "int8")
+    expected = {k: (list(shape), dtype) for k, (shape, dtype) in spec.items()}  # the int8 update and its scales
+    update_bytes = sum(math.prod(shape) * (1 if dtype == "int8" else 4) for shape, dtype in spec.values())
     train = [r for r in records if r["message_type"] == "train"]
     final = [r for r in records if r["message_type"] == "evaluate"]
     preflight = [r for r in records if r["message_type"] == "query"]
@@ -179,10 +197,10 @@ def test_privacy_audit_only_the_global_ligo_leaves_a_client(flwr_run):
         assert r["phase"] == "grow"
         assert {name: (shape, dtype) for _, name, shape, dtype, _ in r["arrays"]} == expected
         assert len(r["arrays"]) == len(expected)  # no name twice, no second record
-        assert r["tensor_bytes"] == tensor_bytes(glob)
+        assert r["tensor_bytes"] == update_bytes
     assert all(r["arrays"] == [] and r["tensor_bytes"] == 0 for r in final + preflight)
     total = sum(r["content_bytes"] for r in records)
-    payload = tensor_bytes(glob) * len(train)
+    payload = update_bytes * len(train)
     bound = METADATA_BYTES_PER_TENSOR * len(expected) * len(train) + METADATA_BYTES_PER_MESSAGE * len(records)
     assert payload <= total <= payload + bound, (total, payload, bound)
 

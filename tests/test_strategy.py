@@ -86,6 +86,9 @@ class _Reply:
     def has_error(self):
         return False
 
+    def has_content(self):
+        return True
+
 
 @pytest.mark.parametrize("name", ["fedavg", "fedadam"])
 def test_bad_replies_never_reach_aggregation(name, caplog):

@@ -1,0 +1,181 @@
+"""Compressed transport of a client's Global-LiGO update, with error feedback.
+
+A client that trained the Global-LiGO replies with its *update*
+``delta = new - received`` instead of the values, in one of
+:data:`ENCODINGS`:
+
+* ``"float32"``: no encoding; the reply holds the new values themselves;
+* ``"float16"``: ``delta`` cast to float16 (half the bytes);
+* ``"int8"``: ``delta`` rounded to int8 with one float32 scale per row of the
+  last axis, ``scale = max |row| / 127`` (about a quarter of the bytes).
+
+The values are never sent in a 16-bit format: entries near 1 (one-hot
+selections, depth coefficients) would lose every update smaller than the
+format's step there (float16: 2^-10 at 1.0). Updates are small and centred on
+zero, where the formats are fine.
+
+What the encoding rounds away is kept by the client (``residual``) and added to
+its next update: error feedback (Seide et al., "1-Bit Stochastic Gradient
+Descent", Interspeech 2014; Karimireddy et al., "Error Feedback Fixes SignSGD",
+ICML 2019, Alg. 2), so no part of an update is lost, only delayed. The residual
+is private client state, never sent.
+
+The server decodes with :func:`decode_update` against what it sent; every
+tensor's name, shape and dtype is fixed by :func:`encoded_spec`, and a reply
+that decodes to non-finite values is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ENCODINGS = ("float32", "float16", "int8")
+#: Suffix of an int8 tensor's per-row scales.
+SCALE_SUFFIX = ".scale"
+_INT8_MAX = 127
+
+
+def encoded_spec(
+    spec: Mapping[str, tuple[tuple[int, ...], str]], encoding: str
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtypes of a reply in ``encoding``, given those of the float32 values sent.
+
+    Parameters
+    ----------
+    spec : mapping of str to (shape, dtype)
+        The tensors the server sent (float32).
+    encoding : str
+        One of :data:`ENCODINGS`.
+
+    Returns
+    -------
+    dict
+        ``float32``: ``spec``; ``float16``: the same shapes in float16;
+        ``int8``: each tensor in int8 plus ``<name>.scale``, float32, of shape
+        ``shape[:-1]`` (one scale per row of the last axis).
+
+    Raises
+    ------
+    ValueError
+        For an unknown encoding, or a 0-d tensor in ``int8`` (it has no rows).
+    """
+    if encoding == "float32":
+        return dict(spec)
+    if encoding == "float16":
+        return {name: (shape, "float16") for name, (shape, _) in spec.items()}
+    if encoding != "int8":
+        raise ValueError(f"unknown update encoding {encoding!r}; expected one of {list(ENCODINGS)}")
+    out = {}
+    for name, (shape, _) in spec.items():
+        if not shape:
+            raise ValueError(f"tensor {name!r} is 0-d: int8 encoding needs at least one axis")
+        out[name] = (shape, "int8")
+        out[name + SCALE_SUFFIX] = (shape[:-1], "float32")
+    return out
+
+
+def _quantise(delta: Tensor, encoding: str) -> tuple[dict[str, np.ndarray], Tensor]:
+    """``({suffix: array}, dequantised delta)`` of one tensor."""
+    if encoding == "float16":
+        q = delta.to(torch.float16)
+        return {"": q.numpy()}, q.float()
+    scale = delta.abs().amax(dim=-1) / _INT8_MAX if delta.shape[-1] else torch.zeros(delta.shape[:-1])
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    q = torch.round(delta / safe).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return {"": q.numpy(), SCALE_SUFFIX: scale.numpy()}, q.float() * scale.unsqueeze(-1)
+
+
+def encode_update(
+    new: Mapping[str, Tensor],
+    received: Mapping[str, Tensor],
+    residual: Mapping[str, Tensor],
+    encoding: str,
+) -> tuple[dict[str, np.ndarray], dict[str, Tensor]]:
+    """Encode a client's update with error feedback.
+
+    Parameters
+    ----------
+    new, received : mapping of str to Tensor
+        The client's trained tensors and what the server sent (float32, same
+        names and shapes).
+    residual : mapping of str to Tensor
+        What earlier encodings rounded away (empty at first; missing names count
+        as zero).
+    encoding : str
+        One of :data:`ENCODINGS`.
+
+    Returns
+    -------
+    tuple of (dict, dict)
+        The reply's arrays (named as :func:`encoded_spec`; for ``float32`` the
+        new values) and the new residual ``delta + residual - decoded``
+        (empty for ``float32``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown encoding, or names or shapes of ``new`` and ``received`` that differ.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown update encoding {encoding!r}; expected one of {list(ENCODINGS)}")
+    if set(new) != set(received):
+        raise ValueError(f"updated tensors {sorted(set(new) ^ set(received))[:5]} were not received, or not returned")
+    if encoding == "float32":
+        return {k: v.detach().cpu().float().numpy() for k, v in new.items()}, {}
+    arrays, left = {}, {}
+    for name, value in new.items():
+        base = received[name].detach().cpu().float()
+        if value.shape != base.shape:
+            raise ValueError(f"tensor {name!r} is {tuple(value.shape)}, but {tuple(base.shape)} was received")
+        delta = value.detach().cpu().float() - base
+        if name in residual:
+            delta = delta + residual[name].cpu().float()
+        parts, decoded = _quantise(delta, encoding)
+        arrays.update({name + suffix: array for suffix, array in parts.items()})
+        left[name] = delta - decoded
+    return arrays, left
+
+
+def decode_update(
+    arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], encoding: str
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """The float32 values a reply stands for: ``sent + decoded delta``.
+
+    Parameters
+    ----------
+    arrays : mapping of str to ndarray
+        The reply's tensors, already checked against :func:`encoded_spec` of
+        ``sent`` (names, shapes, dtypes, finite).
+    sent : mapping of str to ndarray
+        What the server sent this round (float32).
+    encoding : str
+        One of :data:`ENCODINGS`.
+
+    Returns
+    -------
+    tuple of (dict or None, str or None)
+        ``({name: float32 ndarray}, None)``, or ``(None, reason)`` when a scale
+        is negative or the decoded values are not finite (e.g. an int8 scale
+        near float32's maximum).
+    """
+    if encoding == "float32":
+        return {k: np.asarray(arrays[k], dtype=np.float32) for k in sent}, None
+    values = {}
+    for name, base in sent.items():
+        q = np.asarray(arrays[name], dtype=np.float32)
+        if encoding == "int8":
+            scale = np.asarray(arrays[name + SCALE_SUFFIX], dtype=np.float32)
+            if (scale < 0).any():
+                return None, f"tensor {name!r}: negative int8 scale ({float(scale.min()):.3g})"
+            with np.errstate(over="ignore", invalid="ignore"):
+                q = q * scale[..., None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = (np.asarray(base, dtype=np.float32) + q).astype(np.float32)
+        if not np.isfinite(value).all():
+            return None, f"tensor {name!r} decodes to NaN or Inf ({encoding} update on the values sent)"
+        values[name] = value
+    return values, None

@@ -1,0 +1,218 @@
+"""Smaller Global-LiGO messages: low-rank and tied width matrices, encoded updates with error feedback, their checks."""
+
+import logging
+import re
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from simulated_federation import train_metrics
+from test_strategy import _Reply
+
+from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
+from fedgrow_core.accounting import count_parameters
+from fedgrow_core.run_config import ConfigError, RunConfig
+from fedgrow_core.update_encoding import SCALE_SUFFIX, decode_update, encode_update, encoded_spec
+from server_app.reply_checks import array_spec
+from server_app.strategy import build_strategy
+from tests.conftest import make_bert
+
+INTER, TARGET = TransformerShape(2, 32, 64, 4), TransformerShape(3, 48, 96, 6)
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "depth.attn_q_weight": torch.eye(3, 2) + 0.1 * torch.rand(3, 2, generator=g),
+        "width.q": torch.randn(3, 16, 32, generator=g),
+        "width.ffn": torch.zeros(3, 0, 64),  # a space that does not grow
+    }
+
+
+@pytest.mark.parametrize(("encoding", "tolerance"), [("float16", 2e-3), ("int8", 2e-2)])
+def test_encode_decode_round_trip_and_the_residual_is_what_was_rounded_away(encoding, tolerance):
+    received = _tensors(0)
+    new = {k: v + 0.05 * torch.randn(v.shape) for k, v in received.items()}
+    arrays, residual = encode_update(new, received, {}, encoding)
+    spec = {k: (tuple(v.shape), "float32") for k, v in received.items()}
+    assert {k: (a.shape, str(a.dtype)) for k, a in arrays.items()} == encoded_spec(spec, encoding)
+    values, problem = decode_update(arrays, {k: v.numpy() for k, v in received.items()}, encoding)
+    assert problem is None
+    assert values["width.ffn"].shape == (3, 0, 64)
+    for k in ("depth.attn_q_weight", "width.q"):
+        err = np.abs(values[k] - new[k].numpy())
+        assert err.max() <= tolerance * max(1e-12, (new[k] - received[k]).abs().max().item()) + 1e-7
+        # decoded + residual is the whole update, to float rounding: nothing is lost, only delayed
+        np.testing.assert_allclose(values[k] + residual[k].numpy(), new[k].numpy(), atol=1e-6)
+
+
+def test_float32_sends_the_values_themselves():
+    received, new = _tensors(0), _tensors(1)
+    arrays, residual = encode_update(new, received, {}, "float32")
+    assert residual == {} and all(np.array_equal(arrays[k], new[k].numpy()) for k in new)
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8"])
+def test_error_feedback_keeps_the_sum_of_decoded_updates_on_the_true_sum(encoding):
+    """Over 50 rounds of small updates, what the server applied differs from the truth by the last residual only."""
+    g = torch.Generator().manual_seed(3)
+    value = {"w": torch.ones(4, 64)}  # entries near 1: a float16 *value* would lose updates of 1e-4
+    server = {"w": value["w"].numpy().copy()}
+    residual = {}
+    for _ in range(50):
+        value = {"w": value["w"] + 1e-4 * torch.randn(4, 64, generator=g)}
+        arrays, residual = encode_update(value, {"w": torch.from_numpy(server["w"])}, residual, encoding)
+        server, problem = decode_update(arrays, server, encoding)
+        assert problem is None
+    gap = np.abs(server["w"] - value["w"].numpy()).max()
+    np.testing.assert_allclose(server["w"] + residual["w"].numpy(), value["w"].numpy(), atol=1e-5)
+    assert gap < 2e-5  # one encoding's rounding of a 1e-4-sized update, not 50 of them
+    # without feedback, float16 *values* would not move at all at 1.0 (step 2^-10 ~ 1e-3)
+    assert np.array_equal(torch.ones(1).add(1e-4).half().float().numpy(), np.ones(1, np.float32))
+
+
+def test_int8_rows_are_scaled_independently_and_zero_rows_stay_zero():
+    received = {"w": torch.zeros(3, 4)}
+    new = {"w": torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [1e-3, 0.0, -1e-3, 2e-3]])}
+    arrays, _ = encode_update(new, received, {}, "int8")
+    np.testing.assert_allclose(arrays["w" + SCALE_SUFFIX], [2.0 / 127, 0.0, 2e-3 / 127], rtol=1e-6)
+    assert arrays["w"][0, 1] == -127 and (arrays["w"][1] == 0).all() and arrays["w"][2, 3] == 127
+
+
+SENT = {"width.q": np.zeros((2, 3), np.float32), "depth.x": np.ones((4, 2), np.float32)}
+
+
+def _encoded_reply(node, encoding, **replace):
+    new = {k: torch.from_numpy(v + 0.01 * (node + 1)) for k, v in SENT.items()}
+    arrays, _ = encode_update(new, {k: torch.from_numpy(v) for k, v in SENT.items()}, {}, encoding)
+    arrays.update(replace)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord(train_metrics(10)),
+        }
+    )
+    return _Reply(node, content)
+
+
+def _strategy(encoding):
+    strategy = build_strategy("fedavg", 3, 1.0)
+    strategy.update_encoding, strategy.clip_median = encoding, 2.0
+    strategy.record_round(1, ArrayRecord({k: Array(v) for k, v in SENT.items()}), [1, 2, 3])
+    return strategy
+
+
+@pytest.mark.parametrize(
+    ("encoding", "replace", "reason"),
+    [
+        ("int8", {"width.q": np.zeros((2, 3), np.float32)}, "'width.q' has dtype float32, expected int8"),
+        ("int8", {"width.q" + SCALE_SUFFIX: np.ones(3, np.float32)}, "'width.q.scale' has shape \\(3,\\)"),
+        ("int8", {"width.q" + SCALE_SUFFIX: np.full(2, -1.0, np.float32)}, "negative int8 scale"),
+        ("int8", {"width.q" + SCALE_SUFFIX: np.full(2, 3e38, np.float32)}, "decodes to NaN or Inf"),
+        ("int8", {"width.q" + SCALE_SUFFIX: np.full(2, np.nan, np.float32)}, "'width.q.scale' holds NaN or Inf"),
+        ("float16", {"width.q": np.full((2, 3), np.inf, np.float16)}, "'width.q' holds NaN or Inf"),
+        ("float16", {"width.q": np.full((2, 3), 6e4, np.float16), "depth.x": np.full((4, 2), 6e4, np.float16)}, None),
+        ("int8", {"extra": np.zeros(1, np.int8)}, "unexpected tensors"),
+    ],
+)
+def test_malformed_encoded_updates_are_rejected_and_never_aggregated(encoding, replace, reason, caplog):
+    strategy = _strategy(encoding)
+    replies = [_encoded_reply(1, encoding), _encoded_reply(2, encoding, **replace)]
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    entry = strategy.round_log[-1]
+    if reason is None:  # large but finite: accepted as far as encoding goes, then bounded by the median clip
+        assert entry["accepted_nodes"] == [1, 2] and entry["clipped"][0]["node_id"] == 2
+        return
+    assert [r["node_id"] for r in entry["rejected"]] == [2] and entry["accepted_nodes"] == [1]
+    assert re.search(reason, entry["rejected"][0]["reason"]), entry["rejected"][0]["reason"]
+    for k, v in arrays.items():  # the good reply alone, decoded onto what was sent
+        np.testing.assert_allclose(v.numpy(), SENT[k] + 0.02, atol=1e-4)
+
+
+def test_the_server_aggregates_decoded_values_as_fedavg_of_the_clients_values():
+    strategy = _strategy("int8")
+    arrays, _ = strategy.aggregate_train(1, [_encoded_reply(n, "int8") for n in (1, 2, 3)])
+    for k, v in arrays.items():  # clients sent +0.02, +0.03, +0.04 on every entry
+        np.testing.assert_allclose(v.numpy(), SENT[k] + 0.03, atol=1e-4)
+        assert v.numpy().dtype == np.float32
+    assert all(b > 0 for b in strategy.round_log[-1]["upload_bytes"].values())
+
+
+def test_low_rank_global_ligo_starts_as_the_full_one_and_sends_only_u():
+    full, low = LiGO(INTER, TARGET, seed=5), LiGO(INTER, TARGET, seed=5, rank=4)
+    for space, exp in full.expansions().items():
+        torch.testing.assert_close(low.expansions()[space].e, exp.e, rtol=0, atol=0)
+    assert {k: tuple(v.shape) for k, v in low.state_dict().items() if k.startswith("width.")} == {
+        "width.res": (16, 4),
+        **{f"width.{s}": (3, 16, 4) for s in "qkv"},
+        "width.ffn": (3, 32, 4),
+    }
+    for name, value in full.state_dict().items():  # the depth coefficients are untouched
+        if name.startswith("depth."):
+            torch.testing.assert_close(low.state_dict()[name], value)
+
+
+def test_fedavg_of_u_is_exactly_fedavg_of_e():
+    """E = S + U V^T with S, V shared: the E of averaged U's is the average of the clients' E's."""
+    clients = [LiGO(INTER, TARGET, seed=5, rank=4) for _ in range(3)]
+    weights = torch.tensor([10.0, 30.0, 60.0]) / 100
+    for i, op in enumerate(clients):
+        with torch.no_grad():
+            for p in op.width.values():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    averaged = LiGO(INTER, TARGET, seed=5, rank=4)
+    state = {
+        k: sum(w * op.state_dict()[k] for w, op in zip(weights, clients, strict=True)) for k in averaged.state_dict()
+    }
+    averaged.load_state_dict(state)
+    for space in averaged.width:
+        want = sum(w * op.width_matrix(space) for w, op in zip(weights, clients, strict=True))
+        torch.testing.assert_close(averaged.width_matrix(space), want, rtol=1e-5, atol=1e-6)
+
+
+def test_low_rank_and_tied_global_ligo_train_through_the_grown_model():
+    small = make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=2)
+    fam = get_family("bert")
+    local = LiGO(fam.shape(small), INTER, tie_layers=True)
+    glob = LiGO(INTER, TARGET, tie_layers=True, rank=4, seed=1)
+    model = GrownModel(fam, small, DualLiGO(local, glob), 2)
+    ids = torch.randint(1, 100, (2, 8))
+    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logsumexp(-1).sum()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in glob.width.values() if p.numel())
+    full = LiGO(INTER, TARGET, seed=1)
+    assert count_parameters(glob) < count_parameters(full) / 5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        ({"update-encoding": "bfloat16"}, "update-encoding = 'bfloat16': expected one of"),
+        ({"update-encoding": "int8", "mode": "scratch-fedavg"}, "encoded updates are sent in mode 'fedgrow' only"),
+        ({"global-rank": 4, "mode": "independent-ligo"}, "which mode 'independent-ligo' does not have"),
+        ({"global-tie-layers": True, "mode": "small-only"}, "which mode 'small-only' does not have"),
+        ({"global-rank": -1}, "global-rank = -1: expected an integer in \\[0, 384\\]"),
+        ({"global-rank": 385}, "global-rank = 385"),
+        ({"update-encoding": "int8", "dp-clipping": "fixed"}, "central DP calibrates its noise"),
+    ],
+)
+def test_transport_options_that_do_not_fit_fail_in_config_validation(overrides, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        RunConfig.from_flower(overrides)
+
+
+def test_transport_options_that_fit_are_accepted():
+    run = RunConfig.from_flower({"global-rank": 16, "global-tie-layers": True, "update-encoding": "int8"})
+    assert (run.global_rank, run.global_tie_layers, run.update_encoding) == (16, True, "int8")
+
+
+def test_reply_spec_of_an_int8_update():
+    spec = array_spec(ArrayRecord({k: Array(v) for k, v in SENT.items()}))
+    assert encoded_spec(spec, "int8") == {
+        "width.q": ((2, 3), "int8"),
+        "width.q.scale": ((2,), "float32"),
+        "depth.x": ((4, 2), "int8"),
+        "depth.x.scale": ((4,), "float32"),
+    }
