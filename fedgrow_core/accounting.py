@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
@@ -9,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .grown_model import GrownModel
-
-TRANSPORT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .update_encoding import ENCODINGS, encoded_spec
 
 
 def count_parameters(params: nn.Module | Mapping[str, Tensor] | Iterable[Tensor]) -> int:
@@ -36,6 +36,13 @@ def tensor_bytes(tensors: Mapping[str, Tensor] | nn.Module, dtype: torch.dtype |
     )
 
 
+def encoded_bytes(tensors: Mapping[str, Tensor], encoding: str) -> int:
+    """Tensor bytes of ``tensors`` sent in an ``update-encoding`` (``encoded_spec``'s names and dtypes)."""
+    spec = encoded_spec({k: (tuple(v.shape), "float32") for k, v in tensors.items()}, encoding)
+    itemsize = {"float32": 4, "float16": 2, "int8": 1}
+    return sum(math.prod(shape) * itemsize[dtype] for shape, dtype in spec.values())
+
+
 @dataclass(frozen=True)
 class GrowthAccounting:
     """Sizes of one client's Fed-Grow set-up.
@@ -48,8 +55,9 @@ class GrowthAccounting:
     trainable_params : int
         Their sum: what the client optimises during growth.
     global_bytes : dict
-        Bytes of the Global-LiGO tensors per transport dtype
-        (``"float32"``, ``"bfloat16"``, ``"float16"``): the upload per round.
+        Tensor bytes of one client's upload per round, per ``update-encoding``
+        (:data:`~fedgrow_core.update_encoding.ENCODINGS`: ``"float32"`` values,
+        ``"float16"`` update, ``"int8"`` update and per-row float32 scales).
     target_params : int
         Parameters of the materialised target model (head included).
     target_model_bytes : int
@@ -88,7 +96,7 @@ def growth_accounting(model: GrownModel) -> GrowthAccounting:
         global_params=global_params,
         head_params=head_params,
         trainable_params=local_params + global_params + head_params,
-        global_bytes={str(d).removeprefix("torch."): tensor_bytes(global_op, d) for d in TRANSPORT_DTYPES},
+        global_bytes={enc: encoded_bytes(global_op.state_dict(), enc) for enc in ENCODINGS},
         target_params=target_params,
         target_model_bytes=target_params * 4,
     )

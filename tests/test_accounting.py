@@ -21,10 +21,11 @@ def test_accounting_matches_counts_from_the_operator_shapes():
     assert acc.global_params == ligo_params(m, t, False)
     assert acc.head_params == t.hidden * 3 + 3
     assert acc.trainable_params == acc.local_params + acc.global_params + acc.head_params
+    rows = 16 * t.layers + (t.hidden - m.hidden) + 3 * t.layers * (t.hidden - m.hidden) + t.layers * (t.ffn - m.ffn)
     assert acc.global_bytes == {
         "float32": 4 * acc.global_params,
-        "bfloat16": 2 * acc.global_params,
         "float16": 2 * acc.global_params,
+        "int8": acc.global_params + 4 * rows,  # one float32 scale per row of every tensor
     }
     # target: BERT encoder of shape t with the small model's vocabulary (100),
     # positions (32), token types (2), plus pooler and classifier
