@@ -156,7 +156,8 @@ class LiGO(nn.Module):
         :func:`~fedgrow_core.shapes.validate_growth` before any allocation).
     tie_layers : bool
         Share the ``q``, ``k``, ``v`` and ``ffn`` width matrices across target
-        layers (Local-LiGO; saves ``(L2 - 1)/L2`` of those parameters).
+        layers (always for the Local-LiGO; for the Global-LiGO with the run
+        config's ``global-tie-layers``); saves ``(L2 - 1)/L2`` of those parameters.
     depth_init : {"stackbert", "interlace", "identity"}
         Depth initialisation (:func:`depth_init_matrix`); ``identity`` makes new
         layers start with zero residual-branch outputs.

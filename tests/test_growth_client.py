@@ -1,11 +1,15 @@
 """The client's private side: only the Global-LiGO travels, the rest persists between rounds."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_bert_folder
 
 from fedgrow_core.growth_client import GrowthClient, global_ligo
 from fedgrow_core.run_config import RunConfig
+from fedgrow_core.update_encoding import decode_update
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,27 @@ def test_reply_is_exactly_the_global_ligo_and_state_persists(run):
     other.load_private_state(private)
     for key, value in client.private_state().items():
         assert torch.equal(other.private_state()[key], value), key
+
+
+def test_an_int8_update_keeps_its_residual_in_the_private_state(run):
+    """The reply is the int8 update of a low-rank Global-LiGO; what it rounds away persists with the private state."""
+    run = dataclasses.replace(run, update_encoding="int8", global_rank=4)
+    sent = global_ligo(run).state_dict()
+    client = GrowthClient(run, 0, 3)
+    new, _ = client.train_round({k: v.clone() for k, v in sent.items()})
+    reply = client.encoded_update(sent, new)
+    assert {str(v.dtype) for k, v in reply.items() if not k.endswith(".scale")} == {"torch.int8"}
+    values, problem = decode_update(
+        {k: v.numpy() for k, v in reply.items()}, {k: v.numpy() for k, v in sent.items()}, "int8"
+    )
+    assert problem is None
+    private = client.private_state()
+    for k in sent:  # decoded + residual is the client's new Global-LiGO
+        np.testing.assert_allclose(values[k] + private[f"update-residual.{k}"].numpy(), new[k].numpy(), atol=1e-6)
+    other = GrowthClient(run, 0, 3)
+    other.load_private_state(private)
+    assert other.update_residual.keys() == client.update_residual.keys()
+    assert all(torch.equal(other.update_residual[k], v) for k, v in client.update_residual.items())
 
 
 def test_fedprox_term_pulls_towards_the_received_global(run):
