@@ -22,6 +22,7 @@ METRICS = {
     "trainable_params_per_client": "trainable_params",
     "upload_bytes_per_round": "upload_bytes_per_round",
     "upload_bytes_total": "upload_bytes_total",
+    "payload_bytes_total": "payload_bytes_total",
     "wall_time_s": "wall_time_s",
 }
 
@@ -143,7 +144,7 @@ def paper_comparison(table: pd.DataFrame) -> pd.DataFrame:
             continue
         ours = ours.iloc[0]
         for _, base in group[group["mode"] != "fedgrow"].iterrows():
-            upload = base["upload_bytes_total_mean"]
+            upload = base["payload_bytes_total_mean"]  # tensor data: 0 for modes that share nothing
             rows.append(
                 {
                     "task": task,
@@ -153,7 +154,7 @@ def paper_comparison(table: pd.DataFrame) -> pd.DataFrame:
                     "precision_gain": ours["precision_mean"] - base["precision_mean"],
                     "spread_change": ours["spread_mean"] - base["spread_mean"],
                     "fewer_trainable": 1 - ours["trainable_params_mean"] / base["trainable_params_mean"],
-                    "less_communication": (1 - ours["upload_bytes_total_mean"] / upload) if upload else float("nan"),
+                    "less_communication": (1 - ours["payload_bytes_total_mean"] / upload) if upload else float("nan"),
                 }
             )
     return pd.DataFrame(rows)

@@ -195,7 +195,10 @@ class GrowthClient:
 
         Shapes: ``depth.<kind>`` ``(L_t, L_m)``; ``width.res`` ``(D_t - D_m, D_m)``;
         ``width.q/k/v`` ``(L_t, D_t - D_m, D_m)``; ``width.ffn`` ``(L_t, F_t - F_m, F_m)``
-        (``m``: intermediate, ``t``: target shape). These are the only tensors sent.
+        (``m``: intermediate, ``t``: target shape). With ``global-tie-layers``
+        the leading ``L_t`` of the per-layer spaces is dropped; with
+        ``global-rank = r`` the last axis is ``r`` (the factor ``U``). These are
+        the only tensors sent (as such, or encoded: :meth:`encoded_update`).
         Empty for the independent-LiGO baseline.
         """
         if self.independent:

@@ -406,12 +406,14 @@ class RunConfig:
         if self.update_encoding != "float32" and self.mode != "fedgrow":
             p.append(
                 f"update-encoding = {self.update_encoding!r}: encoded updates are sent in mode 'fedgrow' only, not "
-                f"{self.mode!r} (other modes share whole models or nothing)"
+                f"{self.mode!r} (the encoding covers Global-LiGO rounds; 'fedgrow-fedft' and 'scratch-fedavg' also "
+                "average whole target models, and the local baselines send nothing)"
             )
         if self.update_encoding != "float32" and self.dp_clipping != "off":
             p.append(
-                f"update-encoding = {self.update_encoding!r} with dp-clipping = {self.dp_clipping!r}: central DP "
-                "calibrates its noise to the clipped float32 updates; use update-encoding = 'float32'"
+                f"update-encoding = {self.update_encoding!r} with dp-clipping = {self.dp_clipping!r}: the two are "
+                "not combined (Flower's DP wrappers and the encoded path were not validated together); use "
+                "update-encoding = 'float32' with central DP"
             )
 
 

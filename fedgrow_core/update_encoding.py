@@ -6,8 +6,11 @@ A client that trained the Global-LiGO replies with its *update*
 
 * ``"float32"``: no encoding; the reply holds the new values themselves;
 * ``"float16"``: ``delta`` cast to float16 (half the bytes);
-* ``"int8"``: ``delta`` rounded to int8 with one float32 scale per row of the
-  last axis, ``scale = max |row| / 127`` (about a quarter of the bytes).
+* ``"int8"``: ``delta`` rounded to int8 in ``[-127, 127]`` with one float32
+  scale per row of the last axis, ``scale = max |row| / 127``:
+  ``1 + 4 / n`` bytes per entry for rows of ``n`` entries (0.26 of float32 for
+  rows of 384, 0.31 for rank-16 factors, 0.5 for rank 4: no better than
+  float16 there).
 
 The values are never sent in a 16-bit format: entries near 1 (one-hot
 selections, depth coefficients) would lose every update smaller than the
@@ -17,12 +20,17 @@ zero, where the formats are fine.
 What the encoding rounds away is kept by the client (``residual``) and added to
 its next update: error feedback (Seide et al., "1-Bit Stochastic Gradient
 Descent", Interspeech 2014; Karimireddy et al., "Error Feedback Fixes SignSGD",
-ICML 2019, Alg. 2), so no part of an update is lost, only delayed. The residual
-is private client state, never sent.
+ICML 2019, Alg. 2), so the rounding error is delayed rather than dropped. A
+float16 update beyond float16's range (65504) is clipped and the excess kept in
+the residual the same way. The residual
+is private client state, never sent. What the last round's encoding rounds
+away, and updates the server rejects, clips or never receives, are not
+recovered.
 
 The server decodes with :func:`decode_update` against what it sent; every
-tensor's name, shape and dtype is fixed by :func:`encoded_spec`, and a reply
-that decodes to non-finite values is refused.
+tensor's name, shape and dtype is fixed by :func:`encoded_spec`; an int8 entry
+of -128 (never encoded), a negative scale, or values that decode to
+non-finite numbers are refused.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ ENCODINGS = ("float32", "float16", "int8")
 #: Suffix of an int8 tensor's per-row scales.
 SCALE_SUFFIX = ".scale"
 _INT8_MAX = 127
+_FLOAT16_MAX = 65504.0
 
 
 def encoded_spec(
@@ -61,7 +70,8 @@ def encoded_spec(
     Raises
     ------
     ValueError
-        For an unknown encoding, or a 0-d tensor in ``int8`` (it has no rows).
+        For an unknown encoding, a 0-d tensor in ``int8`` (it has no rows), or
+        a tensor named like another's scales.
     """
     if encoding == "float32":
         return dict(spec)
@@ -71,6 +81,8 @@ def encoded_spec(
         raise ValueError(f"unknown update encoding {encoding!r}; expected one of {list(ENCODINGS)}")
     out = {}
     for name, (shape, _) in spec.items():
+        if name + SCALE_SUFFIX in spec:
+            raise ValueError(f"tensor {name + SCALE_SUFFIX!r} would collide with the int8 scales of {name!r}")
         if not shape:
             raise ValueError(f"tensor {name!r} is 0-d: int8 encoding needs at least one axis")
         out[name] = (shape, "int8")
@@ -81,7 +93,7 @@ def encoded_spec(
 def _quantise(delta: Tensor, encoding: str) -> tuple[dict[str, np.ndarray], Tensor]:
     """``({suffix: array}, dequantised delta)`` of one tensor."""
     if encoding == "float16":
-        q = delta.to(torch.float16)
+        q = delta.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16)
         return {"": q.numpy()}, q.float()
     scale = delta.abs().amax(dim=-1) / _INT8_MAX if delta.shape[-1] else torch.zeros(delta.shape[:-1])
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
@@ -118,7 +130,9 @@ def encode_update(
     Raises
     ------
     ValueError
-        For an unknown encoding, or names or shapes of ``new`` and ``received`` that differ.
+        For an unknown encoding, names or shapes of ``new`` and ``received``
+        that differ, or an update that is not finite (the residual is then left
+        as it was: one broken round does not poison the next).
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown update encoding {encoding!r}; expected one of {list(ENCODINGS)}")
@@ -134,6 +148,8 @@ def encode_update(
         delta = value.detach().cpu().float() - base
         if name in residual:
             delta = delta + residual[name].cpu().float()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"the update of tensor {name!r} is not finite; nothing encoded")
         parts, decoded = _quantise(delta, encoding)
         arrays.update({name + suffix: array for suffix, array in parts.items()})
         left[name] = delta - decoded
@@ -158,9 +174,10 @@ def decode_update(
     Returns
     -------
     tuple of (dict or None, str or None)
-        ``({name: float32 ndarray}, None)``, or ``(None, reason)`` when a scale
-        is negative or the decoded values are not finite (e.g. an int8 scale
-        near float32's maximum).
+        ``({name: float32 ndarray}, None)``, or ``(None, reason)`` when an int8
+        entry is -128, a scale is negative, or the decoded values are not
+        finite (e.g. an int8 scale near float32's maximum). Large but finite
+        updates pass; the server's update-norm clipping bounds them.
     """
     if encoding == "float32":
         return {k: np.asarray(arrays[k], dtype=np.float32) for k in sent}, None
@@ -168,6 +185,8 @@ def decode_update(
     for name, base in sent.items():
         q = np.asarray(arrays[name], dtype=np.float32)
         if encoding == "int8":
+            if (np.asarray(arrays[name]) == -_INT8_MAX - 1).any():
+                return None, f"tensor {name!r}: int8 value -128, outside the encoding's [-127, 127]"
             scale = np.asarray(arrays[name + SCALE_SUFFIX], dtype=np.float32)
             if (scale < 0).any():
                 return None, f"tensor {name!r}: negative int8 scale ({float(scale.min()):.3g})"

@@ -109,20 +109,29 @@ class ReplyChecks:
                 self.min_train_nodes,
                 self.node_wait,
             )
-            self._sent_nodes = []
+            self._sent_nodes, self._sent_bytes = [], {}
             return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent_nodes = [m.metadata.dst_node_id for m in messages]
-        self._sent_bytes = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
+        sizes: dict[int, int] = {}  # one serialisation per distinct content (Flower shares one for all nodes)
+        for m in messages:
+            if id(m.content) not in sizes:
+                sizes[id(m.content)] = message_bytes(m)
+        self._sent_bytes = {m.metadata.dst_node_id: sizes[id(m.content)] for m in messages}
         return messages
 
-    def record_round(self, server_round: int, sent_arrays: ArrayRecord, sent_nodes: list[int]) -> None:
-        """Set what ``configure_train`` records, for a round this strategy did not configure (collection)."""
+    def record_round(
+        self, server_round: int, sent_arrays: ArrayRecord, sent_nodes: list[int], sent_bytes: int = 0
+    ) -> None:
+        """Set what ``configure_train`` records, for a round this strategy did not configure (collection).
+
+        ``sent_bytes``: the serialised size of the instruction each node was sent.
+        """
         self.expected_spec = self.expected_spec or array_spec(sent_arrays)
         self._sent_arrays = {k: v.numpy() for k, v in sent_arrays.items()}
         self._round_start = time.perf_counter()
         self._sent_nodes = list(sent_nodes)
-        self._sent_bytes = {}
+        self._sent_bytes = dict.fromkeys(self._sent_nodes, sent_bytes)
         self._offline_nodes = []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

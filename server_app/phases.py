@@ -259,7 +259,8 @@ def collect_average(
     reference = _median_arrays(replies, spec)
     if reference is None:
         raise RuntimeError("collect: every reply was rejected (no finite weights)")
-    strategy.record_round(round_number, reference, sent)
+    instruction = RecordDict({"arrays": arrays, "config": ConfigRecord({"phase": "collect"})})
+    strategy.record_round(round_number, reference, sent, content_bytes(instruction))
     averaged, _ = strategy.aggregate_train(round_number, replies)
     if averaged is None:
         raise RuntimeError("collect: every reply was rejected")

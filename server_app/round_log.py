@@ -43,12 +43,13 @@ def payload_bytes(message: Message) -> int:
 
 
 def message_bytes(message: Message) -> int:
-    """Bytes of a message's content serialised as Flower serialises it (``flwr.common.serde.recorddict_to_proto``).
+    """Bytes of a message's content serialised with Flower's own ``flwr.common.serde.recorddict_to_proto``.
 
     Everything its records carry: record and tensor names, each array's
-    ``.npy`` bytes with their header, metrics and configs. Flower's routing
-    metadata (ids, timestamps, message type: about a hundred bytes) is not
-    counted; 0 for a message without content.
+    ``.npy`` bytes with their header, metrics and configs; 0 for a message
+    without content. What goes over the wire is this within about a kilobyte:
+    Flower's routing metadata and its transport framing (arrays travel in
+    chunks of up to 5 MiB) are not counted.
     """
     return content_bytes(message.content) if message.has_content() else 0
 

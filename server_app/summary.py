@@ -170,11 +170,14 @@ def build_summary(
     (rounds run, collection included), ``intermediate_shape``, ``target_shape``,
     ``clients`` (:func:`final_clients`), ``mean_accuracy``, ``std_accuracy``
     (population std over clients: the spread), ``mean_precision``,
-    ``trainable_params_per_client`` and ``model_params`` (means over clients),
+    ``trainable_params_per_client`` (mean over clients), ``model_params``
+    (median over clients),
     ``upload_bytes_per_round`` and ``download_bytes_per_round`` (means over
     rounds of one client's serialised reply and instruction, bytes),
-    ``upload_bytes_total`` (per client, over the run), ``model_bytes`` (float32
-    bytes of ``model_params``: the target model's in the growth modes),
+    ``upload_bytes_total`` (per client, over the run), ``payload_bytes_total``
+    (its tensor data only: 0 in modes that share nothing), ``model_bytes``
+    (float32 bytes of ``model_params``, the median over clients of the final
+    model's parameters: the target model's in the growth modes),
     ``upload_over_model_bytes`` and ``download_over_model_bytes`` (the per-round
     bytes over ``model_bytes``), ``participation`` (:func:`participation`),
     ``rounds_log``, ``wall_time_s`` (seconds), ``compute_s`` (:func:`compute_seconds`),
@@ -185,9 +188,12 @@ def build_summary(
     perfectly onto every core) and ``wall_over_floor`` (``wall_time_s / compute_floor_s``).
     """
     accs = [c["accuracy"] for c in clients]
-    uploads = [r["upload-bytes"] for r in rows if r["phase"] != "finetune-evaluate"]
-    downloads = [r["download-bytes"] for r in rows if r["phase"] != "finetune-evaluate"]
-    model_params = _mean([c["model_params"] for c in clients]) or 0
+    # rounds in which replies were accepted: a round whose every reply was lost or rejected counts no zero
+    uploads = [r["upload-bytes"] for r in rows if r["phase"] != "finetune-evaluate" and r["accepted"]]
+    downloads = [r["download-bytes"] for r in rows if r["phase"] != "finetune-evaluate" and r["accepted"]]
+    payloads = [_mean(list(e.get("payload_bytes", {}).values())) or 0.0 for e in entries]
+    # the median, not the mean: one client's report cannot move the byte ratios
+    model_params = statistics.median_low([c["model_params"] for c in clients]) if clients else 0
     compute = compute_seconds(entries, clients, after_round=resumed_after)
     cores = compute_cores()
     floor = compute / cores
@@ -208,7 +214,8 @@ def build_summary(
         "model_params": model_params,
         "upload_bytes_per_round": _mean(uploads) or 0.0,
         "download_bytes_per_round": _mean(downloads) or 0.0,
-        "upload_bytes_total": sum(uploads),
+        "upload_bytes_total": sum(r["upload-bytes"] for r in rows),
+        "payload_bytes_total": sum(payloads),
         "model_bytes": 4 * model_params,
         "upload_over_model_bytes": (_mean(uploads) or 0.0) / (4 * model_params) if model_params else None,
         "download_over_model_bytes": (_mean(downloads) or 0.0) / (4 * model_params) if model_params else None,

@@ -26,6 +26,7 @@ def _summary(mode, seed, alpha, acc, upload):
             "seconds": 1.0,
             "client_metrics": {"1": {"eval-accuracy": 0.4, "train-loss": 1.0}, "2": {"eval-accuracy": 0.6}},
             "upload_bytes": {"1": upload, "2": upload},
+            "payload_bytes": {"1": upload, "2": upload},
         }
         for r in (1, 2)
     ]

@@ -114,6 +114,7 @@ def _strategy(encoding):
         ("float16", {"width.q": np.full((2, 3), np.inf, np.float16)}, "'width.q' holds NaN or Inf"),
         ("float16", {"width.q": np.full((2, 3), 6e4, np.float16), "depth.x": np.full((4, 2), 6e4, np.float16)}, None),
         ("int8", {"extra": np.zeros(1, np.int8)}, "unexpected tensors"),
+        ("int8", {"width.q": np.full((2, 3), -128, np.int8)}, "int8 value -128"),
     ],
 )
 def test_malformed_encoded_updates_are_rejected_and_never_aggregated(encoding, replace, reason, caplog):
@@ -155,21 +156,59 @@ def test_low_rank_global_ligo_starts_as_the_full_one_and_sends_only_u():
 
 
 def test_fedavg_of_u_is_exactly_fedavg_of_e():
-    """E = S + U V^T with S, V shared: the E of averaged U's is the average of the clients' E's."""
+    """E = S + U V^T with S, V shared: the strategy's FedAvg of the clients' U gives the average of their E's."""
     clients = [LiGO(INTER, TARGET, seed=5, rank=4) for _ in range(3)]
-    weights = torch.tensor([10.0, 30.0, 60.0]) / 100
+    rows = [10, 30, 60]
     for i, op in enumerate(clients):
         with torch.no_grad():
             for p in op.width.values():
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
     averaged = LiGO(INTER, TARGET, seed=5, rank=4)
-    state = {
-        k: sum(w * op.state_dict()[k] for w, op in zip(weights, clients, strict=True)) for k in averaged.state_dict()
-    }
-    averaged.load_state_dict(state)
+    sent = {k: v.numpy() for k, v in averaged.state_dict().items()}
+    strategy = build_strategy("fedavg", 3, 1.0)
+    strategy.clip_median = 0.0  # no clipping: the plain example-weighted average
+    strategy.record_round(1, ArrayRecord({k: Array(v) for k, v in sent.items()}), [1, 2, 3])
+    replies = [
+        _Reply(
+            i + 1,
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in op.state_dict().items()}),
+                    "metrics": MetricRecord(train_metrics(n)),
+                }
+            ),
+        )
+        for i, (op, n) in enumerate(zip(clients, rows, strict=True))
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    averaged.load_state_dict({k: torch.from_numpy(a.numpy()) for k, a in arrays.items()})
     for space in averaged.width:
-        want = sum(w * op.width_matrix(space) for w, op in zip(weights, clients, strict=True))
+        want = sum(n / 100 * op.width_matrix(space) for n, op in zip(rows, clients, strict=True))
         torch.testing.assert_close(averaged.width_matrix(space), want, rtol=1e-5, atol=1e-6)
+    # the averaged U is not any client's: the test would fail if only one reply were used
+    assert all(not torch.equal(averaged.width["q"], op.width["q"]) for op in clients)
+
+
+def test_a_float16_update_beyond_its_range_is_clipped_and_the_excess_kept():
+    received, new = {"w": torch.zeros(2, 2)}, {"w": torch.tensor([[1e5, -1e5], [1.0, 0.0]])}
+    arrays, residual = encode_update(new, received, {}, "float16")
+    assert np.isfinite(arrays["w"]).all() and arrays["w"][0, 0] == np.float16(65504)
+    torch.testing.assert_close(residual["w"][0], torch.tensor([1e5 - 65504, -(1e5 - 65504)]))
+    arrays, residual = encode_update(new, new, residual, "float16")  # the next round sends the excess
+    assert arrays["w"][0, 0] == np.float16(1e5 - 65504)
+
+
+def test_a_non_finite_update_is_refused_and_leaves_the_residual_as_it_was():
+    received = {"w": torch.zeros(2, 2)}
+    _, residual = encode_update({"w": torch.full((2, 2), 0.3)}, received, {}, "int8")
+    with pytest.raises(ValueError, match="update of tensor 'w' is not finite"):
+        encode_update({"w": torch.tensor([[float("nan"), 0.0], [0.0, 0.0]])}, received, residual, "int8")
+    assert torch.isfinite(residual["w"]).all()
+
+
+def test_a_tensor_named_like_another_s_scales_is_refused():
+    with pytest.raises(ValueError, match="would collide"):
+        encoded_spec({"w": ((2, 2), "float32"), "w.scale": ((2,), "float32")}, "int8")
 
 
 def test_low_rank_and_tied_global_ligo_train_through_the_grown_model():
@@ -195,7 +234,7 @@ def test_low_rank_and_tied_global_ligo_train_through_the_grown_model():
         ({"global-tie-layers": True, "mode": "small-only"}, "which mode 'small-only' does not have"),
         ({"global-rank": -1}, "global-rank = -1: expected an integer in \\[0, 384\\]"),
         ({"global-rank": 385}, "global-rank = 385"),
-        ({"update-encoding": "int8", "dp-clipping": "fixed"}, "central DP calibrates its noise"),
+        ({"update-encoding": "int8", "dp-clipping": "fixed"}, "use update-encoding = 'float32' with central DP"),
     ],
 )
 def test_transport_options_that_do_not_fit_fail_in_config_validation(overrides, phrase):
