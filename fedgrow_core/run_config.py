@@ -174,10 +174,13 @@ class RunConfig:
         ``U`` is exactly FedAvg of ``E`` (:class:`fedgrow_core.ligo.LiGO`).
         At most the intermediate hidden width.
     update_encoding : {"float32", "float16", "int8"}
-        How a client sends its Global-LiGO each round (mode ``fedgrow``):
-        ``float32`` the values; ``float16`` / ``int8`` (per-row scales) the
-        update ``new - received``, with error feedback kept in the client's
-        private state (:mod:`fedgrow_core.update_encoding`).
+        How a client sends its Global-LiGO in each growth round (modes
+        ``fedgrow`` and ``fedgrow-fedft``; other modes send no Global-LiGO and
+        whole target models always travel as float32 values): ``float32`` the
+        values; ``float16`` / ``int8`` (default; per-row scales) the update
+        ``new - received``, with error feedback kept in the client's private
+        state (:mod:`fedgrow_core.update_encoding`). The server decodes before
+        its checks, clipping and any central DP, which see float32 updates.
     audit_dir : str
         If set, every client appends one JSON line per message it sends to
         ``<audit-dir>/egress-<node id>.jsonl`` (:mod:`client_app.egress_audit`).
@@ -251,7 +254,7 @@ class RunConfig:
     dp_clipping_norm: float = 1.0
     global_tie_layers: bool = False
     global_rank: int = 0
-    update_encoding: str = "float32"
+    update_encoding: str = "int8"
     audit_dir: str = ""
     resume_from: str = ""
     seed: int = 0
@@ -402,18 +405,6 @@ class RunConfig:
             p.append(
                 f"global-tie-layers = {self.global_tie_layers}, global-rank = {self.global_rank}: these shape the "
                 f"Global-LiGO, which mode {self.mode!r} does not have (modes {list(shares_global)})"
-            )
-        if self.update_encoding != "float32" and self.mode != "fedgrow":
-            p.append(
-                f"update-encoding = {self.update_encoding!r}: encoded updates are sent in mode 'fedgrow' only, not "
-                f"{self.mode!r} (the encoding covers Global-LiGO rounds; 'fedgrow-fedft' and 'scratch-fedavg' also "
-                "average whole target models, and the local baselines send nothing)"
-            )
-        if self.update_encoding != "float32" and self.dp_clipping != "off":
-            p.append(
-                f"update-encoding = {self.update_encoding!r} with dp-clipping = {self.dp_clipping!r}: the two are "
-                "not combined (Flower's DP wrappers and the encoded path were not validated together); use "
-                "update-encoding = 'float32' with central DP"
             )
 
 

@@ -133,6 +133,8 @@ def shared_rounds(
     """
     num_nodes = len(list(grid.get_node_ids()))
     strategy = strategy_for_run(run, num_nodes, example_caps)
+    # Global-LiGO rounds carry encoded updates; whole target models travel as float32 values
+    strategy.update_encoding = run.update_encoding if phase == "grow" else "float32"
     done, before = 0, []
     if resume is not None:
         done, arrays, before = resume.server_round, resume.global_ligo, resume.entries

@@ -142,7 +142,7 @@ def strategy_for_run(run: RunConfig, num_nodes: int, example_caps: dict[int, int
     clipped, and a round in which a sampled reply is unusable is skipped.
     ``example_caps`` (node id -> preflight training rows) caps each reply's
     weight; the update-norm bounds are ``clip-update-norm`` and
-    ``clip-update-median``; replies are decoded per ``update-encoding``.
+    ``clip-update-median``.
 
     Raises
     ------
@@ -179,7 +179,6 @@ def strategy_for_run(run: RunConfig, num_nodes: int, example_caps: dict[int, int
     strategy.clip_median = run.clip_update_median
     strategy.cap_weight_median = run.cap_weight_median
     strategy.node_wait = run.round_timeout
-    strategy.update_encoding = run.update_encoding
     return strategy
 
 

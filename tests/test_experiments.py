@@ -14,6 +14,8 @@ from conftest import reviews_csv, tiny_bert_folder
 from test_flower_app import _local_superlink_running
 
 from experiments import runner
+from fedgrow_core.accounting import encoded_bytes
+from fedgrow_core.ligo import LiGO
 from fedgrow_core.run_config import MODES, parse_shape
 
 VOCAB, POSITIONS, LABELS = 30522, 64, 2
@@ -88,14 +90,22 @@ def test_bytes_match_the_operator_and_model_shapes(results):
     inter, target = parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])
     ligo_bytes, model_bytes = 4 * ligo_params(inter, target, tied=False), 4 * bert_params(target)
     # tensor payload of every reply, per phase, from the shapes
-    expected = {"grow": ligo_bytes, "collect": model_bytes, "train-shared": model_bytes, "train-local": 0}
+    # growth rounds carry the int8 update (the default update-encoding) with one float32 scale per row
+    grow_bytes = encoded_bytes(LiGO(inter, target).state_dict(), "int8")
+    assert grow_bytes == ligo_params(inter, target, tied=False) + 4 * (
+        16 * target.layers
+        + (1 + 3 * target.layers) * (target.hidden - inter.hidden)
+        + target.layers * (target.ffn - inter.ffn)
+    )
+    expected = {"grow": grow_bytes, "collect": model_bytes, "train-shared": model_bytes, "train-local": 0}
     for mode, summary in summaries.items():
         for entry in summary["rounds_log"]:
             local = mode in ("independent-ligo", "small-only")  # nothing shared
             assert set(entry["payload_bytes"].values()) == {0 if local else expected[entry["phase"]]}, mode
     by_mode = table.set_index("mode")
     fedgrow = by_mode.loc["fedgrow", "upload_bytes_per_round_mean"]  # serialised replies: payload plus a little
-    assert ligo_bytes < fedgrow <= ligo_bytes + 21 * TENSOR_OVERHEAD + MESSAGE_OVERHEAD  # 16 depth + 5 width tensors
+    # 16 depth + 5 width tensors, each with its scales
+    assert grow_bytes < fedgrow <= grow_bytes + 42 * TENSOR_OVERHEAD + MESSAGE_OVERHEAD
     assert by_mode.loc["fedgrow", "upload_bytes_total_mean"] == pytest.approx(ROUNDS * fedgrow)
     # the server collects the seeded initial model once, then ROUNDS rounds of FedAvg
     scratch = by_mode.loc["scratch-fedavg", "upload_bytes_per_round_mean"]

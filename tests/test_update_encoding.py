@@ -229,12 +229,10 @@ def test_low_rank_and_tied_global_ligo_train_through_the_grown_model():
     ("overrides", "phrase"),
     [
         ({"update-encoding": "bfloat16"}, "update-encoding = 'bfloat16': expected one of"),
-        ({"update-encoding": "int8", "mode": "scratch-fedavg"}, "encoded updates are sent in mode 'fedgrow' only"),
         ({"global-rank": 4, "mode": "independent-ligo"}, "which mode 'independent-ligo' does not have"),
         ({"global-tie-layers": True, "mode": "small-only"}, "which mode 'small-only' does not have"),
         ({"global-rank": -1}, "global-rank = -1: expected an integer in \\[0, 384\\]"),
         ({"global-rank": 385}, "global-rank = 385"),
-        ({"update-encoding": "int8", "dp-clipping": "fixed"}, "use update-encoding = 'float32' with central DP"),
     ],
 )
 def test_transport_options_that_do_not_fit_fail_in_config_validation(overrides, phrase):
