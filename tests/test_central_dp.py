@@ -45,7 +45,13 @@ def dp_train(msg: Message, context: Context) -> Message:
 
 
 def test_fixed_clipping_clips_each_update_and_adds_the_stated_noise():
-    run = RunConfig(dp_clipping="fixed", dp_clipping_norm=CLIP, dp_noise_multiplier=NOISE, round_timeout=120.0)
+    run = RunConfig(
+        dp_clipping="fixed",
+        dp_clipping_norm=CLIP,
+        dp_noise_multiplier=NOISE,
+        round_timeout=120.0,
+        update_encoding="float32",
+    )  # the test clients reply with values
     final, entries, partitions = simulate(dp_app, run, 2, SENT, 1, sys.modules[__name__])
     honest = [0, 1]
     # independent computation: each update scaled to norm CLIP, averaged with equal weights
@@ -61,7 +67,13 @@ def test_fixed_clipping_clips_each_update_and_adds_the_stated_noise():
 
 def test_a_rejected_reply_skips_the_dp_round_instead_of_noising_fewer_clients_for_more():
     # Flower's rule (any failed reply: skip the round) also holds for replies our checks reject
-    run = RunConfig(dp_clipping="fixed", dp_clipping_norm=CLIP, dp_noise_multiplier=NOISE, round_timeout=120.0)
+    run = RunConfig(
+        dp_clipping="fixed",
+        dp_clipping_norm=CLIP,
+        dp_noise_multiplier=NOISE,
+        round_timeout=120.0,
+        update_encoding="float32",
+    )  # the test clients reply with values
     final, entries, partitions = simulate(dp_app, run, 3, SENT, 1, sys.modules[__name__])
     (entry,) = entries
     assert [partitions[r["node_id"]] for r in entry["rejected"]] == [2]

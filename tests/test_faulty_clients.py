@@ -116,7 +116,7 @@ def _content_message(arrays, n):
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_hostile_replies_are_rejected_logged_counted_and_never_aggregated(strategy, caplog):
     # clipping off: this test isolates the reply checks (the two honest updates differ 3x in norm)
-    run = RunConfig(strategy=strategy, round_timeout=120.0, clip_update_median=0.0)
+    run = RunConfig(strategy=strategy, round_timeout=120.0, clip_update_median=0.0, update_encoding="float32")
     rounds = 2
     with caplog.at_level(logging.INFO):
         final, entries, partitions = simulate(hostile_app, run, 12, SENT, rounds, sys.modules[__name__])
@@ -160,7 +160,7 @@ def flaky_train(msg: Message, context: Context) -> Message:
 
 
 def test_failing_and_slow_clients_do_not_stop_the_run_and_min_train_nodes_decides():
-    run = RunConfig(round_timeout=ROUND_TIMEOUT, min_train_nodes=2)
+    run = RunConfig(round_timeout=ROUND_TIMEOUT, min_train_nodes=2, update_encoding="float32")
     final, entries, partitions = simulate(flaky_app, run, 4, SENT, 3, sys.modules[__name__])
     node_of = {pid: node for node, pid in partitions.items()}
     took_part = [sorted(e["accepted_nodes"]) for e in entries]

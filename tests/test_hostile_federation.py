@@ -185,6 +185,8 @@ def runs(tmp_path_factory):
         "save-models": False,
         "cache-dir": str(tmp / "cache"),
         "round-timeout": 300.0,
+        # the attacks rewrite values; attacks on int8 updates: tests/test_update_encoding.py
+        "update-encoding": "float32",
     }
     _simulate({**base, "output-dir": str(tmp / "honest")}, {"final": True})
     _simulate({**base, "output-dir": str(tmp / "attacked")}, {"train": True})

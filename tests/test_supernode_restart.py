@@ -12,13 +12,14 @@ import time
 import numpy as np
 import pytest
 from conftest import tiny_bert_folder
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 import client_app.app as fedgrow_client
 from fedgrow_core.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
+from fedgrow_core.update_encoding import decode_update
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +72,16 @@ def test_a_restarted_supernode_continues_from_its_state_folder(run_config, tmp_p
     start = ArrayRecord(global_ligo(RunConfig.from_flower(run_config)).state_dict())
     state_dir = str(tmp_path / "state")
     node = _context(run_config, state_dir)
-    after_one = _train(node, start, 1).content["arrays"]
-    kept = _train(node, after_one, 2)
+    # round 1's reply is the int8 update (the default encoding): the server's aggregate is it decoded
+    sent = {k: v.numpy() for k, v in start.items()}
+    values, problem = decode_update(
+        _arrays(_train(node, start, 1)), sent, RunConfig.from_flower(run_config).update_encoding
+    )
+    assert problem is None
+    after_one = ArrayRecord({k: Array(v) for k, v in values.items()})
+    kept = _train(node, after_one, 2)  # its update includes round 1's rounding error (the residual)
 
-    fedgrow_client._CLIENTS.clear()  # a new process: nothing cached
+    fedgrow_client._CLIENTS.clear()  # a new process: nothing cached; the residual comes back from the state folder
     restarted = _train(_context(run_config, state_dir), after_one, 2)
     for name, value in _arrays(kept).items():
         np.testing.assert_array_equal(_arrays(restarted)[name], value, err_msg=name)
