@@ -19,6 +19,10 @@ from server_app.strategy import strategy_for_run
 
 SENT = {"width.res": np.zeros((200, 50), np.float32), "depth.attn_q_weight": np.zeros((100, 50), np.float32)}
 CLIP, NOISE, UPDATE_NORM = 0.5, 2.0, 300.0
+#: Fixed clipping; the test clients reply with values, so float32 transport.
+DP_RUN = RunConfig(
+    dp_clipping="fixed", dp_clipping_norm=CLIP, dp_noise_multiplier=NOISE, round_timeout=120.0, update_encoding="float32"
+)
 
 
 def _update(pid):
@@ -45,13 +49,7 @@ def dp_train(msg: Message, context: Context) -> Message:
 
 
 def test_fixed_clipping_clips_each_update_and_adds_the_stated_noise():
-    run = RunConfig(
-        dp_clipping="fixed",
-        dp_clipping_norm=CLIP,
-        dp_noise_multiplier=NOISE,
-        round_timeout=120.0,
-        update_encoding="float32",
-    )  # the test clients reply with values
+    run = DP_RUN
     final, entries, partitions = simulate(dp_app, run, 2, SENT, 1, sys.modules[__name__])
     honest = [0, 1]
     # independent computation: each update scaled to norm CLIP, averaged with equal weights
@@ -67,13 +65,7 @@ def test_fixed_clipping_clips_each_update_and_adds_the_stated_noise():
 
 def test_a_rejected_reply_skips_the_dp_round_instead_of_noising_fewer_clients_for_more():
     # Flower's rule (any failed reply: skip the round) also holds for replies our checks reject
-    run = RunConfig(
-        dp_clipping="fixed",
-        dp_clipping_norm=CLIP,
-        dp_noise_multiplier=NOISE,
-        round_timeout=120.0,
-        update_encoding="float32",
-    )  # the test clients reply with values
+    run = DP_RUN
     final, entries, partitions = simulate(dp_app, run, 3, SENT, 1, sys.modules[__name__])
     (entry,) = entries
     assert [partitions[r["node_id"]] for r in entry["rejected"]] == [2]
