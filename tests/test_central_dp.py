@@ -21,7 +21,11 @@ SENT = {"width.res": np.zeros((200, 50), np.float32), "depth.attn_q_weight": np.
 CLIP, NOISE, UPDATE_NORM = 0.5, 2.0, 300.0
 #: Fixed clipping; the test clients reply with values, so float32 transport.
 DP_RUN = RunConfig(
-    dp_clipping="fixed", dp_clipping_norm=CLIP, dp_noise_multiplier=NOISE, round_timeout=120.0, update_encoding="float32"
+    dp_clipping="fixed",
+    dp_clipping_norm=CLIP,
+    dp_noise_multiplier=NOISE,
+    round_timeout=120.0,
+    update_encoding="float32",
 )
 
 
