@@ -1,11 +1,12 @@
 """Central DP through config: Flower's server-side clipping wrappers around the checked strategy, in simulation."""
 
+import dataclasses
 import sys
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -14,6 +15,7 @@ from flwr.serverapp.strategy import (
 from simulated_federation import WARMUP, phase_of, simulate, train_metrics, warmup_reply
 
 from fedgrow_core.run_config import ConfigError, RunConfig
+from fedgrow_core.update_encoding import encode_update
 from server_app.checked_round import ReplyChecks
 from server_app.strategy import strategy_for_run
 
@@ -65,6 +67,34 @@ def test_fixed_clipping_clips_each_update_and_adds_the_stated_noise():
     # unclipped, the two updates (norm 300) would add a std of about 1.7 per value to the residual: 5x the noise
     (entry,) = entries
     assert sorted(partitions[n] for n in entry["accepted_nodes"]) == honest and entry["aggregated"]
+
+
+int8_app = ClientApp()
+
+
+@int8_app.train()
+def int8_train(msg: Message, context: Context) -> Message:
+    """An honest client that sends its update as int8 (``update-encoding = "int8"``)."""
+    if phase_of(msg) == WARMUP:
+        return warmup_reply(msg, context)
+    pid = int(context.node_config["partition-id"])
+    received = {k: torch.from_numpy(v.numpy()) for k, v in msg.content["arrays"].items()}
+    new = {k: v + torch.from_numpy(_update(pid)[k]) for k, v in received.items()}
+    arrays, _ = encode_update(new, received, {}, "int8")
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(train_metrics(10))}), reply_to=msg)
+
+
+def test_central_dp_clips_and_noises_the_decoded_int8_updates():
+    """The server decodes int8 updates before Flower's DP wrapper: clipped to CLIP, noised as with float32 values."""
+    run = dataclasses.replace(DP_RUN, update_encoding="int8")
+    final, entries, _ = simulate(int8_app, run, 2, SENT, 1, sys.modules[__name__])
+    (entry,) = entries
+    assert entry["aggregated"] and len(entry["accepted_nodes"]) == 2
+    noiseless = {k: np.mean([CLIP / UPDATE_NORM * _update(p)[k] for p in (0, 1)], axis=0) for k in SENT}
+    residual = np.concatenate([(final[k] - noiseless[k]).ravel() for k in SENT])
+    # int8 rounding of a norm-300 update moves each clipped value by at most CLIP / 300 * scale / 2: far below the noise
+    assert residual.std() == pytest.approx(NOISE * CLIP / 2, rel=0.03)
 
 
 def test_a_rejected_reply_skips_the_dp_round_instead_of_noising_fewer_clients_for_more():
