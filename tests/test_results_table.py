@@ -144,3 +144,37 @@ def _final_reply(seconds, threads):
     metrics |= {"finetune-seconds": seconds, "eval-seconds": 0.25, "compute-threads": threads}
     content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"model": "m"})})
     return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=7))
+
+
+def test_communication_table_pairs_each_variant_with_float32_on_the_same_seed(tmp_path):
+    from scipy import stats
+
+    from experiments.communication import communication_table, plot_accuracy_vs_upload
+
+    def summary(seed, acc, upload):
+        return {
+            "seed": seed,
+            "mean_accuracy": acc,
+            "mean_precision": acc - 0.2,
+            "upload_over_model_bytes": upload,
+            "download_over_model_bytes": 0.2,
+            "upload_bytes_per_round": upload * 1e8,
+        }
+
+    runs = {
+        "float32": [summary(0, 0.70, 0.2), summary(1, 0.80, 0.2), summary(2, 0.75, 0.2)],
+        "int8": [summary(2, 0.74, 0.05), summary(0, 0.71, 0.05), summary(1, 0.78, 0.05)],  # any order
+    }
+    table = communication_table(runs).set_index("variant")
+    diffs = [0.71 - 0.70, 0.78 - 0.80, 0.74 - 0.75]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / 3**0.5
+    row = table.loc["int8"]
+    assert row["paired_diff_mean"] == pytest.approx(statistics.fmean(diffs))
+    assert row["paired_diff_std"] == pytest.approx(statistics.stdev(diffs))
+    assert (row["ci95_low"], row["ci95_high"]) == pytest.approx(
+        (statistics.fmean(diffs) - half, statistics.fmean(diffs) + half)
+    )
+    assert row["upload_over_model"] == pytest.approx(0.05) and row["upload_mb"] == pytest.approx(5.0)
+    assert table.loc["float32", "paired_diff_mean"] == 0 and table.loc["int8", "seeds"] == 3
+    plot_accuracy_vs_upload(table.reset_index(), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 5000
