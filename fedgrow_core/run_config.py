@@ -179,8 +179,10 @@ class RunConfig:
         whole target models always travel as float32 values): ``float32`` the
         values; ``float16`` / ``int8`` (default; per-row scales) the update
         ``new - received``, with error feedback kept in the client's private
-        state (:mod:`fedgrow_core.update_encoding`). The server decodes before
-        its checks, clipping and any central DP, which see float32 updates.
+        state (:mod:`fedgrow_core.update_encoding`). The server checks the
+        encoded reply (names, shapes, dtypes, finite), decodes it onto what it
+        sent, refuses non-finite results, and only then clips, caps and
+        aggregates float32 values (central DP included).
     audit_dir : str
         If set, every client appends one JSON line per message it sends to
         ``<audit-dir>/egress-<node id>.jsonl`` (:mod:`client_app.egress_audit`).

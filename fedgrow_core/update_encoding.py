@@ -8,7 +8,7 @@ A client that trained the Global-LiGO replies with its *update*
 * ``"float16"``: ``delta`` cast to float16 (half the bytes);
 * ``"int8"``: ``delta`` rounded to int8 in ``[-127, 127]`` with one float32
   scale per row of the last axis, ``scale = max |row| / 127``:
-  ``1 + 4 / n`` bytes per entry for rows of ``n`` entries (0.26 of float32 for
+  ``1 + 4 / n`` bytes per entry for rows of ``n`` entries (0.253 of float32 for
   rows of 384, 0.31 for rank-16 factors, 0.5 for rank 4: no better than
   float16 there).
 

@@ -47,9 +47,8 @@ def message_bytes(message: Message) -> int:
 
     Everything its records carry: record and tensor names, each array's
     ``.npy`` bytes with their header, metrics and configs; 0 for a message
-    without content. What goes over the wire is this within about a kilobyte:
-    Flower's routing metadata and its transport framing (arrays travel in
-    chunks of up to 5 MiB) are not counted.
+    without content. Flower's routing metadata and its transport framing
+    (arrays travel in chunks of up to 5 MiB) are not counted.
     """
     return content_bytes(message.content) if message.has_content() else 0
 

@@ -265,3 +265,20 @@ def test_contract_cols_refuses_a_layer_batched_e():
     exp = _ops().global_.expansions()["q"]
     with pytest.raises(ValueError, match="one layer's E"):
         exp.contract_cols(torch.randn(4, 72))
+
+
+def test_vit_tokens_read_the_image_from_args_or_x_and_refuse_other_inputs():
+    fam = get_family("vit")
+    small = make_vit(layers=2, hidden=32, heads=2, ffn=64)
+    config = fam.target_config(small, TransformerShape(3, 48, 96, 3), 10)
+    image = torch.randn(5, 1, 8, 8)
+    assert fam.tokens((image,), {}, config) == fam.tokens((), {"x": image}, config) == 5 * (16 + 1)
+    assert fam.tokens((torch.randn(5, 17, 32),), {}, config) is None  # not an image batch: materialise
+
+
+def test_vit_state_dict_refuses_part_of_a_fused_qkv():
+    fam = get_family("vit")
+    _, layers = fam.extract(make_vit(layers=2, hidden=32, heads=2, ffn=64))
+    del layers["attn.k.weight"]
+    with pytest.raises(ValueError, match="all present or all absent"):
+        fam.to_state_dict({}, layers)

@@ -166,10 +166,18 @@ class VitFamily(ModelFamily):
 
         Kinds missing from ``layers`` (linear layers a factored forward computes
         elsewhere) are left out; ``qkv`` needs all of q, k and v or none.
+
+        Raises
+        ------
+        ValueError
+            If some but not all of ``attn.q/k/v`` of a parameter are given.
         """
         sd = dict(embed)
         for param in ("weight", "bias"):
-            if f"attn.q.{param}" in layers:
+            present = [f"attn.{k}.{param}" in layers for k in "qkv"]
+            if any(present) and not all(present):
+                raise ValueError(f"attn.q/k/v.{param} must be all present or all absent, got {present} for q, k, v")
+            if all(present):
                 qkv = torch.cat([layers[f"attn.{k}.{param}"] for k in "qkv"], dim=1)
                 # unbind, not stack[i]: one backward node instead of L zero-filled copies
                 for i, w in enumerate(qkv.unbind(0)):
