@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -39,8 +40,7 @@ def tensor_bytes(tensors: Mapping[str, Tensor] | nn.Module, dtype: torch.dtype |
 def encoded_bytes(tensors: Mapping[str, Tensor], encoding: str) -> int:
     """Tensor bytes of ``tensors`` sent in an ``update-encoding`` (``encoded_spec``'s names and dtypes)."""
     spec = encoded_spec({k: (tuple(v.shape), "float32") for k, v in tensors.items()}, encoding)
-    itemsize = {"float32": 4, "float16": 2, "int8": 1}
-    return sum(math.prod(shape) * itemsize[dtype] for shape, dtype in spec.values())
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in spec.values())
 
 
 @dataclass(frozen=True)

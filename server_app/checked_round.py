@@ -222,7 +222,8 @@ class ReplyChecks:
             return None, arrays
         if sent is None:
             return "an encoded update, but no arrays were sent this round", None
-        return tuple(reversed(decode_update(arrays, sent, self.update_encoding)))
+        values, problem = decode_update(arrays, sent, self.update_encoding)
+        return problem, values
 
     def _bound(self, ok: list[Message], values: list[dict], schema: ReplySchema) -> list[dict]:
         """Cap weights, clip update norms and keep only required metrics, in place; returns the clipped replies.

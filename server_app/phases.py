@@ -41,13 +41,18 @@ PREFLIGHT_SCHEMA = ReplySchema(PREFLIGHT_METRICS, arrays=None)
 FINAL_SCHEMA = ReplySchema(FINAL_METRICS, arrays=None, info=True)
 
 
+def instruction(arrays: ArrayRecord, phase: str, **config: int | str) -> RecordDict:
+    """The content of a message to a node: ``arrays`` and a ``config`` record with ``phase`` and ``config``."""
+    return RecordDict({"arrays": arrays, "config": ConfigRecord({"phase": phase, **config})})
+
+
 def _send(
     grid: Grid, arrays: ArrayRecord, phase: str, message_type: str, timeout: float, **config: int | str
 ) -> list[Message]:
-    """One message per node (``config`` + ``phase``); returns the replies that arrived within ``timeout`` seconds."""
+    """One message per node (:func:`instruction`); returns the replies that arrived within ``timeout`` seconds."""
     messages = [
         Message(
-            content=RecordDict({"arrays": arrays, "config": ConfigRecord({"phase": phase, **config})}),
+            content=instruction(arrays, phase, **config),
             message_type=message_type,
             dst_node_id=node_id,
         )
@@ -207,10 +212,8 @@ def local_rounds(
             else:
                 accepted.append(msg)
         entry = round_entry(r, replies, accepted, rejected, time.perf_counter() - start, sent)
-        instruction = RecordDict(
-            {"arrays": ArrayRecord(), "config": ConfigRecord({"phase": phase, "server-round": r, **tag})}
-        )
-        entry["download_bytes"] = {str(n): content_bytes(instruction) for n in sent}
+        size = content_bytes(instruction(ArrayRecord(), phase, **{"server-round": r, **tag}))
+        entry["download_bytes"] = dict.fromkeys(map(str, sent), size)
         entries.append({**entry, "phase": phase, "aggregated": False})
         log(INFO, "round %d (%s): %d replies, %.1f s", r, phase, len(replies), entry["seconds"])
     return entries
@@ -261,8 +264,7 @@ def collect_average(
     reference = _median_arrays(replies, spec)
     if reference is None:
         raise RuntimeError("collect: every reply was rejected (no finite weights)")
-    instruction = RecordDict({"arrays": arrays, "config": ConfigRecord({"phase": "collect"})})
-    strategy.record_round(round_number, reference, sent, content_bytes(instruction))
+    strategy.record_round(round_number, reference, sent, content_bytes(instruction(arrays, "collect")))
     averaged, _ = strategy.aggregate_train(round_number, replies)
     if averaged is None:
         raise RuntimeError("collect: every reply was rejected")

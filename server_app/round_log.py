@@ -54,7 +54,13 @@ def message_bytes(message: Message) -> int:
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Bytes of a message content (``RecordDict``) serialised as Flower serialises it."""
+    """Bytes of a message content (``RecordDict``) serialised as Flower serialises it.
+
+    Returns
+    -------
+    int
+        ``recorddict_to_proto(content).ByteSize()``, in bytes (see :func:`message_bytes`).
+    """
     return recorddict_to_proto(content).ByteSize()
 
 

@@ -194,6 +194,7 @@ def build_summary(
     payloads = [_mean(list(e.get("payload_bytes", {}).values())) or 0.0 for e in entries]
     # the median, not the mean: one client's report cannot move the byte ratios
     model_params = statistics.median_low([c["model_params"] for c in clients]) if clients else 0
+    upload, download, model_bytes = _mean(uploads) or 0.0, _mean(downloads) or 0.0, 4 * model_params
     compute = compute_seconds(entries, clients, after_round=resumed_after)
     cores = compute_cores()
     floor = compute / cores
@@ -212,13 +213,13 @@ def build_summary(
         "mean_precision": _mean([c["precision"] for c in clients]),
         "trainable_params_per_client": _mean([c["trainable_params"] for c in clients]),
         "model_params": model_params,
-        "upload_bytes_per_round": _mean(uploads) or 0.0,
-        "download_bytes_per_round": _mean(downloads) or 0.0,
+        "upload_bytes_per_round": upload,
+        "download_bytes_per_round": download,
         "upload_bytes_total": sum(r["upload-bytes"] for r in rows),
         "payload_bytes_total": sum(payloads),
-        "model_bytes": 4 * model_params,
-        "upload_over_model_bytes": (_mean(uploads) or 0.0) / (4 * model_params) if model_params else None,
-        "download_over_model_bytes": (_mean(downloads) or 0.0) / (4 * model_params) if model_params else None,
+        "model_bytes": model_bytes,
+        "upload_over_model_bytes": upload / model_bytes if model_bytes else None,
+        "download_over_model_bytes": download / model_bytes if model_bytes else None,
         "participation": participation(entries),
         "rounds_log": entries,
         "wall_time_s": wall,
