@@ -38,7 +38,19 @@ def tensor_bytes(tensors: Mapping[str, Tensor] | nn.Module, dtype: torch.dtype |
 
 
 def encoded_bytes(tensors: Mapping[str, Tensor], encoding: str) -> int:
-    """Tensor bytes of ``tensors`` sent in an ``update-encoding`` (``encoded_spec``'s names and dtypes)."""
+    """Tensor bytes of ``tensors`` sent in an ``update-encoding`` (``encoded_spec``'s names and dtypes).
+
+    Returns
+    -------
+    int
+        Bytes of array data (no names or headers): 4 per float32 entry, 2 per
+        float16, 1 per int8 plus 4 per row for the int8 scales.
+
+    Raises
+    ------
+    ValueError
+        From :func:`~fedgrow_core.update_encoding.encoded_spec` (unknown encoding, 0-d tensor in int8).
+    """
     spec = encoded_spec({k: (tuple(v.shape), "float32") for k, v in tensors.items()}, encoding)
     return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in spec.values())
 

@@ -235,6 +235,12 @@ class GrowthClient:
             ``new`` itself for ``"float32"``; else the encoded update
             (:func:`~fedgrow_core.update_encoding.encode_update`). The rounding
             error is kept in :attr:`update_residual`, part of :meth:`private_state`.
+
+        Raises
+        ------
+        ValueError
+            From :func:`~fedgrow_core.update_encoding.encode_update`, if the
+            update is not finite (the residual is left as it was).
         """
         if self.run.update_encoding == "float32":
             return new
