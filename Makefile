@@ -38,7 +38,7 @@ bench: setup
 	$(PY) -m benchmarks.ligo_overhead
 
 pretrain-vits: setup
-	$(PY) -m fedgrow_core.vit_pretrain --dataset mnist --specs 2x64 3x128 4x192 --steps 1500 --out outputs/vits
+	$(PY) -m fedgrow_core.zoo.vit_pretrain --dataset mnist --specs 2x64 3x128 4x192 --steps 1500 --out outputs/vits
 
 run: setup
 	mkdir -p $(FLWR_HOME_DIR) && cp flwr_home/config.toml $(FLWR_HOME_DIR)/config.toml

@@ -5,7 +5,7 @@
    ``FLWR_HOME`` and a fresh local SuperLink, exactly as ``make run``. Timed
    from the command's start to its end; the ServerApp's own wall time
    (``summary.json``'s ``wall_time_s``) and ``wall_over_floor`` are printed too.
-2. **In-process**: the same clients (:class:`~fedgrow_core.growth_client.GrowthClient`,
+2. **In-process**: the same clients (:class:`~fedgrow_core.clients.growth_client.GrowthClient`,
    one per partition) built and called directly in this process, one after the
    other: every round each trains ``local-steps`` steps from the current
    Global-LiGO (and evaluates when the run would), the replies are averaged
@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from experiments.flower_launcher import flwr_run, prepare_flwr_home, stop_local_superlink
-from fedgrow_core.growth_client import GrowthClient, global_ligo
+from fedgrow_core.clients.growth_client import GrowthClient, global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
 
 SHORT_RUN = ["num-server-rounds=2", "local-steps=5", "finetune-steps=5"]

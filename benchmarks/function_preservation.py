@@ -15,7 +15,7 @@ initialisation:
   fitted on the small model's pooled features of 512 training reviews, so that
   the comparison has a trained head).
 
-What :mod:`fedgrow_core.preservation` promises (width growth of both families at
+What :mod:`fedgrow_core.growth.preservation` promises (width growth of both families at
 these shapes, identity depth for the pre-LN ViT) is checked; the last line is
 ``max_abs_diff=<worst over the promised cases>``. Post-LN BERT with new layers is
 printed but not promised.
@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape
-from fedgrow_core.data_sources import load_data_source
-from fedgrow_core.preprocessing import make_dataloader, model_inputs
-from fedgrow_core.preservation import feature_gap, final_features
+from fedgrow_core.data.preprocessing import make_dataloader, model_inputs
+from fedgrow_core.data.sources import load_data_source
+from fedgrow_core.growth.preservation import feature_gap, final_features
 from fedgrow_core.run_config import RunConfig, parse_shape, pyproject_config
 from fedgrow_core.training import evaluate
-from fedgrow_core.vit_pretrain import VitSpec, pretrain_small_vits
-from fedgrow_core.zoo import default_cache_dir, load_small_model
+from fedgrow_core.zoo.registry import default_cache_dir, load_small_model
+from fedgrow_core.zoo.vit_pretrain import VitSpec, pretrain_small_vits
 
 #: Image preset shapes (presets/image.toml); the small ViT is its 3 x 128 client,
 #: whose width 128 -> 192 is not a multiple.

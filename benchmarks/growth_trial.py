@@ -1,6 +1,6 @@
 """One client's growth trial, for choosing the growth recipe: growth steps, then fine-tuning, test accuracy.
 
-Runs a single :class:`~fedgrow_core.growth_client.GrowthClient` in-process (no
+Runs a single :class:`~fedgrow_core.clients.growth_client.GrowthClient` in-process (no
 Flower) from the default run config plus ``key=value`` overrides. It evaluates
 the grown model before any step, trains ``local-steps`` growth steps from the
 initial Global-LiGO (one round), evaluates again, fine-tunes ``finetune-steps``
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from fedgrow_core.growth_client import GrowthClient, global_ligo
+from fedgrow_core.clients.growth_client import GrowthClient, global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
 
 

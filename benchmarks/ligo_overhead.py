@@ -15,7 +15,7 @@ The plain step trains the target model's own parameters with AdamW; the
 Dual-LiGO step trains Local-LiGO, Global-LiGO and the task head with AdamW
 through :class:`fedgrow_core.GrownModel`, which grows only the embedding rows a
 batch reads and evaluates every BERT linear layer in the cheapest order for the
-batch (:mod:`fedgrow_core.linear_chain`; timm's fused ``qkv`` computes query, key
+batch (:mod:`fedgrow_core.growth.linear_chain`; timm's fused ``qkv`` computes query, key
 and value from their own factors). Each case runs in a fresh process;
 time is the median over the timed steps (seconds), peak memory is the peak
 resident set size over the process's size after imports (CPU) or
@@ -142,8 +142,8 @@ def _shapes(case: str, args: argparse.Namespace):
 def linear_macs_ratio(case: str, args: argparse.Namespace, tokens: int) -> float:
     """Forward multiply-adds of the planned Dual-LiGO linear layers over the target's, for ``tokens`` tokens."""
     from fedgrow_core import DualLiGO, LiGO
-    from fedgrow_core.ligo import LAYER_PARAMS
-    from fedgrow_core.linear_chain import INPUT_READERS, LINEAR_KINDS, plan_linear
+    from fedgrow_core.growth.ligo import LAYER_PARAMS
+    from fedgrow_core.growth.linear_chain import INPUT_READERS, LINEAR_KINDS, plan_linear
 
     small, inter, target = _shapes(case, args)
     chains = DualLiGO(LiGO(small, inter, tie_layers=True), LiGO(inter, target)).width_chains()

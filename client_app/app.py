@@ -14,7 +14,7 @@ alike; only what the mode shares is replied. When the server names its run
 (``run-tag`` in the message config), the private state is also written after
 every round to the node's state folder (node config ``state-dir``, else
 ``<output-dir>/clients/partition-<id>/state``) under that tag
-(:class:`fedgrow_core.client_state.ClientStateStore`), and a client without it
+(:class:`fedgrow_core.clients.state_store.ClientStateStore`), and a client without it
 in memory (a resumed run, a restarted node) picks it up from there.
 
 Every round runs under its own torch seed, derived from ``seed``, the partition,
@@ -34,10 +34,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedgrow_core.client_setup import ClientSetup
-from fedgrow_core.client_state import ClientStateStore
-from fedgrow_core.growth_client import GrowthClient
-from fedgrow_core.model_client import ModelClient, target_model
+from fedgrow_core.clients.growth_client import GrowthClient
+from fedgrow_core.clients.model_client import ModelClient, target_model
+from fedgrow_core.clients.setup import ClientSetup
+from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.run_config import RunConfig
 
 from .egress_audit import egress_audit_mod

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .grown_model import GrownModel
-from .update_encoding import ENCODINGS, encoded_spec
+from fedgrow_core.growth.grown_model import GrownModel
+from fedgrow_core.update_encoding import ENCODINGS, encoded_spec
 
 
 def count_parameters(params: nn.Module | Mapping[str, Tensor] | Iterable[Tensor]) -> int:
@@ -90,7 +90,7 @@ class GrowthAccounting:
 
 
 def growth_accounting(model: GrownModel) -> GrowthAccounting:
-    """Account a :class:`~fedgrow_core.grown_model.GrownModel`.
+    """Account a :class:`~fedgrow_core.growth.grown_model.GrownModel`.
 
     The target sizes come from the target template's (meta) parameters, so no
     target-sized memory is allocated.

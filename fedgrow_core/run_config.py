@@ -15,9 +15,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .partitions import PARTITIONERS
-from .shapes import TransformerShape
-from .update_encoding import ENCODINGS
+from fedgrow_core.data.partitions import PARTITIONERS
+from fedgrow_core.growth.shapes import TransformerShape
+from fedgrow_core.update_encoding import ENCODINGS
 
 TASKS = ("text", "image")
 #: What the app runs (the comparison of README, "Results"): Fed-Grow, its baselines, and Fed-Grow
@@ -67,7 +67,7 @@ class RunConfig:
         optimiser steps on the same rows.
     task : {"text", "image"}
     dataset : str
-        A :func:`fedgrow_core.data_sources.load_data_source` source.
+        A :func:`fedgrow_core.data.sources.load_data_source` source.
     client_models : tuple of str
         One small model per partition, cycling (``client-models``, comma-separated).
     intermediate_shape, target_shape : TransformerShape
@@ -95,7 +95,7 @@ class RunConfig:
     depth_init : {"stackbert", "interlace", "identity"}
         Depth initialisation of both operators (LiGO reference code's names;
         ``identity``: new layers start with zero residual-branch outputs, exact
-        for pre-LN ViTs, see :mod:`fedgrow_core.preservation`).
+        for pre-LN ViTs, see :mod:`fedgrow_core.growth.preservation`).
     depth_noise : float
         ``U[0, depth_noise)`` added to the depth coefficients, >= 0.
     lr_depth, lr_width, lr_head : float
@@ -171,7 +171,7 @@ class RunConfig:
         0: full width matrices. ``r > 0``: each Global-LiGO width matrix is
         ``E = S + U V^T`` with ``S`` (the initial selection) and ``V`` seeded,
         frozen and never sent; only ``U`` is trained and sent, and FedAvg of
-        ``U`` is exactly FedAvg of ``E`` (:class:`fedgrow_core.ligo.LiGO`).
+        ``U`` is exactly FedAvg of ``E`` (:class:`fedgrow_core.growth.ligo.LiGO`).
         At most the intermediate hidden width.
     update_encoding : {"float32", "float16", "int8"}
         How a client sends its Global-LiGO in each growth round (modes

@@ -1,7 +1,7 @@
 """Local training steps and evaluation of a classifier (small, grown or target model).
 
 Works on any module whose forward takes the batch from
-:func:`fedgrow_core.preprocessing.make_dataloader` and returns logits ``(B, K)``
+:func:`fedgrow_core.data.preprocessing.make_dataloader` and returns logits ``(B, K)``
 or an output with ``.logits`` (``transformers``). Precision is macro-averaged
 with ``sklearn.metrics.precision_score``.
 """
@@ -18,7 +18,7 @@ from sklearn.metrics import precision_score
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .preprocessing import model_inputs
+from fedgrow_core.data.preprocessing import model_inputs
 
 
 def resolve_device(device: str = "auto") -> torch.device:

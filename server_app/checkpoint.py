@@ -339,7 +339,7 @@ def content_problems(checkpoint: Checkpoint, run: RunConfig) -> list[str]:
     shapes, float32, finite), the strategy tensors (known attribute, known
     tensor, its shape, finite) and the scalars (known, finite, in range).
     """
-    from fedgrow_core.growth_client import global_ligo  # the LiGO modules are heavy; only a resume needs them
+    from fedgrow_core.clients.growth_client import global_ligo  # the LiGO modules are heavy; only a resume needs them
 
     p = []
     if not 1 <= checkpoint.server_round <= run.num_server_rounds:

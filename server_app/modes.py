@@ -23,7 +23,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedgrow_core.growth_client import global_ligo
+from fedgrow_core.clients.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
 
 from .checkpoint import Checkpoint

@@ -87,7 +87,7 @@ def reviews_csv(path, rows, text_column="text", label_column="label"):
     """The first ``rows`` of Rotten Tomatoes' train split (shuffled, seed 0) as a CSV file; returns its path."""
     import pandas as pd
 
-    from fedgrow_core.data_sources import load_data_source
+    from fedgrow_core.data.sources import load_data_source
 
     reviews = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0).select(range(rows))
     pd.DataFrame({text_column: reviews["text"], label_column: reviews["label"]}).to_csv(path, index=False)

@@ -3,14 +3,14 @@
 Builds every expansion matrix explicitly from the operator's parameters
 (``A = P [I ; E]``, ``B = diag(w) A diag(1 / diag(A^T diag(w) A))`` with the
 split weights ``w``, LayerNorm weights ``norm_scale * A``) and grows each tensor
-with ``torch.matmul`` / ``einsum``, without touching ``fedgrow_core.expansion``.
+with ``torch.matmul`` / ``einsum``, without touching ``fedgrow_core.growth.expansion``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedgrow_core.ligo import LAYER_PARAMS
+from fedgrow_core.growth.ligo import LAYER_PARAMS
 
 
 def dense_a(e, perm):

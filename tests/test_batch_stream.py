@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fedgrow_core.batch_stream import BatchStream
-from fedgrow_core.client_state import ClientStateStore
+from fedgrow_core.clients.state_store import ClientStateStore
+from fedgrow_core.data.batch_stream import BatchStream
 
 ROWS, BATCH, SEED = 10, 4, 7  # 3 batches per epoch, the last one of 2 rows
 

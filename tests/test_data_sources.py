@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from datasets import ClassLabel
 
-from fedgrow_core.data_sources import (
+from fedgrow_core.data.sources import (
     DataSourceError,
     label_names,
     load_data_source,

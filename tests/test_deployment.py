@@ -26,7 +26,7 @@ from conftest import reviews_csv, tiny_bert_folder
 from safetensors.numpy import load_file
 
 from deploy.commands import superlink_command, supernode_command
-from fedgrow_core.growth_client import global_ligo
+from fedgrow_core.clients.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedgrow_core.expansion import (
+from fedgrow_core.growth.expansion import (
     Expansion,
     balanced_choice,
     head_interleave_permutation,

@@ -15,7 +15,7 @@ from test_flower_app import _local_superlink_running
 
 from experiments import runner
 from fedgrow_core.accounting import encoded_bytes
-from fedgrow_core.ligo import LiGO
+from fedgrow_core.growth.ligo import LiGO
 from fedgrow_core.run_config import MODES, parse_shape
 
 VOCAB, POSITIONS, LABELS = 30522, 64, 2

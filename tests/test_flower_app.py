@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from client_app.egress_audit import REPLY_CONFIGS, REPLY_METRICS
 from experiments.flower_launcher import stop_local_superlink
 from fedgrow_core.accounting import tensor_bytes
-from fedgrow_core.ligo import LiGO
+from fedgrow_core.growth.ligo import LiGO
 from fedgrow_core.run_config import parse_shape
 from fedgrow_core.update_encoding import encoded_spec
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_bert_folder
 
-from fedgrow_core.growth_client import GrowthClient, global_ligo
+from fedgrow_core.clients.growth_client import GrowthClient, global_ligo
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.update_encoding import decode_update
 
@@ -150,7 +150,7 @@ def test_a_head_missing_from_the_checkpoint_is_drawn_from_the_client_seed_only(r
     from conftest import make_bert
     from transformers import AutoTokenizer
 
-    from fedgrow_core.client_setup import ClientSetup
+    from fedgrow_core.clients.setup import ClientSetup
 
     folder = tmp_path / "encoder-only"
     make_bert(2, 32, 2, 64, vocab_size=30522, max_positions=64).bert.save_pretrained(folder)  # no classifier saved

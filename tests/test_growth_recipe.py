@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fedgrow_core import GrownModel, LiGO, TransformerShape, get_family
-from fedgrow_core.growth_client import growth_param_groups, growth_schedule, seek_schedule
+from fedgrow_core.clients.growth_client import growth_param_groups, growth_schedule, seek_schedule
 from fedgrow_core.run_config import RunConfig
 from tests.conftest import make_bert
 

@@ -34,7 +34,7 @@ from safetensors.numpy import load_file
 from simulated_federation import simulate_fedgrow_server, with_run_config
 
 import client_app.app as fedgrow_client
-from fedgrow_core.growth_client import global_ligo
+from fedgrow_core.clients.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
 from server_app.checkpoint import read_checkpoint
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
-from fedgrow_core.ligo import LAYER_PARAMS
+from fedgrow_core.growth.ligo import LAYER_PARAMS
 from tests.conftest import make_bert, make_vit
 from tests.dense_reference import compose, grow_dense, op_matrices
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
-from fedgrow_core.expansion import Expansion
-from fedgrow_core.linear_chain import grow_linear_stack, plan_linear
+from fedgrow_core.growth.expansion import Expansion
+from fedgrow_core.growth.linear_chain import grow_linear_stack, plan_linear
 from tests.conftest import make_bert, make_vit
 
 

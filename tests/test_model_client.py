@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import tiny_bert_folder
 
-from fedgrow_core.client_setup import ClientSetup
-from fedgrow_core.growth_client import GrowthClient
-from fedgrow_core.ligo import LiGO
-from fedgrow_core.model_client import ModelClient, target_model
+from fedgrow_core.clients.growth_client import GrowthClient
+from fedgrow_core.clients.model_client import ModelClient, target_model
+from fedgrow_core.clients.setup import ClientSetup
+from fedgrow_core.growth.ligo import LiGO
 from fedgrow_core.run_config import RunConfig, parse_shape
 
 

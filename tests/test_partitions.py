@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from fedgrow_core.data_sources import load_data_source
-from fedgrow_core.partitions import federate, label_histogram, make_partitioner, print_label_histogram
+from fedgrow_core.data.partitions import federate, label_histogram, make_partitioner, print_label_histogram
+from fedgrow_core.data.sources import load_data_source
 
 
 @pytest.fixture(scope="module")

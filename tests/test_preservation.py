@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
-from fedgrow_core.expansion import Expansion, residual_selection
-from fedgrow_core.ligo import RESIDUAL_OUTPUT_KINDS
-from fedgrow_core.preservation import depth_gaps, feature_gap, final_features, width_gaps
+from fedgrow_core.growth.expansion import Expansion, residual_selection
+from fedgrow_core.growth.ligo import RESIDUAL_OUTPUT_KINDS
+from fedgrow_core.growth.preservation import depth_gaps, feature_gap, final_features, width_gaps
 from tests.conftest import make_bert, make_vit
 
 
@@ -82,14 +82,14 @@ def test_post_ln_bert_at_an_indivisible_width_is_not_exact_and_says_so(token_bat
     target = TransformerShape(2, 48, 96, 6)
     assert width_gaps(s, target, "post") and "hidden 32 -> 48" in width_gaps(s, target, "post")[0]
     assert width_gaps(s, target, "pre") == []
-    with caplog.at_level(logging.WARNING, logger="fedgrow_core.grown_model"):
+    with caplog.at_level(logging.WARNING, logger="fedgrow_core.growth.grown_model"):
         feat, _ = _gaps("bert", small, LiGO(s, target, depth_noise=0.0), token_batch)
     assert "hidden 32 -> 48" in caplog.text
     assert feat > 1e-3
     # the warning gives the bound it measured on its probe batch
     import re
 
-    from fedgrow_core.preservation import probe_gap
+    from fedgrow_core.growth.preservation import probe_gap
 
     (stated,) = (float(m) for m in re.findall(r"measured: max \|diff\| (\S+) of the final", caplog.text))
     grown = GrownModel(get_family("bert"), small, LiGO(s, target, depth_noise=0.0), 3)
@@ -167,11 +167,11 @@ def test_forward_makes_no_device_to_host_permutation_check(monkeypatch, token_ba
 
 def test_a_pretrained_vit_grows_to_the_image_presets_widths_within_1e4(tmp_path):
     """A ViT pre-trained here (as an image client's) through the preset's widths: 128 -> 192 -> 384, heads of 32."""
-    from fedgrow_core.data_sources import load_data_source
-    from fedgrow_core.preprocessing import make_dataloader
+    from fedgrow_core.data.preprocessing import make_dataloader
+    from fedgrow_core.data.sources import load_data_source
     from fedgrow_core.run_config import RunConfig
-    from fedgrow_core.vit_pretrain import VitSpec, pretrain_small_vits
-    from fedgrow_core.zoo import load_small_model
+    from fedgrow_core.zoo.registry import load_small_model
+    from fedgrow_core.zoo.vit_pretrain import VitSpec, pretrain_small_vits
 
     data = load_data_source("digits")["train"].train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
     (result,) = pretrain_small_vits(

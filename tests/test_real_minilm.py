@@ -80,7 +80,7 @@ def test_width_growth_of_real_minilm_to_an_indivisible_width_warns_and_stays_wit
     small, batch = minilm
     fam = get_family("bert")
     s = fam.shape(small)
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fedgrow_core.grown_model"):
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fedgrow_core.growth.grown_model"):
         grown = GrownModel(fam, small, LiGO(s, TransformerShape(6, 512, 2048, 16), depth_noise=0.0), 2)
         diff = (_hidden(grown.eval().to_family_model(), batch)[..., :384] - _hidden(small, batch)).abs().max()
     assert "hidden 384 -> 512" in caplog.text

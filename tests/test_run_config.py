@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from fedgrow_core.growth.shapes import TransformerShape
 from fedgrow_core.run_config import ConfigError, RunConfig, parse_shape, pyproject_config
-from fedgrow_core.shapes import TransformerShape
 
 ROOT = Path(__file__).resolve().parents[1]
 

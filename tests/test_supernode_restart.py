@@ -17,7 +17,7 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 import client_app.app as fedgrow_client
-from fedgrow_core.growth_client import global_ligo
+from fedgrow_core.clients.growth_client import global_ligo
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.update_encoding import decode_update
 

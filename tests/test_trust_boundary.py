@@ -20,8 +20,8 @@ from test_strategy import SENT, SPEC, _record, _Reply
 import client_app.app as fedgrow_client
 from client_app.egress_audit import REPLY_METRICS
 from client_app.guards import check_phase, check_run_tag, sanitised_errors_mod, sanitised_reason
-from fedgrow_core.client_state import ClientStateStore
-from fedgrow_core.growth_client import global_ligo
+from fedgrow_core.clients.growth_client import global_ligo
+from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.run_config import ConfigError, RunConfig
 from server_app.bounded_influence import clip_bound, clipped, update_norm
 from server_app.central_dp import secure_gaussian

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedgrow_core.data_sources import load_data_source
-from fedgrow_core.preprocessing import make_dataloader
-from fedgrow_core.shapes import TransformerShape
+from fedgrow_core.data.preprocessing import make_dataloader
+from fedgrow_core.data.sources import load_data_source
+from fedgrow_core.growth.shapes import TransformerShape
 from fedgrow_core.training import evaluate
-from fedgrow_core.vit_pretrain import VitSpec, main, pretrain_small_vits
-from fedgrow_core.zoo import load_small_model
+from fedgrow_core.zoo.registry import load_small_model
+from fedgrow_core.zoo.vit_pretrain import VitSpec, main, pretrain_small_vits
 
 
 def test_tiny_vits_beat_chance_and_are_cached(tmp_path):

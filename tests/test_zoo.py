@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import BertModel
 
-from fedgrow_core.onnx_conversion import max_abs_difference_to_onnx
-from fedgrow_core.shapes import TransformerShape
-from fedgrow_core.zoo import MODEL_ZOO, MissingAssetError, load_small_model, minilm_l3_onnx_path, resolve_model
+from fedgrow_core.growth.shapes import TransformerShape
+from fedgrow_core.zoo.onnx_conversion import max_abs_difference_to_onnx
+from fedgrow_core.zoo.registry import MODEL_ZOO, MissingAssetError, load_small_model, minilm_l3_onnx_path, resolve_model
 
 SENTENCES = [
     "A gripping, beautifully acted film that earns every one of its tears.",

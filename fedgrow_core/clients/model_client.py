@@ -1,7 +1,7 @@
 """A client that trains an ordinary family model: the baselines and federated fine-tuning.
 
 One class serves three roles of the comparison, all on the rows and batch
-order of :class:`fedgrow_core.client_setup.ClientSetup`:
+order of :class:`fedgrow_core.clients.setup.ClientSetup`:
 
 * ``small-only``: the client's own pre-trained small model, trained alone;
 * ``scratch-fedavg``: the target-shaped model from random initialisation, all of
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .client_setup import ClientSetup
-from .private_state import load_training_state, model_tensors, training_state
-from .training import EvalResult, evaluate, train_steps
+from fedgrow_core.clients.private_state import load_training_state, model_tensors, training_state
+from fedgrow_core.clients.setup import ClientSetup
+from fedgrow_core.training import EvalResult, evaluate, train_steps
 
 
 def target_model(setup: ClientSetup, seed: int) -> tuple[nn.Module, object]:

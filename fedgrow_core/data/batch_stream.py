@@ -46,7 +46,7 @@ class BatchStream:
         ``DistributedSampler`` does).
     make_loader : callable
         ``make_loader(sampler)`` returns the ``DataLoader`` that batches the rows
-        in the sampler's order (:func:`fedgrow_core.preprocessing.make_dataloader`).
+        in the sampler's order (:func:`fedgrow_core.data.preprocessing.make_dataloader`).
 
     Attributes
     ----------

@@ -8,23 +8,23 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from ..ligo import AxisSpec
-from ..shapes import TransformerShape
+from fedgrow_core.growth.ligo import AxisSpec
+from fedgrow_core.growth.shapes import TransformerShape
 
 
 class ModelFamily(ABC):
     """Thin adapter between a model family and LiGO's canonical weights.
 
     Canonical weights are two dicts: ``embed`` (non-layer tensors named as in the
-    family's own state dict, with an :data:`~fedgrow_core.ligo.AxisSpec` each from
+    family's own state dict, with an :data:`~fedgrow_core.growth.ligo.AxisSpec` each from
     :meth:`embed_spaces`) and ``layers`` (per-layer tensors stacked ``(L, ...)``,
-    keyed by :data:`~fedgrow_core.ligo.LAYER_PARAMS`).
+    keyed by :data:`~fedgrow_core.growth.ligo.LAYER_PARAMS`).
     """
 
     name: str
     #: ``"pre"`` (LayerNorm before each sublayer, residual stream never normalised:
     #: timm ViT) or ``"post"`` (LayerNorm after each residual sum: BERT). Decides
-    #: what width and depth growth can preserve (:mod:`fedgrow_core.preservation`).
+    #: what width and depth growth can preserve (:mod:`fedgrow_core.growth.preservation`).
     norm_position: str
 
     @abstractmethod
@@ -66,11 +66,11 @@ class ModelFamily(ABC):
     def linear_module(self, kind: str, layer: int) -> str | None:
         """Name of the target classifier's ``nn.Linear`` that computes a linear layer kind.
 
-        Families that name it let :class:`~fedgrow_core.grown_model.GrownModel`
-        evaluate those layers in factored form (:mod:`fedgrow_core.linear_chain`).
+        Families that name it let :class:`~fedgrow_core.growth.grown_model.GrownModel`
+        evaluate those layers in factored form (:mod:`fedgrow_core.growth.linear_chain`).
         Kinds that share one fused module (timm's ``attn.qkv`` computes
         ``attn.q``, ``attn.k`` and ``attn.v``) return the same name; its output
-        is their outputs concatenated in :data:`~fedgrow_core.linear_chain.LINEAR_KINDS`
+        is their outputs concatenated in :data:`~fedgrow_core.growth.linear_chain.LINEAR_KINDS`
         order. The default, ``None``, materialises every grown weight.
 
         Parameters
@@ -101,7 +101,7 @@ class ModelFamily(ABC):
         Returns
         -------
         int or None
-            Tokens (batch x sequence), which :func:`~fedgrow_core.linear_chain.plan_linear`
+            Tokens (batch x sequence), which :func:`~fedgrow_core.growth.linear_chain.plan_linear`
             plans for; ``None`` (the default) materialises every grown weight.
         """
         return None
@@ -113,7 +113,7 @@ class ModelFamily(ABC):
         """Configuration of the target model: ``model``'s, with ``target``'s shape.
 
         ``norm_scale`` is the growth's LayerNorm weight factor
-        (:func:`~fedgrow_core.expansion.residual_selection`): the target's
+        (:func:`~fedgrow_core.growth.expansion.residual_selection`): the target's
         LayerNorm epsilon is the source's times ``norm_scale**2``, so that
         ``sqrt(var' + eps')`` is exactly ``norm_scale * sqrt(var + eps)``.
         """

@@ -119,7 +119,7 @@ def head_selection(
     exactly. That needs every source dimension copied at least once
     (``tgt_head_dim >= 2 src_head_dim``); otherwise the extra key rows are zero
     and the logits shrink by ``sqrt(src_head_dim / tgt_head_dim)``
-    (:func:`fedgrow_core.preservation.width_gaps` reports it).
+    (:func:`fedgrow_core.growth.preservation.width_gaps` reports it).
 
     Returns
     -------
@@ -179,7 +179,7 @@ def residual_selection(d1: int, d2: int, generator: torch.Generator) -> tuple[Te
     0, so no layer reads them and their LayerNorm output is ignored: for pre-LN
     transformers (timm ViT) width growth is exact at every width. For post-LN
     transformers (BERT) the LayerNorm output *is* the residual stream and the
-    mean rows cannot stay means; see :func:`fedgrow_core.preservation.width_gaps`.
+    mean rows cannot stay means; see :func:`fedgrow_core.growth.preservation.width_gaps`.
 
     Returns
     -------
@@ -338,7 +338,7 @@ class Expansion:
 
         The transpose of :meth:`grow_cols`. It applies the input side of a grown
         weight to activations: ``x (W B^T)^T = (x B) W^T``, so a grown linear
-        layer can run on the source weight (:mod:`fedgrow_core.linear_chain`).
+        layer can run on the source weight (:mod:`fedgrow_core.growth.linear_chain`).
 
         Parameters
         ----------

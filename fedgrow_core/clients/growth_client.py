@@ -25,13 +25,13 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from .client_setup import ClientSetup
-from .grown_model import GrownModel
-from .ligo import DualLiGO, LiGO
-from .private_state import RESIDUAL_PREFIX, load_training_state, model_tensors, training_state
-from .run_config import RunConfig
-from .training import EvalResult, evaluate, train_steps
-from .update_encoding import encode_update
+from fedgrow_core.clients.private_state import RESIDUAL_PREFIX, load_training_state, model_tensors, training_state
+from fedgrow_core.clients.setup import ClientSetup
+from fedgrow_core.growth.grown_model import GrownModel
+from fedgrow_core.growth.ligo import DualLiGO, LiGO
+from fedgrow_core.run_config import RunConfig
+from fedgrow_core.training import EvalResult, evaluate, train_steps
+from fedgrow_core.update_encoding import encode_update
 
 GLOBAL_PREFIX = "operator.global_."
 HEAD_PREFIX = "head."
@@ -42,7 +42,7 @@ def global_ligo(run: RunConfig) -> LiGO:
 
     ``global-tie-layers`` shares its q/k/v/ffn width matrices across target
     layers; ``global-rank`` makes each width matrix ``S + U V^T`` with only ``U``
-    trained and sent (:class:`~fedgrow_core.ligo.LiGO`, ``rank``).
+    trained and sent (:class:`~fedgrow_core.growth.ligo.LiGO`, ``rank``).
     """
     return LiGO(
         run.intermediate_shape,

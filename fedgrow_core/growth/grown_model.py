@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .families import ModelFamily
-from .ligo import LAYER_PARAMS, DualLiGO, LiGO, grow_tensor
-from .linear_chain import INPUT_READERS, LINEAR_KINDS, GrownLinear, grow_linear_stack
-from .preservation import probe_gap, width_gaps
+from fedgrow_core.growth.families import ModelFamily
+from fedgrow_core.growth.ligo import LAYER_PARAMS, DualLiGO, LiGO, grow_tensor
+from fedgrow_core.growth.linear_chain import INPUT_READERS, LINEAR_KINDS, GrownLinear, grow_linear_stack
+from fedgrow_core.growth.preservation import probe_gap, width_gaps
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ class GrownModel(nn.Module):
     a target-shaped module (kept on the ``meta`` device, so it holds no weights)
     with :func:`torch.func.functional_call`. For families that name their linear
     layers (:meth:`ModelFamily.linear_module`: BERT, ViT), those layers are
-    :class:`~fedgrow_core.linear_chain.GrownLinear` stand-ins that apply the
+    :class:`~fedgrow_core.growth.linear_chain.GrownLinear` stand-ins that apply the
     width factors not worth materialising for the batch to the activations
-    instead (:mod:`fedgrow_core.linear_chain`); the logits and gradients are those
+    instead (:mod:`fedgrow_core.growth.linear_chain`); the logits and gradients are those
     of the materialised weights. Gradients reach only the operator(s) and the
     task head. ``state_dict()`` holds exactly the operator and head tensors.
 
@@ -70,14 +70,14 @@ class GrownModel(nn.Module):
     -----
     The grown weights (in factored form, the partly grown ones) are computed in
     float32 with autocast disabled, and the width factors left for the
-    activations run in float32 too (:mod:`fedgrow_core.linear_chain`); only the
+    activations run in float32 too (:mod:`fedgrow_core.growth.linear_chain`); only the
     target model's forward runs under the caller's autocast (e.g. bf16 on
     CUDA). bf16 cannot represent ``1 + 1e-3``, so materialising under autocast
     would lose the small updates of depth coefficients and width matrices.
     A width growth that is not exact at initialisation
-    (:func:`~fedgrow_core.preservation.width_gaps`) is logged as a warning that
+    (:func:`~fedgrow_core.growth.preservation.width_gaps`) is logged as a warning that
     names the dimension and gives the measured max |difference| of the final
-    features on a random probe batch (:func:`~fedgrow_core.preservation.probe_gap`).
+    features on a random probe batch (:func:`~fedgrow_core.growth.preservation.probe_gap`).
 
     Raises
     ------
@@ -149,7 +149,7 @@ class GrownModel(nn.Module):
 
         Returns its slots, ``(kind, layer) -> (module, part)`` (empty when the
         family names no linear modules); kinds that share a fused module get
-        its parts in :data:`~fedgrow_core.linear_chain.LINEAR_KINDS` order.
+        its parts in :data:`~fedgrow_core.growth.linear_chain.LINEAR_KINDS` order.
         """
         if family.linear_module(LINEAR_KINDS[0], 0) is None:
             return {}
@@ -238,7 +238,7 @@ class GrownModel(nn.Module):
         """Grown tensors of the factored template, and the linear layers' factors for ``tokens`` tokens.
 
         Every weight is grown as in :meth:`grown_state_dict` except the
-        linear layers' weights, which :func:`~fedgrow_core.linear_chain.grow_linear_stack`
+        linear layers' weights, which :func:`~fedgrow_core.growth.linear_chain.grow_linear_stack`
         grows only as far as is cheapest for this batch.
         """
         weights = [f"{kind}.weight" for kind in LINEAR_KINDS]

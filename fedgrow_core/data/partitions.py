@@ -18,7 +18,7 @@ from datasets import Dataset, DatasetDict
 from flwr_datasets.metrics import compute_counts
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 
-from .data_sources import LABEL, label_names
+from fedgrow_core.data.sources import LABEL, label_names
 
 PARTITIONERS = ("iid", "dirichlet", "shards")
 
@@ -139,7 +139,7 @@ def federate(
     Parameters
     ----------
     data : DatasetDict
-        From :func:`fedgrow_core.data_sources.load_data_source`. Its ``test``
+        From :func:`fedgrow_core.data.sources.load_data_source`. Its ``test``
         split, where present, is the global test set; otherwise a stratified
         ``global_test_fraction`` of ``train`` is held out.
     num_partitions : int

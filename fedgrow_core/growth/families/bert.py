@@ -15,9 +15,9 @@ from transformers import (
     BertModel,
 )
 
-from ..ligo import LAYER_PARAMS, AxisSpec
-from ..shapes import TransformerShape
-from .base import ModelFamily
+from fedgrow_core.growth.families.base import ModelFamily
+from fedgrow_core.growth.ligo import LAYER_PARAMS, AxisSpec
+from fedgrow_core.growth.shapes import TransformerShape
 
 _RES = ("res", "out")
 _NORM = ("res", "norm")
@@ -79,7 +79,7 @@ class BertFamily(ModelFamily):
         return TransformerShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads)
 
     def extract(self, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Canonical weights; see :class:`~fedgrow_core.families.base.ModelFamily`."""
+        """Canonical weights; see :class:`~fedgrow_core.growth.families.base.ModelFamily`."""
         bert = _encoder(model)
         sd = {k: v.detach().clone() for k, v in bert.state_dict().items()}
         if "pooler.dense.weight" not in sd:

@@ -7,7 +7,7 @@ LiGO, Wang et al., ICLR 2023, Eq. 4) is a matrix chain::
 
 with ``W`` the depth-mixed source weight and ``A``/``B`` the output- and
 input-side width expansions of the Local- (``l``) and Global-LiGO (``g``)
-(:class:`~fedgrow_core.expansion.Expansion`). Materialising ``W_t`` every step
+(:class:`~fedgrow_core.growth.expansion.Expansion`). Materialising ``W_t`` every step
 costs a fixed number of multiply-adds whatever the batch; applying the factors
 to the activations instead (row vectors ``x``),
 ``y = ((x B_g) B_l) W^T A_l^T A_g^T``, costs multiply-adds per token. Matrix
@@ -44,9 +44,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .expansion import Expansion
+from fedgrow_core.growth.expansion import Expansion
 
-#: The layer kinds of :data:`~fedgrow_core.ligo.LAYER_PARAMS` that are linear layers
+#: The layer kinds of :data:`~fedgrow_core.growth.ligo.LAYER_PARAMS` that are linear layers
 #: (a ``.weight`` of axes ``(out, in)`` and a ``.bias``).
 LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out")
 #: Layers that read one input through one input-side chain (query, key and value
@@ -295,7 +295,7 @@ def grow_linear_stack(
 class GrownLinear(nn.Module):
     """Stand-in for an ``nn.Linear`` of the target template, fed with :class:`LinearFactors`.
 
-    It holds no parameters: :class:`~fedgrow_core.grown_model.GrownModel` sets
+    It holds no parameters: :class:`~fedgrow_core.growth.grown_model.GrownModel` sets
     :attr:`factors` before each forward of the template and clears it after,
     so a template with these modules serves one forward at a time (not
     re-entrant, not shared across threads). A fused module (timm's ``qkv``)

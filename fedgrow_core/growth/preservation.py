@@ -1,11 +1,11 @@
 """What a LiGO operator keeps of the small model's function at initialisation, and measuring it.
 
 Width growth (LEMON, Wang et al., "Lossless model expansion", ICLR 2024, Sec. 4.1)
-is exact at initialisation, with the operator of :mod:`fedgrow_core.ligo`, for:
+is exact at initialisation, with the operator of :mod:`fedgrow_core.growth.ligo`, for:
 
 * **pre-LN models** (timm ViT) at every width the config accepts: the residual
   stream is grown by average expansion (copies, then mean rows) and LayerNorm
-  weights are rescaled (:func:`~fedgrow_core.expansion.residual_selection`);
+  weights are rescaled (:func:`~fedgrow_core.growth.expansion.residual_selection`);
 * **post-LN models** (BERT) when the target hidden size is a multiple of the
   source's. There the LayerNorm output *is* the residual stream. A linear width
   map ``A`` keeps ``LN(A z) = A LN(z)`` for all inputs and generic LayerNorm
@@ -14,7 +14,7 @@ is exact at initialisation, with the operator of :mod:`fedgrow_core.ligo`, for:
   means after a LayerNorm. This is a limit of every linear width operator, not
   of the initialisation.
 * **head dimension**: exact when it is kept or grows at least twofold (the
-  extra key rows rescale the logits, :func:`~fedgrow_core.expansion.head_selection`);
+  extra key rows rescale the logits, :func:`~fedgrow_core.growth.expansion.head_selection`);
   a growth by a factor in ``(1, 2)`` leaves logits scaled by
   ``sqrt(d_head / d_head')``.
 
@@ -26,7 +26,7 @@ al. 2023) promises nothing for depth either.
 
 :func:`width_gaps` and :func:`depth_gaps` name what is not exact before any
 tensor is allocated; :func:`feature_gap` measures it, and :func:`probe_gap` measures
-it on a random probe batch (what :class:`~fedgrow_core.grown_model.GrownModel`'s
+it on a random probe batch (what :class:`~fedgrow_core.growth.grown_model.GrownModel`'s
 warning reports).
 """
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .shapes import TransformerShape
+from fedgrow_core.growth.shapes import TransformerShape
 
 
 def width_gaps(source: TransformerShape, target: TransformerShape, norm_position: str) -> list[str]:

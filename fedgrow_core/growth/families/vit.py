@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ..ligo import LAYER_PARAMS, AxisSpec
-from ..shapes import TransformerShape
-from .base import ModelFamily
+from fedgrow_core.growth.families.base import ModelFamily
+from fedgrow_core.growth.ligo import LAYER_PARAMS, AxisSpec
+from fedgrow_core.growth.shapes import TransformerShape
 
 _RES = ("res", "out")
 _NORM = ("res", "norm")
@@ -90,7 +90,7 @@ class VitFamily(ModelFamily):
         return TransformerShape(len(vit.blocks), vit.embed_dim, blk.mlp.fc1.out_features, blk.attn.num_heads)
 
     def extract(self, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Canonical weights; see :class:`~fedgrow_core.families.base.ModelFamily`."""
+        """Canonical weights; see :class:`~fedgrow_core.growth.families.base.ModelFamily`."""
         vit = _check_supported(model)
         sd = {k: v.detach().clone() for k, v in vit.state_dict().items()}
         embed = {k: sd[k] for k in _EMBED_SPACES if k in sd}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import ModelFamily
-from .bert import BertFamily
-from .vit import VitFamily
+from fedgrow_core.growth.families.base import ModelFamily
+from fedgrow_core.growth.families.bert import BertFamily
+from fedgrow_core.growth.families.vit import VitFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {"bert": BertFamily, "vit": VitFamily}
 

@@ -1,7 +1,7 @@
 """What every client of every mode starts from: its rows, its small model, its batches.
 
-Shared by :class:`fedgrow_core.growth_client.GrowthClient` (Fed-Grow and the
-independent-LiGO baseline) and :class:`fedgrow_core.model_client.ModelClient`
+Shared by :class:`fedgrow_core.clients.growth_client.GrowthClient` (Fed-Grow and the
+independent-LiGO baseline) and :class:`fedgrow_core.clients.model_client.ModelClient`
 (small-only, scratch FedAvg, federated fine-tuning), so that every mode of a run
 sees the same partition, the same capped train/test rows and the same batch order.
 """
@@ -17,14 +17,14 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
-from .batch_stream import BatchStream
-from .data_sources import label_names, load_data_source, task_of
-from .partitions import FederatedData, federate
-from .preprocessing import make_dataloader
-from .run_config import RunConfig
-from .training import resolve_device
-from .vit_pretrain import VitSpec, pretrain_small_vits
-from .zoo import SmallModel, default_cache_dir, load_small_model
+from fedgrow_core.data.batch_stream import BatchStream
+from fedgrow_core.data.partitions import FederatedData, federate
+from fedgrow_core.data.preprocessing import make_dataloader
+from fedgrow_core.data.sources import label_names, load_data_source, task_of
+from fedgrow_core.run_config import RunConfig
+from fedgrow_core.training import resolve_device
+from fedgrow_core.zoo.registry import SmallModel, default_cache_dir, load_small_model
+from fedgrow_core.zoo.vit_pretrain import VitSpec, pretrain_small_vits
 
 
 def _load(run: RunConfig, source: str) -> DatasetDict:
@@ -131,7 +131,7 @@ class ClientSetup:
         ------
         ValueError
             If the dataset's task is not ``run.task``.
-        fedgrow_core.zoo.MissingAssetError
+        fedgrow_core.zoo.registry.MissingAssetError
             If a zoo model's asset package is not installed.
         """
         train, test, names = client_rows(run, partition_id, num_partitions, dataset)

@@ -1,10 +1,10 @@
 """A client's training state as named tensors: optimiser moments and batch position, and back.
 
-Both kinds of client (:class:`fedgrow_core.growth_client.GrowthClient`,
-:class:`fedgrow_core.model_client.ModelClient`) keep, beside their private
+Both kinds of client (:class:`fedgrow_core.clients.growth_client.GrowthClient`,
+:class:`fedgrow_core.clients.model_client.ModelClient`) keep, beside their private
 weights, the AdamW state (``torch.optim.Optimizer.state_dict()["state"]``,
 flattened to ``optimizer.<param index>.<name>``) and their position in their
-:class:`fedgrow_core.batch_stream.BatchStream` (``data.steps``, a 0-d int64
+:class:`fedgrow_core.data.batch_stream.BatchStream` (``data.steps``, a 0-d int64
 tensor), so the whole private state is one flat ``dict[str, Tensor]`` that fits
 an ``ArrayRecord`` or a ``safetensors`` file.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batch_stream import BatchStream
+from fedgrow_core.data.batch_stream import BatchStream
 
 OPTIMIZER_PREFIX = "optimizer."
 #: Prefix of the error-feedback residual of an encoded update (:mod:`fedgrow_core.update_encoding`).

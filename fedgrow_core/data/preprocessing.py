@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from .data_sources import IMAGE, LABEL, TEXT, task_of
+from fedgrow_core.data.sources import IMAGE, LABEL, TEXT, task_of
 
 
 @dataclass
