@@ -36,7 +36,8 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from experiments.flower_launcher import flwr_run, prepare_flwr_home, stop_local_superlink
-from fedgrow_core.clients.growth_client import GrowthClient, global_ligo
+from fedgrow_core.clients.growth_client import GrowthClient
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
 
 SHORT_RUN = ["num-server-rounds=2", "local-steps=5", "finetune-steps=5"]
@@ -47,7 +48,7 @@ def in_process(run: RunConfig, num_nodes: int = NUM_NODES) -> dict:
     """The run's client work without Flower; returns ``wall_s`` and ``mean_accuracy``."""
     start = time.perf_counter()
     clients = [GrowthClient(run, pid, num_nodes) for pid in range(num_nodes)]
-    state = global_ligo(run).state_dict()
+    state = initial_global_ligo(run).state_dict()
     for server_round in range(1, run.num_server_rounds + 1):
         replies = []
         for client in clients:

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from fedgrow_core.clients.growth_client import GrowthClient, global_ligo
+from fedgrow_core.clients.growth_client import GrowthClient
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     initial = client.evaluate()
     before = {k: v.detach().clone() for k, v in client.model.operator.named_parameters()}
-    state, train = client.train_round(global_ligo(run).state_dict(), with_eval=False)
+    state, train = client.train_round(initial_global_ligo(run).state_dict(), with_eval=False)
     moved = _movement(before, dict(client.model.operator.named_parameters()))
     grown = client.evaluate()
     final = client.finetune_and_evaluate(state, None)

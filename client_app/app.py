@@ -6,8 +6,9 @@ partition and, cycling, the small model; a SuperNode may instead name its own
 ``model`` (zoo name or folder), its own ``dataset`` (a data file that is all its
 own) and its private ``output-dir``.
 
-What a client does depends on the run's ``mode`` and the message's ``phase``
-(see :mod:`server_app.modes`). Private state (Local-LiGO, head, optimiser
+What a client does depends on the run's ``mode`` and the message's phase
+(:class:`fedgrow_core.protocol.Phase`, read and checked by
+:func:`client_app.guards.check_instruction`); one handler serves each phase. Private state (Local-LiGO, head, optimiser
 moments; or the small model's weights in ``small-only``) lives in
 ``Context.state`` between rounds, so it persists in simulation and deployment
 alike; only what the mode shares is replied. When the server names its run
@@ -38,10 +39,11 @@ from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient, target_model
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.clients.state_store import ClientStateStore
+from fedgrow_core.protocol import Instruction, Phase
 from fedgrow_core.run_config import RunConfig
 
 from .egress_audit import egress_audit_mod
-from .guards import FINAL_PHASE, RefusedMessage, check_phase, check_run_tag, sanitised_errors_mod
+from .guards import RefusedMessage, check_instruction, check_phase, sanitised_errors_mod
 
 app = ClientApp(mods=[sanitised_errors_mod, egress_audit_mod])
 
@@ -50,7 +52,7 @@ STATE_KEY = "fedgrow-private"
 ROUND_KEY = "fedgrow-private-round"
 #: ``Context.state`` key of a shared-model client's batch position (``{"steps": int}``).
 DATA_KEY = "fedgrow-data"
-_PHASE_CODES = {"grow": 1, "train-local": 2, "train-shared": 3, "collect": 4, FINAL_PHASE: 5}
+_PHASE_CODES = {Phase.GROW: 1, Phase.TRAIN_LOCAL: 2, Phase.TRAIN_SHARED: 3, Phase.COLLECT: 4, Phase.FINAL: 5}
 #: Clients built in this process, most recent last. A simulation actor serves
 #: several nodes in turn; rebuilding a client (model, data, tokenisation) costs
 #: seconds, so a few are kept. Their private state is always reloaded from
@@ -117,9 +119,8 @@ def _seeded(context: Context, run: RunConfig, phase: str, server_round: int) -> 
         yield
 
 
-def _state_store(context: Context, run: RunConfig, config: ConfigRecord) -> ClientStateStore | None:
-    """The node's on-disk state for the server's run ``config["run-tag"]`` (``None`` without a tag)."""
-    tag = check_run_tag(config.get("run-tag", ""))
+def _state_store(context: Context, run: RunConfig, tag: str) -> ClientStateStore | None:
+    """The node's on-disk state for the server's run ``tag`` (``None`` without a tag; checked by the guards)."""
     if not tag:
         return None
     node = context.node_config
@@ -181,7 +182,7 @@ def _reply(msg: Message, arrays: dict | None, metrics: dict) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Preflight: check the run config, load this node's model and data (cached for round 1), report row counts."""
     run = RunConfig.from_flower(context.run_config)
-    check_phase(run.mode, "preflight", context.node_config)
+    check_phase(run.mode, Phase.PREFLIGHT, context.node_config)
     _, _, setup = _setup(context)
     metrics = {
         "partition-id": setup.partition_id,
@@ -193,51 +194,66 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round: train ``local-steps`` steps on the node's data; reply with what the mode shares and metrics."""
+    """One round of the instructed phase (``grow``, ``train-local``, ``train-shared`` or ``collect``)."""
     run = RunConfig.from_flower(context.run_config)
-    config = msg.content["config"]
-    phase = check_phase(run.mode, str(config.get("phase", "")), context.node_config)
-    server_round = int(config.get("server-round", 0))
-    with _seeded(context, run, phase, server_round):
-        return _train(msg, context, run, config, phase, server_round)
+    instruction = check_instruction(run.mode, msg.content["config"], context.node_config)
+    if instruction.phase not in _TRAIN_PHASES:
+        raise RefusedMessage(f"phase {instruction.phase.value!r} does not come in a train message")
+    with _seeded(context, run, instruction.phase, instruction.server_round):
+        received = msg.content["arrays"].to_torch_state_dict()
+        arrays, metrics = _TRAIN_PHASES[instruction.phase](context, run, instruction, received)
+    return _reply(msg, arrays, metrics)
 
 
-def _train(
-    msg: Message, context: Context, run: RunConfig, config: ConfigRecord, phase: str, server_round: int
-) -> Message:
-    received = msg.content["arrays"].to_torch_state_dict()
-    if phase in ("grow", "train-local"):
-        store = _state_store(context, run, config)
-        _restore(context, store, server_round, int(config.get("resumed-after", 0)))
-    if phase == "grow":
-        client = _growth_client(context)
-        shared, metrics = client.train_round(
-            received,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            with_eval=run.evaluates_round(server_round),
-        )
-        payload = client.encoded_update(received, shared)  # update-encoding; its residual is private state
-        _keep(context, store, server_round, client.private_state())
-        return _reply(msg, payload, metrics)
-    if phase == "train-local":
-        client = _model_client(context, "small")
-        metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(server_round))
-        _keep(context, store, server_round, client.private_state())
-        return _reply(msg, None, metrics)
-    if phase == "train-shared":
-        client = _shared_model_client(context)
-        client.load_weights(received)
-        metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(server_round))
-        context.state[DATA_KEY] = ConfigRecord({"steps": client.data_steps})
-        return _reply(msg, client.weights(), metrics)
-    if phase == "collect":
-        target = _model_client(context, "target")
-        if run.mode == "fedgrow-fedft":  # start federated fine-tuning from this client's grown model
-            growth = _growth_client(context)
-            growth.load_global_state(received)
-            target.load_weights({k: v.cpu() for k, v in growth.grown_model().named_parameters()})
-        return _reply(msg, target.weights(), {"num-examples": len(target.setup.train_rows)})
-    raise ValueError(f"unknown training phase {phase!r}; expected grow, train-local, train-shared or collect")
+def _grow(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[dict, dict]:
+    """Train Local-LiGO, Global-LiGO and head; reply with the encoded Global-LiGO update (``update-encoding``)."""
+    store = _state_store(context, run, order.run_tag)
+    _restore(context, store, order.server_round, order.resumed_after)
+    client = _growth_client(context)
+    shared, metrics = client.train_round(
+        received, proximal_mu=order.proximal_mu, with_eval=run.evaluates_round(order.server_round)
+    )
+    payload = client.encoded_update(received, shared)  # its rounding residual is private state
+    _keep(context, store, order.server_round, client.private_state())
+    return payload, metrics
+
+
+def _train_local(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[None, dict]:
+    """Train the private small model (``small-only``); reply with metrics only."""
+    store = _state_store(context, run, order.run_tag)
+    _restore(context, store, order.server_round, order.resumed_after)
+    client = _model_client(context, "small")
+    metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(order.server_round))
+    _keep(context, store, order.server_round, client.private_state())
+    return None, metrics
+
+
+def _train_shared(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[dict, dict]:
+    """Train the received target model; reply with its weights."""
+    client = _shared_model_client(context)
+    client.load_weights(received)
+    metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(order.server_round))
+    context.state[DATA_KEY] = ConfigRecord({"steps": client.data_steps})
+    return client.weights(), metrics
+
+
+def _collect(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[dict, dict]:
+    """Reply with the target model's starting weights: seeded random, or (``fedgrow-fedft``) this client's grown one."""
+    target = _model_client(context, "target")
+    if run.mode == "fedgrow-fedft":
+        growth = _growth_client(context)
+        growth.load_global_state(received)
+        target.load_weights({k: v.cpu() for k, v in growth.grown_model().named_parameters()})
+    return target.weights(), {"num-examples": len(target.setup.train_rows)}
+
+
+#: The handler of each phase a train message may carry.
+_TRAIN_PHASES = {
+    Phase.GROW: _grow,
+    Phase.TRAIN_LOCAL: _train_local,
+    Phase.TRAIN_SHARED: _train_shared,
+    Phase.COLLECT: _collect,
+}
 
 
 @app.evaluate()
@@ -245,12 +261,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Final phase: fine-tune the mode's model (``finetune-steps``), evaluate it, save it privately."""
     run = RunConfig.from_flower(context.run_config)
     config = msg.content["config"] if "config" in msg.content else ConfigRecord()
-    check_phase(run.mode, str(config.get("phase", FINAL_PHASE)), context.node_config)
-    server_round = int(config.get("server-round", 0))
+    order = check_instruction(run.mode, config, context.node_config, default_phase=Phase.FINAL)
+    if order.phase is not Phase.FINAL:
+        raise RefusedMessage(f"phase {order.phase.value!r} does not come in an evaluate message")
     if run.mode in ("fedgrow", "independent-ligo", "small-only"):
-        resumed_after = int(config.get("resumed-after", 0))
-        _restore(context, _state_store(context, run, config), server_round + 1, resumed_after)
-    with _seeded(context, run, FINAL_PHASE, server_round):
+        store = _state_store(context, run, order.run_tag)
+        _restore(context, store, order.server_round + 1, order.resumed_after)
+    with _seeded(context, run, Phase.FINAL, order.server_round):
         return _finetune_and_evaluate(msg, context, run)
 
 

@@ -1,7 +1,8 @@
 """The client's side of the trust boundary: what a node serves, and what its errors may say.
 
 The server is a party the client does not trust either. A message is served
-only if the run's mode serves its phase (:data:`MODE_PHASES`), and the node
+only if the run's mode serves its phase
+(:func:`fedgrow_core.protocol.served_phases`), and the node
 operator may narrow the modes further with the node config key
 ``allowed-modes`` (comma-separated, e.g. ``--node-config "allowed-modes='fedgrow'"``):
 a server that asks a ``fedgrow`` node for ``train-shared`` (a whole target model
@@ -25,20 +26,11 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from fedgrow_core.protocol import Instruction, Phase, ProtocolError, served_phases
 from fedgrow_core.run_config import MODES, ConfigError
 
 _LOG = logging.getLogger(__name__)
 
-FINAL_PHASE = "finetune-evaluate"
-#: Phases each mode's client serves; ``preflight`` and the final phase are served in every mode.
-MODE_PHASES: dict[str, frozenset[str]] = {
-    "fedgrow": frozenset({"grow"}),
-    "independent-ligo": frozenset({"grow"}),
-    "small-only": frozenset({"train-local"}),
-    "scratch-fedavg": frozenset({"collect", "train-shared"}),
-    "fedgrow-fedft": frozenset({"grow", "collect", "train-shared"}),
-}
-_ALWAYS = frozenset({"preflight", FINAL_PHASE})
 _RUN_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 #: A quoted string holding a path separator or ``~``; then any bare token holding a separator.
 _QUOTED_PATH = re.compile(r"""(['"])(?:(?!\1).)*[/\\~](?:(?!\1).)*\1""")
@@ -65,7 +57,31 @@ def allowed_modes(node_config: Mapping[str, object]) -> tuple[str, ...]:
     return modes
 
 
-def check_phase(mode: str, phase: str, node_config: Mapping[str, object]) -> str:
+def check_instruction(
+    mode: str, config: Mapping[str, object], node_config: Mapping[str, object], default_phase: Phase | None = None
+) -> Instruction:
+    """The server's instruction (:meth:`~fedgrow_core.protocol.Instruction.from_record`) if this node serves it.
+
+    ``default_phase`` is the phase of a message whose config names none.
+
+    Raises
+    ------
+    RefusedMessage
+        If the config record does not follow the protocol, the node's
+        ``allowed-modes`` exclude ``mode``, ``mode`` does not serve the phase
+        (the message names both and what is served), or the ``run-tag`` is not
+        one safe path component (:func:`check_run_tag`).
+    """
+    try:
+        instruction = Instruction.from_record(config, default_phase=default_phase)
+    except ProtocolError as err:
+        raise RefusedMessage(str(err)) from None
+    check_phase(mode, instruction.phase, node_config)
+    check_run_tag(instruction.run_tag)
+    return instruction
+
+
+def check_phase(mode: str, phase: str, node_config: Mapping[str, object]) -> Phase:
     """``phase`` if this node serves it in ``mode``.
 
     Raises
@@ -76,10 +92,10 @@ def check_phase(mode: str, phase: str, node_config: Mapping[str, object]) -> str
     """
     if mode not in allowed_modes(node_config):
         raise RefusedMessage(f"mode {mode!r} is not among this node's allowed-modes {list(allowed_modes(node_config))}")
-    served = MODE_PHASES.get(mode, frozenset()) | _ALWAYS
+    served = served_phases(mode)
     if phase not in served:
-        raise RefusedMessage(f"phase {phase[:40]!r} is not served in mode {mode!r}; it serves {sorted(served)}")
-    return phase
+        raise RefusedMessage(f"phase {str(phase)[:40]!r} is not served in mode {mode!r}; it serves {sorted(served)}")
+    return Phase(phase)
 
 
 def check_run_tag(tag: object) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -34,6 +35,31 @@ from .reply_checks import (
     reply_problem,
 )
 from .round_log import message_bytes, round_entry
+
+
+@dataclass
+class SentRound:
+    """What the server sent in one round: the reference its replies are checked, decoded and logged against.
+
+    Attributes
+    ----------
+    arrays : dict of str to numpy.ndarray
+        The tensors sent (float32); updates are decoded onto and clipped around them.
+    nodes : list of int
+        The node ids the round's instruction went to.
+    bytes_per_node : dict of int to int
+        Serialised bytes of the message each node was sent.
+    offline_nodes : list of int
+        Expected nodes (from preflight) that were not online when the round started.
+    started : float
+        ``time.perf_counter()`` when the round started (seconds).
+    """
+
+    arrays: dict[str, np.ndarray]
+    nodes: list[int]
+    bytes_per_node: dict[int, int]
+    offline_nodes: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
 
 class ReplyChecks:
@@ -65,7 +91,9 @@ class ReplyChecks:
     Waiting for nodes is bounded: ``configure_train`` waits at most
     ``node_wait`` seconds for ``min_train_nodes`` online nodes, then samples
     from those online (expected nodes that are not are logged as
-    ``offline_nodes``). ``round_log`` keeps one
+    ``offline_nodes``). ``sent_round`` (:class:`SentRound`) is what the current
+    round sent, set by ``configure_train`` or, for a round this strategy did not
+    configure, by :meth:`record_round`; ``round_log`` keeps one
     :func:`server_app.round_log.round_entry` per round.
 
     ``round_offset`` (rounds done before a resume) is added to the round number
@@ -90,16 +118,20 @@ class ReplyChecks:
     reply_metrics: Mapping[str, MetricSpec] = TRAIN_METRICS
     #: How replies carry the shared tensors (:data:`fedgrow_core.update_encoding.ENCODINGS`).
     update_encoding: str = "float32"
+    #: What the current round sent (``None`` before the first round).
+    sent_round: SentRound | None = None
+    #: One log entry per aggregated or skipped round (a fresh list per strategy, set on the first round).
+    round_log: list[dict]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Remember the sent arrays, wait (bounded) for enough nodes, then delegate."""
         server_round += self.round_offset
         self.expected_spec = array_spec(arrays)
-        self._sent_arrays = {k: v.numpy() for k, v in arrays.items()}
-        self._round_start = time.perf_counter()
+        sent = {k: v.numpy() for k, v in arrays.items()}
+        started = time.perf_counter()
         online = wait_for_nodes(grid, getattr(self, "min_train_nodes", 1), self.node_wait)
-        expected = set(self.example_caps or ())
-        self._offline_nodes = sorted(expected - set(online))
+        offline = sorted(set(self.example_caps or ()) - set(online))
+        self.sent_round = SentRound(sent, [], {}, offline, started)
         if len(online) < getattr(self, "min_train_nodes", 1):
             log(
                 WARNING,
@@ -109,30 +141,27 @@ class ReplyChecks:
                 self.min_train_nodes,
                 self.node_wait,
             )
-            self._sent_nodes, self._sent_bytes = [], {}
             return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent_nodes = [m.metadata.dst_node_id for m in messages]
         sizes: dict[int, int] = {}  # one serialisation per distinct content (Flower shares one for all nodes)
         for m in messages:
             if id(m.content) not in sizes:
                 sizes[id(m.content)] = message_bytes(m)
-        self._sent_bytes = {m.metadata.dst_node_id: sizes[id(m.content)] for m in messages}
+        self.sent_round.nodes = [m.metadata.dst_node_id for m in messages]
+        self.sent_round.bytes_per_node = {m.metadata.dst_node_id: sizes[id(m.content)] for m in messages}
         return messages
 
     def record_round(
         self, server_round: int, sent_arrays: ArrayRecord, sent_nodes: list[int], sent_bytes: int = 0
     ) -> None:
-        """Set what ``configure_train`` records, for a round this strategy did not configure (collection).
+        """Set :attr:`sent_round` as ``configure_train`` does, for a round this strategy did not configure.
 
+        Used for the collection before federated training of whole models.
         ``sent_bytes``: the serialised size of the instruction each node was sent.
         """
         self.expected_spec = self.expected_spec or array_spec(sent_arrays)
-        self._sent_arrays = {k: v.numpy() for k, v in sent_arrays.items()}
-        self._round_start = time.perf_counter()
-        self._sent_nodes = list(sent_nodes)
-        self._sent_bytes = dict.fromkeys(self._sent_nodes, sent_bytes)
-        self._offline_nodes = []
+        arrays = {k: v.numpy() for k, v in sent_arrays.items()}
+        self.sent_round = SentRound(arrays, list(sent_nodes), dict.fromkeys(sent_nodes, sent_bytes))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Reject malformed replies, bound the rest, aggregate them with the wrapped strategy."""
@@ -156,15 +185,16 @@ class ReplyChecks:
                     problem,
                 )
         ok = [m for m in accepted if not m.has_error()]
-        seconds = time.perf_counter() - getattr(self, "_round_start", time.perf_counter())
-        entry = round_entry(server_round, replies, accepted, rejected, seconds, getattr(self, "_sent_nodes", ()))
-        entry["download_bytes"] = {str(n): b for n, b in getattr(self, "_sent_bytes", {}).items()}
-        entry["offline_nodes"] = list(getattr(self, "_offline_nodes", []))
+        sent_round = self.sent_round or SentRound({}, [], {})
+        seconds = time.perf_counter() - sent_round.started
+        entry = round_entry(server_round, replies, accepted, rejected, seconds, sent_round.nodes)
+        entry["download_bytes"] = {str(n): b for n, b in sent_round.bytes_per_node.items()}
+        entry["offline_nodes"] = list(sent_round.offline_nodes)
         entry["clipped"] = self._bound(ok, values, schema)
         arrays, metrics = None, None
         needed = getattr(self, "min_train_nodes", 1)
         # inside central DP the noise is calibrated for num_sampled_clients: every one of them must reply usably
-        sent = max(len(getattr(self, "_sent_nodes", ())), getattr(self, "num_sampled_clients", 0))
+        sent = max(len(sent_round.nodes), getattr(self, "num_sampled_clients", 0))
         if self.requires_all_replies and len(ok) < sent:
             log(
                 WARNING,
@@ -217,7 +247,7 @@ class ReplyChecks:
         # every tensor was decoded and checked by the schema; decode from those values, so nothing
         # downstream reads a sender's own shape or dtype metadata
         arrays = decode_arrays(msg.content["arrays"], schema.arrays or {})[0] or {}
-        sent = getattr(self, "_sent_arrays", None)
+        sent = self.sent_round.arrays if self.sent_round is not None else None
         if self.update_encoding == "float32" or not arrays:
             return None, arrays
         if sent is None:
@@ -230,7 +260,7 @@ class ReplyChecks:
 
         ``values`` are the decoded float32 tensors of ``ok``, in order; they replace each reply's arrays.
         """
-        sent = getattr(self, "_sent_arrays", None)  # set by configure_train or record_round
+        sent = self.sent_round.arrays if self.sent_round is not None else None
         if sent is None or not ok:
             norms, bound = [0.0] * len(ok), math.inf
         else:

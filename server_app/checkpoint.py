@@ -20,7 +20,7 @@ and the folder after it.
 Nothing in a checkpoint is trusted on resume (:func:`check_resumable`): the
 hash must match (it detects corruption and truncation, not a party that can
 rewrite the file and its hash); the Global-LiGO must have exactly the names and
-shapes of ``global_ligo(run)``, all finite; the round must be in
+shapes of ``initial_global_ligo(run)``, all finite; the round must be in
 ``[1, num-server-rounds]``; strategy tensors must be known state of known
 tensors, finite; and only the scalars in ``_STRATEGY_SCALARS`` are restored,
 each range-checked.
@@ -335,16 +335,16 @@ def check_resumable(checkpoint: Checkpoint, run: RunConfig) -> None:
 def content_problems(checkpoint: Checkpoint, run: RunConfig) -> list[str]:
     """What in a checkpoint's contents a run must not trust (empty if nothing).
 
-    Checks the round, the Global-LiGO against ``global_ligo(run)`` (names,
+    Checks the round, the Global-LiGO against ``initial_global_ligo(run)`` (names,
     shapes, float32, finite), the strategy tensors (known attribute, known
     tensor, its shape, finite) and the scalars (known, finite, in range).
     """
-    from fedgrow_core.clients.growth_client import global_ligo  # the LiGO modules are heavy; only a resume needs them
+    from fedgrow_core.protocol import initial_global_ligo  # the LiGO modules are heavy; only a resume needs them
 
     p = []
     if not 1 <= checkpoint.server_round <= run.num_server_rounds:
         p.append(f"checkpoint round {checkpoint.server_round}: expected an integer in [1, {run.num_server_rounds}]")
-    expected = {k: tuple(v.shape) for k, v in global_ligo(run).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in initial_global_ligo(run).state_dict().items()}
     got = {k: tuple(a.shape) for k, a in checkpoint.global_ligo.items()}
     if set(got) != set(expected):
         extra, missing = sorted(set(got) - set(expected)), sorted(set(expected) - set(got))

@@ -23,7 +23,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedgrow_core.clients.growth_client import global_ligo
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 
 from .checkpoint import Checkpoint
@@ -78,7 +78,7 @@ def run_mode(grid: Grid, run: RunConfig, run_dir: Path | None = None, resume: Ch
         return final_phase(grid, arrays, t, last_round, tag, preflight_rows=rows, resumed_after=resumed)
 
     if run.mode in ("fedgrow", "fedgrow-fedft"):
-        start = ArrayRecord(global_ligo(run).state_dict())
+        start = ArrayRecord(initial_global_ligo(run).state_dict())
         glob, entries = shared_rounds(
             grid, run, start, rounds, "grow", 1, run_dir=run_dir, resume=resume, example_caps=caps
         )

@@ -15,17 +15,15 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedgrow_core.protocol import COLLECT_METRICS, FINAL_METRICS, PREFLIGHT_METRICS, Instruction, Phase
 from fedgrow_core.run_config import RunConfig
 
 from .checkpoint import Checkpoint, load_strategy_state, write_checkpoint
 from .reply_checks import (
-    COLLECT_METRICS,
-    FINAL_METRICS,
-    PREFLIGHT_METRICS,
     ReplySchema,
     array_spec,
     decode_arrays,
@@ -35,33 +33,21 @@ from .reply_checks import (
 from .round_log import content_bytes, last_line, round_entry
 from .strategy import build_strategy, strategy_for_run
 
-FINAL_PHASE = "finetune-evaluate"
 #: The schema of a preflight reply (metrics only) and of a final-phase reply (metrics and ``info``).
 PREFLIGHT_SCHEMA = ReplySchema(PREFLIGHT_METRICS, arrays=None)
 FINAL_SCHEMA = ReplySchema(FINAL_METRICS, arrays=None, info=True)
 
 
-def instruction(arrays: ArrayRecord, phase: str, **config: int | str) -> RecordDict:
-    """The content of a message to a node: ``arrays`` and a ``config`` record with ``phase`` and ``config``."""
-    return RecordDict({"arrays": arrays, "config": ConfigRecord({"phase": phase, **config})})
-
-
-def _send(
-    grid: Grid, arrays: ArrayRecord, phase: str, message_type: str, timeout: float, **config: int | str
-) -> list[Message]:
-    """One message per node (:func:`instruction`); returns the replies that arrived within ``timeout`` seconds."""
+def _send(grid: Grid, arrays: ArrayRecord, order: Instruction, message_type: str, timeout: float) -> list[Message]:
+    """One message per node (:meth:`Instruction.content`); returns the replies that arrived within ``timeout`` s."""
     messages = [
-        Message(
-            content=instruction(arrays, phase, **config),
-            message_type=message_type,
-            dst_node_id=node_id,
-        )
+        Message(content=order.content(arrays), message_type=message_type, dst_node_id=node_id)
         for node_id in grid.get_node_ids()
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     for msg in replies:
         if msg.has_error():
-            log(WARNING, "%s: node %d failed: %s", phase, msg.metadata.src_node_id, msg.error.reason)
+            log(WARNING, "%s: node %d failed: %s", order.phase, msg.metadata.src_node_id, msg.error.reason)
     return replies
 
 
@@ -90,7 +76,7 @@ def preflight(grid: Grid, timeout: float) -> dict[int, dict]:
         the message lists every such node with its reason.
     """
     sent = list(grid.get_node_ids())
-    replies = _send(grid, ArrayRecord(), "preflight", MessageType.QUERY, timeout)
+    replies = _send(grid, ArrayRecord(), Instruction(Phase.PREFLIGHT), MessageType.QUERY, timeout)
     problems = [f"node {m.metadata.src_node_id}: {last_line(m.error.reason)}" for m in replies if m.has_error()]
     for m in replies:
         problem = None if m.has_error() else reply_problem(m.content, PREFLIGHT_SCHEMA)
@@ -161,15 +147,13 @@ def shared_rounds(
 
     if num_rounds <= done:
         return arrays, before
-    config = {"phase": phase, **({"run-tag": run_dir.name} if run_dir is not None else {})}
-    if done:
-        config["resumed-after"] = done
+    order = Instruction(Phase(phase), run_tag=run_dir.name if run_dir is not None else "", resumed_after=done)
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays,
         num_rounds=num_rounds - done,
         timeout=run.round_timeout,
-        train_config=ConfigRecord(config),
+        train_config=order.to_record(),
         evaluate_fn=checkpoint,
     )
     aggregated = result.arrays is not None and len(result.arrays) > 0  # Flower leaves it empty if no round aggregated
@@ -194,8 +178,8 @@ def local_rounds(
     for r in range(first_round, first_round + num_rounds):
         start = time.perf_counter()
         sent = list(grid.get_node_ids())
-        tag = {"run-tag": run_tag} if run_tag else {}
-        replies = _send(grid, ArrayRecord(), phase, MessageType.TRAIN, timeout, **{"server-round": r, **tag})
+        order = Instruction(Phase(phase), server_round=r, run_tag=run_tag)
+        replies = _send(grid, ArrayRecord(), order, MessageType.TRAIN, timeout)
         accepted, rejected = [], []
         for msg in replies:
             problem = None if msg.has_error() else reply_problem(msg.content, LOCAL_SCHEMA)
@@ -212,7 +196,7 @@ def local_rounds(
             else:
                 accepted.append(msg)
         entry = round_entry(r, replies, accepted, rejected, time.perf_counter() - start, sent)
-        size = content_bytes(instruction(ArrayRecord(), phase, **{"server-round": r, **tag}))
+        size = content_bytes(order.content())
         entry["download_bytes"] = dict.fromkeys(map(str, sent), size)
         entries.append({**entry, "phase": phase, "aggregated": False})
         log(INFO, "round %d (%s): %d replies, %.1f s", r, phase, len(replies), entry["seconds"])
@@ -249,7 +233,8 @@ def collect_average(
         reply was rejected.
     """
     sent = list(grid.get_node_ids())
-    replies = _send(grid, arrays, "collect", MessageType.TRAIN, timeout)
+    order = Instruction(Phase.COLLECT)
+    replies = _send(grid, arrays, order, MessageType.TRAIN, timeout)
     spec = majority_spec(replies)
     if spec is None:
         raise RuntimeError(f"collect: no strict majority of the {len(replies)} replies agrees on the tensors sent")
@@ -264,7 +249,7 @@ def collect_average(
     reference = _median_arrays(replies, spec)
     if reference is None:
         raise RuntimeError("collect: every reply was rejected (no finite weights)")
-    strategy.record_round(round_number, reference, sent, content_bytes(instruction(arrays, "collect")))
+    strategy.record_round(round_number, reference, sent, content_bytes(order.content(arrays)))
     averaged, _ = strategy.aggregate_train(round_number, replies)
     if averaged is None:
         raise RuntimeError("collect: every reply was rejected")
@@ -298,17 +283,15 @@ def final_phase(
         The accepted replies, and ``{"node_id", "reason"}`` per rejected one
         (failed replies are logged and left out of both).
     """
-    config = {"server-round": last_round, **({"run-tag": run_tag} if run_tag else {})}
-    if resumed_after:
-        config["resumed-after"] = resumed_after
+    order = Instruction(Phase.FINAL, server_round=last_round, run_tag=run_tag, resumed_after=resumed_after)
     accepted, rejected = [], []
-    for msg in _send(grid, arrays, FINAL_PHASE, MessageType.EVALUATE, timeout, **config):
+    for msg in _send(grid, arrays, order, MessageType.EVALUATE, timeout):
         if msg.has_error():
             continue
         problem = reply_problem(msg.content, FINAL_SCHEMA) or _preflight_mismatch(msg, preflight_rows)
         if problem:
             rejected.append({"node_id": msg.metadata.src_node_id, "reason": problem})
-            log(WARNING, "%s: rejected reply from node %d: %s", FINAL_PHASE, msg.metadata.src_node_id, problem)
+            log(WARNING, "%s: rejected reply from node %d: %s", Phase.FINAL, msg.metadata.src_node_id, problem)
         else:
             accepted.append(msg)
     return accepted, rejected

@@ -1,8 +1,8 @@
 """Per-phase schemas of the replies a client may send, and the check of a reply against one.
 
 Every reply is untrusted. Before anything reads it, the server checks it
-against the schema of the phase it answers (:data:`TRAIN_METRICS`,
-:data:`FINAL_METRICS`, :data:`PREFLIGHT_METRICS`):
+against the schema of the phase it answers (the records and metrics of
+:data:`fedgrow_core.protocol.REPLY_METRICS`):
 
 * the record names and kinds are exactly the phase's (``arrays`` +
   ``metrics``, plus ``info`` in the final phase); nothing else, so no extra
@@ -21,84 +21,16 @@ record, tensor or metric; it is never aggregated nor copied into the logs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedgrow_core.protocol import INFO_KEY, MAX_INFO_CHARS, TRAIN_METRICS, MetricSpec
+
 #: name -> (shape, numpy dtype string)
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
-
-#: Bound on counts (rows, parameters) a client may report.
-MAX_COUNT = 10**12
-#: Bound on seconds a client may report (about 115 days).
-MAX_SECONDS = 1e7
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """One metric key: its type (``int`` or ``float``), inclusive range and whether it is required."""
-
-    kind: type
-    low: float
-    high: float
-    required: bool = True
-
-    def problem(self, key: str, value: object) -> str | None:
-        """Why ``value`` is not acceptable for ``key``, or ``None``."""
-        if isinstance(value, bool) or isinstance(value, (list, tuple)):
-            return f"metric {key!r} = {_short(value)}: expected a single {'integer' if self.kind is int else 'number'}"
-        if self.kind is int and not isinstance(value, int):
-            return f"metric {key!r} = {_short(value)}: expected an integer"
-        if not isinstance(value, (int, float)):
-            return f"metric {key!r} = {_short(value)}: expected a number"
-        if not math.isfinite(value) or not self.low <= value <= self.high:
-            word = "an integer" if self.kind is int else "a number"
-            return f"metric {key!r} = {_short(value)}: expected {word} in [{self.low:g}, {self.high:g}]"
-        return None
-
-
-_COUNT = MetricSpec(int, 1, MAX_COUNT)
-_PARAMS = MetricSpec(int, 0, MAX_COUNT)
-_SECONDS = MetricSpec(float, 0.0, MAX_SECONDS)
-_FRACTION = MetricSpec(float, 0.0, 1.0)
-
-#: Metrics of a round's reply (``grow``, ``train-local``, ``train-shared``).
-TRAIN_METRICS: dict[str, MetricSpec] = {
-    "num-examples": _COUNT,
-    "train-loss": MetricSpec(float, 0.0, 1e6),
-    "train-accuracy": _FRACTION,
-    "train-seconds": _SECONDS,
-    "trainable-params": _PARAMS,
-    "compute-threads": MetricSpec(int, 1, 1 << 16),
-    "eval-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
-    "eval-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
-}
-#: Metrics of a ``collect`` reply.
-COLLECT_METRICS: dict[str, MetricSpec] = {"num-examples": _COUNT}
-#: Metrics of a final-phase reply (``finetune-evaluate``).
-FINAL_METRICS: dict[str, MetricSpec] = {
-    "num-examples": _COUNT,
-    "accuracy": _FRACTION,
-    "precision": _FRACTION,
-    "loss": MetricSpec(float, 0.0, 1e6),
-    "trainable-params": MetricSpec(int, 0, MAX_COUNT, required=False),
-    "model-params": _PARAMS,
-    "finetune-seconds": _SECONDS,
-    "eval-seconds": _SECONDS,
-    "compute-threads": MetricSpec(int, 1, 1 << 16),
-    "partition-id": MetricSpec(int, 0, MAX_COUNT),
-}
-#: Metrics of a preflight reply.
-PREFLIGHT_METRICS: dict[str, MetricSpec] = {
-    "partition-id": MetricSpec(int, 0, MAX_COUNT),
-    "train-examples": MetricSpec(int, 0, MAX_COUNT),
-    "test-examples": MetricSpec(int, 0, MAX_COUNT),
-}
-#: Longest string in a final reply's ``info`` record (the model's folder name).
-MAX_INFO_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -179,8 +111,8 @@ def _reply_problem(content: RecordDict, schema: ReplySchema | ArraySpec) -> str 
     if problem or not schema.info:
         return problem
     info = content["info"]
-    if set(info.keys()) != {"model"} or not isinstance(info["model"], str) or len(info["model"]) > MAX_INFO_CHARS:
-        return f"record 'info' must hold one string 'model' of at most {MAX_INFO_CHARS} characters"
+    if set(info.keys()) != {INFO_KEY} or not isinstance(info[INFO_KEY], str) or len(info[INFO_KEY]) > MAX_INFO_CHARS:
+        return f"record 'info' must hold one string {INFO_KEY!r} of at most {MAX_INFO_CHARS} characters"
     return None
 
 
@@ -247,11 +179,3 @@ def _names(names: list[str], limit: int = 40) -> str:
     """The first five of a sender's names, each cut to ``limit`` characters (a name can be megabytes long)."""
     shown = [n if len(n) <= limit else n[:limit] + "..." for n in names[:5]]
     return f"{shown}{' ...' if len(names) > 5 else ''}"
-
-
-def _short(value: object, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a reply may hold a million-element list)."""
-    if isinstance(value, (list, tuple)) and len(value) > 4:
-        return f"[{', '.join(repr(v) for v in value[:3])}, ... ({len(value)} values)]"
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -26,7 +26,7 @@ from conftest import reviews_csv, tiny_bert_folder
 from safetensors.numpy import load_file
 
 from deploy.commands import superlink_command, supernode_command
-from fedgrow_core.clients.growth_client import global_ligo
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +190,9 @@ def test_deployment_gives_the_simulation_outputs(deployment):
     run_dir, sim_dir = deployment["run_dir"], deployment["sim_dir"]
     deployed = load_file(str(run_dir / "global_ligo.safetensors"))
     simulated = load_file(str(sim_dir / "global_ligo.safetensors"))
-    start = {k: v.numpy() for k, v in global_ligo(RunConfig.from_flower(deployment["config"])).state_dict().items()}
+    start = {
+        k: v.numpy() for k, v in initial_global_ligo(RunConfig.from_flower(deployment["config"])).state_dict().items()
+    }
     assert set(deployed) == set(simulated) == set(start)
     # the rounds' total change of the Global-LiGO agrees to 1% (float reductions may differ between processes)
     moved = np.concatenate([(simulated[k] - start[k]).ravel() for k in start])

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import tiny_bert_folder
 
-from fedgrow_core.clients.growth_client import GrowthClient, global_ligo
+from fedgrow_core.clients.growth_client import GrowthClient
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.update_encoding import decode_update
 
@@ -31,7 +32,7 @@ def run(tmp_path_factory):
 
 
 def test_reply_is_exactly_the_global_ligo_and_state_persists(run):
-    sent = global_ligo(run).state_dict()
+    sent = initial_global_ligo(run).state_dict()
     client = GrowthClient(run, 0, 3)
     reply, metrics = client.train_round({k: v.clone() for k, v in sent.items()})
     assert {k: (v.shape, v.dtype) for k, v in reply.items()} == {k: (v.shape, v.dtype) for k, v in sent.items()}
@@ -52,7 +53,7 @@ def test_reply_is_exactly_the_global_ligo_and_state_persists(run):
 def test_an_int8_update_keeps_its_residual_in_the_private_state(run):
     """The reply is the int8 update of a low-rank Global-LiGO; what it rounds away persists with the private state."""
     run = dataclasses.replace(run, update_encoding="int8", global_rank=4)
-    sent = global_ligo(run).state_dict()
+    sent = initial_global_ligo(run).state_dict()
     client = GrowthClient(run, 0, 3)
     new, _ = client.train_round({k: v.clone() for k, v in sent.items()})
     reply = client.encoded_update(sent, new)
@@ -71,7 +72,7 @@ def test_an_int8_update_keeps_its_residual_in_the_private_state(run):
 
 
 def test_fedprox_term_pulls_towards_the_received_global(run):
-    sent = global_ligo(run).state_dict()
+    sent = initial_global_ligo(run).state_dict()
     far = GrowthClient(run, 1, 3).train_round({k: v.clone() for k, v in sent.items()})[0]
     near = GrowthClient(run, 1, 3).train_round({k: v.clone() for k, v in sent.items()}, proximal_mu=1e4)[0]
 
@@ -102,7 +103,7 @@ def test_image_clients_pretrain_their_own_vits_then_grow(tmp_path):
     for pid in (0, 1):
         client = GrowthClient(run, pid, 2)
         shapes.append(client.small.family.shape(client.small.model))
-        reply, metrics = client.train_round(global_ligo(run).state_dict())
+        reply, metrics = client.train_round(initial_global_ligo(run).state_dict())
         assert metrics["num-examples"] == len(client.train_rows)
         result = client.finetune_and_evaluate(reply, tmp_path / f"grown-{pid}")
         assert result["accuracy"] > 0.2  # 10 classes: pre-trained features carry over
@@ -131,7 +132,7 @@ def test_round_evaluation_is_capped_and_can_be_skipped(run):
     client = GrowthClient(capped, 0, 3)
     assert sum(len(b["labels"]) for b in client._round_test) == min(5, len(client.test_rows))
     assert sum(len(b["labels"]) for b in client._test) == len(client.test_rows) > 5  # the final evaluation: all rows
-    sent = global_ligo(run).state_dict()
+    sent = initial_global_ligo(run).state_dict()
     _, metrics = client.train_round({k: v.clone() for k, v in sent.items()})
     # the reported accuracy is the grown model's on exactly the first five test rows
     assert metrics["eval-accuracy"] == evaluate(client.grown_model(), client._round_test, client.device).accuracy

@@ -34,7 +34,7 @@ from safetensors.numpy import load_file
 from simulated_federation import simulate_fedgrow_server, with_run_config
 
 import client_app.app as fedgrow_client
-from fedgrow_core.clients.growth_client import global_ligo
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 from server_app.checkpoint import read_checkpoint
 
@@ -221,7 +221,7 @@ def test_every_training_attack_is_rejected_or_bounded_and_the_run_finishes(runs)
 
 def test_the_attacked_global_ligo_stays_within_the_honest_runs_movement(runs):
     honest, attacked, run = runs
-    start = {k: v.detach().numpy() for k, v in global_ligo(run).state_dict().items()}
+    start = {k: v.detach().numpy() for k, v in initial_global_ligo(run).state_dict().items()}
     g_honest = load_file(str(honest / "global_ligo.safetensors"))
     g_attacked = load_file(str(attacked / "global_ligo.safetensors"))
     assert set(g_honest) == set(g_attacked) == set(start)

@@ -17,7 +17,7 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 import client_app.app as fedgrow_client
-from fedgrow_core.clients.growth_client import global_ligo
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.update_encoding import decode_update
 
@@ -69,7 +69,7 @@ def _arrays(reply: Message) -> dict[str, np.ndarray]:
 
 
 def test_a_restarted_supernode_continues_from_its_state_folder(run_config, tmp_path):
-    start = ArrayRecord(global_ligo(RunConfig.from_flower(run_config)).state_dict())
+    start = ArrayRecord(initial_global_ligo(RunConfig.from_flower(run_config)).state_dict())
     state_dir = str(tmp_path / "state")
     node = _context(run_config, state_dir)
     # round 1's reply is the int8 update (the default encoding): the server's aggregate is it decoded

@@ -20,15 +20,24 @@ from test_strategy import SENT, SPEC, _record, _Reply
 import client_app.app as fedgrow_client
 from client_app.egress_audit import REPLY_METRICS
 from client_app.guards import check_phase, check_run_tag, sanitised_errors_mod, sanitised_reason
-from fedgrow_core.clients.growth_client import global_ligo
 from fedgrow_core.clients.state_store import ClientStateStore
-from fedgrow_core.run_config import ConfigError, RunConfig
+from fedgrow_core.protocol import (
+    COLLECT_METRICS,
+    FINAL_METRICS,
+    MODE_PHASES,
+    PREFLIGHT_METRICS,
+    TRAIN_METRICS,
+    Instruction,
+    Phase,
+    initial_global_ligo,
+)
+from fedgrow_core.run_config import MODES, ConfigError, RunConfig
 from server_app.bounded_influence import clip_bound, clipped, update_norm
 from server_app.central_dp import secure_gaussian
 from server_app.checked_round import wait_for_nodes
 from server_app.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint, write_checkpoint
 from server_app.phases import FINAL_SCHEMA, collect_average, final_phase
-from server_app.reply_checks import COLLECT_METRICS, FINAL_METRICS, PREFLIGHT_METRICS, TRAIN_METRICS, reply_problem
+from server_app.reply_checks import reply_problem
 from server_app.strategy import build_strategy, strategy_for_run
 
 
@@ -145,7 +154,7 @@ def test_update_norm_and_clipping_against_a_direct_computation():
 def _strategy(name="fedavg", caps=None, **run):
     strategy = strategy_for_run(RunConfig(strategy=name, **run), 3, caps)
     strategy.expected_spec = SPEC
-    strategy._sent_arrays = {k: v.copy() for k, v in SENT.items()}
+    strategy.record_round(1, _record(SENT), [1, 2, 3])
     if hasattr(strategy, "current_arrays"):
         strategy.current_arrays = {k: v.copy() for k, v in SENT.items()}
     return strategy
@@ -231,7 +240,7 @@ def test_waiting_for_nodes_is_bounded():
     start = time.monotonic()
     messages = strategy.configure_train(1, _record(SENT), ConfigRecord(), _Grid([1]))
     assert messages == [] and time.monotonic() - start < 5
-    assert strategy._offline_nodes == [2, 3]
+    assert strategy.sent_round.offline_nodes == [2, 3]
 
 
 def test_collect_takes_the_majority_spec_not_the_first_reply(task_identity):
@@ -319,7 +328,7 @@ def test_a_strategy_that_cannot_be_constructed_fails_in_config():
 
 def _checkpoint(tmp_path, run):
     strategy = build_strategy(run.strategy, 2, 1.0)
-    glob = ArrayRecord({k: Array(v.detach().numpy()) for k, v in global_ligo(run).state_dict().items()})
+    glob = ArrayRecord({k: Array(v.detach().numpy()) for k, v in initial_global_ligo(run).state_dict().items()})
     write_checkpoint(tmp_path, run, 1, glob, strategy, [])
     return tmp_path / CHECKPOINT_FILE
 
@@ -384,12 +393,36 @@ def _context(tmp_path, mode="fedgrow", **node):
     return Context(1, 1, node_config, RecordDict(), {"mode": mode, "output-dir": str(tmp_path)})
 
 
-@pytest.mark.parametrize(
-    "mode,phase", [("fedgrow", "train-shared"), ("fedgrow", "collect"), ("small-only", "grow"), ("fedgrow", "x")]
-)
+@pytest.mark.parametrize("mode,phase", [("fedgrow", "train-shared"), ("fedgrow", "collect"), ("small-only", "grow")])
 def test_the_client_refuses_phases_its_mode_does_not_serve(tmp_path, task_identity, mode, phase):
     reply = sanitised_errors_mod(_server_message(phase), _context(tmp_path, mode), fedgrow_client.train)
     assert reply.has_error() and "is not served in mode" in reply.error.reason
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        ({"phase": "x"}, "phase = 'x': expected one of ['preflight', 'grow'"),
+        ({"phase": "finetune-evaluate"}, "does not come in a train message"),
+        ({"phase": "grow", "server-round": -1}, "server-round = '-1': expected an integer"),
+        ({"phase": "grow", "server-round": 1.5}, "server-round = '1.5': expected an integer"),
+        ({"phase": "grow", "resumed-after": 10**12}, "resumed-after"),
+        ({"phase": "grow", "proximal-mu": -1.0}, "proximal-mu = '-1.0': expected a finite number >= 0"),
+        ({"phase": "grow", "proximal-mu": float("nan")}, "proximal-mu = 'nan'"),
+    ],
+)
+def test_the_client_refuses_an_instruction_outside_the_protocol(tmp_path, task_identity, config, expected):
+    phase = config.pop("phase")
+    reply = sanitised_errors_mod(_server_message(phase, **config), _context(tmp_path), fedgrow_client.train)
+    assert reply.has_error() and expected in reply.error.reason
+    assert not (tmp_path / "state").exists()  # refused before anything was trained or written
+
+
+def test_every_mode_names_the_phases_its_client_serves_and_an_instruction_round_trips():
+    assert set(MODE_PHASES) == set(MODES)
+    order = Instruction(Phase.GROW, server_round=3, run_tag="run-1", resumed_after=2, proximal_mu=0.1)
+    assert Instruction.from_record(order.to_record()) == order
+    assert dict(Instruction(Phase.COLLECT).to_record()) == {"phase": "collect"}
 
 
 def test_allowed_modes_pins_what_a_node_serves(tmp_path):
@@ -458,9 +491,8 @@ def test_a_dp_round_with_fewer_nodes_online_than_the_noise_assumes_is_skipped():
     strategy = strategy_for_run(run, 3, {1: 5, 2: 5, 3: 5})  # noise calibrated for 3 sampled clients
     assert strategy.num_sampled_clients == 3
     strategy.expected_spec = SPEC
-    strategy._sent_arrays = {k: v.copy() for k, v in SENT.items()}
     strategy.current_arrays = _record(SENT)
-    strategy._sent_nodes = [1, 2]  # node 3 was offline: only two were sent the round
+    strategy.record_round(1, _record(SENT), [1, 2])  # node 3 was offline: only two were sent the round
     honest = {k: v + 0.1 for k, v in SENT.items()}
     arrays, _ = strategy.aggregate_train(1, [_Reply(1, _content(honest)), _Reply(2, _content(honest))])
     assert arrays is None and not strategy.round_log[0]["aggregated"]
@@ -510,7 +542,8 @@ def test_weight_is_capped_by_the_median_of_preflight_counts_too():
 
 def test_two_nodes_clip_against_the_smaller_norm():
     strategy = strategy_for_run(RunConfig(), 2, None)
-    strategy.expected_spec, strategy._sent_arrays = SPEC, {k: v.copy() for k, v in SENT.items()}
+    strategy.expected_spec = SPEC
+    strategy.record_round(1, _record(SENT), [1, 2])
     honest = {k: v + 1.0 for k, v in SENT.items()}
     poison = {k: v - 1000.0 for k, v in SENT.items()}
     arrays, _ = strategy.aggregate_train(1, [_Reply(1, _content(honest)), _Reply(2, _content(poison))])

@@ -29,30 +29,13 @@ from fedgrow_core.clients.private_state import RESIDUAL_PREFIX, load_training_st
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.growth.grown_model import GrownModel
 from fedgrow_core.growth.ligo import DualLiGO, LiGO
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.training import EvalResult, evaluate, train_steps
 from fedgrow_core.update_encoding import encode_update
 
 GLOBAL_PREFIX = "operator.global_."
 HEAD_PREFIX = "head."
-
-
-def global_ligo(run: RunConfig) -> LiGO:
-    """The initial Global-LiGO (intermediate -> target), from the run config alone, seeded by ``run.seed``.
-
-    ``global-tie-layers`` shares its q/k/v/ffn width matrices across target
-    layers; ``global-rank`` makes each width matrix ``S + U V^T`` with only ``U``
-    trained and sent (:class:`~fedgrow_core.growth.ligo.LiGO`, ``rank``).
-    """
-    return LiGO(
-        run.intermediate_shape,
-        run.target_shape,
-        tie_layers=run.global_tie_layers,
-        depth_init=run.depth_init,
-        depth_noise=run.depth_noise,
-        seed=run.seed,
-        rank=run.global_rank,
-    )
 
 
 def growth_param_groups(model: GrownModel, run: RunConfig) -> list[dict]:
@@ -177,7 +160,7 @@ class GrowthClient:
                 depth_noise=run.depth_noise,
                 seed=run.seed + 1 + partition_id,
             )
-            operator = DualLiGO(local, global_ligo(run))
+            operator = DualLiGO(local, initial_global_ligo(run))
         self.model = GrownModel(small.family, small.model, operator, self.num_labels)
         self.model.to(self.device)
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
