@@ -27,6 +27,7 @@ process serves it.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import console_handler
 
 from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient, target_model
@@ -41,11 +43,18 @@ from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.protocol import Instruction, Phase
 from fedgrow_core.run_config import RunConfig
+from fedgrow_core.training import reporting_progress
 
 from .egress_audit import egress_audit_mod
 from .guards import RefusedMessage, check_instruction, check_phase, sanitised_errors_mod
 
 app = ClientApp(mods=[sanitised_errors_mod, egress_audit_mod])
+# the library's progress lines (logger ``fedgrow_core``, INFO) go out through Flower's console handler
+_LIBRARY_LOG = logging.getLogger("fedgrow_core")
+_LIBRARY_LOG.setLevel(logging.INFO)
+_LIBRARY_LOG.propagate = False
+if console_handler not in _LIBRARY_LOG.handlers:
+    _LIBRARY_LOG.addHandler(console_handler)
 
 STATE_KEY = "fedgrow-private"
 #: ``Context.state`` key of the round ``STATE_KEY`` was saved after (a ConfigRecord ``{"round": int}``).
@@ -112,10 +121,12 @@ def round_seed(seed: int, partition_id: int, phase: str, server_round: int) -> i
 
 
 @contextlib.contextmanager
-def _seeded(context: Context, run: RunConfig, phase: str, server_round: int) -> Iterator[None]:
-    """Run the block under :func:`round_seed`, restoring the process's torch RNG afterwards."""
-    with torch.random.fork_rng():
-        torch.manual_seed(round_seed(run.seed, int(context.node_config["partition-id"]), phase, server_round))
+def _seeded(context: Context, run: RunConfig, phase: Phase, server_round: int) -> Iterator[None]:
+    """Run the block under :func:`round_seed` (the process's torch RNG restored afterwards), reporting progress."""
+    partition = int(context.node_config["partition-id"])
+    label = f"partition {partition}, {phase.value}" + (f" round {server_round}" if phase is not Phase.FINAL else "")
+    with torch.random.fork_rng(), reporting_progress(label):
+        torch.manual_seed(round_seed(run.seed, partition, phase, server_round))
         yield
 
 

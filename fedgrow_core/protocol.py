@@ -172,12 +172,18 @@ def _count(config: Mapping[str, object], key: str) -> int:
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One metric key of a reply: its type (``int`` or ``float``), inclusive range and whether it is required."""
+    """One metric key of a reply: its type (``int`` or ``float``), inclusive range, whether it is required.
+
+    ``averaged``: whether the server's strategy aggregates it (a weighted mean
+    of losses and accuracies means something; one of parameter counts or
+    thread counts does not).
+    """
 
     kind: type
     low: float
     high: float
     required: bool = True
+    averaged: bool = False
 
     def problem(self, key: str, value: object) -> str | None:
         """Why ``value`` is not acceptable for ``key``, or ``None``."""
@@ -214,8 +220,8 @@ _PARTITION = MetricSpec(int, 0, MAX_COUNT)
 #: Metrics of a round's reply (``grow``, ``train-local``, ``train-shared``).
 TRAIN_METRICS: dict[str, MetricSpec] = {
     "num-examples": _COUNT,
-    "train-loss": MetricSpec(float, 0.0, 1e6),
-    "train-accuracy": _FRACTION,
+    "train-loss": MetricSpec(float, 0.0, 1e6, averaged=True),
+    "train-accuracy": MetricSpec(float, 0.0, 1.0, averaged=True),
     "train-seconds": _SECONDS,
     "trainable-params": _PARAMS,
     "compute-threads": MetricSpec(int, 1, 1 << 16),

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -19,6 +22,27 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedgrow_core.data.preprocessing import model_inputs
+
+_LOG = logging.getLogger(__name__)
+#: The label of :func:`train_steps`' progress lines in this context (``None``: no lines).
+_PROGRESS_LABEL: ContextVar[str | None] = ContextVar("progress_label", default=None)
+#: Seconds between two progress lines of one :func:`train_steps` call (the last step always reports).
+PROGRESS_SECONDS = 20.0
+
+
+@contextlib.contextmanager
+def reporting_progress(label: str) -> Iterator[None]:
+    """Within the block, :func:`train_steps` logs ``"<label>: step i/n, loss L, S s"`` (INFO, logger ``fedgrow_core``).
+
+    One line at most every :data:`PROGRESS_SECONDS` seconds and one after the
+    last step; the loss is the mean cross-entropy (nats) of the steps since the
+    previous line.
+    """
+    token = _PROGRESS_LABEL.set(label)
+    try:
+        yield
+    finally:
+        _PROGRESS_LABEL.reset(token)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -93,7 +117,9 @@ def train_steps(
     model.train()
     losses, correct, seen = [], 0, 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    for _ in range(steps):
+    label, start = _PROGRESS_LABEL.get(), time.perf_counter()
+    reported, last_line = 0, start
+    for step in range(steps):
         batch = _to(next(batches), device)
         args, kwargs = model_inputs(batch)
         with _autocast(device):
@@ -110,6 +136,13 @@ def train_steps(
         losses.append(float(loss.detach()))
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
         seen += len(batch["labels"])
+        now = time.perf_counter()
+        if label is not None and (now - last_line >= PROGRESS_SECONDS or step == steps - 1):
+            window = losses[reported:]
+            _LOG.info(
+                "%s: step %d/%d, loss %.4f, %.0f s", label, step + 1, steps, sum(window) / len(window), now - start
+            )
+            reported, last_line = len(losses), now
     model.eval()
     return TrainStats(losses, correct, seen)
 

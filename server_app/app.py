@@ -10,6 +10,7 @@ folder is written by :mod:`server_app.outputs` and :mod:`server_app.summary`.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -25,8 +26,15 @@ from fedgrow_core.run_config import ConfigError, RunConfig
 from .checkpoint import check_resumable, read_checkpoint
 from .modes import run_mode
 from .outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
+from .quiet_log import quiet_strategy_log
 from .strategy import strategy_for_run
 from .summary import build_summary, final_clients, round_rows
+
+# In simulation the Ray backend starts in this process after the ServerApp is loaded. Ray warns
+# (FutureWarning) that it will stop hiding GPUs from actors with num-gpus = 0; this opts in to
+# that behaviour now, which silences the warning. Simulated clients given no GPU by
+# flwr_home/federation.toml then see the machine's GPUs: run-config device = "cpu" keeps them off.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 app = ServerApp()
 
@@ -57,6 +65,11 @@ def check_writable(folder: Path) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured mode and write the run folder."""
+    with quiet_strategy_log():
+        _main(grid, context)
+
+
+def _main(grid: Grid, context: Context) -> None:
     start = time.perf_counter()
     run = RunConfig.from_flower(context.run_config)
     num_nodes = len(list(grid.get_node_ids()))
@@ -89,11 +102,22 @@ def main(grid: Grid, context: Context) -> None:
     summary = build_summary(run, result.entries, clients, rows, time.perf_counter() - start, resumed_after)
     summary["final_rejected"] = result.final_rejected
     write_summary(run_dir, summary)
+    for client in clients:
+        log(
+            INFO,
+            "partition %d (%s): accuracy %.3f on %d test rows",
+            client["partition_id"],
+            client["model"],
+            client["accuracy"],
+            client["test_examples"],
+        )
+    mean = summary["mean_accuracy"]
     log(
         INFO,
-        "Fed-Grow (%s) done: mean accuracy %s over %d clients; run folder %s",
+        "Fed-Grow (%s) done in %.0f s: mean accuracy %s over %d clients; summary in %s",
         run.mode,
-        summary["mean_accuracy"],
+        summary["wall_time_s"],
+        "n/a" if mean is None else f"{mean:.3f}",
         len(clients),
-        run_dir,
+        run_dir / "summary.json",
     )

@@ -34,7 +34,7 @@ from .reply_checks import (
     decode_arrays,
     reply_problem,
 )
-from .round_log import message_bytes, round_entry
+from .round_log import message_bytes, round_entry, round_summary
 
 
 @dataclass
@@ -220,17 +220,7 @@ class ReplyChecks:
         metrics["rejected-replies"] = len(rejected)
         metrics["failed-replies"] = entry["failed"]
         metrics["missing-replies"] = len(entry["missing_nodes"])
-        log(
-            INFO,
-            "round %d: %d replies, %d accepted, %d rejected, %d failed, %d missing, %.1f s",
-            server_round,
-            len(replies),
-            len(ok),
-            len(rejected),
-            entry["failed"],
-            len(entry["missing_nodes"]),
-            seconds,
-        )
+        log(INFO, "round %d: %s", server_round, round_summary(entry))
         return arrays, metrics
 
     def _problem(self, msg: Message, schema: ReplySchema) -> tuple[str | None, dict | None]:
@@ -256,7 +246,7 @@ class ReplyChecks:
         return problem, values
 
     def _bound(self, ok: list[Message], values: list[dict], schema: ReplySchema) -> list[dict]:
-        """Cap weights, clip update norms and keep only required metrics, in place; returns the clipped replies.
+        """Cap weights, clip update norms and keep only the averaged metrics, in place; returns the clipped replies.
 
         ``values`` are the decoded float32 tensors of ``ok``, in order; they replace each reply's arrays.
         """
@@ -278,7 +268,8 @@ class ReplyChecks:
             msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in value.items()})
             weight = int(msg.content["metrics"]["num-examples"])
             cap = None if self.example_caps is None else self.example_caps.get(node)
-            required = {k: msg.content["metrics"][k] for k, s in schema.metrics.items() if s.required}
+            # only what a weighted mean means something for; each client's own metrics are in the round log
+            required = {k: msg.content["metrics"][k] for k, s in schema.metrics.items() if s.required and s.averaged}
             required["num-examples"] = max(1, min(capped_weight(weight, cap), weight_cap))
             msg.content["metrics"] = MetricRecord(required)
         return clipped_nodes

@@ -30,7 +30,7 @@ from .reply_checks import (
     reply_problem,
     train_schema,
 )
-from .round_log import content_bytes, last_line, round_entry
+from .round_log import content_bytes, last_line, round_entry, round_summary
 from .strategy import build_strategy, strategy_for_run
 
 #: The schema of a preflight reply (metrics only) and of a final-phase reply (metrics and ``info``).
@@ -199,7 +199,7 @@ def local_rounds(
         size = content_bytes(order.content())
         entry["download_bytes"] = dict.fromkeys(map(str, sent), size)
         entries.append({**entry, "phase": phase, "aggregated": False})
-        log(INFO, "round %d (%s): %d replies, %.1f s", r, phase, len(replies), entry["seconds"])
+        log(INFO, "round %d (%s): %s", r, phase, round_summary(entry))
     return entries
 
 

@@ -132,3 +132,27 @@ def last_line(reason: str, limit: int = 500) -> str:
     """The last non-empty line of an error reason, at most ``limit`` characters (a simulation's holds a traceback)."""
     lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
     return (lines[-1] if lines else "")[:limit]
+
+
+def round_summary(entry: dict) -> str:
+    """One line for the log: replies by outcome, the clients' mean metrics and the round's seconds.
+
+    E.g. ``3/3 replies accepted, train loss 0.657, train accuracy 0.609, eval
+    accuracy 0.703, 27.5 s``; the means are unweighted over the accepted
+    clients (each client's numbers are in ``metrics.jsonl``), and rejected,
+    failed and missing replies are named only when there are any.
+    """
+    parts = [f"{len(entry['accepted_nodes'])}/{entry['replies']} replies accepted"]
+    for key, count in (("rejected", len(entry["rejected"])), ("failed", entry["failed"])):
+        if count:
+            parts.append(f"{count} {key}")
+    if entry["missing_nodes"]:
+        parts.append(f"{len(entry['missing_nodes'])} missing")
+    clients = entry["client_metrics"].values()
+    for key in ("train-loss", "train-accuracy", "eval-accuracy"):
+        values = [m[key] for m in clients if key in m]
+        if values:
+            parts.append(f"{key.replace('-', ' ')} {sum(values) / len(values):.3f}")
+    parts.append(f"{entry['seconds']:.1f} s")
+    return ", ".join(parts)
+
