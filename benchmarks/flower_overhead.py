@@ -1,7 +1,7 @@
 """What Flower adds to a Fed-Grow run: the same client work through ``flwr run`` and in-process.
 
 1. **Flower**: ``flwr run .`` in local simulation (the federation of
-   ``flwr_home/config.toml``: three SuperNodes, Ray), with a project-local
+   ``flwr_home/federation.toml``: three SuperNodes, Ray), with a project-local
    ``FLWR_HOME`` and a fresh local SuperLink, exactly as ``make run``. Timed
    from the command's start to its end; the ServerApp's own wall time
    (``summary.json``'s ``wall_time_s``) and ``wall_over_floor`` are printed too.
@@ -41,7 +41,7 @@ from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
 
 SHORT_RUN = ["num-server-rounds=2", "local-steps=5", "finetune-steps=5"]
-NUM_NODES = 3  # flwr_home/config.toml's num-supernodes
+NUM_NODES = 3  # flwr_home/federation.toml: num-supernodes
 
 
 def in_process(run: RunConfig, num_nodes: int = NUM_NODES) -> dict:

@@ -3,12 +3,26 @@
 flwr 1.41 reads its SuperLink connections from ``$FLWR_HOME/config.toml`` and
 starts a detached local SuperLink on first use (fixed port), which it reuses for
 later runs; :func:`stop_local_superlink` stops the one started under a given
-``FLWR_HOME``.
+``FLWR_HOME``. The simulated federation is ``flwr_home/federation.toml``
+(``--federation-config``).
+
+``flwr run --stream`` exits 0 whether or not the ServerApp finished.
+:func:`run_failure` asks the SuperLink for the run's status (``flwr list``) and
+checks that the run wrote its summary; ``make run`` and the experiment runner
+exit non-zero with its reason.
+
+Command line (the Makefile's)::
+
+    python -m experiments.flower_launcher --check <log of flwr run> <FLWR_HOME>
+    python -m experiments.flower_launcher --stop <FLWR_HOME>
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+#: The simulated federation (``flwr run --federation-config``): SuperNodes and their resources.
+FEDERATION_CONFIG = ROOT / "flwr_home" / "federation.toml"
+_STARTED = re.compile(r"Successfully started run (\d+)")
+_SUMMARY = re.compile(r"summary in (\S+summary\.json)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def prepare_flwr_home(home: Path, template: Path = ROOT / "flwr_home") -> Path:
@@ -61,7 +80,10 @@ def flwr_run(run_config: Path, home: Path, log_file: Path, timeout: float = 7200
     """
     with open(log_file, "w") as log:
         proc = subprocess.run(
-            [str(BIN / "flwr"), "run", str(app), "--run-config", str(run_config), "--stream"],
+            [
+                *(str(BIN / "flwr"), "run", str(app), "--stream"),
+                *("--run-config", str(run_config), "--federation-config", str(FEDERATION_CONFIG)),
+            ],
             env=flwr_env(home),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -101,9 +123,66 @@ def stop_local_superlink(home: Path) -> None:
             pass
 
 
-if __name__ == "__main__":  # ``python -m experiments.flower_launcher --stop <FLWR_HOME>`` (the Makefile's clean-up)
-    import sys
+def run_failure(log_text: str, home: Path) -> str | None:
+    """Why the run that ``flwr run --stream`` logged did not finish with a summary, or ``None`` if it did.
 
-    if sys.argv[1:2] != ["--stop"] or len(sys.argv) != 3:
-        raise SystemExit("usage: python -m experiments.flower_launcher --stop <FLWR_HOME folder>")
-    stop_local_superlink(Path(sys.argv[2]).resolve())
+    Parameters
+    ----------
+    log_text : str
+        What ``flwr run`` printed (its run id, the streamed log).
+    home : Path
+        The ``FLWR_HOME`` it ran under; its local SuperLink must still be up,
+        since the run's status comes from ``flwr list --run-id``.
+
+    Returns
+    -------
+    str or None
+        ``None`` if Flower reports ``finished:completed`` and the
+        ``summary.json`` the ServerApp named exists; otherwise one line: no run
+        started, Flower's status and its details, or no summary written.
+    """
+    text = _ANSI.sub("", log_text)
+    started = _STARTED.search(text)
+    if started is None:
+        tail = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
+        return f"flwr run started no run: {tail[0][:300]}"
+    run_id = started.group(1)
+    listed = subprocess.run(
+        [str(BIN / "flwr"), "list", "--run-id", run_id, "--format", "json"],
+        env=flwr_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        (run,) = json.loads(listed.stdout)["runs"]
+    except (ValueError, KeyError, TypeError):
+        return f"run {run_id}: its status could not be read from the SuperLink ({listed.stdout.strip()[:300]})"
+    if run.get("status") != "finished:completed":
+        return f"run {run_id} ended {run.get('status')!r}: {str(run.get('status-details', ''))[:500]}"
+    summaries = _SUMMARY.findall(text)
+    if not summaries or not Path(summaries[-1]).is_file():
+        return f"run {run_id} completed but wrote no summary.json"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point (``--check LOG FLWR_HOME`` or ``--stop FLWR_HOME``); returns the exit status."""
+    parser = argparse.ArgumentParser(description="Check or clean up a `flwr run` in local simulation.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--check", nargs=2, metavar=("LOG", "FLWR_HOME"), help="exit 1, naming why, if the run failed")
+    group.add_argument("--stop", metavar="FLWR_HOME", help="stop the local SuperLink started under FLWR_HOME")
+    args = parser.parse_args(argv)
+    if args.stop:
+        stop_local_superlink(Path(args.stop).resolve())
+        return 0
+    log_file, home = Path(args.check[0]), Path(args.check[1]).resolve()
+    failure = run_failure(log_file.read_text(errors="replace") if log_file.is_file() else "", home)
+    if failure:
+        print(f"FAILED: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

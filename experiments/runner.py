@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fedgrow_core.run_config import MODES, RunConfig, pyproject_config
 
-from .flower_launcher import ROOT, flwr_run, prepare_flwr_home, stop_local_superlink
+from .flower_launcher import ROOT, flwr_run, prepare_flwr_home, run_failure, stop_local_superlink
 from .plots import plot_accuracy
 from .tables import results_table, write_tables
 
@@ -68,7 +68,8 @@ def run_grid(
     Raises
     ------
     RuntimeError
-        If a run exits non-zero or leaves no ``summary.json`` (its log is named).
+        If a run did not finish with a ``summary.json``: ``flwr run`` exited
+        non-zero or Flower reports the run failed (the reason and its log are named).
     """
     home = prepare_flwr_home((out / "flwr-home").resolve())
     summaries, started = [], False
@@ -91,10 +92,13 @@ def run_grid(
                         start = time.perf_counter()
                         print(f"[runner] {tag} ...", flush=True)
                         started = True
-                        status = flwr_run(folder / "run.toml", home, folder / "flwr.log", timeout=timeout)
+                        log_file = folder / "flwr.log"
+                        status = flwr_run(folder / "run.toml", home, log_file, timeout=timeout)
+                        failure = run_failure(log_file.read_text(errors="replace"), home)
                         done = sorted(folder.glob("output/*/summary.json"))
-                        if status != 0 or not done:
-                            raise RuntimeError(f"run {tag} failed (exit {status}); see {folder / 'flwr.log'}")
+                        if status != 0 or failure or not done:
+                            reason = failure or (f"flwr run exited {status}" if status else "no summary.json")
+                            raise RuntimeError(f"run {tag} failed: {reason}; its log: {log_file}")
                         print(f"[runner] {tag} done in {time.perf_counter() - start:.0f} s", flush=True)
                     summary = json.loads(done[-1].read_text())
                     summary["rows"] = [
@@ -122,9 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = run_overrides(args.preset, args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summaries = run_grid(
-        overrides, args.modes, args.seeds, args.alphas or [None], args.out, args.timeout, not args.collect_only
-    )
+    try:
+        summaries = run_grid(
+            overrides, args.modes, args.seeds, args.alphas or [None], args.out, args.timeout, not args.collect_only
+        )
+    except RuntimeError as err:
+        print(f"[runner] FAILED: {err}", file=sys.stderr)
+        return 1
     table = results_table(summaries)
     write_tables(table, args.out)
     plot_accuracy(summaries, args.out)

@@ -7,9 +7,6 @@ stops it afterwards, even on failure.
 
 import json
 import math
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from client_app.egress_audit import REPLY_CONFIGS, REPLY_METRICS
-from experiments.flower_launcher import stop_local_superlink
+from experiments import flower_launcher
 from fedgrow_core.accounting import tensor_bytes
 from fedgrow_core.growth.ligo import LiGO
 from fedgrow_core.run_config import parse_shape
@@ -32,7 +29,7 @@ BIN = Path(sys.executable).parent
 
 def _stop_superlinks(flwr_home):
     """Stop what ``flwr run`` started for ``flwr_home``: processes whose environment names it, by pid."""
-    stop_local_superlink(flwr_home)
+    flower_launcher.stop_local_superlink(flwr_home)
 
 
 def _local_superlink_running() -> bool:
@@ -45,30 +42,21 @@ def _local_superlink_running() -> bool:
         return False
 
 
-def _flwr_run(tmp: Path, overrides: dict) -> tuple[subprocess.CompletedProcess, str]:
-    """``flwr run`` of this app with ``overrides`` against a local SuperLink of its own, stopped afterwards."""
+def _flwr_run(tmp: Path, overrides: dict) -> tuple[int, str, str | None]:
+    """``flwr run`` of this app with ``overrides`` against a local SuperLink of its own, stopped afterwards.
+
+    Returns the exit status, the log, and ``run_failure``'s verdict (asked before the SuperLink stops).
+    """
     lines = [f"{k} = {json.dumps(v)}" for k, v in overrides.items()]
     (tmp / "run.toml").write_text("\n".join(lines) + "\n")
-    home = tmp / "flwr-home"
-    shutil.copytree(ROOT / "flwr_home", home)
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    home = flower_launcher.prepare_flwr_home(tmp / "flwr-home")
     try:
-        proc = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), "--run-config", str(tmp / "run.toml"), "--stream"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        status = flower_launcher.flwr_run(tmp / "run.toml", home, tmp / "flwr.log", timeout=600)
+        log = (tmp / "flwr.log").read_text(errors="replace")
+        failure = flower_launcher.run_failure(log, home)
     finally:
         _stop_superlinks(home)
-    return proc, proc.stdout + proc.stderr
+    return status, log, failure
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +90,40 @@ def flwr_run(tmp_path_factory):
         "global-rank": 4,
         "update-encoding": "int8",
     }
-    proc, log = _flwr_run(tmp, overrides)
-    assert proc.returncode == 0, log[-4000:]
+    status, log, failure = _flwr_run(tmp, overrides)
+    assert status == 0 and failure is None, (failure, log[-4000:])
     runs = list((tmp / "out").glob("*-text-fedavg"))
     assert len(runs) == 1, log[-4000:]
     return runs[0], overrides, models, log
+
+
+#: Lines a run's log must not show: load reports of the expected new task head, progress bars of
+#: model loading and tokenisation, Ray's accelerator warning, Flower's deprecated federation options
+#: and empty federated-evaluation lines, and averaged parameter counts.
+NOISE = (
+    "LOAD REPORT",
+    "Loading weights",
+    "Map:",
+    "FutureWarning",
+    "deprecated",
+    "fraction_evaluate",
+    "Evaluate Metrics",
+    "MetricRecord: None",
+    "trainable-params",
+    "Final results",
+)
+
+
+def test_the_log_is_quiet_and_reports_progress(flwr_run):
+    _, overrides, _, log = flwr_run
+    shown = [noise for noise in NOISE if noise in log]
+    assert not shown, shown
+    assert "(3 simulated SuperNodes)" in log  # flwr_home/federation.toml, not Flower's default of 2
+    for partition in (0, 1, 2):  # every client reports its steps, loss and seconds
+        steps = overrides["local-steps"]
+        assert f"partition {partition}, grow round 1: step {steps}/{steps}, loss " in log
+    assert "round 1: 3/3 replies accepted, train loss " in log
+    assert "mean accuracy " in log and "summary in " in log
 
 
 def test_run_folder_holds_metrics_plot_and_global_ligo(flwr_run):
@@ -211,8 +228,10 @@ def test_a_node_that_cannot_set_up_stops_the_run_before_any_training(flwr_run, t
     missing = tmp_path / "no-such-model"
     overrides = {**cfg, "client-models": f"{models[0]},{missing}", "output-dir": str(tmp_path / "out")}
     overrides.pop("audit-dir")
-    proc, log = _flwr_run(tmp_path, overrides)
+    status, log, failure = _flwr_run(tmp_path, overrides)
     assert "preflight failed, no training started" in log, log[-3000:]
+    # `flwr run --stream` exits 0 all the same; the run's status says it failed, and why
+    assert failure is not None and "finished:failed" in failure and "preflight failed" in failure, failure
     assert "no-such-model" in log
     assert "[ROUND 1" not in log and "round 1:" not in log
     assert not list((tmp_path / "out").glob("*-text-*"))  # no run folder
