@@ -20,7 +20,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from fedgrow_core.run_config import MODES, RunConfig, pyproject_config
+from flwr.common.config import flatten_dict
+
+from fedgrow_core.run_config import MODES, RunConfig, parse_overrides, pyproject_config
 
 from .flower_launcher import ROOT, flwr_run, prepare_flwr_home, run_failure, stop_local_superlink
 from .plots import plot_accuracy
@@ -32,17 +34,14 @@ def run_overrides(preset: Path | None, extra: list[str]) -> dict:
 
     Raises
     ------
+    ValueError
+        If an override is not ``key=value`` with a TOML literal value.
     fedgrow_core.run_config.ConfigError
         If the merged config is invalid (before anything runs).
     """
-    overrides = tomllib.loads(preset.read_text()) if preset else {}
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-    base = pyproject_config(ROOT / "pyproject.toml")
-    RunConfig.from_flower({**base, **overrides})
+    overrides = flatten_dict(tomllib.loads(preset.read_text())) if preset else {}
+    overrides.update(parse_overrides(extra, usage="--set expects key=value"))
+    RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **overrides})
     return overrides
 
 

@@ -1,19 +1,37 @@
 """The run configuration of a Fed-Grow run, checked before any training starts.
 
 Flower passes ``[tool.flwr.app.config]`` (with ``--run-config`` overrides) as a
-flat dict of scalars with kebab-case keys. :meth:`RunConfig.from_flower` reads it,
-checks every value (type, range, shapes that can grow) and raises one
-:class:`ConfigError` that lists every problem found, each naming the key, the bad
-value and what was expected.
+flat dict of scalars with kebab-case keys. :class:`RunConfig` declares every key
+once (type, range or choices, default, description); :meth:`RunConfig.from_flower`
+reads the dict and raises one :class:`ConfigError` that lists every problem
+found, each naming the key, the bad value and what was expected.
+:func:`config_reference_markdown` renders the declarations as ``docs/config.md``::
+
+    python -m fedgrow_core.run_config --markdown > docs/config.md
 """
 
 from __future__ import annotations
 
-import math
+import argparse
+import json
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import click
+from flwr.common.config import flatten_dict, parse_config_args
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
 
 from fedgrow_core.data.partitions import PARTITIONERS
 from fedgrow_core.growth.shapes import TransformerShape
@@ -22,10 +40,14 @@ from fedgrow_core.update_encoding import ENCODINGS
 TASKS = ("text", "image")
 #: What the app runs (the comparison of README, "Results"): Fed-Grow, its baselines, and Fed-Grow
 #: followed by federated fine-tuning. See ``server_app/app.py``.
-DP_CLIPPING = ("off", "fixed", "adaptive")
 MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft")
+#: The modes whose clients train and send a Global-LiGO.
+GLOBAL_LIGO_MODES = ("fedgrow", "fedgrow-fedft")
+DP_CLIPPING = ("off", "fixed", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+DEPTH_INITS = ("stackbert", "interlace", "identity")
+SHAPE_FORMAT = "'LxDxFxH' (layers x hidden x ffn x heads, e.g. '12x512x2048x16')"
 
 
 class ConfigError(ValueError):
@@ -51,404 +73,529 @@ def parse_shape(text: str) -> TransformerShape:
     except ValueError:
         numbers = []
     if len(numbers) != 4:
-        raise ValueError(f"expected 'LxDxFxH' (layers x hidden x ffn x heads, e.g. '12x512x2048x16'), got {text!r}")
+        raise ValueError(f"expected {SHAPE_FORMAT}, got {text!r}")
     return TransformerShape(*numbers)
 
 
-@dataclass(frozen=True)
-class RunConfig:
+def _shape(value: Any) -> TransformerShape:
+    return value if isinstance(value, TransformerShape) else parse_shape(value)
+
+
+def _model_names(value: Any) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in value.split(",")) if isinstance(value, str) else value
+    if not isinstance(names, tuple) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError("expected comma-separated model names")
+    return names
+
+
+Shape = Annotated[TransformerShape, PlainValidator(_shape)]
+ModelNames = Annotated[tuple[str, ...], PlainValidator(_model_names)]
+
+
+def _key(default: Any, description: str, requires: str = "", **bounds: float) -> Any:
+    """One run-config key: its default, one-line description, bounds, and checks against other keys."""
+    return Field(default, description=description, json_schema_extra={"requires": requires}, **bounds)
+
+
+class RunConfig(BaseModel):
     """Every knob of a Fed-Grow run (``[tool.flwr.app.config]``, kebab-case keys).
 
-    Attributes
-    ----------
-    mode : {"fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft"}
-        Fed-Grow or one of the baselines it is compared with; every mode gives
-        each client the same ``num_server_rounds * local_steps + finetune_steps``
-        optimiser steps on the same rows.
-    task : {"text", "image"}
-    dataset : str
-        A :func:`fedgrow_core.data.sources.load_data_source` source.
-    client_models : tuple of str
-        One small model per partition, cycling (``client-models``, comma-separated).
-    intermediate_shape, target_shape : TransformerShape
-        ``"LxDxFxH"`` strings in the config.
-    num_server_rounds : int
-        Growth rounds.
-    local_steps : int
-        Optimiser steps per client per round.
-    batch_size : int
-    max_length : int
-        Token truncation (text).
-    max_train_examples : int
-        Cap on each client's training rows (0: no cap), to fit a time budget.
-    max_test_examples : int
-        Cap on each client's test rows (0: no cap); every evaluation of a run uses
-        the same capped rows.
-    eval_every : int
-        Rounds between the per-round evaluations of each client's current model
-        (the accuracy-per-round curves): rounds ``eval_every, 2 * eval_every, ...``
-        report ``eval-accuracy``; 0 turns them off. The final evaluation always
-        runs, on every test row.
-    eval_max_examples : int
-        Cap on the test rows of a per-round evaluation (the first rows of the
-        client's test split, the same every round; 0: all of them).
-    depth_init : {"stackbert", "interlace", "identity"}
-        Depth initialisation of both operators (LiGO reference code's names;
-        ``identity``: new layers start with zero residual-branch outputs, exact
-        for pre-LN ViTs, see :mod:`fedgrow_core.growth.preservation`).
-    depth_noise : float
-        ``U[0, depth_noise)`` added to the depth coefficients, >= 0.
-    lr_depth, lr_width, lr_head : float
-        Peak AdamW learning rates of the growth phase, one parameter group each:
-        the depth coefficients (entries near 1), the width matrices ``E``, and
-        the task head.
-    lr_schedule : {"cosine", "linear", "constant"}
-        Schedule of all three over the growth phase's
-        ``num_server_rounds * local_steps`` steps (``transformers``'
-        ``get_*_schedule_with_warmup``), after ``warmup_steps`` linear warm-up.
-    warmup_steps : int
-    weight_decay : float
-        AdamW decoupled weight decay of the growth phase.
-    fraction_train : float
-        Fraction of clients sampled per round, in (0, 1].
-    partitioner : {"iid", "dirichlet", "shards"}
-    dirichlet_alpha : float
-    shards_per_partition : int
-    finetune_steps : int
-        Local fine-tuning steps of the materialised grown model.
-    pretrain_steps, patch_size : int
-        For ``vit:LxD`` client models: pre-training steps on the client's own
-        rows, and the patch side in pixels.
-    lr_finetune : float
-    strategy : str
-        A built-in strategy name or ``package.module:Class``.
-    min_train_nodes : int
-        The strategy's ``min_train_nodes``: at least this many nodes are sampled
-        per round, and a round aggregates only if at least this many replies pass
-        the checks (otherwise the Global-LiGO is kept unchanged).
-    round_timeout : float
-        Seconds the server waits for a round's replies; a node that has not
-        replied by then is recorded as missing for that round. It also bounds
-        the wait for ``min_train_nodes`` online nodes before a round.
-    clip_update_norm : float
-        Fixed L2 bound on each reply's update of the shared tensors (reply minus
-        what was sent), applied before aggregation; 0 turns it off.
-    clip_update_median : float
-        Bound on each reply's update norm as a multiple of the round's median
-        update norm (:mod:`server_app.bounded_influence`, median (the smaller of two)); 0 turns
-        it off. The bound used is the smaller of the two.
-    cap_weight_median : float
-        Cap on each reply's ``num-examples`` (its FedAvg weight) as a multiple of
-        the median (the smaller of two) of the round's preflight row counts, on top of the cap
-        at the node's own preflight count; 0 turns it off.
-    proximal_mu : float
-        FedProx's proximal weight (Li et al. 2020, Eq. 2); must be > 0 with
-        ``strategy = "fedprox"``.
-    fedopt_eta, fedopt_eta_l, fedopt_beta_1, fedopt_beta_2, fedopt_tau : float
-        Server learning rate, client learning rate (as Flower records it),
-        moment decays and adaptivity of FedAdam, FedYogi and FedAdagrad (Reddi
-        et al. 2021, Alg. 2); Flower's FedAdam defaults.
-    server_momentum, server_lr : float
-        FedAvgM's server momentum and learning rate (Hsu et al. 2019).
-    num_malicious_nodes : int
-        Krum's ``f`` (Blanchard et al. 2017): nodes that may be Byzantine.
-    trimmed_beta : float
-        FedTrimmedAvg's fraction cut from each end, in [0, 0.5).
-    dp_clipping : {"off", "fixed", "adaptive"}
-        Central differential privacy on the shared tensors with Flower's
-        server-side clipping wrappers (``DifferentialPrivacyServerSideFixedClipping``
-        or ``...AdaptiveClipping``).
-    dp_noise_multiplier : float
-        Gaussian noise std as a multiple of the clipping norm (>= 0).
-    dp_clipping_norm : float
-        L2 clipping norm of each client's update (the initial norm for
-        ``adaptive``), > 0.
-    global_tie_layers : bool
-        Share the Global-LiGO's q/k/v/ffn width matrices across the target's
-        layers (as the Local-LiGO always does): about ``L_target`` times fewer
-        width parameters to train and send.
-    global_rank : int
-        0: full width matrices. ``r > 0``: each Global-LiGO width matrix is
-        ``E = S + U V^T`` with ``S`` (the initial selection) and ``V`` seeded,
-        frozen and never sent; only ``U`` is trained and sent, and FedAvg of
-        ``U`` is exactly FedAvg of ``E`` (:class:`fedgrow_core.growth.ligo.LiGO`).
-        At most the intermediate hidden width.
-    update_encoding : {"float32", "float16", "int8"}
-        How a client sends its Global-LiGO in each growth round (modes
-        ``fedgrow`` and ``fedgrow-fedft``; other modes send no Global-LiGO and
-        whole target models always travel as float32 values): ``float32`` the
-        values; ``float16`` / ``int8`` (default; per-row scales) the update
-        ``new - received``, with error feedback kept in the client's private
-        state (:mod:`fedgrow_core.update_encoding`). The server checks the
-        encoded reply (names, shapes, dtypes, finite), decodes it onto what it
-        sent, refuses non-finite results, and only then clips, caps and
-        aggregates float32 values (central DP included).
-    audit_dir : str
-        If set, every client appends one JSON line per message it sends to
-        ``<audit-dir>/egress-<node id>.jsonl`` (:mod:`client_app.egress_audit`).
-    resume_from : str
-        A run folder to continue (mode ``fedgrow``): the server reads its
-        ``checkpoint.safetensors`` (written after every growth round), runs the
-        remaining rounds up to ``num-server-rounds`` and writes its outputs into
-        that folder; clients pick up their private state from their state folders.
-        Every other setting must equal the checkpoint's.
-    seed : int
-    output_dir : str
-    save_models : bool
-        Whether each client saves its final model under ``output-dir`` (the
-        comparison presets turn it off: a grown text model is ~160 MB per client).
-    device : {"auto", "cpu", "cuda"}
-    cache_dir : str
-        Model cache ("" for the default).
+    Each attribute is the snake_case name of a Flower key (``local_steps`` for
+    ``local-steps``); its type, range, default and description are declared
+    below and rendered in ``docs/config.md``. Built from keyword arguments (by
+    attribute name or key) or :meth:`from_flower`, a config is checked whole;
+    it is frozen and hashable. ``model_copy(update=...)`` skips the checks
+    (:meth:`check` runs them).
+
+    Raises
+    ------
+    ConfigError
+        From the constructor, listing every bad value at once.
     """
 
-    mode: str = "fedgrow"
-    task: str = "text"
-    dataset: str = "rotten-tomatoes"
-    text_column: str = "text"
-    label_column: str = "label"
-    image_column: str = "image"
-    client_models: tuple[str, ...] = ("minilm-l3", "minilm-l6", "minilm-l6-sre")
-    intermediate_shape: TransformerShape = TransformerShape(6, 384, 1536, 12)
-    target_shape: TransformerShape = TransformerShape(8, 768, 1536, 12)
-    num_server_rounds: int = 3
-    local_steps: int = 10
-    batch_size: int = 32
-    max_length: int = 64
-    max_train_examples: int = 0
-    max_test_examples: int = 0
-    eval_every: int = 1
-    eval_max_examples: int = 256
-    depth_init: str = "stackbert"
-    depth_noise: float = 0.0
-    lr_depth: float = 1e-4
-    lr_width: float = 1e-4
-    lr_head: float = 5e-3
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    fraction_train: float = 1.0
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    shards_per_partition: int = 2
-    finetune_steps: int = 20
-    pretrain_steps: int = 300
-    patch_size: int = 7
-    lr_finetune: float = 5e-5
-    strategy: str = "fedavg"
-    min_train_nodes: int = 1
-    round_timeout: float = 3600.0
-    clip_update_norm: float = 0.0
-    clip_update_median: float = 2.0
-    cap_weight_median: float = 3.0
-    proximal_mu: float = 0.0
-    fedopt_eta: float = 0.1
-    fedopt_eta_l: float = 0.1
-    fedopt_beta_1: float = 0.9
-    fedopt_beta_2: float = 0.99
-    fedopt_tau: float = 1e-3
-    server_momentum: float = 0.9
-    server_lr: float = 1.0
-    num_malicious_nodes: int = 0
-    trimmed_beta: float = 0.2
-    dp_clipping: str = "off"
-    dp_noise_multiplier: float = 0.0
-    dp_clipping_norm: float = 1.0
-    global_tie_layers: bool = False
-    global_rank: int = 0
-    update_encoding: str = "int8"
-    audit_dir: str = ""
-    resume_from: str = ""
-    seed: int = 0
-    output_dir: str = "outputs"
-    save_models: bool = True
-    device: str = "auto"
-    cache_dir: str = ""
+    model_config = ConfigDict(
+        frozen=True,
+        strict=True,  # no "32" -> 32 or True -> 1: Flower passes typed TOML values
+        extra="forbid",
+        allow_inf_nan=False,
+        validate_default=True,  # the checks against other keys also run on defaults
+        alias_generator=lambda name: name.replace("_", "-"),
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+    mode: Literal[MODES] = _key(
+        "fedgrow",
+        "Fed-Grow, a baseline it is compared with, or Fed-Grow then federated fine-tuning; every mode gives each "
+        "client `num-server-rounds * local-steps + finetune-steps` optimiser steps on the same rows",
+    )
+    task: Literal[TASKS] = _key("text", "Kind of rows and models; must match the dataset")
+    dataset: str = _key(
+        "rotten-tomatoes",
+        "A `load_data_source` source: `rotten-tomatoes`, `mnist`, `digits`, a `.csv`/`.parquet`/`.npz` file, "
+        "a `save_to_disk` folder or a `datasets` hub name",
+    )
+    text_column: str = _key("text", "Text column of a generic source")
+    label_column: str = _key("label", "Label column of a generic source")
+    image_column: str = _key("image", "Image column (or `.npz` array) of a generic source")
+    client_models: ModelNames = _key(
+        ("minilm-l3", "minilm-l6", "minilm-l6-sre"),
+        "One small model per partition, cycling: zoo names, folders, hub ids, or `vit:LxD` (pre-trained on the "
+        "client's own rows first)",
+    )
+    intermediate_shape: Shape = _key(
+        TransformerShape(6, 384, 1536, 12),
+        "Shape of the Global-LiGO's intermediate model, shared by every client; each client's small model must "
+        "grow into it",
+    )
+    target_shape: Shape = _key(
+        TransformerShape(8, 768, 1536, 12),
+        "Shape of the grown model",
+        requires="every dimension, heads and head dim >= `intermediate-shape`'s",
+    )
+    num_server_rounds: int = _key(3, "Growth rounds", ge=1)
+    local_steps: int = _key(10, "Optimiser steps per client per round", ge=1)
+    batch_size: int = _key(32, "Rows per optimiser step", ge=1)
+    max_length: int = _key(64, "Token truncation of text rows", ge=1)
+    max_train_examples: int = _key(0, "Cap on each client's training rows (0: no cap)", ge=0)
+    max_test_examples: int = _key(
+        0, "Cap on each client's test rows (0: no cap); every evaluation of a run uses the same capped rows", ge=0
+    )
+    eval_every: int = _key(
+        1,
+        "Rounds between evaluations of each client's current model (the accuracy-per-round curves; 0: none); "
+        "the final evaluation always runs, on every test row",
+        ge=0,
+    )
+    eval_max_examples: int = _key(
+        256, "Test rows of a per-round evaluation: the first rows of the client's test split (0: all)", ge=0
+    )
+    depth_init: Literal[DEPTH_INITS] = _key(
+        "stackbert",
+        "Depth initialisation of both operators (LiGO reference code's names); `identity`: new layers start with "
+        "zero residual-branch outputs, exact for pre-LN ViTs",
+    )
+    depth_noise: float = _key(0.0, "`U[0, depth-noise)` noise added to the depth coefficients", ge=0)
+    lr_depth: float = _key(1e-4, "Peak AdamW learning rate of the depth coefficients in the growth phase", gt=0)
+    lr_width: float = _key(1e-4, "Peak AdamW learning rate of the width matrices `E` in the growth phase", gt=0)
+    lr_head: float = _key(5e-3, "Peak AdamW learning rate of the task head in the growth phase", gt=0)
+    lr_schedule: Literal[LR_SCHEDULES] = _key(
+        "constant",
+        "Schedule of the three growth learning rates over the growth phase's `num-server-rounds * local-steps` "
+        "steps (`transformers`' schedules), after the warm-up",
+    )
+    warmup_steps: int = _key(0, "Linear warm-up steps of the growth learning rates", ge=0)
+    weight_decay: float = _key(0.0, "AdamW decoupled weight decay of every training phase", ge=0)
+    fraction_train: float = _key(1.0, "Fraction of the nodes sampled per round", gt=0, le=1)
+    partitioner: Literal[PARTITIONERS] = _key("dirichlet", "flwr-datasets partitioner of the rows among the clients")
+    dirichlet_alpha: float = _key(0.5, "Concentration of the `dirichlet` partitioner (smaller: more skewed)", gt=0)
+    shards_per_partition: int = _key(2, "Label shards per client of the `shards` partitioner", ge=1)
+    finetune_steps: int = _key(
+        20,
+        "Fine-tuning steps of the final model (local; in mode `fedgrow-fedft` federated, in rounds of `local-steps`)",
+        requires="a multiple of `local-steps` in mode `fedgrow-fedft`",
+        ge=0,
+    )
+    pretrain_steps: int = _key(300, "Pre-training steps of a `vit:LxD` client model on the client's own rows", ge=1)
+    patch_size: int = _key(7, "Patch side in pixels of `vit:LxD` client models", ge=1)
+    lr_finetune: float = _key(5e-5, "Learning rate of the fine-tuning phase and of mode `small-only`'s rounds", gt=0)
+    strategy: str = _key(
+        "fedavg",
+        "`fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`, `fedmedian`, `fedtrimmedavg`, "
+        "`krum`, or a strategy class as `package.module:Class`",
+    )
+    min_train_nodes: int = _key(
+        1,
+        "Flower's minimum sample size per round, and the fewest usable replies for a round to aggregate (else "
+        "the Global-LiGO is kept)",
+        ge=1,
+    )
+    round_timeout: float = _key(
+        3600.0,
+        "Seconds the server waits for a round's replies (later ones count as missing), and at most for "
+        "`min-train-nodes` online nodes before a round",
+        gt=0,
+    )
+    clip_update_norm: float = _key(
+        0.0, "L2 bound on each reply's update of the shared tensors, applied before aggregation (0: off)", ge=0
+    )
+    clip_update_median: float = _key(
+        2.0,
+        "Bound on each reply's update norm as a multiple of the round's median update norm (0: off); the smaller "
+        "of the two bounds applies",
+        ge=0,
+    )
+    cap_weight_median: float = _key(
+        3.0,
+        "Cap on each reply's `num-examples` (its FedAvg weight) as a multiple of the median preflight rows of the "
+        "round's nodes, on top of the cap at its node's own preflight rows (0: off)",
+        ge=0,
+    )
+    proximal_mu: float = _key(
+        0.0,
+        "FedProx's proximal weight (Li et al. 2020), applied by each client to its Global-LiGO",
+        requires='> 0 with `strategy = "fedprox"`',
+        ge=0,
+    )
+    fedopt_eta: float = _key(0.1, "Server learning rate of FedAdam, FedYogi and FedAdagrad (Reddi et al. 2021)", gt=0)
+    fedopt_eta_l: float = _key(
+        0.1, "Client learning rate of FedAdam, FedYogi and FedAdagrad, as Flower records it", gt=0
+    )
+    fedopt_beta_1: float = _key(0.9, "First-moment decay of FedAdam and FedYogi", ge=0, lt=1)
+    fedopt_beta_2: float = _key(0.99, "Second-moment decay of FedAdam and FedYogi", ge=0, lt=1)
+    fedopt_tau: float = _key(1e-3, "Adaptivity (tau) of FedAdam, FedYogi and FedAdagrad", ge=0)
+    server_momentum: float = _key(0.9, "FedAvgM's server momentum (Hsu et al. 2019)", ge=0, lt=1)
+    server_lr: float = _key(1.0, "FedAvgM's server learning rate", gt=0)
+    num_malicious_nodes: int = _key(0, "Krum's `f`: nodes that may be Byzantine (Blanchard et al. 2017)", ge=0)
+    trimmed_beta: float = _key(0.2, "FedTrimmedAvg's fraction cut from each end", ge=0, lt=0.5)
+    dp_clipping: Literal[DP_CLIPPING] = _key(
+        "off",
+        "Central DP on the shared tensors with Flower's server-side `fixed` or `adaptive` clipping wrappers "
+        "(strategy `fedavg` or `fedprox`)",
+        requires="`off` unless mode is `fedgrow`",
+    )
+    dp_noise_multiplier: float = _key(0.0, "Gaussian noise std as a multiple of the clipping norm", ge=0)
+    dp_clipping_norm: float = _key(
+        1.0, "L2 clipping norm of each client's update (the initial norm for `adaptive`)", gt=0
+    )
+    global_tie_layers: bool = _key(
+        False,
+        "Share the Global-LiGO's q/k/v/FFN width matrices across the target's layers (about `L_target` times fewer "
+        "width parameters to train and send)",
+        requires=f"`false` unless mode is one of {', '.join(f'`{m}`' for m in GLOBAL_LIGO_MODES)}",
+    )
+    global_rank: int = _key(
+        0,
+        "0: full Global-LiGO width matrices; `r > 0`: each is `E = S + U V^T` with `S` (the initial selection) "
+        "and `V` seeded, frozen and never sent; only `U` is trained and sent",
+        requires=f"[0, hidden of `intermediate-shape`]; 0 unless mode is one of "
+        f"{', '.join(f'`{m}`' for m in GLOBAL_LIGO_MODES)}",
+    )
+    update_encoding: Literal[ENCODINGS] = _key(
+        "int8",
+        "What a client sends of its Global-LiGO each growth round: `float32` the values; `float16` or `int8` "
+        "(per-row scales) the update `new - received`, with error feedback in its private state",
+    )
+    audit_dir: str = _key(
+        "",
+        "If set, every client appends one JSON line per message it sends to `<audit-dir>/egress-<node id>.jsonl` "
+        "(a SuperNode's own `audit-dir` node config wins)",
+    )
+    resume_from: str = _key(
+        "",
+        "A run folder to continue from its `checkpoint.safetensors`; every other key but `num-server-rounds`, "
+        "`round-timeout` and `audit-dir` must equal the checkpoint's",
+        requires="empty unless mode is `fedgrow`",
+    )
+    seed: int = _key(0, "Seeds partitions, operators and data order")
+    output_dir: str = _key("outputs", "Folder of the run folders (and, in simulation, of the client folders)")
+    save_models: bool = _key(True, "Whether each client saves its final model under `output-dir`")
+    device: Literal[DEVICES] = _key("auto", "`auto` (CUDA when available), `cpu` or `cuda` (bf16 autocast)")
+    cache_dir: str = _key("", "Cache of converted and pre-trained small models (empty: `~/.cache/fedgrow`)")
+
+    def __init__(self, **values: Any) -> None:
+        """Check ``values`` (by attribute name or key); raises :class:`ConfigError` listing every bad value."""
+        with _as_config_error():
+            super().__init__(**values)
 
     @classmethod
     def from_flower(cls, config: Mapping[str, Any]) -> RunConfig:
         """Read and check a Flower run config (kebab-case keys; unknown keys are errors).
+
+        Parameters
+        ----------
+        config : mapping
+            ``Context.run_config``: keys of ``[tool.flwr.app.config]`` to TOML scalars;
+            a missing key takes its default.
+
+        Returns
+        -------
+        RunConfig
+            The checked config.
 
         Raises
         ------
         ConfigError
             Listing every bad value at once.
         """
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        problems = [f"unknown key {k!r}; known keys: {sorted(known)}" for k in config if k not in known]
-        values: dict[str, Any] = {}
-        for key, f in known.items():
-            if key not in config:
-                continue
-            raw = config[key]
-            default = getattr(cls, f.name)
-            try:
-                values[f.name] = _convert(raw, default)
-            except (TypeError, ValueError) as err:
-                problems.append(f"{key} = {raw!r}: {err}")
+        # attribute names are keys of the constructor, not of a Flower config
+        misnamed = [k for k in config if k in cls.model_fields and k != cls.model_fields[k].alias]
+        problems = [_unknown(k) for k in misnamed]
+        try:
+            run = cls(**{k: v for k, v in config.items() if k not in misnamed})
+        except ConfigError as err:
+            problems += err.problems
         if problems:
             raise ConfigError(problems)
-        run = cls(**values)
-        run.check()
         return run
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """The Flower run config of this run: kebab-case keys and TOML scalars (inverse of :meth:`from_flower`)."""
+        return {field.alias: _flower_value(getattr(self, name)) for name, field in type(self).model_fields.items()}
 
     def evaluates_round(self, server_round: int) -> bool:
         """Whether ``server_round``'s replies carry a per-round ``eval-accuracy`` (see ``eval_every``)."""
         return self.eval_every > 0 and server_round % self.eval_every == 0
 
     def check(self) -> None:
-        """Check ranges and shape compatibility; raises :class:`ConfigError` listing every problem."""
-        p: list[str] = []
-        _one_of(p, "mode", self.mode, MODES)
-        _one_of(p, "task", self.task, TASKS)
-        _one_of(p, "partitioner", self.partitioner, PARTITIONERS)
-        _one_of(p, "device", self.device, DEVICES)
-        _one_of(p, "depth_init", self.depth_init, ("stackbert", "interlace", "identity"))
-        _one_of(p, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _one_of(p, "dp_clipping", self.dp_clipping, DP_CLIPPING)
-        _one_of(p, "update_encoding", self.update_encoding, ENCODINGS)
-        nonfinite = [
-            f"{f.name.replace('_', '-')} = {getattr(self, f.name)!r}: expected a finite number"
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))
-        ]
-        if nonfinite:  # the range checks below cannot be trusted on NaN
-            raise ConfigError(p + nonfinite)
-        for name in ("clip_update_norm", "clip_update_median", "cap_weight_median", "proximal_mu", "fedopt_tau"):
-            if getattr(self, name) < 0:
-                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number >= 0")
-        if self.strategy == "fedprox" and not self.proximal_mu > 0:
-            p.append("proximal-mu = 0.0: strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)")
-        for name in ("fedopt_eta", "fedopt_eta_l", "server_lr"):
-            if not getattr(self, name) > 0:
-                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number > 0")
-        for name in ("fedopt_beta_1", "fedopt_beta_2", "server_momentum"):
-            if not 0 <= getattr(self, name) < 1:
-                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number in [0, 1)")
-        if not 0 <= self.trimmed_beta < 0.5:
-            p.append(f"trimmed-beta = {self.trimmed_beta!r}: expected a number in [0, 0.5)")
-        if self.num_malicious_nodes < 0:
-            p.append(f"num-malicious-nodes = {self.num_malicious_nodes!r}: expected an integer >= 0")
-        if self.dp_clipping != "off" and self.mode != "fedgrow":
-            p.append(
-                f"dp-clipping = {self.dp_clipping!r}: central DP is available in mode 'fedgrow' only, not "
-                f"{self.mode!r} (the local baselines aggregate nothing; the collect phase of 'scratch-fedavg' and "
-                "'fedgrow-fedft' averages whole models with no shared reference to clip updates against)"
-            )
-        if self.dp_noise_multiplier < 0:
-            p.append(f"dp-noise-multiplier = {self.dp_noise_multiplier!r}: expected a number >= 0")
-        if not self.dp_clipping_norm > 0:
-            p.append(f"dp-clipping-norm = {self.dp_clipping_norm!r}: expected a number > 0")
-        if not self.round_timeout > 0:
-            p.append(f"round-timeout = {self.round_timeout!r}: expected a number of seconds > 0")
-        if self.depth_noise < 0:
-            p.append(f"depth-noise = {self.depth_noise!r}: expected a number >= 0")
-        for name in (
-            "num_server_rounds",
-            "local_steps",
-            "batch_size",
-            "max_length",
-            "shards_per_partition",
-            "pretrain_steps",
-            "patch_size",
-            "min_train_nodes",
-        ):
-            if getattr(self, name) < 1:
-                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 1")
-        for name in (
-            "max_train_examples",
-            "max_test_examples",
-            "eval_every",
-            "eval_max_examples",
-            "finetune_steps",
-            "warmup_steps",
-        ):
-            if getattr(self, name) < 0:
-                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected an integer >= 0")
-        for name in ("lr_depth", "lr_width", "lr_head", "lr_finetune", "dirichlet_alpha"):
-            if not getattr(self, name) > 0:
-                p.append(f"{name.replace('_', '-')} = {getattr(self, name)!r}: expected a number > 0")
-        if self.weight_decay < 0:
-            p.append(f"weight-decay = {self.weight_decay!r}: expected a number >= 0")
-        if not 0 < self.fraction_train <= 1:
-            p.append(f"fraction-train = {self.fraction_train!r}: expected a number in (0, 1]")
-        if not self.client_models or any(not m for m in self.client_models):
-            p.append(f"client-models = {','.join(self.client_models)!r}: expected comma-separated model names")
-        if self.resume_from and self.mode != "fedgrow":
-            p.append(f"resume-from = {self.resume_from!r}: resuming is supported for mode 'fedgrow', not {self.mode!r}")
-        if self.mode == "fedgrow-fedft" and self.finetune_steps % self.local_steps:
-            p.append(
-                f"finetune-steps = {self.finetune_steps!r}: mode 'fedgrow-fedft' fine-tunes in federated rounds of "
-                f"local-steps = {self.local_steps}, so finetune-steps must be a multiple of it"
-            )
-        inter, target = self.intermediate_shape, self.target_shape
-        shrink = [
-            f"{n} {getattr(inter, n)} > {getattr(target, n)}"
-            for n in ("layers", "hidden", "ffn", "heads")
-            if getattr(inter, n) > getattr(target, n)
-        ]
-        if inter.head_dim > target.head_dim:
-            shrink.append(f"head_dim {inter.head_dim} > {target.head_dim}")
-        if shrink:
-            p.append(f"intermediate-shape {inter} does not fit in target-shape {target}: {', '.join(shrink)}")
-        self._check_transport(p)
-        if p:
-            raise ConfigError(p)
+        """Check every value again (for a copy made with ``model_copy(update=...)``, which skips the checks).
 
-    def _check_transport(self, p: list[str]) -> None:
-        """The Global-LiGO's size and transport options fit each other and the mode."""
-        if not 0 <= self.global_rank <= self.intermediate_shape.hidden:
-            p.append(
-                f"global-rank = {self.global_rank!r}: expected an integer in [0, {self.intermediate_shape.hidden}] "
-                "(0: full width matrices; at most the intermediate hidden width)"
+        Raises
+        ------
+        ConfigError
+            Listing every bad value at once.
+        """
+        type(self)(**dict(self))
+
+    @field_validator("target_shape")
+    @classmethod
+    def _fits_intermediate(cls, target: TransformerShape, info: ValidationInfo) -> TransformerShape:
+        inter = info.data.get("intermediate_shape")
+        if inter is None:
+            return target
+        names = ("layers", "hidden", "ffn", "heads", "head_dim")
+        shrink = [
+            f"{n} {getattr(inter, n)} > {getattr(target, n)}" for n in names if getattr(inter, n) > getattr(target, n)
+        ]
+        if shrink:
+            raise ValueError(
+                f"intermediate-shape {_flower_value(inter)} does not fit in target-shape: {', '.join(shrink)}"
             )
-        shares_global = ("fedgrow", "fedgrow-fedft")
-        if (self.global_tie_layers or self.global_rank) and self.mode not in shares_global:
-            p.append(
-                f"global-tie-layers = {self.global_tie_layers}, global-rank = {self.global_rank}: these shape the "
-                f"Global-LiGO, which mode {self.mode!r} does not have (modes {list(shares_global)})"
+        return target
+
+    @field_validator("finetune_steps")
+    @classmethod
+    def _whole_fedft_rounds(cls, steps: int, info: ValidationInfo) -> int:
+        local = info.data.get("local_steps")
+        if info.data.get("mode") == "fedgrow-fedft" and local and steps % local:
+            raise ValueError(
+                f"mode 'fedgrow-fedft' fine-tunes in federated rounds of local-steps = {local}, so finetune-steps "
+                "must be a multiple of it"
             )
+        return steps
+
+    @field_validator("proximal_mu")
+    @classmethod
+    def _fedprox_needs_mu(cls, mu: float, info: ValidationInfo) -> float:
+        if info.data.get("strategy") == "fedprox" and not mu > 0:
+            raise ValueError("strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)")
+        return mu
+
+    @field_validator("dp_clipping")
+    @classmethod
+    def _dp_in_fedgrow_only(cls, clipping: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode", "fedgrow")
+        if clipping != "off" and mode != "fedgrow":
+            raise ValueError(
+                f"central DP is available in mode 'fedgrow' only, not {mode!r} (the local baselines aggregate "
+                "nothing; the collect phase of 'scratch-fedavg' and 'fedgrow-fedft' averages whole models with no "
+                "shared reference to clip updates against)"
+            )
+        return clipping
+
+    @field_validator("global_tie_layers")
+    @classmethod
+    def _tie_needs_global_ligo(cls, tie: bool, info: ValidationInfo) -> bool:
+        if tie:
+            _needs_global_ligo(info.data.get("mode", "fedgrow"))
+        return tie
+
+    @field_validator("global_rank")
+    @classmethod
+    def _rank_fits(cls, rank: int, info: ValidationInfo) -> int:
+        inter = info.data.get("intermediate_shape")
+        if inter is not None and not 0 <= rank <= inter.hidden:
+            raise ValueError(
+                f"expected an integer in [0, {inter.hidden}] (0: full width matrices; at most the intermediate "
+                "hidden width)"
+            )
+        if rank:
+            _needs_global_ligo(info.data.get("mode", "fedgrow"))
+        return rank
+
+    @field_validator("resume_from")
+    @classmethod
+    def _resume_fedgrow_only(cls, folder: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode", "fedgrow")
+        if folder and mode != "fedgrow":
+            raise ValueError(f"resuming is supported for mode 'fedgrow', not {mode!r}")
+        return folder
+
+
+def _needs_global_ligo(mode: str) -> None:
+    if mode not in GLOBAL_LIGO_MODES:
+        raise ValueError(
+            f"this shapes the Global-LiGO, which mode {mode!r} does not have (modes {list(GLOBAL_LIGO_MODES)})"
+        )
+
+
+@contextmanager
+def _as_config_error() -> Iterator[None]:
+    """Turn pydantic's ``ValidationError`` into a :class:`ConfigError` with one message per bad key."""
+    try:
+        yield
+    except ValidationError as err:
+        raise ConfigError([_problem(error) for error in err.errors()]) from None
+
+
+def _unknown(key: str) -> str:
+    return f"unknown key {key!r}; known keys: {sorted(f.alias for f in RunConfig.model_fields.values())}"
+
+
+def _problem(error: Any) -> str:
+    """``key = value: expected ...`` for one pydantic error (``key`` in Flower's kebab case)."""
+    name = error["loc"][0]
+    if error["type"] == "extra_forbidden":
+        return _unknown(name)
+    field = RunConfig.model_fields.get(name) or next(f for f in RunConfig.model_fields.values() if f.alias == name)
+    if error["type"] == "value_error":
+        why = str(error["ctx"]["error"])
+    elif error["type"] == "finite_number":
+        why = "expected a finite number"
+    else:
+        why = f"expected {_expected(field)}"
+    return f"{field.alias} = {_flower_value(error['input'])!r}: {why}"
+
+
+def _expected(field: FieldInfo) -> str:
+    """What a key accepts in words: ``an integer >= 1``, ``one of [...]``, ..."""
+    kind = field.annotation
+    if get_origin(kind) is Literal:
+        return f"one of {list(get_args(kind))}"
+    nouns = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if kind is TransformerShape:
+        return SHAPE_FORMAT
+    if kind not in nouns:
+        return "comma-separated model names"
+    return " ".join(filter(None, [nouns[kind], _bounds(field)]))
+
+
+def _bounds(field: FieldInfo) -> str:
+    """A key's range: ``>= 1``, ``> 0``, ``in (0, 1]``, or empty."""
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    bound = {op: getattr(m, op) for m in field.metadata for op in ops if hasattr(m, op)}
+    if len(bound) == 2:  # a lower and an upper bound
+        (low, a), (high, b) = sorted(bound.items())
+        return f"in {'[' if low == 'ge' else '('}{a}, {b}{']' if high == 'le' else ')'}"
+    return " ".join(f"{ops[op]} {value}" for op, value in bound.items())
+
+
+def _flower_value(value: Any) -> Any:
+    """The Flower (TOML scalar) form of a value: shapes as ``"LxDxFxH"``, model lists comma-joined."""
+    if isinstance(value, TransformerShape):
+        return f"{value.layers}x{value.hidden}x{value.ffn}x{value.heads}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return value
+
+
+def _toml(value: bool | int | float | str) -> str:
+    """A TOML literal: ``true``, ``3``, ``0.0001``, ``"fedavg"``."""
+    return json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
+
+
+def parse_overrides(items: Iterable[str], usage: str = "override must be key=value") -> dict[str, Any]:
+    """``key=value`` run-config overrides, parsed by Flower's own ``--run-config`` parser.
+
+    Values are TOML literals (``lr-width=1e-3``, ``strategy="fedadam"``); an item
+    may hold several space-separated pairs, as ``flwr run --run-config`` accepts.
+
+    Parameters
+    ----------
+    items : iterable of str
+        The overrides, applied in order (a later key wins).
+    usage : str
+        Start of the error message for a malformed item.
+
+    Returns
+    -------
+    dict
+        Flat (dotted) keys to values.
+
+    Raises
+    ------
+    ValueError
+        If an item holds no ``key=value`` pair or its value is not a TOML literal.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        try:
+            parsed = parse_config_args([item]) if "=" in item else {}
+        except click.ClickException as err:
+            raise ValueError(f"{usage} with a TOML literal value, got {item!r}") from err
+        if not parsed:
+            raise ValueError(f"{usage}, got {item!r}")
+        overrides.update(parsed)
+    return overrides
 
 
 def pyproject_config(path: str | Path = "pyproject.toml", overrides: Iterable[str] = ()) -> dict[str, Any]:
     """``[tool.flwr.app.config]`` of a pyproject file, with ``key=value`` overrides as ``flwr run --run-config``.
 
-    Values are TOML literals (``lr-width=1e-3``, ``strategy="fedadam"``). Raises
-    ``ValueError`` for an override without ``=``.
+    Values are TOML literals (``lr-width=1e-3``, ``strategy="fedadam"``), parsed
+    by :func:`parse_overrides`; keys are not checked here (:meth:`RunConfig.from_flower` does).
+
+    Raises
+    ------
+    ValueError
+        For an override without ``=`` or whose value is not a TOML literal.
     """
     config = tomllib.loads(Path(path).read_text())["tool"]["flwr"]["app"]["config"]
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override must be key=value, got {item!r}")
-        config[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-    return config
+    return {**flatten_dict(config), **parse_overrides(overrides)}
 
 
-def _one_of(problems: list[str], name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        problems.append(f"{name.replace('_', '-')} = {value!r}: expected one of {list(allowed)}")
+_REFERENCE_INTRO = """\
+# Run configuration reference
+
+<!-- Generated from fedgrow_core/run_config.py by
+     `python -m fedgrow_core.run_config --markdown > docs/config.md`; do not edit by hand
+     (tests/test_run_config.py checks that this file is current). -->
+
+Every key of `[tool.flwr.app.config]` in `pyproject.toml`, with the value a run
+uses when it does not set the key. Override keys for one run with
+
+```sh
+flwr run . --run-config 'strategy="fedadam" lr-width=1e-3 seed=3'
+flwr run . --run-config presets/image.toml     # a TOML file of keys
+make run RUN_CONFIG='num-server-rounds=5'
+```
+
+Values are TOML literals: strings in double quotes (`strategy="fedadam"`),
+integers without a decimal point (`seed=3`), numbers as written (`lr-width=1e-3`;
+an integer is a number too), booleans `true` or `false`. Shapes are strings
+`"LxDxFxH"`: layers x hidden x FFN x heads, e.g. `target-shape="8x768x1536x12"`.
+Numbers must be finite. The whole config is checked before any training starts:
+an unknown key, a value of the wrong type or out of range, or keys that do not
+fit each other stop the run with one error that lists every problem.
+
+"""
 
 
-def _convert(raw: Any, default: Any) -> Any:
-    if isinstance(default, TransformerShape):
-        return parse_shape(raw)
-    if isinstance(default, tuple):
-        if not isinstance(raw, str):
-            raise TypeError("expected a comma-separated string")
-        return tuple(s.strip() for s in raw.split(","))
-    if isinstance(default, bool):
-        if not isinstance(raw, bool):
-            raise TypeError("expected true or false")
-        return raw
-    if isinstance(default, int):
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise TypeError("expected an integer")
-        return raw
-    if isinstance(default, float):
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise TypeError("expected a number")
-        return float(raw)
-    if not isinstance(raw, str):
-        raise TypeError("expected a string")
-    return raw
+def config_reference_markdown() -> str:
+    """The run-config reference (``docs/config.md``): an intro and one table row per key.
+
+    Returns
+    -------
+    str
+        Markdown: key, type, default, allowed values and description of every key.
+    """
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", TransformerShape: "shape"}
+    rows = ["| key | type | default | allowed | description |", "| --- | --- | --- | --- | --- |"]
+    for field in RunConfig.model_fields.values():
+        kind = field.annotation
+        if get_origin(kind) is Literal:
+            kind, allowed = "string", ", ".join(f"`{c}`" for c in get_args(kind))
+        else:
+            kind = kinds.get(kind, "string (comma-separated)")
+            allowed = _bounds(field).removeprefix("in ")
+        allowed = "; ".join(filter(None, [allowed, field.json_schema_extra["requires"]]))
+        default = _toml(_flower_value(field.default))
+        rows.append(f"| `{field.alias}` | {kind} | `{default}` | {allowed} | {field.description} |")
+    return _REFERENCE_INTRO + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print the run-config reference.")
+    parser.add_argument("--markdown", action="store_true", required=True, help="as Markdown (docs/config.md)")
+    parser.parse_args()
+    print(config_reference_markdown(), end="")

@@ -29,7 +29,6 @@ each range-checked.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import os
@@ -190,7 +189,7 @@ def load_strategy_state(strategy: Strategy, state: dict) -> None:
 
 
 def _config_json(run: RunConfig) -> dict:
-    return {f.name: str(getattr(run, f.name)) for f in dataclasses.fields(run)}
+    return {name: str(getattr(run, name)) for name in type(run).model_fields}
 
 
 def write_checkpoint(

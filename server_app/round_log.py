@@ -155,4 +155,3 @@ def round_summary(entry: dict) -> str:
             parts.append(f"{key.replace('-', ' ')} {sum(values) / len(values):.3f}")
     parts.append(f"{entry['seconds']:.1f} s")
     return ", ".join(parts)
-

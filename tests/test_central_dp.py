@@ -1,6 +1,5 @@
 """Central DP through config: Flower's server-side clipping wrappers around the checked strategy, in simulation."""
 
-import dataclasses
 import sys
 
 import numpy as np
@@ -87,7 +86,7 @@ def int8_train(msg: Message, context: Context) -> Message:
 
 def test_central_dp_clips_and_noises_the_decoded_int8_updates():
     """The server decodes int8 updates before Flower's DP wrapper: clipped to CLIP, noised as with float32 values."""
-    run = dataclasses.replace(DP_RUN, update_encoding="int8")
+    run = DP_RUN.model_copy(update={"update_encoding": "int8"})
     final, entries, _ = simulate(int8_app, run, 2, SENT, 1, sys.modules[__name__])
     (entry,) = entries
     assert entry["aggregated"] and len(entry["accepted_nodes"]) == 2

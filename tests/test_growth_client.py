@@ -1,7 +1,5 @@
 """The client's private side: only the Global-LiGO travels, the rest persists between rounds."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -52,7 +50,7 @@ def test_reply_is_exactly_the_global_ligo_and_state_persists(run):
 
 def test_an_int8_update_keeps_its_residual_in_the_private_state(run):
     """The reply is the int8 update of a low-rank Global-LiGO; what it rounds away persists with the private state."""
-    run = dataclasses.replace(run, update_encoding="int8", global_rank=4)
+    run = run.model_copy(update={"update_encoding": "int8", "global_rank": 4})
     sent = initial_global_ligo(run).state_dict()
     client = GrowthClient(run, 0, 3)
     new, _ = client.train_round({k: v.clone() for k, v in sent.items()})
@@ -114,21 +112,17 @@ def test_image_clients_pretrain_their_own_vits_then_grow(tmp_path):
 
 
 def test_a_node_can_bring_its_own_data_file(run, tmp_path):
-    from dataclasses import replace
-
     text = tmp_path / "own.csv"
     text.write_text("text,label\n" + "\n".join(f"review {i},{'good' if i % 2 else 'bad'}" for i in range(50)))
-    client = GrowthClient(replace(run, max_train_examples=0), 5, 9, dataset=str(text))
+    client = GrowthClient(run.model_copy(update={"max_train_examples": 0}), 5, 9, dataset=str(text))
     assert len(client.train_rows) + len(client.test_rows) == 50  # all of the file, no partitioning
     assert set(client.train_rows["text"]) <= {f"review {i}" for i in range(50)}
 
 
 def test_round_evaluation_is_capped_and_can_be_skipped(run):
-    from dataclasses import replace
-
     from fedgrow_core.training import evaluate
 
-    capped = replace(run, eval_max_examples=5)
+    capped = run.model_copy(update={"eval_max_examples": 5})
     client = GrowthClient(capped, 0, 3)
     assert sum(len(b["labels"]) for b in client._round_test) == min(5, len(client.test_rows))
     assert sum(len(b["labels"]) for b in client._test) == len(client.test_rows) > 5  # the final evaluation: all rows
@@ -140,14 +134,13 @@ def test_round_evaluation_is_capped_and_can_be_skipped(run):
     _, skipped = client.train_round({k: v.clone() for k, v in sent.items()}, with_eval=False)
     assert "eval-accuracy" not in skipped and "eval-seconds" not in skipped
     assert [capped.evaluates_round(r) for r in (1, 2, 3)] == [True, True, True]
-    assert [replace(run, eval_every=2).evaluates_round(r) for r in (1, 2, 3, 4)] == [False, True, False, True]
-    assert not any(replace(run, eval_every=0).evaluates_round(r) for r in (1, 2, 3))
+    every_other, never = RunConfig(eval_every=2), RunConfig(eval_every=0)
+    assert [every_other.evaluates_round(r) for r in (1, 2, 3, 4)] == [False, True, False, True]
+    assert not any(never.evaluates_round(r) for r in (1, 2, 3))
 
 
 def test_a_head_missing_from_the_checkpoint_is_drawn_from_the_client_seed_only(run, tmp_path):
     """In simulation one worker serves several nodes in any order: the draw must not depend on the process's past."""
-    import dataclasses
-
     from conftest import make_bert
     from transformers import AutoTokenizer
 
@@ -156,7 +149,7 @@ def test_a_head_missing_from_the_checkpoint_is_drawn_from_the_client_seed_only(r
     folder = tmp_path / "encoder-only"
     make_bert(2, 32, 2, 64, vocab_size=30522, max_positions=64).bert.save_pretrained(folder)  # no classifier saved
     AutoTokenizer.from_pretrained(run.client_models[0]).save_pretrained(folder)
-    headless = dataclasses.replace(run, client_models=(str(folder),))
+    headless = run.model_copy(update={"client_models": (str(folder),)})
     heads = []
     for draws in (0, 5):
         torch.manual_seed(123)

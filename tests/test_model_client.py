@@ -1,7 +1,5 @@
 """Baseline clients: the independent-LiGO growth client and the plain-model client."""
 
-import dataclasses
-
 import pytest
 import torch
 from conftest import tiny_bert_folder
@@ -99,7 +97,7 @@ def test_model_client_rejects_weights_of_another_model(setup):
 
 
 def test_fedft_needs_whole_fine_tuning_rounds(run):
-    fields = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    fields = {f.alias for f in RunConfig.model_fields.values()}
     assert "mode" in fields and "max-test-examples" in fields
     with pytest.raises(ValueError, match="multiple of it"):
         RunConfig.from_flower({"mode": "fedgrow-fedft", "local-steps": 3, "finetune-steps": 10})

@@ -1,12 +1,22 @@
 """Run config: the pyproject defaults parse, and every bad value is reported before training."""
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from experiments.runner import run_overrides
 from fedgrow_core.growth.shapes import TransformerShape
-from fedgrow_core.run_config import ConfigError, RunConfig, parse_shape, pyproject_config
+from fedgrow_core.run_config import (
+    ConfigError,
+    RunConfig,
+    config_reference_markdown,
+    parse_overrides,
+    parse_shape,
+    pyproject_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,9 +25,12 @@ def _pyproject_config():
     return pyproject_config(ROOT / "pyproject.toml")
 
 
-def test_pyproject_defaults_equal_the_dataclass_defaults():
+def test_pyproject_defaults_equal_the_model_defaults():
     run = RunConfig.from_flower(_pyproject_config())
     assert run == RunConfig()
+    pyproject, defaults = _pyproject_config(), RunConfig().to_flower()
+    assert list(pyproject) == list(defaults)  # same keys, in the same order
+    assert {k: (type(v), v) for k, v in pyproject.items()} == {k: (type(v), v) for k, v in defaults.items()}
     assert run.client_models == ("minilm-l3", "minilm-l6", "minilm-l6-sre")
     assert run.target_shape == TransformerShape(8, 768, 1536, 12)
 
@@ -48,9 +61,9 @@ def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as info:
         RunConfig.from_flower(bad)
     text = str(info.value)
-    # type errors and unknown keys come first (the values cannot be built)
+    assert len(info.value.problems) == 7  # type errors, unknown keys, ranges and shapes, all at once
     assert "unknown key 'no-such-key'" in text
-    assert "batch-size = '32': expected an integer" in text
+    assert "batch-size = '32': expected an integer >= 1" in text
     with pytest.raises(ConfigError) as info:
         RunConfig.from_flower({k: v for k, v in bad.items() if k not in ("no-such-key", "batch-size")})
     problems = info.value.problems
@@ -76,6 +89,34 @@ def test_pyproject_overrides_are_toml_literals():
         pyproject_config(ROOT / "pyproject.toml", ["seed"])
 
 
+def test_overrides_are_parsed_by_flowers_run_config_parser():
+    assert parse_overrides(['strategy="fedadam" seed=3', "lr-width=1e-3", "seed=4"]) == {
+        "strategy": "fedadam",
+        "seed": 4,
+        "lr-width": 1e-3,
+    }
+    for malformed in ("seed", "seed = 3", ""):
+        with pytest.raises(ValueError, match="override must be key=value, got"):
+            parse_overrides([malformed])
+    with pytest.raises(ValueError, match="with a TOML literal value, got 'strategy=fedadam'"):
+        parse_overrides(["strategy=fedadam"])  # a string needs its quotes
+
+
+def test_runner_overrides_are_checked_before_anything_runs(tmp_path):
+    preset = tmp_path / "preset.toml"
+    preset.write_text('partitioner = "iid"\nlocal-steps = 2\n')
+    assert run_overrides(preset, ["seed=3", 'mode="small-only"']) == {
+        "partitioner": "iid",
+        "local-steps": 2,
+        "seed": 3,
+        "mode": "small-only",
+    }
+    with pytest.raises(ValueError, match="--set expects key=value, got 'seed'"):
+        run_overrides(preset, ["seed"])
+    with pytest.raises(ConfigError, match="local-steps = 0: expected an integer >= 1"):
+        run_overrides(preset, ["local-steps=0"])
+
+
 def test_an_unwritable_output_dir_is_a_config_error(tmp_path):
     from server_app.app import check_writable
 
@@ -96,3 +137,70 @@ def test_evaluation_keys_reject_negative_values():
     ]
     run = RunConfig.from_flower({"eval-every": 0, "eval-max-examples": 0})
     assert not run.evaluates_round(1)
+
+
+def test_attribute_names_are_not_flower_keys():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower({"local_steps": 3, "seed": 1})
+    assert info.value.problems[0].startswith("unknown key 'local_steps'; known keys: [")
+    assert RunConfig(local_steps=3) == RunConfig.from_flower({"local-steps": 3})
+
+
+def test_bad_values_name_key_value_and_expectation_all_at_once():
+    bad = {
+        "mode": "fedsgd",
+        "seed": 1.5,
+        "save-models": "yes",
+        "fraction-train": 0,
+        "trimmed-beta": 0.5,
+        "fedopt-beta-1": -0.1,
+        "dp-clipping-norm": float("nan"),
+        "client-models": "a,,b",
+        "intermediate-shape": "6x384x1536",
+        "strategy": "fedprox",
+        "resume-from": "outputs/run",
+    }
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower(bad)
+    assert info.value.problems == [
+        "mode = 'fedsgd': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', 'small-only', "
+        "'fedgrow-fedft']",
+        "client-models = 'a,,b': expected comma-separated model names",
+        "intermediate-shape = '6x384x1536': expected 'LxDxFxH' (layers x hidden x ffn x heads, e.g. "
+        "'12x512x2048x16'), got '6x384x1536'",
+        "fraction-train = 0: expected a number in (0, 1]",
+        "proximal-mu = 0.0: strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)",
+        "fedopt-beta-1 = -0.1: expected a number in [0, 1)",
+        "trimmed-beta = 0.5: expected a number in [0, 0.5)",
+        "dp-clipping-norm = nan: expected a finite number",
+        "seed = 1.5: expected an integer",
+        "save-models = 'yes': expected true or false",
+    ]
+    # checks against another key run once that key is valid
+    with pytest.raises(ConfigError, match="resuming is supported for mode 'fedgrow', not 'small-only'"):
+        RunConfig.from_flower({"mode": "small-only", "resume-from": "outputs/run"})
+    with pytest.raises(ConfigError, match="global-rank = 400: expected an integer in \\[0, 384\\]"):
+        RunConfig(global_rank=400)  # the constructor checks too
+
+
+def test_a_config_is_frozen_and_hashable():
+    run = RunConfig()
+    with pytest.raises(ValueError):
+        run.seed = 1
+    assert hash(run) == hash(RunConfig()) and run != RunConfig(seed=1)
+    with pytest.raises(ConfigError, match="local-steps = 0"):
+        run.model_copy(update={"local_steps": 0}).check()
+
+
+def test_the_config_reference_is_current():
+    assert (ROOT / "docs" / "config.md").read_text() == config_reference_markdown()
+    for field in RunConfig.model_fields.values():
+        assert field.description and "\n" not in field.description and "|" not in field.description
+    printed = subprocess.run(
+        [sys.executable, "-m", "fedgrow_core.run_config", "--markdown"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert printed.stdout == config_reference_markdown()
