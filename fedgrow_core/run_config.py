@@ -38,7 +38,7 @@ from fedgrow_core.growth.shapes import TransformerShape
 from fedgrow_core.update_encoding import ENCODINGS
 
 TASKS = ("text", "image")
-#: What the app runs (the comparison of README, "Results"): Fed-Grow, its baselines, and Fed-Grow
+#: What the app runs (the comparison of docs/results.md): Fed-Grow, its baselines, and Fed-Grow
 #: followed by federated fine-tuning. See ``server_app/app.py``.
 MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft")
 #: The modes whose clients train and send a Global-LiGO.

@@ -14,7 +14,7 @@ Both noises are drawn by :func:`secure_gaussian` from the operating system's
 cryptographically secure generator (``secrets``/``os.urandom``), never from
 NumPy's global generator, whose state the checkpoint stores: no file a run
 writes lets anyone regenerate a round's noise. What this does and does not
-guarantee is in the README ("Reliability and privacy").
+guarantee is in docs/reliability-and-privacy.md ("Central differential privacy").
 """
 
 from __future__ import annotations

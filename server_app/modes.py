@@ -1,4 +1,4 @@
-"""What the server runs in each mode (``mode`` in the run config); see README, "Results".
+"""What the server runs in each mode (``mode`` in the run config); see docs/method.md, "Modes".
 
 Every mode gives each client ``num-server-rounds * local-steps + finetune-steps``
 optimiser steps on the same rows:

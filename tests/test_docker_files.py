@@ -1,7 +1,7 @@
 """The docker/ files, checked without a Docker engine (none runs here).
 
-The compose file parses and names every service, volume and secret the README
-promises; the containers' commands are exactly :mod:`deploy.commands`'s (the
+The compose file parses and names every service, volume and secret that
+docs/deployment.md promises; the containers' commands are exactly :mod:`deploy.commands`'s (the
 ones the loopback deployment test runs); the images use Flower's entry points,
 start from Flower's official images (same flwr version as installed) where they
 fit, and copy only paths that exist; the GPU override requests a GPU per SuperNode.
@@ -34,9 +34,9 @@ def test_compose_names_every_service_volume_and_secret_the_readme_promises(compo
     assert sorted(compose["services"]) == sorted(SERVICES)
     assert sorted(compose["secrets"]) == sorted(SECRETS)
     assert sorted(compose["volumes"]) == sorted(VOLUMES)
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "deployment.md").read_text()
     for name in [*SERVICES, *SECRETS, *VOLUMES]:
-        assert f"`{name}`" in readme, f"README does not mention {name}"
+        assert f"`{name}`" in page, f"docs/deployment.md does not mention {name}"
 
 
 def test_compose_commands_are_the_loopback_tests_commands(compose):

@@ -3,7 +3,7 @@
 Builds a two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a
 head and a worker, one CPU each), points Flower's Ray backend at it through
 ``RAY_ADDRESS`` (as ``ray start --head`` / ``ray start --address`` clusters are
-used, see README "Deploy"), runs two SuperNodes with one CPU per ClientApp, and
+used, see docs/deployment.md), runs two SuperNodes with one CPU per ClientApp, and
 checks that the ClientApps ran on both Ray nodes.
 """
 

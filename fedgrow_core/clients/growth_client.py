@@ -48,7 +48,7 @@ def growth_param_groups(model: GrownModel, run: RunConfig) -> list[dict]:
     optimisation). The defaults (1e-4 for both operators, 5e-3 for the head,
     constant) are the measured best of ``benchmarks.growth_trial`` at the default
     run's 30 growth steps: faster operator rates moved the operators further but
-    left the head predicting one class (README, "Training the operators").
+    left the head predicting one class (docs/method.md, "Training the operators").
 
     Returns
     -------

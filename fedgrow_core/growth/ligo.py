@@ -20,7 +20,7 @@ transformer of shape ``(L1, D1, F1, H1)`` to a target ``(L2, D2, F2, H2)``:
   ``A`` and multiplied by the space's ``norm_scale`` (LEMON's average expansion,
   :func:`~fedgrow_core.growth.expansion.residual_selection`).
 
-What the initial operator preserves (tested; README, "What growth preserves"):
+What the initial operator preserves (tested; docs/method.md, "What growth preserves"):
 width growth keeps the small model's function exactly for pre-LN models at every
 hidden and FFN width the config accepts, and for post-LN models (BERT) when the
 target width is a multiple of the source width; in both, a head dimension that is

