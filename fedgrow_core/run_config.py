@@ -88,8 +88,20 @@ def _model_names(value: Any) -> tuple[str, ...]:
     return names
 
 
+#: Where the ServerApp logs round metrics as the run goes (``trackers``).
+TRACKERS = ("tensorboard", "mlflow")
+
+
+def _trackers(value: Any) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in value.split(",") if s.strip()) if isinstance(value, str) else value
+    if not isinstance(names, tuple) or any(n not in (*TRACKERS, "none") for n in names):
+        raise ValueError(f"expected comma-separated names from {[*TRACKERS, 'none']}")
+    return tuple(n for n in names if n != "none")
+
+
 Shape = Annotated[TransformerShape, PlainValidator(_shape)]
 ModelNames = Annotated[tuple[str, ...], PlainValidator(_model_names)]
+Trackers = Annotated[tuple[str, ...], PlainValidator(_trackers)]
 
 
 def _key(default: Any, description: str, requires: str = "", **bounds: float) -> Any:
@@ -290,6 +302,12 @@ class RunConfig(BaseModel):
     seed: int = _key(0, "Seeds partitions, operators and data order")
     output_dir: str = _key("outputs", "Folder of the run folders (and, in simulation, of the client folders)")
     save_models: bool = _key(True, "Whether each client saves its final model under `output-dir`")
+    trackers: Trackers = _key(
+        "tensorboard",
+        "Where the ServerApp logs each round's metrics as the run goes, comma-separated: `tensorboard` (event "
+        "files in the run folder's `tensorboard/`), `mlflow` (the MLflow tracking URI in `MLFLOW_TRACKING_URI`, "
+        "else `./mlruns`; needs `pip install mlflow`) or `none`",
+    )
     device: Literal[DEVICES] = _key("auto", "`auto` (CUDA when available), `cpu` or `cuda` (bf16 autocast)")
     cache_dir: str = _key("", "Cache of converted and pre-trained small models (empty: `~/.cache/fedgrow`)")
 
