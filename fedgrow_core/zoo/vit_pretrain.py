@@ -2,10 +2,13 @@
 
 No pre-trained ViT ships in a package registry, so image clients pre-train their
 own small models before growth (the paper's clients hold pre-trained models).
-Each model is saved as ``config.json`` (timm ``architecture`` + ``model_args``
-+ ``data_config``), ``model.safetensors`` and ``metrics.json`` (test accuracy,
-steps, seconds) in a folder whose name includes a hash of everything that
-determines it; a folder with ``metrics.json`` is reused, not retrained.
+Each model is saved with ``timm.models.save_for_hf`` (``config.json`` with timm's
+``architecture``, ``model_args`` and a ``pretrained_cfg`` holding the mean/std
+measured on the training rows, and ``model.safetensors``), so
+``timm.create_model("local-dir:<folder>", pretrained=True)`` loads it, plus
+``metrics.json`` (test accuracy, steps, seconds), in a folder whose name
+includes a hash of everything that determines it (the saving format included);
+a folder with ``metrics.json`` is reused, not retrained.
 
 Command line (see ``--help``)::
 
@@ -130,7 +133,10 @@ def pretrain_small_vits(
     train, test : datasets.Dataset
         Image rows (``image`` ``(C, H, W)``, ``label``), e.g. one client's shard.
     out_dir : str or Path
-        Parent folder of the model folders.
+        Parent folder of the model folders (``vit-<L>x<D>-<hash>``). The hash
+        covers the data, shape, training settings and the saving format, so a
+        folder written with other settings or another format is never reused
+        (it stays on disk, unread).
     data_tag : str
         Names the data shard in the cache key (e.g. ``"mnist/iid/3/p0"``).
     steps : int
@@ -177,6 +183,7 @@ def pretrain_small_vits(
             "weight_decay": weight_decay,
             "patch_size": patch_size,
             "seed": seed,
+            "saved_with": "timm.models.save_for_hf",
         }
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         folder = Path(out_dir) / f"vit-{spec.layers}x{spec.hidden}-{digest}"

@@ -136,8 +136,22 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def save(self, model: nn.Module, config: Any, path: str | Path) -> None:
-        """Save a built target model in the family's own checkpoint format."""
+        """Save a built target model in its library's own checkpoint format.
+
+        The folder loads with that library alone, no project code
+        (``transformers``' ``from_pretrained``, ``timm.create_model("local-dir:...")``),
+        to the same logits.
+
+        Parameters
+        ----------
+        model : nn.Module
+            A model :meth:`build` returns (or one of the same configuration).
+        config : Any
+            Its :meth:`target_config`.
+        path : str or Path
+            Folder to write; created if missing.
+        """
 
     @abstractmethod
     def load(self, path: str | Path) -> nn.Module:
-        """Load a model saved by :meth:`save` with the family's own loader."""
+        """Load a folder :meth:`save` wrote, with the library's own loader."""

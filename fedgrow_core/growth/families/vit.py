@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import copy
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from timm.layers import LayerNorm
+from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -21,8 +23,12 @@ _NORM = ("res", "norm")
 #: The timm architecture name used to build targets; every structural argument
 #: is passed explicitly, so the name only selects the VisionTransformer class.
 ARCHITECTURE = "vit_base_patch16_224"
+#: The files ``timm.models.save_for_hf(..., safe_serialization=True)`` writes.
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: The LayerNorm epsilon of a ViT that ``timm.create_model`` builds from ``model_args``
+#: (``VisionTransformer`` defaults ``norm_layer`` to timm's ``LayerNorm``).
+TIMM_NORM_EPS = LayerNorm(1).eps
 
 _EMBED_SPACES: dict[str, AxisSpec] = {
     "patch_embed.proj.weight": (_RES, None, None, None),
@@ -77,7 +83,9 @@ class VitFamily(ModelFamily):
     fused back on export. The target is built with
     ``timm.create_model(ARCHITECTURE, pretrained=False, **model_args)`` where
     ``model_args`` fixes image size, patch size, channels, pooling and the target
-    shape (``mlp_ratio = F / D``); the task head is timm's ``head``.
+    shape (``mlp_ratio = F / D``); the task head is timm's ``head``. Models are
+    saved with ``timm.models.save_for_hf`` and load with
+    ``timm.create_model("local-dir:<folder>", pretrained=True)``.
     """
 
     name = "vit"
@@ -129,12 +137,42 @@ class VitFamily(ModelFamily):
     def target_config(
         self, model: nn.Module, target: TransformerShape, num_labels: int, norm_scale: float = 1.0
     ) -> dict:
-        """``timm.create_model`` arguments of the target, and its LayerNorm epsilon (JSON-serialisable)."""
+        """``timm.create_model`` arguments of the target, its LayerNorm epsilon and preprocessing.
+
+        Parameters
+        ----------
+        model : nn.Module
+            The source timm ``VisionTransformer``.
+        target : TransformerShape
+            Target depth, width, FFN width and heads (``mlp_ratio = ffn / hidden``).
+        num_labels : int
+            Classes of the target's ``head``.
+        norm_scale : float
+            The growth's LayerNorm weight factor; ``norm_eps`` is the source's
+            epsilon times ``norm_scale**2``.
+
+        Returns
+        -------
+        dict
+            JSON-serialisable: ``architecture`` (timm name), ``norm_eps``,
+            ``model_args`` (``timm.create_model`` keyword arguments; image and
+            patch sizes in pixels) and ``data_config`` (per-channel ``mean`` and
+            ``std`` of inputs in [0, 1], the source's normalisation as
+            ``timm.data.resolve_input_data_config`` resolves it from its
+            ``pretrained_cfg``; the target reads the same images).
+
+        Raises
+        ------
+        ValueError
+            If ``model`` is not a plain timm ViT (see the class docstring).
+        """
         vit = _check_supported(model)
         pe = vit.patch_embed
+        source = timm.data.resolve_input_data_config(vit)
         return {
             "architecture": ARCHITECTURE,
             "norm_eps": vit.norm.eps * norm_scale**2,
+            "data_config": {"mean": list(source["mean"]), "std": list(source["std"])},
             "model_args": {
                 "img_size": list(pe.img_size),
                 "patch_size": list(pe.patch_size),
@@ -197,15 +235,94 @@ class VitFamily(ModelFamily):
         return output
 
     def save(self, model: nn.Module, config: Any, path: str | Path) -> None:
-        """``config.json`` (architecture + model_args) and ``model.safetensors``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS_FILE))
+        """Save with ``timm.models.save_for_hf``: ``config.json`` and ``model.safetensors``.
+
+        ``config.json`` holds timm's ``architecture``, ``num_classes``,
+        ``model_args`` (``config["model_args"]``) and ``pretrained_cfg``
+        (``input_size`` from the model, ``mean`` and ``std`` from
+        ``config["data_config"]`` when given), so ``timm.create_model(
+        "local-dir:<path>", pretrained=True)`` rebuilds the model with no
+        project code.
+
+        ``model_args`` cannot carry a LayerNorm epsilon (timm's ``norm_layer``
+        argument is a class or a registered name). A model whose LayerNorms
+        use another epsilon than timm's default (growth scales it by
+        ``norm_scale**2``) is saved as an equivalent model with timm's default:
+        every tensor that writes the residual stream (patch embedding, class
+        token, position embedding, ``attn.proj``, ``mlp.fc2``) is multiplied by
+        ``c = sqrt(TIMM_NORM_EPS / eps)``. Every reader of the residual stream
+        is a LayerNorm, and ``LN_eps0(c x) = LN_eps(x)`` exactly when
+        ``eps0 = c**2 eps``, so the logits are unchanged (up to float rounding);
+        ``model`` itself is not modified.
+
+        Parameters
+        ----------
+        model : nn.Module
+            A plain timm ``VisionTransformer`` built by ``timm.create_model``.
+        config : dict
+            Its :meth:`target_config` (``model_args``, optional ``data_config``).
+        path : str or Path
+            Folder to write; created if missing.
+
+        Raises
+        ------
+        ValueError
+            If ``model`` is not a plain timm ViT, if its LayerNorms differ in
+            epsilon or sit elsewhere than ``norm1``/``norm2``/``norm``/``fc_norm``
+            while the epsilon is not timm's, or (from timm) if ``model_args``
+            disagree with the model's image size, channels, classes or pooling.
+        """
+        save_for_hf(
+            _with_timm_norm_eps(_check_supported(model)),
+            str(path),
+            model_args=config["model_args"],
+            safe_serialization=True,
+            data_config=config.get("data_config") or None,
+            # the architecture's default pretrained_cfg names a pre-training these weights did not have
+            model_config={"pretrained_cfg": {"tag": None, "license": None}},
+        )
 
     def load(self, path: str | Path) -> nn.Module:
-        """``timm.create_model`` from ``config.json``, weights loaded ``strict=True``."""
-        path = Path(path)
-        model = self.build(json.loads((path / CONFIG_FILE).read_text()))
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        """``timm.create_model("local-dir:<path>", pretrained=True)``: a folder :meth:`save` wrote.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` has no ``config.json`` (from timm).
+        RuntimeError
+            If the weights do not fit the configured model (from timm's strict load).
+        """
+        return timm.create_model(f"local-dir:{path}", pretrained=True)
+
+
+def _with_timm_norm_eps(model: VisionTransformer) -> VisionTransformer:
+    """``model``, or a copy with LayerNorm epsilon :data:`TIMM_NORM_EPS` and the same logits (see ``VitFamily.save``).
+
+    Raises
+    ------
+    ValueError
+        If the LayerNorms differ in epsilon, or one of them does not read the
+        residual stream, while the epsilon is not timm's.
+    """
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    eps = {m.eps for m in norms.values()}
+    if eps <= {TIMM_NORM_EPS}:
         return model
+    readers = {"norm", "fc_norm"} | {f"blocks.{i}.norm{j}" for i in range(len(model.blocks)) for j in (1, 2)}
+    if len(eps) > 1 or set(norms) - readers:
+        raise ValueError(
+            f"cannot save a ViT with LayerNorm eps {sorted(eps)} (timm's is {TIMM_NORM_EPS}) as a timm checkpoint: "
+            f"the eps must be one value and every LayerNorm must read the residual stream, got {sorted(norms)}"
+        )
+    scale = math.sqrt(TIMM_NORM_EPS / eps.pop())
+    folded = copy.deepcopy(model)
+    writers = ["patch_embed.proj", "cls_token", "pos_embed"]
+    writers += [f"blocks.{i}.{name}" for i in range(len(model.blocks)) for name in ("attn.proj", "mlp.fc2")]
+    with torch.no_grad():
+        for name, param in folded.named_parameters():
+            if any(name == w or name.startswith(f"{w}.") for w in writers):
+                param.mul_(scale)
+    for module in folded.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = TIMM_NORM_EPS
+    return folded
