@@ -23,12 +23,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgrow_core.run_config import ConfigError, RunConfig
 
-from .checkpoint import check_resumable, read_checkpoint
-from .modes import run_mode
+from .checkpoint import Checkpoint, check_resumable, read_checkpoint
+from .modes import ModeResult, run_mode
 from .outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
 from .quiet_log import quiet_strategy_log
 from .strategy import strategy_for_run
 from .summary import build_summary, final_clients, round_rows
+from .tracking import RunTrackers
 
 # In simulation the Ray backend starts in this process after the ServerApp is loaded. Ray warns
 # (FutureWarning) that it will stop hiding GPUs from actors with num-gpus = 0; this opts in to
@@ -90,9 +91,21 @@ def _main(grid: Grid, context: Context) -> None:
         num_nodes,
         run_dir,
     )
-    result = run_mode(grid, run, run_dir, resume)
+    trackers = RunTrackers(run, run_dir)  # a missing tracker package fails here, before round 1
+    try:
+        result = run_mode(grid, run, run_dir, resume, on_round=trackers.round)
+        _write_results(run, run_dir, result, resume, start, trackers)
+    finally:
+        trackers.close()
+
+
+def _write_results(
+    run: RunConfig, run_dir: Path, result: ModeResult, resume: Checkpoint | None, start: float, trackers: RunTrackers
+) -> None:
+    """Write the run folder (rows, plot, Global-LiGO, summary), log the final results and track them."""
     clients = final_clients(result.final_replies, result.entries)
     rows = round_rows(run, result.entries, clients)
+    trackers.final(clients, rows[-1]["round"] if rows else 0)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_round_metrics(run_dir, rows)
     plot_rounds(run_dir, rows)

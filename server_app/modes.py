@@ -17,6 +17,7 @@ mode                      rounds (``local-steps`` each)                         
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,14 +54,21 @@ class ModeResult:
     global_ligo: ArrayRecord | None = None
 
 
-def run_mode(grid: Grid, run: RunConfig, run_dir: Path | None = None, resume: Checkpoint | None = None) -> ModeResult:
+def run_mode(
+    grid: Grid,
+    run: RunConfig,
+    run_dir: Path | None = None,
+    resume: Checkpoint | None = None,
+    on_round: Callable[[dict], None] | None = None,
+) -> ModeResult:
     """Run ``run.mode`` to the end (rounds and final phase).
 
     Every node first loads its model and data (:func:`server_app.phases.preflight`).
     With ``run_dir``, the growth rounds (``fedgrow``, ``fedgrow-fedft``) are
     checkpointed there after every round and clients keep their private state on
     disk under the folder's name; ``resume`` (mode ``fedgrow`` only) continues
-    from a checkpoint (:mod:`server_app.checkpoint`).
+    from a checkpoint (:mod:`server_app.checkpoint`). ``on_round`` is called
+    with every round's log entry (collection included) as the round ends.
 
     Raises
     ------
@@ -70,6 +78,7 @@ def run_mode(grid: Grid, run: RunConfig, run_dir: Path | None = None, resume: Ch
         If a node cannot set up; nothing has been trained then.
     """
     rounds, t = run.num_server_rounds, run.round_timeout  # t: seconds per exchange
+    report = on_round or (lambda entry: None)
     rows = preflight(grid, t)
     caps = {node: int(m["train-examples"]) for node, m in rows.items()}
 
@@ -80,25 +89,29 @@ def run_mode(grid: Grid, run: RunConfig, run_dir: Path | None = None, resume: Ch
     if run.mode in ("fedgrow", "fedgrow-fedft"):
         start = ArrayRecord(initial_global_ligo(run).state_dict())
         glob, entries = shared_rounds(
-            grid, run, start, rounds, "grow", 1, run_dir=run_dir, resume=resume, example_caps=caps
+            grid, run, start, rounds, "grow", 1, run_dir=run_dir, resume=resume, example_caps=caps, on_round=report
         )
         if run.mode == "fedgrow":
             tag = run_dir.name if run_dir is not None else ""
             return ModeResult(entries, *final(glob, rounds, tag), glob)
         averaged, collected = collect_average(grid, run, glob, rounds, t, example_caps=caps)
+        report(collected)
         ft_rounds = run.finetune_steps // run.local_steps
         last, ft_entries = averaged, []
         if ft_rounds:
             last, ft_entries = shared_rounds(
-                grid, run, averaged, ft_rounds, "train-shared", rounds + 1, example_caps=caps
+                grid, run, averaged, ft_rounds, "train-shared", rounds + 1, example_caps=caps, on_round=report
             )
         return ModeResult([*entries, collected, *ft_entries], *final(last), glob)
     if run.mode == "scratch-fedavg":
         averaged, collected = collect_average(grid, run, ArrayRecord(), 0, t, example_caps=caps)
-        last, entries = shared_rounds(grid, run, averaged, rounds, "train-shared", 1, example_caps=caps)
+        report(collected)
+        last, entries = shared_rounds(
+            grid, run, averaged, rounds, "train-shared", 1, example_caps=caps, on_round=report
+        )
         return ModeResult([collected, *entries], *final(last))
     if run.mode in ("independent-ligo", "small-only"):
         phase = "grow" if run.mode == "independent-ligo" else "train-local"
-        entries = local_rounds(grid, rounds, phase, 1, t)
+        entries = local_rounds(grid, rounds, phase, 1, t, on_round=report)
         return ModeResult(entries, *final(ArrayRecord()))
     raise ValueError(f"unknown mode {run.mode!r}")

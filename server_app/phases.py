@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def shared_rounds(
     run_dir: Path | None = None,
     resume: Checkpoint | None = None,
     example_caps: dict[int, int] | None = None,
+    on_round: Callable[[dict], None] | None = None,
 ) -> tuple[ArrayRecord, list[dict]]:
     """``num_rounds`` rounds of the configured (checked) strategy over ``arrays``.
 
@@ -114,7 +116,8 @@ def shared_rounds(
     rounds after ``resume.server_round`` run, and clients are told so
     (``resumed-after``), so a client that finds no private state refuses.
     ``example_caps`` (node id -> preflight training rows) caps each reply's
-    ``num-examples`` (:class:`server_app.strategy.ReplyChecks`).
+    ``num-examples`` (:class:`server_app.strategy.ReplyChecks`). ``on_round``
+    is called with each round's log entry as the round ends.
 
     Returns
     -------
@@ -141,9 +144,13 @@ def shared_rounds(
         ]
         return [*before, *new]
 
-    def checkpoint(server_round: int, current: ArrayRecord) -> None:
-        if run_dir is not None and server_round > 0:
+    def checkpoint(server_round: int, current: ArrayRecord) -> None:  # Strategy.start's evaluate_fn: after a round
+        if server_round == 0:
+            return
+        if run_dir is not None:
             write_checkpoint(run_dir, run, server_round + done, current, strategy, entries())
+        if on_round is not None:
+            on_round(entries()[-1])
 
     if num_rounds <= done:
         return arrays, before
@@ -165,14 +172,20 @@ LOCAL_SCHEMA = train_schema({})
 
 
 def local_rounds(
-    grid: Grid, num_rounds: int, phase: str, first_round: int, timeout: float = 3600, run_tag: str = ""
+    grid: Grid,
+    num_rounds: int,
+    phase: str,
+    first_round: int,
+    timeout: float = 3600,
+    run_tag: str = "",
+    on_round: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """``num_rounds`` rounds in which every node trains locally and replies with metrics only.
 
     The messages carry an empty ``ArrayRecord``, the round (``server-round``) and
     ``run_tag`` (``run-tag``, if any: clients keep their state on disk under it). A reply that does not
     match :data:`LOCAL_SCHEMA` (e.g. one that carries any tensor) is logged as rejected; nothing is
-    aggregated in these modes.
+    aggregated in these modes. ``on_round`` is called with each round's log entry as the round ends.
     """
     entries = []
     for r in range(first_round, first_round + num_rounds):
@@ -200,6 +213,8 @@ def local_rounds(
         entry["download_bytes"] = dict.fromkeys(map(str, sent), size)
         entries.append({**entry, "phase": phase, "aggregated": False})
         log(INFO, "round %d (%s): %s", r, phase, round_summary(entry))
+        if on_round is not None:
+            on_round(entries[-1])
     return entries
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import reviews_csv, tiny_bert_folder
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from client_app.egress_audit import REPLY_CONFIGS, REPLY_METRICS
@@ -135,6 +136,12 @@ def test_run_folder_holds_metrics_plot_and_global_ligo(flwr_run):
     assert all(0 <= r["eval-accuracy"] <= 1 for r in rows)
     assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("round,phase,eval-accuracy,train-loss")
     assert (run_dir / "metrics.png").stat().st_size > 1000
+    events = EventAccumulator(str(run_dir / "tensorboard"))  # written round by round, read back by TensorBoard
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("eval/accuracy")]
+    assert [step for step, _ in logged] == [1, 2]
+    assert [value for _, value in logged] == pytest.approx([r["eval-accuracy"] for r in rows[:2]])
+    assert len(events.Scalars("final/accuracy/partition-0")) == 1
     inter, target = parse_shape(cfg["intermediate-shape"]), parse_shape(cfg["target-shape"])
     expected = LiGO(inter, target, seed=0, rank=cfg["global-rank"]).state_dict()
     final = load_file(str(run_dir / "global_ligo.safetensors"))
