@@ -24,28 +24,6 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import serde
 
-#: Every metric a reply may carry (train rounds and the final phase), with its meaning.
-REPLY_METRICS = {
-    "num-examples": "training rows (aggregation weight), or test rows in the final phase",
-    "train-loss": "mean training loss over the round's local steps",
-    "train-accuracy": "training accuracy over the round's local steps",
-    "train-seconds": "seconds spent training in the round",
-    "eval-accuracy": "accuracy of the client's current model on its own test rows (at most eval-max-examples)",
-    "eval-seconds": "seconds spent on the round's (or the final) evaluation",
-    "trainable-params": "parameters the client trains in the rounds",
-    "compute-threads": "torch threads the client computes with",
-    "accuracy": "final test accuracy on the client's own test rows",
-    "precision": "final macro precision on the client's own test rows",
-    "loss": "final test loss",
-    "model-params": "parameters of the final model",
-    "finetune-seconds": "seconds of final fine-tuning",
-    "partition-id": "the node's partition id (from its node config)",
-    "train-examples": "training rows (preflight)",
-    "test-examples": "test rows (preflight)",
-}
-#: Every config entry a reply may carry.
-REPLY_CONFIGS = {"model": "the small model's name (a folder's last path component, never a full path)"}
-
 
 def audit_dir(context: Context) -> str:
     """The audit folder for this node: node config ``audit-dir``, else run config ``audit-dir``, else ""."""

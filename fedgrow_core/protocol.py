@@ -264,6 +264,29 @@ INFO_KEY = "model"
 MAX_INFO_CHARS = 256
 
 
+#: What each metric key of a reply means (every phase's keys; the egress audit and the docs use it).
+METRIC_MEANINGS = {
+    "num-examples": "training rows (aggregation weight), or test rows in the final phase",
+    "train-loss": "mean training loss over the round's local steps",
+    "train-accuracy": "training accuracy over the round's local steps",
+    "train-seconds": "seconds spent training in the round",
+    "eval-accuracy": "accuracy of the client's current model on its own test rows (at most eval-max-examples)",
+    "eval-seconds": "seconds spent on the round's (or the final) evaluation",
+    "trainable-params": "parameters the client trains in the rounds",
+    "compute-threads": "torch threads the client computes with",
+    "accuracy": "final test accuracy on the client's own test rows",
+    "precision": "final macro precision on the client's own test rows",
+    "loss": "final test loss",
+    "model-params": "parameters of the final model",
+    "finetune-seconds": "seconds of final fine-tuning",
+    "partition-id": "the node's partition id (from its node config)",
+    "train-examples": "training rows (preflight)",
+    "test-examples": "test rows (preflight)",
+}
+#: What the final reply's ``info`` record holds.
+INFO_MEANINGS = {INFO_KEY: "the small model's name (a folder's last path component, never a full path)"}
+
+
 def initial_global_ligo(run: RunConfig) -> LiGO:
     """The initial Global-LiGO (intermediate -> target shape) from the run config alone, seeded by ``run.seed``.
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from client_app.egress_audit import REPLY_CONFIGS, REPLY_METRICS
 from experiments import flower_launcher
 from fedgrow_core.accounting import tensor_bytes
 from fedgrow_core.growth.ligo import LiGO
+from fedgrow_core.protocol import INFO_MEANINGS, METRIC_MEANINGS
 from fedgrow_core.run_config import parse_shape
 from fedgrow_core.update_encoding import encoded_spec
 
@@ -212,10 +212,10 @@ def test_privacy_audit_only_the_global_ligo_leaves_a_client(flwr_run):
     for r in records:
         assert r["error"] is None
         for metrics in r["metrics"].values():
-            assert set(metrics) <= set(REPLY_METRICS), set(metrics) - set(REPLY_METRICS)
+            assert set(metrics) <= set(METRIC_MEANINGS), set(metrics) - set(METRIC_MEANINGS)
             assert set(metrics.values()) <= {"int", "float"}  # scalars only
         for rname, configs in r["configs"].items():
-            assert set(configs) <= set(REPLY_CONFIGS)
+            assert set(configs) <= set(INFO_MEANINGS)
             assert all("/" not in v for v in r["config_values"][rname].values())  # no client path
     for r in train:
         assert r["phase"] == "grow"

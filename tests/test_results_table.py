@@ -178,3 +178,25 @@ def test_communication_table_pairs_each_variant_with_float32_on_the_same_seed(tm
     assert table.loc["float32", "paired_diff_mean"] == 0 and table.loc["int8", "seeds"] == 3
     plot_accuracy_vs_upload(table.reset_index(), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 5000
+
+
+def test_accuracy_curves_give_the_mean_and_the_seed_spread_per_round(tmp_path):
+    from experiments.plots import accuracy_curves, plot_accuracy
+
+    def run(seed, mode, accs):
+        rows = [
+            {"round": r + 1, "eval-accuracy": a, "cumulative-upload-bytes": 1e6 * (r + 1)} for r, a in enumerate(accs)
+        ]
+        return {"seed": seed, "mode": mode, "dirichlet_alpha": 0.5, "task": "text", "rows": rows}
+
+    runs = [run(0, "fedgrow", [0.5, 0.6, 0.7]), run(1, "fedgrow", [0.6, 0.7]), run(2, "fedgrow", [0.7, 0.9, 1.0])]
+    runs.append(run(0, "small-only", [0.4, 0.5]))
+    curves = accuracy_curves(runs, "round")[0.5]
+    xs, mean, std = curves["fedgrow"]
+    assert list(xs) == [1, 2]  # cut to the shortest run
+    assert list(mean) == pytest.approx([statistics.fmean([0.5, 0.6, 0.7]), statistics.fmean([0.6, 0.7, 0.9])])
+    assert list(std) == pytest.approx([statistics.stdev([0.5, 0.6, 0.7]), statistics.stdev([0.6, 0.7, 0.9])])
+    assert list(curves["small-only"][2]) == [0.0, 0.0]  # one seed: no band
+    paths = plot_accuracy(runs, tmp_path)
+    assert [p.name for p in paths] == ["accuracy_vs_rounds.png", "accuracy_vs_bytes.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

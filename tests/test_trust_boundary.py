@@ -18,12 +18,12 @@ from simulated_federation import train_metrics
 from test_strategy import SENT, SPEC, _record, _Reply
 
 import client_app.app as fedgrow_client
-from client_app.egress_audit import REPLY_METRICS
 from client_app.guards import check_phase, check_run_tag, sanitised_errors_mod, sanitised_reason
 from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.protocol import (
     COLLECT_METRICS,
     FINAL_METRICS,
+    METRIC_MEANINGS,
     MODE_PHASES,
     PREFLIGHT_METRICS,
     TRAIN_METRICS,
@@ -132,7 +132,7 @@ def test_final_replies_are_checked(change, phrase):
 
 def test_the_schemas_cover_exactly_the_documented_reply_metrics():
     schemas = [TRAIN_METRICS, COLLECT_METRICS, FINAL_METRICS, PREFLIGHT_METRICS]
-    assert set().union(*schemas) == set(REPLY_METRICS)
+    assert set().union(*schemas) == set(METRIC_MEANINGS)
 
 
 def test_update_norm_and_clipping_against_a_direct_computation():
