@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,12 @@ from fedgrow_core.training import reporting_progress
 
 from .egress_audit import egress_audit_mod
 from .guards import RefusedMessage, check_instruction, check_phase, sanitised_errors_mod
+
+# In simulation Flower loads this module in the process that then starts Ray. Ray warns (FutureWarning)
+# that it will stop hiding GPUs from actors given num-gpus = 0; setting its variable to 0 takes that
+# behaviour and silences the warning. Simulated clients given no GPU by flwr_home/federation.toml then
+# see the machine's GPUs: run-config device = "cpu" keeps them off.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 app = ClientApp(mods=[sanitised_errors_mod, egress_audit_mod])
 # the library's progress lines (logger ``fedgrow_core``, INFO) go out through Flower's console handler
@@ -114,7 +121,7 @@ def _model_client(context: Context, role: str) -> ModelClient:
     return _cached((*key, role), lambda: ModelClient(setup, *target_model(setup, run.seed), run.lr_finetune))
 
 
-def round_seed(seed: int, partition_id: int, phase: str, server_round: int) -> int:
+def round_seed(seed: int, partition_id: int, phase: Phase, server_round: int) -> int:
     """The torch seed of one client's round: a ``numpy.random.SeedSequence`` of (seed, partition, phase, round)."""
     entropy = [seed, partition_id, _PHASE_CODES.get(phase, 0), server_round]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] % 2**63)

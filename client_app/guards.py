@@ -81,7 +81,7 @@ def check_instruction(
     return instruction
 
 
-def check_phase(mode: str, phase: str, node_config: Mapping[str, object]) -> Phase:
+def check_phase(mode: str, phase: Phase | str, node_config: Mapping[str, object]) -> Phase:
     """``phase`` if this node serves it in ``mode``.
 
     Raises

@@ -39,7 +39,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def prepare_flwr_home(home: Path, template: Path = ROOT / "flwr_home") -> Path:
-    """Copy the federation config (``flwr_home/config.toml``) into ``home``; returns ``home``."""
+    """Copy the SuperLink connection (``flwr_home/config.toml``) into ``home``; returns ``home``."""
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(template / "config.toml", home / "config.toml")
     return home

@@ -12,7 +12,8 @@ is :mod:`server_app.modes`, and which ones a client serves in a mode is
   from FedProx, ``proximal-mu``.
 
 Every reply carries the records and metrics of :data:`REPLY_METRICS` for its
-phase; :mod:`server_app.reply_checks` checks them, and nothing else may travel.
+phase (their meanings: :data:`METRIC_MEANINGS`); the server checks each reply
+against them (:mod:`server_app.reply_checks`), and nothing else may travel.
 
 Both sides build the same initial Global-LiGO from the run config alone
 (:func:`initial_global_ligo`): the server to start the rounds and check a
@@ -69,6 +70,10 @@ PHASE_KEY, ROUND_KEY, RUN_TAG_KEY, RESUMED_KEY, PROXIMAL_MU_KEY = (
     "resumed-after",
     "proximal-mu",
 )
+
+
+#: Largest FedProx proximal weight a client accepts (typical values are 0.001 to 1).
+MAX_PROXIMAL_MU = 1000.0
 
 
 class ProtocolError(ValueError):
@@ -140,7 +145,8 @@ class Instruction:
         ProtocolError
             For an unknown phase, a round or resume count that is not an integer
             in [0, 10^9], a ``run-tag`` that is not a string, or a
-            ``proximal-mu`` that is not a finite number >= 0.
+            ``proximal-mu`` outside [0, :data:`MAX_PROXIMAL_MU`] (a huge one
+            would turn the client's private operators into NaN).
         """
         raw = config.get(PHASE_KEY, default_phase.value if default_phase else "")
         try:
@@ -152,8 +158,8 @@ class Instruction:
         if not isinstance(tag, str):
             raise ProtocolError(f"{RUN_TAG_KEY} = {str(tag)[:40]!r}: expected a string")
         mu = config.get(PROXIMAL_MU_KEY, 0.0)
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
-            raise ProtocolError(f"{PROXIMAL_MU_KEY} = {str(mu)[:40]!r}: expected a finite number >= 0")
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu <= MAX_PROXIMAL_MU:
+            raise ProtocolError(f"{PROXIMAL_MU_KEY} = {str(mu)[:40]!r}: expected a number in [0, {MAX_PROXIMAL_MU:g}]")
         return cls(
             phase=phase,
             server_round=_count(config, ROUND_KEY),
@@ -264,7 +270,7 @@ INFO_KEY = "model"
 MAX_INFO_CHARS = 256
 
 
-#: What each metric key of a reply means (every phase's keys; the egress audit and the docs use it).
+#: What each metric key of a reply means (every phase's keys; the docs and the privacy tests use it).
 METRIC_MEANINGS = {
     "num-examples": "training rows (aggregation weight), or test rows in the final phase",
     "train-loss": "mean training loss over the round's local steps",

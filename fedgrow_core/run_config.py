@@ -248,6 +248,7 @@ class RunConfig(BaseModel):
         "FedProx's proximal weight (Li et al. 2020), applied by each client to its Global-LiGO",
         requires='> 0 with `strategy = "fedprox"`',
         ge=0,
+        le=1000.0,
     )
     fedopt_eta: float = _key(0.1, "Server learning rate of FedAdam, FedYogi and FedAdagrad (Reddi et al. 2021)", gt=0)
     fedopt_eta_l: float = _key(

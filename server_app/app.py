@@ -10,7 +10,6 @@ folder is written by :mod:`server_app.outputs` and :mod:`server_app.summary`.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -30,12 +29,6 @@ from .quiet_log import quiet_strategy_log
 from .strategy import strategy_for_run
 from .summary import build_summary, final_clients, round_rows
 from .tracking import RunTrackers
-
-# In simulation the Ray backend starts in this process after the ServerApp is loaded. Ray warns
-# (FutureWarning) that it will stop hiding GPUs from actors with num-gpus = 0; this opts in to
-# that behaviour now, which silences the warning. Simulated clients given no GPU by
-# flwr_home/federation.toml then see the machine's GPUs: run-config device = "cpu" keeps them off.
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 app = ServerApp()
 
@@ -132,5 +125,5 @@ def _write_results(
         summary["wall_time_s"],
         "n/a" if mean is None else f"{mean:.3f}",
         len(clients),
-        run_dir / "summary.json",
+        (run_dir / "summary.json").resolve(),
     )

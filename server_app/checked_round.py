@@ -21,14 +21,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedgrow_core.protocol import TRAIN_METRICS, MetricSpec
 from fedgrow_core.update_encoding import decode_update, encoded_spec
 
 from .bounded_influence import capped_weight, clip_bound, clipped, update_norm, weight_bound
 from .checkpoint import restore_state, snapshot_state, state_is_finite
 from .reply_checks import (
-    TRAIN_METRICS,
     ArraySpec,
-    MetricSpec,
     ReplySchema,
     array_spec,
     decode_arrays,
@@ -114,14 +113,17 @@ class ReplyChecks:
     node_wait: float = 600.0
     #: Whether the wrapped strategy is a central-DP wrapper (every sampled reply must be usable).
     requires_all_replies: bool = False
-    #: The metrics a reply must carry (:data:`server_app.reply_checks.TRAIN_METRICS`; the collect phase's are fewer).
+    #: The metrics a reply must carry (:data:`fedgrow_core.protocol.TRAIN_METRICS`; the collect phase's are fewer).
     reply_metrics: Mapping[str, MetricSpec] = TRAIN_METRICS
     #: How replies carry the shared tensors (:data:`fedgrow_core.update_encoding.ENCODINGS`).
     update_encoding: str = "float32"
     #: What the current round sent (``None`` before the first round).
     sent_round: SentRound | None = None
-    #: One log entry per aggregated or skipped round (a fresh list per strategy, set on the first round).
-    round_log: list[dict]
+
+    @property
+    def round_log(self) -> list[dict]:
+        """One log entry per round this strategy checked (:func:`server_app.round_log.round_entry`), in order."""
+        return self.__dict__.setdefault("_round_log", [])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Remember the sent arrays, wait (bounded) for enough nodes, then delegate."""
@@ -214,7 +216,7 @@ class ReplyChecks:
                 needed,
             )
         entry["aggregated"] = arrays is not None
-        self.round_log = [*getattr(self, "round_log", []), entry]
+        self.round_log.append(entry)
         if metrics is None:
             metrics = MetricRecord()
         metrics["rejected-replies"] = len(rejected)

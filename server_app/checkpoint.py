@@ -43,6 +43,7 @@ from flwr.serverapp.strategy import Strategy
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import ConfigError, RunConfig
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -338,8 +339,6 @@ def content_problems(checkpoint: Checkpoint, run: RunConfig) -> list[str]:
     shapes, float32, finite), the strategy tensors (known attribute, known
     tensor, its shape, finite) and the scalars (known, finite, in range).
     """
-    from fedgrow_core.protocol import initial_global_ligo  # the LiGO modules are heavy; only a resume needs them
-
     p = []
     if not 1 <= checkpoint.server_round <= run.num_server_rounds:
         p.append(f"checkpoint round {checkpoint.server_round}: expected an integer in [1, {run.num_server_rounds}]")

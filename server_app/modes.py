@@ -24,7 +24,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedgrow_core.protocol import initial_global_ligo
+from fedgrow_core.protocol import Phase, initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 
 from .checkpoint import Checkpoint
@@ -89,7 +89,7 @@ def run_mode(
     if run.mode in ("fedgrow", "fedgrow-fedft"):
         start = ArrayRecord(initial_global_ligo(run).state_dict())
         glob, entries = shared_rounds(
-            grid, run, start, rounds, "grow", 1, run_dir=run_dir, resume=resume, example_caps=caps, on_round=report
+            grid, run, start, rounds, Phase.GROW, 1, run_dir=run_dir, resume=resume, example_caps=caps, on_round=report
         )
         if run.mode == "fedgrow":
             tag = run_dir.name if run_dir is not None else ""
@@ -100,18 +100,18 @@ def run_mode(
         last, ft_entries = averaged, []
         if ft_rounds:
             last, ft_entries = shared_rounds(
-                grid, run, averaged, ft_rounds, "train-shared", rounds + 1, example_caps=caps, on_round=report
+                grid, run, averaged, ft_rounds, Phase.TRAIN_SHARED, rounds + 1, example_caps=caps, on_round=report
             )
         return ModeResult([*entries, collected, *ft_entries], *final(last), glob)
     if run.mode == "scratch-fedavg":
         averaged, collected = collect_average(grid, run, ArrayRecord(), 0, t, example_caps=caps)
         report(collected)
         last, entries = shared_rounds(
-            grid, run, averaged, rounds, "train-shared", 1, example_caps=caps, on_round=report
+            grid, run, averaged, rounds, Phase.TRAIN_SHARED, 1, example_caps=caps, on_round=report
         )
         return ModeResult([collected, *entries], *final(last))
     if run.mode in ("independent-ligo", "small-only"):
-        phase = "grow" if run.mode == "independent-ligo" else "train-local"
+        phase = Phase.GROW if run.mode == "independent-ligo" else Phase.TRAIN_LOCAL
         entries = local_rounds(grid, rounds, phase, 1, t, on_round=report)
         return ModeResult(entries, *final(ArrayRecord()))
     raise ValueError(f"unknown mode {run.mode!r}")

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedgrow_core.protocol import COLLECT_METRICS, FINAL_METRICS, PREFLIGHT_METRICS, Instruction, Phase
+from fedgrow_core.protocol import REPLY_METRICS, Instruction, Phase
 from fedgrow_core.run_config import RunConfig
 
 from .checkpoint import Checkpoint, load_strategy_state, write_checkpoint
@@ -35,8 +35,8 @@ from .round_log import content_bytes, last_line, round_entry, round_summary
 from .strategy import build_strategy, strategy_for_run
 
 #: The schema of a preflight reply (metrics only) and of a final-phase reply (metrics and ``info``).
-PREFLIGHT_SCHEMA = ReplySchema(PREFLIGHT_METRICS, arrays=None)
-FINAL_SCHEMA = ReplySchema(FINAL_METRICS, arrays=None, info=True)
+PREFLIGHT_SCHEMA = ReplySchema(REPLY_METRICS[Phase.PREFLIGHT], arrays=None)
+FINAL_SCHEMA = ReplySchema(REPLY_METRICS[Phase.FINAL], arrays=None, info=True)
 
 
 def _send(grid: Grid, arrays: ArrayRecord, order: Instruction, message_type: str, timeout: float) -> list[Message]:
@@ -128,7 +128,7 @@ def shared_rounds(
     num_nodes = len(list(grid.get_node_ids()))
     strategy = strategy_for_run(run, num_nodes, example_caps)
     # Global-LiGO rounds carry encoded updates; whole target models travel as float32 values
-    strategy.update_encoding = run.update_encoding if phase == "grow" else "float32"
+    strategy.update_encoding = run.update_encoding if phase == Phase.GROW else "float32"
     done, before = 0, []
     if resume is not None:
         done, arrays, before = resume.server_round, resume.global_ligo, resume.entries
@@ -139,8 +139,8 @@ def shared_rounds(
 
     def entries() -> list[dict]:
         new = [
-            {**entry, "round": entry["round"] + first_round - 1, "phase": phase}
-            for entry in getattr(strategy, "round_log", [])
+            {**entry, "round": entry["round"] + first_round - 1, "phase": Phase(phase).value}
+            for entry in strategy.round_log
         ]
         return [*before, *new]
 
@@ -211,7 +211,7 @@ def local_rounds(
         entry = round_entry(r, replies, accepted, rejected, time.perf_counter() - start, sent)
         size = content_bytes(order.content())
         entry["download_bytes"] = dict.fromkeys(map(str, sent), size)
-        entries.append({**entry, "phase": phase, "aggregated": False})
+        entries.append({**entry, "phase": Phase(phase).value, "aggregated": False})
         log(INFO, "round %d (%s): %s", r, phase, round_summary(entry))
         if on_round is not None:
             on_round(entries[-1])
@@ -259,7 +259,7 @@ def collect_average(
     strategy.cap_weight_median = run.cap_weight_median
     strategy.example_caps = example_caps
     strategy.expected_spec = spec
-    strategy.reply_metrics = COLLECT_METRICS
+    strategy.reply_metrics = REPLY_METRICS[Phase.COLLECT]
     # Clipping needs a reference: the majority's coordinate-wise median, an estimate no single reply controls.
     reference = _median_arrays(replies, spec)
     if reference is None:
@@ -269,7 +269,7 @@ def collect_average(
     if averaged is None:
         raise RuntimeError("collect: every reply was rejected")
     (entry,) = strategy.round_log
-    return averaged, {**entry, "phase": "collect"}
+    return averaged, {**entry, "phase": Phase.COLLECT.value}
 
 
 def final_phase(
@@ -284,7 +284,7 @@ def final_phase(
     """Ask every node to fine-tune (per its mode), evaluate and save its model.
 
     One ``EVALUATE`` message per node carries ``arrays`` (the final Global-LiGO,
-    the final averaged model, or nothing), ``phase = "finetune-evaluate"``, the
+    the final averaged model, or nothing), ``phase`` :attr:`Phase.FINAL`, the
     last round (``server-round``) and the run's tag (``run-tag``, if any);
     ``timeout`` is in seconds. Every reply is checked against
     :data:`FINAL_SCHEMA` and, with ``preflight_rows``, against the node's

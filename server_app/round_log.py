@@ -139,7 +139,7 @@ def round_summary(entry: dict) -> str:
 
     E.g. ``3/3 replies accepted, train loss 0.657, train accuracy 0.609, eval
     accuracy 0.703, 27.5 s``; the means are unweighted over the accepted
-    clients (each client's numbers are in ``metrics.jsonl``), and rejected,
+    clients (each client's own are in ``summary.json``'s round log), and rejected,
     failed and missing replies are named only when there are any.
     """
     parts = [f"{len(entry['accepted_nodes'])}/{entry['replies']} replies accepted"]

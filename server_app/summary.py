@@ -14,6 +14,7 @@ import statistics
 
 from flwr.app import Message
 
+from fedgrow_core.protocol import Phase
 from fedgrow_core.run_config import RunConfig
 
 
@@ -62,7 +63,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
     rows.append(
         {
             "round": last + local_ft,
-            "phase": "finetune-evaluate",
+            "phase": Phase.FINAL.value,
             "eval-accuracy": _mean([c["accuracy"] for c in final]),
             "train-loss": None,
             "upload-bytes": 0.0,
@@ -91,7 +92,7 @@ def final_clients(replies: list[Message], entries: list[dict]) -> list[dict]:
     trained: dict[str, int] = {}
     for e in entries:
         for node, m in e.get("client_metrics", {}).items():
-            if "trainable-params" in m and e["phase"] in ("grow", "train-local", "train-shared"):
+            if "trainable-params" in m and e["phase"] in (Phase.GROW, Phase.TRAIN_LOCAL, Phase.TRAIN_SHARED):
                 trained.setdefault(node, int(m["trainable-params"]))
     clients = []
     for msg in replies:
@@ -189,8 +190,8 @@ def build_summary(
     """
     accs = [c["accuracy"] for c in clients]
     # rounds in which replies were accepted: a round whose every reply was lost or rejected counts no zero
-    uploads = [r["upload-bytes"] for r in rows if r["phase"] != "finetune-evaluate" and r["accepted"]]
-    downloads = [r["download-bytes"] for r in rows if r["phase"] != "finetune-evaluate" and r["accepted"]]
+    uploads = [r["upload-bytes"] for r in rows if r["phase"] != Phase.FINAL and r["accepted"]]
+    downloads = [r["download-bytes"] for r in rows if r["phase"] != Phase.FINAL and r["accepted"]]
     payloads = [_mean(list(e.get("payload_bytes", {}).values())) or 0.0 for e in entries]
     # the median, not the mean: one client's report cannot move the byte ratios
     model_params = statistics.median_low([c["model_params"] for c in clients]) if clients else 0

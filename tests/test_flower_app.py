@@ -104,7 +104,8 @@ def flwr_run(tmp_path_factory):
 NOISE = (
     "LOAD REPORT",
     "Loading weights",
-    "Map:",
+    "examples/s",  # any `datasets` progress bar: generating, filtering, mapping, flattening
+    "it/s]",  # any tqdm bar
     "FutureWarning",
     "deprecated",
     "fraction_evaluate",

@@ -407,7 +407,8 @@ def test_the_client_refuses_phases_its_mode_does_not_serve(tmp_path, task_identi
         ({"phase": "grow", "server-round": -1}, "server-round = '-1': expected an integer"),
         ({"phase": "grow", "server-round": 1.5}, "server-round = '1.5': expected an integer"),
         ({"phase": "grow", "resumed-after": 10**12}, "resumed-after"),
-        ({"phase": "grow", "proximal-mu": -1.0}, "proximal-mu = '-1.0': expected a finite number >= 0"),
+        ({"phase": "grow", "proximal-mu": -1.0}, "proximal-mu = '-1.0': expected a number in [0, 1000]"),
+        ({"phase": "grow", "proximal-mu": 1e308}, "proximal-mu = '1e+308': expected a number in [0, 1000]"),
         ({"phase": "grow", "proximal-mu": float("nan")}, "proximal-mu = 'nan'"),
     ],
 )

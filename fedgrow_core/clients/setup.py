@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from fedgrow_core.data.batch_stream import BatchStream
 from fedgrow_core.data.partitions import FederatedData, federate
 from fedgrow_core.data.preprocessing import make_dataloader
-from fedgrow_core.data.sources import label_names, load_data_source, task_of
+from fedgrow_core.data.sources import label_names, load_data_source, task_of, without_progress_bars
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.training import resolve_device
 from fedgrow_core.zoo.registry import SmallModel, default_cache_dir, load_small_model
@@ -39,7 +39,9 @@ def _load(run: RunConfig, source: str) -> DatasetDict:
 @functools.lru_cache(maxsize=4)
 def _federated(data_run: RunConfig, num_partitions: int) -> FederatedData:
     run = data_run
-    return federate(_load(run, run.dataset), num_partitions, run.partitioner, alpha=run.dirichlet_alpha, seed=run.seed)
+    with without_progress_bars():
+        data = _load(run, run.dataset)
+        return federate(data, num_partitions, run.partitioner, alpha=run.dirichlet_alpha, seed=run.seed)
 
 
 def federated_data(run: RunConfig, num_partitions: int) -> FederatedData:
@@ -69,12 +71,13 @@ def client_rows(
     From partition ``partition_id`` of ``run.dataset``, or, when ``dataset`` names
     the node's own data source, from all of it (split 80/20, no partitioning).
     """
-    if dataset:
-        data = _load(run, dataset)
-        split, names = data["train"].train_test_split(test_size=0.2, seed=run.seed), label_names(data)
-    else:
-        fed = federated_data(run, num_partitions)
-        split, names = fed.client(partition_id), fed.label_names
+    with without_progress_bars():
+        if dataset:
+            data = _load(run, dataset)
+            split, names = data["train"].train_test_split(test_size=0.2, seed=run.seed), label_names(data)
+        else:
+            fed = federated_data(run, num_partitions)
+            split, names = fed.client(partition_id), fed.label_names
     train, test = split["train"], split["test"]
     if run.max_train_examples and len(train) > run.max_train_examples:
         train = train.shuffle(seed=run.seed).select(range(run.max_train_examples))

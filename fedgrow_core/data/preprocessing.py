@@ -8,11 +8,9 @@ batch is a dict with ``labels`` and either the tokenizer's fields
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import datasets
 import torch
 from datasets import Dataset
 from torch import Tensor
@@ -20,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from fedgrow_core.data.sources import IMAGE, LABEL, TEXT, task_of
+from fedgrow_core.data.sources import IMAGE, LABEL, TEXT, task_of, without_progress_bars
 
 
 @dataclass
@@ -99,25 +97,13 @@ def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: i
     Raises ``KeyError`` if there is no ``text`` column.
     """
     columns = [c for c in dataset.column_names if c != LABEL]
-    with _without_progress_bars():  # a bar per split and client, for a pass of well under a second
+    with without_progress_bars():  # a bar per split and client, for a pass of well under a second
         out = dataset.map(
             lambda rows: tokenizer(rows[TEXT], truncation=True, max_length=max_length),
             batched=True,
             remove_columns=columns,
         )
     return out.rename_column(LABEL, "labels")
-
-
-@contextlib.contextmanager
-def _without_progress_bars() -> Iterator[None]:
-    """Turn ``datasets``' progress bars off for the block, then back to what they were."""
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
 
 
 def make_dataloader(

@@ -14,12 +14,15 @@ Parquet file, an ``.npz`` array file, a ``save_to_disk`` folder, or any
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.metadata
 import importlib.util
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
@@ -360,3 +363,19 @@ __all__ = [
     "load_table",
     "task_of",
 ]
+
+
+@contextlib.contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """Turn ``datasets``' progress bars off for the block, then back to what they were.
+
+    Loading, filtering and partitioning a client's rows takes seconds; a bar for
+    each step of each client says nothing a run's log needs.
+    """
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()

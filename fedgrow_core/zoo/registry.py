@@ -11,7 +11,6 @@ network).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -19,15 +18,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import timm
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from fedgrow_core.data.preprocessing import ImageTransform
 from fedgrow_core.growth.families import ModelFamily, get_family
+from fedgrow_core.growth.families.bert import quiet_transformers
 from fedgrow_core.growth.families.vit import CONFIG_FILE
 from fedgrow_core.zoo.onnx_conversion import convert_bert_onnx
 
@@ -245,26 +244,7 @@ def load_small_model(name_or_path: str, num_labels: int, cache_dir: str | Path |
     if Path(path).is_dir() and _is_vit_folder(Path(path)):
         model, pre = _load_timm(f"local-dir:{path}", num_labels)
         return SmallModel(name_or_path, path, get_family("vit"), model.eval(), pre)
-    with _expected_new_head():
+    with quiet_transformers():  # the small model's missing task head is expected
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return SmallModel(name_or_path, path, get_family("bert"), model.eval(), tokenizer)
-
-
-@contextlib.contextmanager
-def _expected_new_head() -> Iterator[None]:
-    """Load a pre-trained encoder into a model with a fresh task head, without transformers' load report.
-
-    The report lists the ``classifier`` weights as missing, which is what the
-    caller asked for; it and the per-load progress bar are silenced, errors are
-    still logged, and the previous verbosity and progress-bar setting return.
-    """
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from transformers import (
     BertForSequenceClassification,
     BertModel,
 )
+from transformers.utils import logging as hf_logging
 
 from fedgrow_core.growth.families.base import ModelFamily
 from fedgrow_core.growth.ligo import LAYER_PARAMS, AxisSpec
@@ -174,9 +176,33 @@ class BertFamily(ModelFamily):
         return output.logits
 
     def save(self, model: nn.Module, config: Any, path: str | Path) -> None:
-        """``save_pretrained`` (config.json + model.safetensors)."""
-        model.save_pretrained(path)
+        """``save_pretrained`` (config.json + model.safetensors), without its per-shard progress bar."""
+        with quiet_transformers(report=True):
+            model.save_pretrained(path)
 
     def load(self, path: str | Path) -> nn.Module:
-        """``AutoModelForSequenceClassification.from_pretrained(path)``."""
-        return AutoModelForSequenceClassification.from_pretrained(path)
+        """``AutoModelForSequenceClassification.from_pretrained(path)``, without its progress bar."""
+        with quiet_transformers(report=True):
+            return AutoModelForSequenceClassification.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def quiet_transformers(report: bool = False) -> Iterator[None]:
+    """Within the block, no transformers progress bars and, unless ``report``, no load report.
+
+    Loading a pre-trained encoder into a model with a fresh task head makes
+    transformers report the ``classifier`` weights as missing, which is what
+    the caller asked for (``report=False`` silences it; errors are still
+    logged); loading and saving show a progress bar per file. The previous
+    verbosity and progress-bar setting return after the block.
+    """
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    if not report:
+        hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
