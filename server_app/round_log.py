@@ -134,6 +134,21 @@ def last_line(reason: str, limit: int = 500) -> str:
     return (lines[-1] if lines else "")[:limit]
 
 
+#: The client metrics a round's log line and trackers report as means over the accepted clients.
+MEAN_METRICS = ("train-loss", "train-accuracy", "eval-accuracy")
+
+
+def client_means(entry: dict) -> dict[str, float]:
+    """Unweighted means over a round entry's accepted clients of :data:`MEAN_METRICS` (those any reported)."""
+    clients = list(entry["client_metrics"].values())
+    means = {}
+    for key in MEAN_METRICS:
+        values = [m[key] for m in clients if key in m]
+        if values:
+            means[key] = sum(values) / len(values)
+    return means
+
+
 def round_summary(entry: dict) -> str:
     """One line for the log: replies by outcome, the clients' mean metrics and the round's seconds.
 
@@ -148,10 +163,6 @@ def round_summary(entry: dict) -> str:
             parts.append(f"{count} {key}")
     if entry["missing_nodes"]:
         parts.append(f"{len(entry['missing_nodes'])} missing")
-    clients = entry["client_metrics"].values()
-    for key in ("train-loss", "train-accuracy", "eval-accuracy"):
-        values = [m[key] for m in clients if key in m]
-        if values:
-            parts.append(f"{key.replace('-', ' ')} {sum(values) / len(values):.3f}")
+    parts += [f"{key.replace('-', ' ')} {mean:.3f}" for key, mean in client_means(entry).items()]
     parts.append(f"{entry['seconds']:.1f} s")
     return ", ".join(parts)

@@ -17,7 +17,9 @@ from typing import Protocol
 
 from fedgrow_core.run_config import ConfigError, RunConfig
 
-_MEAN_METRICS = (("train-loss", "train/loss"), ("train-accuracy", "train/accuracy"), ("eval-accuracy", "eval/accuracy"))
+from .round_log import client_means
+
+_TAGS = {"train-loss": "train/loss", "train-accuracy": "train/accuracy", "eval-accuracy": "eval/accuracy"}
 #: The package each tracker needs.
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
@@ -34,16 +36,7 @@ def round_scalars(entry: dict) -> dict[str, float]:
         ``round/accepted``, ``round/rejected``, ``round/failed``,
         ``round/missing``.
     """
-    clients = list(entry["client_metrics"].values())
-    scalars = {}
-    for key, tag in (
-        ("train-loss", "train/loss"),
-        ("train-accuracy", "train/accuracy"),
-        ("eval-accuracy", "eval/accuracy"),
-    ):
-        values = [m[key] for m in clients if key in m]
-        if values:
-            scalars[tag] = statistics.fmean(values)
+    scalars = {_TAGS[key]: mean for key, mean in client_means(entry).items()}
     for key, tag in (("upload_bytes", "traffic/upload-bytes"), ("download_bytes", "traffic/download-bytes")):
         if entry.get(key):
             scalars[tag] = statistics.fmean(entry[key].values())
