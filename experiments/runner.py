@@ -1,14 +1,19 @@
 """Run chosen modes over seeds (and Dirichlet alphas) with ``flwr run``; write tables and plots.
 
-    python -m experiments.runner --preset presets/results-text.toml --seeds 0 1 2 --out results/text
+    python -m experiments.runner --preset presets/results-text.toml --seeds 0 1 2 3 4 \
+        --out docs/results/text --work results/text
     python -m experiments.runner --preset presets/results-text.toml --alphas 0.1 0.5 10 --out results/alpha
 
 Each (alpha, mode, seed) is one ``flwr run`` of this app in local simulation
 with ``mode``, ``seed``, ``dirichlet-alpha`` and ``output-dir`` set on top of the
-preset (and ``--set key=value`` overrides). A run whose ``summary.json`` already
-exists is not run again, so an interrupted sweep resumes. The results are
-``results.csv`` / ``results.md`` (:mod:`experiments.tables`) and
-``accuracy_vs_rounds.png`` / ``accuracy_vs_bytes.png`` (:mod:`experiments.plots`).
+preset (and ``--set key=value`` overrides), in ``<work>/runs/<alpha>-<mode>-seed<k>/``.
+As each run ends its rows are appended to ``<out>/clients.csv`` and
+``<out>/rounds.csv`` (:mod:`experiments.records`); a run already recorded there,
+or whose ``summary.json`` exists, is not run again, so an interrupted sweep
+resumes, on this machine or, from committed records, on another. Then the
+tables (:mod:`experiments.tables`: ``results.md``, ``paired.md`` with Fed-Grow
+against each baseline and 95% intervals, ``comparison.md``) and the plots
+``accuracy_vs_steps.png`` / ``accuracy_vs_bytes.png`` (:mod:`experiments.plots`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import time
 import tomllib
 from pathlib import Path
 
+import pandas as pd
 from flwr.common.config import flatten_dict
 
 from fedgrow_core.run_config import MODES, RunConfig, parse_overrides, pyproject_config
 
-from .flower_launcher import ROOT, flwr_run, prepare_flwr_home, run_failure, stop_local_superlink
+from . import records
+from .flower_launcher import FEDERATION_CONFIG, ROOT, flwr_run, prepare_flwr_home, run_failure, stop_local_superlink
 from .plots import plot_accuracy
-from .tables import results_table, write_tables
+from .tables import write_tables
 
 
 def run_overrides(preset: Path | None, extra: list[str]) -> dict:
@@ -49,6 +56,31 @@ def _toml(config: dict) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
 
 
+PROVENANCE = "provenance.json"
+
+
+def _read_run(folder: Path) -> tuple[dict, list[dict], dict[str, str]] | None:
+    """The newest ``summary.json`` under ``folder/output``, its ``metrics.jsonl`` rows and its provenance, if any.
+
+    The provenance is the run folder's ``provenance.json`` (written when the run
+    started) or, lacking one, :func:`records.provenance` of the checkout holding
+    ``folder`` at the summary's modification time.
+    """
+    done = sorted(folder.glob("output/*/summary.json"))
+    if not done:
+        return None
+    rows = [json.loads(line) for line in (done[-1].parent / "metrics.jsonl").read_text().splitlines()]
+    stamp = folder / PROVENANCE
+    where = json.loads(stamp.read_text()) if stamp.is_file() else records.provenance(folder, done[-1].stat().st_mtime)
+    return json.loads(done[-1].read_text()), rows, where
+
+
+def read_summaries(work: Path, seeds: list[int] | None = None) -> list[dict]:
+    """The ``summary.json`` of every run under ``work/runs/`` (of ``seeds`` only, if given)."""
+    found = (_read_run(folder) for folder in sorted((work / "runs").glob("*")))
+    return [f[0] for f in found if f is not None and (seeds is None or f[0]["seed"] in seeds)]
+
+
 def run_grid(
     overrides: dict,
     modes: list[str],
@@ -57,21 +89,38 @@ def run_grid(
     out: Path,
     timeout: float = 7200,
     run_missing: bool = True,
-) -> list[dict]:
-    """Run every (alpha, mode, seed) not yet done under ``out/runs/``; return all summaries.
+    work: Path | None = None,
+    federation: Path = FEDERATION_CONFIG,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run every (alpha, mode, seed) not yet recorded in ``out``; return the records of the whole sweep.
 
-    Each run's config, log and run folder are in ``out/runs/<alpha>-<mode>-seed<k>/``.
-    With ``run_missing=False`` nothing is run: the summaries of the runs already
-    done are returned (to tabulate a sweep that was cut short).
+    A run is skipped when its rows are already in ``out/clients.csv``
+    (:mod:`experiments.records`: committed records resume a sweep anywhere) or
+    its ``summary.json`` is already under ``work/runs/<alpha>-<mode>-seed<k>/``
+    (then its rows are added). Otherwise it is run there (config, log, run
+    folder) and its rows are appended to ``out/clients.csv`` and
+    ``out/rounds.csv`` as soon as it ends. With ``run_missing=False`` nothing is
+    run (to tabulate a sweep that was cut short). ``federation`` is the simulated
+    federation's TOML (:func:`experiments.flower_launcher.flwr_run`).
+
+    Returns
+    -------
+    (pandas.DataFrame, pandas.DataFrame)
+        ``clients.csv`` and ``rounds.csv`` rows of the runs of this grid.
 
     Raises
     ------
     RuntimeError
         If a run did not finish with a ``summary.json``: ``flwr run`` exited
         non-zero or Flower reports the run failed (the reason and its log are named).
+    ValueError
+        If ``out`` holds records of another sweep config (:func:`records.done_runs`).
     """
-    home = prepare_flwr_home((out / "flwr-home").resolve())
-    summaries, started = [], False
+    work = work or out
+    home = prepare_flwr_home((work / "flwr-home").resolve())
+    fingerprint = records.config_fingerprint(overrides)
+    recorded = records.done_runs(records.load_records(out)[0], fingerprint)
+    started, keys = False, []
     try:
         for alpha in alphas:
             for mode in modes:
@@ -79,35 +128,43 @@ def run_grid(
                     config = {**overrides, "mode": mode, "seed": seed}
                     if alpha is not None:
                         config["dirichlet-alpha"] = alpha
-                    tag = f"alpha{config.get('dirichlet-alpha', 'default')}-{mode}-seed{seed}"
-                    folder = (out / "runs" / tag).resolve()
-                    done = sorted(folder.glob("output/*/summary.json"))
-                    if not done and not run_missing:
+                    run = RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **config})
+                    key = (run.task, run.dirichlet_alpha, mode, seed)
+                    keys.append(key)
+                    if key in recorded:
                         continue
-                    if not done:
+                    tag = f"alpha{run.dirichlet_alpha}-{mode}-seed{seed}"
+                    folder = (work / "runs" / tag).resolve()
+                    finished = _read_run(folder)
+                    if finished is None and not run_missing:
+                        continue
+                    if finished is None:
                         folder.mkdir(parents=True, exist_ok=True)
                         config["output-dir"] = str(folder / "output")
                         (folder / "run.toml").write_text(_toml(config))
+                        (folder / PROVENANCE).write_text(json.dumps(records.provenance(ROOT)))
                         start = time.perf_counter()
                         print(f"[runner] {tag} ...", flush=True)
                         started = True
                         log_file = folder / "flwr.log"
-                        status = flwr_run(folder / "run.toml", home, log_file, timeout=timeout)
+                        status = flwr_run(folder / "run.toml", home, log_file, timeout=timeout, federation=federation)
                         failure = run_failure(log_file.read_text(errors="replace"), home)
-                        done = sorted(folder.glob("output/*/summary.json"))
-                        if status != 0 or failure or not done:
+                        finished = _read_run(folder)
+                        if status != 0 or failure or finished is None:
                             reason = failure or (f"flwr run exited {status}" if status else "no summary.json")
                             raise RuntimeError(f"run {tag} failed: {reason}; its log: {log_file}")
                         print(f"[runner] {tag} done in {time.perf_counter() - start:.0f} s", flush=True)
-                    summary = json.loads(done[-1].read_text())
-                    summary["rows"] = [
-                        json.loads(line) for line in (done[-1].parent / "metrics.jsonl").read_text().splitlines()
-                    ]
-                    summaries.append(summary)
+                    config.pop("output-dir", None)
+                    records.append_records(out, *records.run_records(*finished[:2], config, finished[2]))
+                    recorded.add(key)
     finally:
         if started:  # the local SuperLink that our first `flwr run` started
             stop_local_superlink(home)
-    return summaries
+    clients, rounds = records.load_records(out)
+    if clients.empty:
+        return clients, rounds
+    wanted = pd.DataFrame(keys, columns=records.RUN_KEY).drop_duplicates()
+    return clients.merge(wanted, on=records.RUN_KEY), rounds.merge(wanted, on=records.RUN_KEY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,25 +175,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--alphas", nargs="+", type=float, help="Dirichlet alphas to sweep (default: the preset's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more run-config overrides")
-    parser.add_argument("--out", type=Path, required=True, help="results folder")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="results folder: clients.csv, rounds.csv, tables and plots"
+    )
+    parser.add_argument("--work", type=Path, help="folder of the runs' logs and outputs (default: --out)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per run")
+    parser.add_argument(
+        "--federation", type=Path, default=FEDERATION_CONFIG, help="simulated federation TOML (SuperNodes, resources)"
+    )
     parser.add_argument("--collect-only", action="store_true", help="tabulate the runs already done, run nothing")
     args = parser.parse_args(argv)
     overrides = run_overrides(args.preset, args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        summaries = run_grid(
-            overrides, args.modes, args.seeds, args.alphas or [None], args.out, args.timeout, not args.collect_only
+        clients, rounds = run_grid(
+            overrides,
+            args.modes,
+            args.seeds,
+            args.alphas or [None],
+            args.out,
+            args.timeout,
+            not args.collect_only,
+            args.work,
+            args.federation,
         )
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         print(f"[runner] FAILED: {err}", file=sys.stderr)
         return 1
-    table = results_table(summaries)
-    write_tables(table, args.out)
-    plot_accuracy(summaries, args.out)
-    print(table.to_markdown(index=False, floatfmt=".4g"))
-    print(f"[runner] {len(summaries)} runs, {time.perf_counter() - start:.0f} s; results in {args.out}")
+    if clients.empty:
+        print(f"[runner] no runs recorded in {args.out}", file=sys.stderr)
+        return 1
+    write_tables(clients, args.out)
+    plot_accuracy(rounds, args.out)
+    print((args.out / "results.md").read_text(), end="")
+    if (args.out / "paired.md").is_file():
+        print((args.out / "paired.md").read_text(), end="")
+    runs = clients[records.RUN_KEY].drop_duplicates()
+    print(f"[runner] {len(runs)} runs, {time.perf_counter() - start:.0f} s; results in {args.out}")
     return 0
 
 

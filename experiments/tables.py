@@ -1,9 +1,10 @@
-"""The results table: one row per (Dirichlet alpha, mode), mean and std over seeds (``pandas``).
+"""The results table: one row per (task, Dirichlet alpha, mode), mean and std over seeds (``pandas``).
 
-Metrics per run (from ``summary.json``): mean client test accuracy, mean macro
-precision, spread of accuracy across clients (population std over clients),
-trainable parameters per client (in the rounds), bytes uploaded per client per
-round (mean over rounds) and in total, and wall time in seconds.
+Computed from ``clients.csv`` rows (:mod:`experiments.records`). Per run: mean
+client test accuracy and macro precision, spread of accuracy across clients
+(population std over clients), trainable parameters per client (in the rounds),
+bytes uploaded per client per round (mean over rounds) and in total, and wall
+time in seconds; then mean and sample std of each over the seeds.
 """
 
 from __future__ import annotations
@@ -14,21 +15,40 @@ import pandas as pd
 
 from fedgrow_core.run_config import MODES
 
-#: summary.json key -> column name of the table
+from .records import RUN_KEY
+
+#: table column -> (clients.csv column, how one run's clients are reduced)
 METRICS = {
-    "mean_accuracy": "accuracy",
-    "mean_precision": "precision",
-    "std_accuracy": "spread",
-    "trainable_params_per_client": "trainable_params",
-    "upload_bytes_per_round": "upload_bytes_per_round",
-    "upload_bytes_total": "upload_bytes_total",
-    "payload_bytes_total": "payload_bytes_total",
-    "wall_time_s": "wall_time_s",
+    "accuracy": ("accuracy", "mean"),
+    "precision": ("precision", "mean"),
+    "spread": ("accuracy", lambda x: x.std(ddof=0)),
+    "trainable_params": ("trainable_params", "mean"),
+    "upload_bytes_per_round": ("upload_bytes_per_round", "first"),
+    "upload_bytes_total": ("upload_bytes_total", "first"),
+    "payload_bytes_total": ("payload_bytes_total", "first"),
+    "wall_time_s": ("wall_time_s", "first"),
 }
 
 
-def results_table(summaries: list[dict]) -> pd.DataFrame:
-    """Aggregate run summaries over seeds.
+def per_run(clients: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (:data:`experiments.records.RUN_KEY`) with each :data:`METRICS` column over its clients.
+
+    Raises
+    ------
+    ValueError
+        If ``clients`` is empty or lacks a column.
+    """
+    if clients.empty:
+        raise ValueError("no run records to tabulate")
+    missing = sorted({col for col, _ in METRICS.values()} - set(clients.columns))
+    if missing:
+        raise ValueError(f"the client records lack the columns {missing}")
+    grouped = clients.groupby(RUN_KEY, sort=False)
+    return grouped.agg(**{name: pd.NamedAgg(col, how) for name, (col, how) in METRICS.items()}).reset_index()
+
+
+def results_table(clients: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate the runs of ``clients.csv`` over seeds.
 
     Returns
     -------
@@ -41,30 +61,19 @@ def results_table(summaries: list[dict]) -> pd.DataFrame:
     Raises
     ------
     ValueError
-        If ``summaries`` is empty or a summary lacks a metric.
+        If ``clients`` is empty or lacks a column.
     """
-    if not summaries:
-        raise ValueError("no run summaries to tabulate")
-    records = []
-    for s in summaries:
-        missing = [k for k in METRICS if s.get(k) is None]
-        if missing:
-            raise ValueError(f"summary of mode {s.get('mode')!r} seed {s.get('seed')!r} lacks {missing}")
-        records.append(
-            {"task": s["task"], "dirichlet_alpha": s["dirichlet_alpha"], "mode": s["mode"], "seed": s["seed"]}
-            | {col: float(s[key]) for key, col in METRICS.items()}
-        )
-    df = pd.DataFrame.from_records(records)
-    grouped = df.groupby(["task", "dirichlet_alpha", "mode"], sort=False)
-    means = grouped[list(METRICS.values())].mean().add_suffix("_mean")
-    stds = grouped[list(METRICS.values())].std(ddof=1).fillna(0.0).add_suffix("_std")
+    runs = per_run(clients)
+    grouped = runs.groupby(["task", "dirichlet_alpha", "mode"], sort=False)
+    means = grouped[list(METRICS)].mean().add_suffix("_mean")
+    stds = grouped[list(METRICS)].std(ddof=1).fillna(0.0).add_suffix("_std")
     table = pd.concat([grouped.size().rename("seeds"), means, stds], axis=1).reset_index()
     order = {m: i for i, m in enumerate(MODES)}
     table = table.sort_values(
         ["task", "dirichlet_alpha", "mode"], key=lambda c: c.map(order) if c.name == "mode" else c
     )
     columns = ["task", "dirichlet_alpha", "mode", "seeds"]
-    for col in METRICS.values():
+    for col in METRICS:
         columns += [f"{col}_mean", f"{col}_std"]
     return table[columns].reset_index(drop=True)
 
@@ -95,20 +104,28 @@ def markdown(table: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
-def write_tables(table: pd.DataFrame, out: Path) -> list[Path]:
-    """Write ``results.csv``, ``results.md`` and ``comparison.md`` under ``out``.
+def write_tables(clients: pd.DataFrame, out: Path) -> list[Path]:
+    """Write the tables of a comparison's ``clients.csv`` rows under ``out``; return their paths.
 
-    ``results.csv`` holds all columns, ``results.md`` is :func:`markdown`, and
-    ``comparison.md`` (:func:`comparison_markdown`) is written when the table
-    has a ``fedgrow`` row.
+    ``results.csv`` (:func:`results_table`, all columns) and ``results.md``
+    (:func:`markdown`); when there are ``fedgrow`` rows also ``paired.csv`` /
+    ``paired.md`` (:func:`experiments.significance.paired_differences`: Fed-Grow
+    against each baseline, same seed and client, 95% t intervals) and
+    ``comparison.md`` (:func:`comparison_markdown`: in the terms of the paper's claims).
     """
+    from .significance import paired_differences, paired_markdown
+
+    table = results_table(clients)
     csv, md = out / "results.csv", out / "results.md"
     table.to_csv(csv, index=False)
     md.write_text(markdown(table) + "\n")
     paths = [csv, md]
     if "fedgrow" in set(table["mode"]):
-        paths.append(out / "comparison.md")
-        paths[-1].write_text(comparison_markdown(paper_comparison(table)) + "\n")
+        paired = paired_differences(clients)
+        paired.to_csv(out / "paired.csv", index=False)
+        (out / "paired.md").write_text(paired_markdown(paired) + "\n")
+        (out / "comparison.md").write_text(comparison_markdown(paper_comparison(table)) + "\n")
+        paths += [out / "paired.csv", out / "paired.md", out / "comparison.md"]
     return paths
 
 

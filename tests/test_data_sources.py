@@ -39,6 +39,40 @@ def test_mnist_counts():
     assert np.asarray(data["test"].with_format("numpy")[0]["image"]).max() <= 255
 
 
+def _idx(path):
+    """An IDX file (big-endian magic, dimensions, then uint8 data) read by hand."""
+    import gzip
+    import struct
+
+    raw = gzip.open(path).read()
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def test_fashion_mnist_matches_the_idx_files_read_by_hand():
+    from fedgrow_core.data.sources import FASHION_MNIST_DIR
+
+    data = load_data_source("fashion-mnist")
+    assert {k: len(v) for k, v in data.items()} == {"train": 60_000, "test": 10_000}
+    assert data["test"].features["image"].shape == (1, 28, 28) and data["test"].features["image"].dtype == "uint8"
+    assert label_names(data)[0] == "T-shirt/top" and label_names(data)[-1] == "Ankle boot"
+    images, labels = (
+        _idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz"),
+        _idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz"),
+    )
+    rows = data["test"].with_format("numpy")[[0, 1234, 9999]]
+    np.testing.assert_array_equal(rows["image"][:, 0], images[[0, 1234, 9999]])
+    np.testing.assert_array_equal(rows["label"], labels[[0, 1234, 9999]])
+    assert collections.Counter(data["test"]["label"]) == collections.Counter(labels.tolist())
+
+
+def test_fashion_mnist_names_the_install_command_when_its_files_are_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDGROW_FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(DataSourceError, match="apt-get install dataset-fashion-mnist"):
+        load_data_source("fashion-mnist")
+
+
 def test_digits_counts():
     data = load_data_source("digits")
     assert len(data["train"]) == 1_797

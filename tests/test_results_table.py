@@ -1,10 +1,9 @@
-"""The results table and the per-round rows, on hand-made run summaries."""
+"""A run's per-round rows and summary, and the communication table, on hand-made run summaries."""
 
 import statistics
 
 import pytest
 
-from experiments.tables import METRICS, markdown, results_table
 from fedgrow_core.run_config import RunConfig
 from server_app.summary import build_summary, final_clients, round_rows
 
@@ -43,57 +42,6 @@ def test_rows_average_clients_and_accumulate_bytes():
     assert rows[-1]["eval-accuracy"] == pytest.approx(0.7)
     assert s["upload_bytes_per_round"] == 1000 and s["upload_bytes_total"] == 2000
     assert s["std_accuracy"] == pytest.approx(0.1) and s["trainable_params_per_client"] == 20
-
-
-def test_table_gives_mean_and_sample_std_over_seeds_per_alpha_and_mode():
-    accs = {0: 0.6, 1: 0.7, 2: 0.9}
-    summaries = [_summary("small-only", seed, 0.5, acc, 0) for seed, acc in accs.items()]
-    summaries += [_summary("fedgrow", seed, 0.5, acc - 0.05, 2000) for seed, acc in accs.items()]
-    summaries += [_summary("fedgrow", 0, 10.0, 0.8, 2000)]
-    table = results_table(summaries)
-    assert list(zip(table["dirichlet_alpha"], table["mode"], table["seeds"], strict=True)) == [
-        (0.5, "fedgrow", 3),
-        (0.5, "small-only", 3),
-        (10.0, "fedgrow", 1),
-    ]
-    row = table.iloc[1]
-    assert row["accuracy_mean"] == pytest.approx(statistics.fmean(accs.values()))
-    assert row["accuracy_std"] == pytest.approx(statistics.stdev(accs.values()))
-    assert row["wall_time_s_mean"] == pytest.approx(6.0) and row["upload_bytes_total_mean"] == 0
-    assert table.iloc[0]["upload_bytes_total_mean"] == 4000 and table.iloc[2]["accuracy_std"] == 0
-    assert not table.isna().any().any()
-    md = markdown(table)
-    assert "0.733 ± 0.153" in md and "| fedgrow " in md
-
-
-def test_table_refuses_incomplete_summaries():
-    s = _summary("fedgrow", 0, 0.5, 0.7, 1000)
-    s["mean_precision"] = None
-    with pytest.raises(ValueError, match="mean_precision"):
-        results_table([s])
-    with pytest.raises(ValueError, match="no run summaries"):
-        results_table([])
-    assert set(METRICS) <= set(_summary("fedgrow", 0, 0.5, 0.7, 1).keys())
-
-
-def test_comparison_with_the_paper_uses_fedgrow_against_each_baseline(tmp_path):
-    from experiments.tables import paper_comparison, write_tables
-
-    summaries = [_summary("fedgrow", s, 0.5, 0.8, 1000) for s in (0, 1)]
-    summaries += [_summary("scratch-fedavg", s, 0.5, 0.7, 4000) for s in (0, 1)]
-    summaries += [_summary("small-only", s, 0.5, 0.9, 0) for s in (0, 1)]
-    for s in summaries:  # trainable params: Fed-Grow 20 per client, scratch 80
-        if s["mode"] == "scratch-fedavg":
-            s["trainable_params_per_client"] = 80
-    comparison = paper_comparison(results_table(summaries)).set_index("baseline")
-    assert comparison.loc["scratch-fedavg", "accuracy_gain"] == pytest.approx(0.1)
-    assert comparison.loc["scratch-fedavg", "fewer_trainable"] == pytest.approx(1 - 20 / 80)
-    assert comparison.loc["scratch-fedavg", "less_communication"] == pytest.approx(1 - 2000 / 8000)
-    assert comparison.loc["small-only", "accuracy_gain"] == pytest.approx(-0.1)
-    assert comparison.loc["small-only", "less_communication"] != comparison.loc["small-only", "less_communication"]
-    paths = write_tables(results_table(summaries), tmp_path)
-    text = (tmp_path / "comparison.md").read_text()
-    assert tmp_path / "comparison.md" in paths and "75.00%" in text and "n/a (sends nothing)" in text
 
 
 def test_compute_floor_sums_every_phase_over_the_cores_used(monkeypatch):
@@ -178,25 +126,3 @@ def test_communication_table_pairs_each_variant_with_float32_on_the_same_seed(tm
     assert table.loc["float32", "paired_diff_mean"] == 0 and table.loc["int8", "seeds"] == 3
     plot_accuracy_vs_upload(table.reset_index(), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 5000
-
-
-def test_accuracy_curves_give_the_mean_and_the_seed_spread_per_round(tmp_path):
-    from experiments.plots import accuracy_curves, plot_accuracy
-
-    def run(seed, mode, accs):
-        rows = [
-            {"round": r + 1, "eval-accuracy": a, "cumulative-upload-bytes": 1e6 * (r + 1)} for r, a in enumerate(accs)
-        ]
-        return {"seed": seed, "mode": mode, "dirichlet_alpha": 0.5, "task": "text", "rows": rows}
-
-    runs = [run(0, "fedgrow", [0.5, 0.6, 0.7]), run(1, "fedgrow", [0.6, 0.7]), run(2, "fedgrow", [0.7, 0.9, 1.0])]
-    runs.append(run(0, "small-only", [0.4, 0.5]))
-    curves = accuracy_curves(runs, "round")[0.5]
-    xs, mean, std = curves["fedgrow"]
-    assert list(xs) == [1, 2]  # cut to the shortest run
-    assert list(mean) == pytest.approx([statistics.fmean([0.5, 0.6, 0.7]), statistics.fmean([0.6, 0.7, 0.9])])
-    assert list(std) == pytest.approx([statistics.stdev([0.5, 0.6, 0.7]), statistics.stdev([0.6, 0.7, 0.9])])
-    assert list(curves["small-only"][2]) == [0.0, 0.0]  # one seed: no band
-    paths = plot_accuracy(runs, tmp_path)
-    assert [p.name for p in paths] == ["accuracy_vs_rounds.png", "accuracy_vs_bytes.png"]
-    assert all(p.stat().st_size > 1000 for p in paths)

@@ -1,0 +1,190 @@
+"""A comparison's records: one row per client per run (``clients.csv``), one per round per run (``rounds.csv``).
+
+These two CSV files are what a comparison commits (``docs/results/<task>/``):
+every table, confidence interval, plot and number of ``docs/results.md`` is
+computed from them (:mod:`experiments.results_page`), and the runner skips a
+run whose rows are already there, so a sweep resumes on another machine or in
+another session from the committed files alone.
+
+Every row carries where it was measured: the commit of the app (``commit``;
+``-dirty`` when the working tree had changes), the UTC date and the machine.
+``config`` is a fingerprint of the run config shared by all runs of a sweep
+(everything but ``mode``, ``seed``, ``dirichlet-alpha`` and ``output-dir``);
+rows of another config are refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from fedgrow_core.protocol import Phase
+
+CLIENTS_CSV, ROUNDS_CSV = "clients.csv", "rounds.csv"
+#: What identifies one run of a sweep.
+RUN_KEY = ["task", "dirichlet_alpha", "mode", "seed"]
+#: Config keys that vary inside one sweep (not part of its fingerprint).
+PER_RUN_KEYS = ("mode", "seed", "dirichlet-alpha", "output-dir")
+_TRAINING_PHASES = {Phase.GROW.value, Phase.TRAIN_LOCAL.value, Phase.TRAIN_SHARED.value}
+
+
+def config_fingerprint(config: dict) -> str:
+    """First 12 hex digits of the SHA-256 of the sweep's run config, without :data:`PER_RUN_KEYS`."""
+    shared = {k: v for k, v in sorted(config.items()) if k not in PER_RUN_KEYS}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def provenance(repo: Path, when: float | None = None) -> dict[str, str]:
+    """Where and when a run ran: ``commit``, ``date`` and ``machine``.
+
+    ``commit`` is the short hash of the HEAD of the git checkout holding
+    ``repo`` (``-dirty`` if tracked files have changes), ``date`` the UTC date of
+    the POSIX time ``when`` (default: now), and ``machine`` the architecture,
+    the number of CPU cores, the memory in GiB and the GPU (``torch.cuda``), e.g. ``x86_64, 2 cores, 24 GiB, no GPU``.
+    """
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {gpu}"
+    date = dt.datetime.fromtimestamp(when, dt.UTC) if when is not None else dt.datetime.now(dt.UTC)
+    return {"commit": commit, "date": date.strftime("%Y-%m-%d"), "machine": machine}
+
+
+def run_records(summary: dict, rows: list[dict], config: dict, where: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """The ``clients.csv`` and ``rounds.csv`` rows of one finished run.
+
+    Parameters
+    ----------
+    summary : dict
+        The run's ``summary.json`` (:func:`server_app.summary.run_summary`).
+    rows : list of dict
+        Its ``metrics.jsonl`` rows (:func:`server_app.summary.round_rows`).
+    config : dict
+        The run config it ran with (the sweep's overrides, its mode and seed),
+        giving ``dataset``, ``local-steps``, ``num-server-rounds`` and ``finetune-steps``
+        (the app's defaults where absent).
+    where : dict
+        :func:`provenance`.
+
+    Returns
+    -------
+    (list of dict, list of dict)
+        Client rows: the run key, ``partition_id``, ``model``, ``accuracy``,
+        ``precision``, ``test_examples``, ``trainable_params``, ``model_params``,
+        ``steps`` (optimiser steps per client), the run's per-client bytes
+        (``upload_bytes_per_round``, ``upload_bytes_total``, ``payload_bytes_total``,
+        bytes), ``wall_time_s`` (seconds), the shapes, ``config`` and ``where``.
+        Round rows: the run key, ``round``, ``phase``, ``steps`` (local steps
+        per client so far: ``k * local-steps`` after the k-th training round, all
+        steps after the final fine-tuning), ``eval_accuracy`` (mean over clients),
+        ``train_loss``, ``upload_bytes``, ``cumulative_upload_bytes`` (bytes), ``seconds``.
+    """
+    from fedgrow_core.run_config import RunConfig, pyproject_config
+
+    from .flower_launcher import ROOT
+
+    run = RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **config})
+    steps = run.num_server_rounds * run.local_steps + run.finetune_steps
+    key = {k: summary[k] for k in RUN_KEY}
+    shared = {
+        "steps": steps,
+        "upload_bytes_per_round": summary["upload_bytes_per_round"],
+        "upload_bytes_total": summary["upload_bytes_total"],
+        "payload_bytes_total": summary["payload_bytes_total"],
+        "wall_time_s": summary["wall_time_s"],
+        "intermediate_shape": summary["intermediate_shape"],
+        "target_shape": summary["target_shape"],
+        "config": config_fingerprint(config),
+        **where,
+    }
+    clients = [
+        {
+            **key,
+            "dataset": run.dataset,
+            "partition_id": c["partition_id"],
+            "model": c["model"],
+            "accuracy": c["accuracy"],
+            "precision": c["precision"],
+            "test_examples": c["test_examples"],
+            "trainable_params": c["trainable_params"],
+            "model_params": c["model_params"],
+            **shared,
+        }
+        for c in summary["clients"]
+    ]
+    rounds, trained = [], 0
+    for r in rows:
+        if r["phase"] in _TRAINING_PHASES:
+            trained += 1
+        rounds.append(
+            {
+                **key,
+                "round": r["round"],
+                "phase": r["phase"],
+                "steps": steps if r["phase"] == Phase.FINAL.value else min(trained * run.local_steps, steps),
+                "eval_accuracy": r["eval-accuracy"],
+                "train_loss": r["train-loss"],
+                "upload_bytes": r["upload-bytes"],
+                "cumulative_upload_bytes": r["cumulative-upload-bytes"],
+                "seconds": r["seconds"],
+            }
+        )
+    return clients, rounds
+
+
+def load_records(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``clients.csv`` and ``rounds.csv`` of ``folder`` (empty frames where a file is absent)."""
+    frames = []
+    for name in (CLIENTS_CSV, ROUNDS_CSV):
+        path = folder / name
+        frames.append(pd.read_csv(path) if path.is_file() else pd.DataFrame())
+    return frames[0], frames[1]
+
+
+def done_runs(clients: pd.DataFrame, fingerprint: str) -> set[tuple]:
+    """The run keys (:data:`RUN_KEY`) recorded in ``clients`` for this sweep config.
+
+    Raises
+    ------
+    ValueError
+        If ``clients`` holds rows of another config (a different preset or
+        overrides): they would be mixed into one comparison.
+    """
+    if clients.empty:
+        return set()
+    other = sorted(set(clients["config"].astype(str)) - {fingerprint})
+    if other:
+        raise ValueError(
+            f"the records hold runs of config(s) {other}, not of this sweep's config {fingerprint!r}: "
+            "use another --out folder for a different preset or overrides"
+        )
+    return {tuple(row) for row in clients[RUN_KEY].drop_duplicates().itertuples(index=False)}
+
+
+def append_records(folder: Path, clients: list[dict], rounds: list[dict]) -> None:
+    """Append one run's rows to ``folder``'s ``clients.csv`` and ``rounds.csv`` (created with a header)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, new in ((CLIENTS_CSV, clients), (ROUNDS_CSV, rounds)):
+        path = folder / name
+        frame = pd.DataFrame(new)
+        if path.is_file():
+            frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+        frame.to_csv(path, index=False)
