@@ -1,6 +1,6 @@
 """Accuracy against bytes sent for each way of making the Global-LiGO message smaller.
 
-    python -m experiments.communication --preset presets/results-text.toml --seeds 0 1 2 --out results/comm-text
+    python -m experiments.communication --preset presets/comm-text.toml --seeds 0 1 2 --out results/comm-text
 
 Runs mode ``fedgrow`` once per (variant, seed) with :func:`experiments.runner.run_grid`
 (so an interrupted sweep resumes), each variant a set of run-config keys on top
