@@ -184,7 +184,7 @@ def _keep(context: Context, store: ClientStateStore | None, server_round: int, s
 
 
 def _shared_model_client(context: Context) -> ModelClient:
-    """The target-shaped model client of ``scratch-fedavg`` / ``fedgrow-fedft``, at this node's batch position."""
+    """The target-shaped model client of ``scratch-fedavg``, at this node's batch position."""
     client = _model_client(context, "target")
     if DATA_KEY in context.state:
         client.seek_data(int(context.state[DATA_KEY]["steps"]))
@@ -256,12 +256,8 @@ def _train_shared(context: Context, run: RunConfig, order: Instruction, received
 
 
 def _collect(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[dict, dict]:
-    """Reply with the target model's starting weights: seeded random, or (``fedgrow-fedft``) this client's grown one."""
+    """Reply with the target model's starting weights, its seeded random initialisation (``scratch-fedavg``)."""
     target = _model_client(context, "target")
-    if run.mode == "fedgrow-fedft":
-        growth = _growth_client(context)
-        growth.load_global_state(received)
-        target.load_weights({k: v.cpu() for k, v in growth.grown_model().named_parameters()})
     return target.weights(), {"num-examples": len(target.setup.train_rows)}
 
 
@@ -303,11 +299,10 @@ def _finetune_and_evaluate(msg: Message, context: Context, run: RunConfig) -> Me
         metrics = _growth_client(context).finetune_and_evaluate(received, save_to)
     elif run.mode == "small-only":
         metrics = _model_client(context, "small").finetune_and_evaluate(run.finetune_steps, save_to)
-    else:  # scratch-fedavg, fedgrow-fedft: the final averaged target model
+    else:  # scratch-fedavg: the final averaged target model
         client = _shared_model_client(context)
         client.load_weights(received)
-        steps = run.finetune_steps if run.mode == "scratch-fedavg" else 0
-        metrics = client.finetune_and_evaluate(steps, save_to)
+        metrics = client.finetune_and_evaluate(run.finetune_steps, save_to)
     metrics["partition-id"] = setup.partition_id
     info = ConfigRecord({"model": Path(setup.model_name).name})  # never a client's full path
     return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": info}), reply_to=msg)

@@ -57,7 +57,6 @@ MODE_PHASES: dict[str, frozenset[Phase]] = {
     "independent-ligo": frozenset({Phase.GROW}),
     "small-only": frozenset({Phase.TRAIN_LOCAL}),
     "scratch-fedavg": frozenset({Phase.COLLECT, Phase.TRAIN_SHARED}),
-    "fedgrow-fedft": frozenset({Phase.GROW, Phase.COLLECT, Phase.TRAIN_SHARED}),
 }
 #: Phases served in every mode.
 ALWAYS_SERVED = frozenset({Phase.PREFLIGHT, Phase.FINAL})

@@ -38,11 +38,12 @@ from fedgrow_core.growth.shapes import TransformerShape
 from fedgrow_core.update_encoding import ENCODINGS
 
 TASKS = ("text", "image")
-#: What the app runs (the comparison of docs/results.md): Fed-Grow, its baselines, and Fed-Grow
-#: followed by federated fine-tuning. See ``server_app/app.py``.
-MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only", "fedgrow-fedft")
+#: What the app runs (the comparison of docs/results.md): Fed-Grow and its baselines. See
+#: ``server_app/modes.py``; docs/method.md says why no mode fine-tunes the grown models federatedly.
+MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only")
 #: The modes whose clients train and send a Global-LiGO.
-GLOBAL_LIGO_MODES = ("fedgrow", "fedgrow-fedft")
+GLOBAL_LIGO_MODES = ("fedgrow",)
+_GLOBAL_LIGO_MODES_MD = " or ".join(f"`{m}`" for m in GLOBAL_LIGO_MODES)
 DP_CLIPPING = ("off", "fixed", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -138,8 +139,8 @@ class RunConfig(BaseModel):
 
     mode: Literal[MODES] = _key(
         "fedgrow",
-        "Fed-Grow, a baseline it is compared with, or Fed-Grow then federated fine-tuning; every mode gives each "
-        "client `num-server-rounds * local-steps + finetune-steps` optimiser steps on the same rows",
+        "Fed-Grow or a baseline it is compared with; every mode gives each client "
+        "`num-server-rounds * local-steps + finetune-steps` optimiser steps on the same rows",
     )
     task: Literal[TASKS] = _key("text", "Kind of rows and models; must match the dataset")
     dataset: str = _key(
@@ -204,8 +205,7 @@ class RunConfig(BaseModel):
     shards_per_partition: int = _key(2, "Label shards per client of the `shards` partitioner", ge=1)
     finetune_steps: int = _key(
         20,
-        "Fine-tuning steps of the final model (local; in mode `fedgrow-fedft` federated, in rounds of `local-steps`)",
-        requires="a multiple of `local-steps` in mode `fedgrow-fedft`",
+        "Local fine-tuning steps of the final model",
         ge=0,
     )
     pretrain_steps: int = _key(300, "Pre-training steps of a `vit:LxD` client model on the client's own rows", ge=1)
@@ -275,14 +275,13 @@ class RunConfig(BaseModel):
         False,
         "Share the Global-LiGO's q/k/v/FFN width matrices across the target's layers (about `L_target` times fewer "
         "width parameters to train and send)",
-        requires=f"`false` unless mode is one of {', '.join(f'`{m}`' for m in GLOBAL_LIGO_MODES)}",
+        requires=f"`false` unless mode is {_GLOBAL_LIGO_MODES_MD}",
     )
     global_rank: int = _key(
         0,
         "0: full Global-LiGO width matrices; `r > 0`: each is `E = S + U V^T` with `S` (the initial selection) "
         "and `V` seeded, frozen and never sent; only `U` is trained and sent",
-        requires=f"[0, hidden of `intermediate-shape`]; 0 unless mode is one of "
-        f"{', '.join(f'`{m}`' for m in GLOBAL_LIGO_MODES)}",
+        requires=f"[0, hidden of `intermediate-shape`]; 0 unless mode is {_GLOBAL_LIGO_MODES_MD}",
     )
     update_encoding: Literal[ENCODINGS] = _key(
         "int8",
@@ -382,17 +381,6 @@ class RunConfig(BaseModel):
             )
         return target
 
-    @field_validator("finetune_steps")
-    @classmethod
-    def _whole_fedft_rounds(cls, steps: int, info: ValidationInfo) -> int:
-        local = info.data.get("local_steps")
-        if info.data.get("mode") == "fedgrow-fedft" and local and steps % local:
-            raise ValueError(
-                f"mode 'fedgrow-fedft' fine-tunes in federated rounds of local-steps = {local}, so finetune-steps "
-                "must be a multiple of it"
-            )
-        return steps
-
     @field_validator("proximal_mu")
     @classmethod
     def _fedprox_needs_mu(cls, mu: float, info: ValidationInfo) -> float:
@@ -407,7 +395,7 @@ class RunConfig(BaseModel):
         if clipping != "off" and mode != "fedgrow":
             raise ValueError(
                 f"central DP is available in mode 'fedgrow' only, not {mode!r} (the local baselines aggregate "
-                "nothing; the collect phase of 'scratch-fedavg' and 'fedgrow-fedft' averages whole models with no "
+                "nothing; the collect phase of 'scratch-fedavg' averages whole models with no "
                 "shared reference to clip updates against)"
             )
         return clipping

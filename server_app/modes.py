@@ -10,9 +10,10 @@ mode                      rounds (``local-steps`` each)                         
 ``independent-ligo``      private LiGO small -> target, nothing sent             fine-tune ``finetune-steps``
 ``small-only``            the small model trained alone, nothing sent            fine-tune ``finetune-steps``
 ``scratch-fedavg``        target model from random init, all weights averaged    fine-tune ``finetune-steps``
-``fedgrow-fedft``         Fed-Grow growth, then ``finetune-steps / local-steps``  evaluate only
-                          rounds of the grown models averaged (FedAvg)
 ========================  =====================================================  ==========================
+
+No mode averages the clients' grown models: they share no coordinate system
+(docs/method.md, "Why no federated fine-tuning of the grown models").
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def run_mode(
     """Run ``run.mode`` to the end (rounds and final phase).
 
     Every node first loads its model and data (:func:`server_app.phases.preflight`).
-    With ``run_dir``, the growth rounds (``fedgrow``, ``fedgrow-fedft``) are
-    checkpointed there after every round and clients keep their private state on
-    disk under the folder's name; ``resume`` (mode ``fedgrow`` only) continues
+    With ``run_dir``, the growth rounds (``fedgrow``) are checkpointed there
+    after every round and clients keep their private state on disk under the
+    folder's name; ``resume`` (mode ``fedgrow`` only) continues
     from a checkpoint (:mod:`server_app.checkpoint`). ``on_round`` is called
     with every round's log entry (collection included) as the round ends.
 
@@ -86,23 +87,13 @@ def run_mode(
         resumed = resume.server_round if resume is not None else 0
         return final_phase(grid, arrays, t, last_round, tag, preflight_rows=rows, resumed_after=resumed)
 
-    if run.mode in ("fedgrow", "fedgrow-fedft"):
+    if run.mode == "fedgrow":
         start = ArrayRecord(initial_global_ligo(run).state_dict())
         glob, entries = shared_rounds(
             grid, run, start, rounds, Phase.GROW, 1, run_dir=run_dir, resume=resume, example_caps=caps, on_round=report
         )
-        if run.mode == "fedgrow":
-            tag = run_dir.name if run_dir is not None else ""
-            return ModeResult(entries, *final(glob, rounds, tag), glob)
-        averaged, collected = collect_average(grid, run, glob, rounds, t, example_caps=caps)
-        report(collected)
-        ft_rounds = run.finetune_steps // run.local_steps
-        last, ft_entries = averaged, []
-        if ft_rounds:
-            last, ft_entries = shared_rounds(
-                grid, run, averaged, ft_rounds, Phase.TRAIN_SHARED, rounds + 1, example_caps=caps, on_round=report
-            )
-        return ModeResult([*entries, collected, *ft_entries], *final(last), glob)
+        tag = run_dir.name if run_dir is not None else ""
+        return ModeResult(entries, *final(glob, rounds, tag), glob)
     if run.mode == "scratch-fedavg":
         averaged, collected = collect_average(grid, run, ArrayRecord(), 0, t, example_caps=caps)
         report(collected)

@@ -228,12 +228,11 @@ def collect_average(
 ) -> tuple[ArrayRecord, dict]:
     """Ask every node for its starting weights and average them with the strategy's FedAvg.
 
-    Used before federated training of a full model: ``scratch-fedavg`` (clients
-    build the seeded random initialisation) and ``fedgrow-fedft`` (clients
-    materialise their grown models from the Global-LiGO in ``arrays``). The
-    expected tensor names, shapes and dtypes are those a strict majority of the
-    replies share (:func:`majority_spec`), so no single reply sets them; every
-    reply must match them and pass the usual checks and bounds.
+    Used before federated training of a full model in ``scratch-fedavg``: clients
+    build the seeded random initialisation (``arrays`` is empty). The expected
+    tensor names, shapes and dtypes are those a strict majority of the replies
+    share (:func:`majority_spec`), so no single reply sets them; every reply must
+    match them and pass the usual checks and bounds.
 
     Returns
     -------

@@ -59,7 +59,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
             }
         )
     last = max((e["round"] for e in entries), default=0)
-    local_ft = 0 if run.mode == "fedgrow-fedft" else math.ceil(run.finetune_steps / run.local_steps)
+    local_ft = math.ceil(run.finetune_steps / run.local_steps)
     rows.append(
         {
             "round": last + local_ft,

@@ -94,12 +94,3 @@ def test_model_client_rejects_weights_of_another_model(setup):
     weights = {**client.weights(), "extra.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="extra"):
         client.load_weights(weights)
-
-
-def test_fedft_needs_whole_fine_tuning_rounds(run):
-    fields = {f.alias for f in RunConfig.model_fields.values()}
-    assert "mode" in fields and "max-test-examples" in fields
-    with pytest.raises(ValueError, match="multiple of it"):
-        RunConfig.from_flower({"mode": "fedgrow-fedft", "local-steps": 3, "finetune-steps": 10})
-    with pytest.raises(ValueError, match="mode = 'fedsgd'"):
-        RunConfig.from_flower({"mode": "fedsgd"})

@@ -163,8 +163,7 @@ def test_bad_values_name_key_value_and_expectation_all_at_once():
     with pytest.raises(ConfigError) as info:
         RunConfig.from_flower(bad)
     assert info.value.problems == [
-        "mode = 'fedsgd': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', 'small-only', "
-        "'fedgrow-fedft']",
+        "mode = 'fedsgd': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', 'small-only']",
         "client-models = 'a,,b': expected comma-separated model names",
         "intermediate-shape = '6x384x1536': expected 'LxDxFxH' (layers x hidden x ffn x heads, e.g. "
         "'12x512x2048x16'), got '6x384x1536'",
@@ -181,6 +180,16 @@ def test_bad_values_name_key_value_and_expectation_all_at_once():
         RunConfig.from_flower({"mode": "small-only", "resume-from": "outputs/run"})
     with pytest.raises(ConfigError, match="global-rank = 400: expected an integer in \\[0, 384\\]"):
         RunConfig(global_rank=400)  # the constructor checks too
+
+
+def test_no_mode_averages_the_grown_models():
+    # the clients' grown models share no coordinate system (docs/method.md), so no mode fine-tunes them federatedly
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower({"mode": "fedgrow-fedft"})
+    assert info.value.problems == [
+        "mode = 'fedgrow-fedft': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', 'small-only']"
+    ]
+    assert "mode = 'fedgrow-fedft'" in str(info.value)
 
 
 def test_a_config_is_frozen_and_hashable():

@@ -1,13 +1,12 @@
-"""A client that trains an ordinary family model: the baselines and federated fine-tuning.
+"""A client that trains an ordinary family model: the baselines.
 
-One class serves three roles of the comparison, all on the rows and batch
+One class serves two baselines of the comparison, both on the rows and batch
 order of :class:`fedgrow_core.clients.setup.ClientSetup`:
 
 * ``small-only``: the client's own pre-trained small model, trained alone;
 * ``scratch-fedavg``: the target-shaped model from random initialisation, all of
   its weights trained locally and averaged by the server (FedAvg, McMahan et al.
-  2017);
-* ``fedgrow-fedft``'s second phase: the grown model, its weights averaged the same way.
+  2017).
 
 Weights and AdamW moments are kept by the caller between rounds when the model is
 private (:meth:`private_state`); when its weights travel, each round starts a fresh

@@ -2,8 +2,8 @@
 
 Shared by :class:`fedgrow_core.clients.growth_client.GrowthClient` (Fed-Grow and the
 independent-LiGO baseline) and :class:`fedgrow_core.clients.model_client.ModelClient`
-(small-only, scratch FedAvg, federated fine-tuning), so that every mode of a run
-sees the same partition, the same capped train/test rows and the same batch order.
+(small-only, scratch FedAvg), so that every mode of a run sees the same partition,
+the same capped train/test rows and the same batch order.
 """
 
 from __future__ import annotations
