@@ -46,8 +46,10 @@ def provenance(repo: Path, when: float | None = None) -> dict[str, str]:
 
     ``commit`` is the short hash of the HEAD of the git checkout holding
     ``repo`` (``-dirty`` if tracked files have changes), ``date`` the UTC date of
-    the POSIX time ``when`` (default: now), and ``machine`` the architecture,
-    the number of CPU cores, the memory in GiB and the GPU (``torch.cuda``), e.g. ``x86_64, 2 cores, 24 GiB, no GPU``.
+    the POSIX time ``when`` (default: now), ``machine`` the architecture, the
+    number of CPU cores, the memory in GiB and the GPU (``torch.cuda``), e.g.
+    ``x86_64, 2 cores, 24 GiB, no GPU``, and ``software`` the versions of Python,
+    flwr, torch and transformers.
     """
 
     def git(*args: str) -> str:
@@ -65,7 +67,12 @@ def provenance(repo: Path, when: float | None = None) -> dict[str, str]:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {gpu}"
     date = dt.datetime.fromtimestamp(when, dt.UTC) if when is not None else dt.datetime.now(dt.UTC)
-    return {"commit": commit, "date": date.strftime("%Y-%m-%d"), "machine": machine}
+    from importlib.metadata import version
+
+    software = f"Python {platform.python_version()}, " + ", ".join(
+        f"{p} {version(p)}" for p in ("flwr", "torch", "transformers")
+    )
+    return {"commit": commit, "date": date.strftime("%Y-%m-%d"), "machine": machine, "software": software}
 
 
 def run_records(summary: dict, rows: list[dict], config: dict, where: dict[str, str]) -> tuple[list[dict], list[dict]]:

@@ -78,6 +78,27 @@ def results_table(clients: pd.DataFrame) -> pd.DataFrame:
     return table[columns].reset_index(drop=True)
 
 
+def per_client_markdown(clients: pd.DataFrame) -> str:
+    """Each client's accuracy per mode (mean ± sample std over seeds) as Markdown, one row per (alpha, client).
+
+    The last column counts the seeds on which ``fedgrow`` beat the best other mode
+    of that seed for that client (ties count as not beating).
+    """
+    rows = []
+    modes = [m for m in MODES if m in set(clients["mode"])]
+    for (alpha, pid), group in clients.groupby(["dirichlet_alpha", "partition_id"], sort=True):
+        row = {"alpha": f"{alpha:g}", "client": f"{pid} (`{group['model'].iloc[0]}`)"}
+        for mode in modes:
+            acc = group.loc[group["mode"] == mode, "accuracy"]
+            row[mode] = f"{acc.mean():.3f} ± {acc.std(ddof=1) if len(acc) > 1 else 0.0:.3f}" if len(acc) else "-"
+        if "fedgrow" in modes and len(modes) > 1:
+            by_seed = group.pivot_table(index="seed", columns="mode", values="accuracy").dropna()
+            others = by_seed.drop(columns="fedgrow").max(axis=1)
+            row["Fed-Grow best on"] = f"{int((by_seed['fedgrow'] > others).sum())} of {len(by_seed)} seeds"
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+
+
 def _mb(x: float) -> str:
     return f"{x / 1e6:.1f}"
 

@@ -77,8 +77,26 @@ def test_every_mode_has_a_filled_row(results):
     assert (table["wall_time_s_mean"] > 0).all()
     md = (out / "results.md").read_text()
     assert all(f"| {m} " in md for m in MODES)
-    for name in ("accuracy_vs_rounds.png", "accuracy_vs_bytes.png"):
+    for name in ("accuracy_vs_steps.png", "accuracy_vs_bytes.png"):
         assert (out / name).stat().st_size > 5000
+
+
+def test_records_hold_every_client_of_every_run_and_a_second_call_runs_nothing(results, capsys):
+    _, summaries, out, _ = results
+    clients, rounds = pd.read_csv(out / "clients.csv"), pd.read_csv(out / "rounds.csv")
+    assert sorted(clients["mode"].unique()) == sorted(MODES)
+    for mode, summary in summaries.items():
+        rows = clients[clients["mode"] == mode].sort_values("partition_id")
+        assert list(rows["accuracy"]) == pytest.approx([c["accuracy"] for c in summary["clients"]]), mode
+        last = rounds[rounds["mode"] == mode].iloc[-1]
+        assert last["steps"] == ROUNDS * LOCAL_STEPS + FINETUNE_STEPS, mode
+    assert clients["config"].nunique() == 1 and clients[["commit", "date", "machine"]].notna().all().all()
+    # resuming: every run is recorded, so the same command starts no `flwr run` and changes no record
+    before = sorted(out.glob("runs/*/output/*/summary.json"))
+    assert runner.main(["--preset", str(out.parent / "preset.toml"), "--seeds", "0", "--out", str(out)]) == 0
+    assert "[runner] alpha" not in capsys.readouterr().out
+    assert sorted(out.glob("runs/*/output/*/summary.json")) == before
+    pd.testing.assert_frame_equal(pd.read_csv(out / "clients.csv"), clients)
 
 
 #: Serialisation overhead allowed per message (names, .npy headers, metrics) and per tensor, in bytes.
