@@ -191,7 +191,12 @@ class RunConfig(BaseModel):
     depth_noise: float = _key(0.0, "`U[0, depth-noise)` noise added to the depth coefficients", ge=0)
     lr_depth: float = _key(1e-4, "Peak AdamW learning rate of the depth coefficients in the growth phase", gt=0)
     lr_width: float = _key(1e-4, "Peak AdamW learning rate of the width matrices `E` in the growth phase", gt=0)
-    lr_head: float = _key(5e-3, "Peak AdamW learning rate of the task head in the growth phase", gt=0)
+    lr_head: float = _key(
+        5e-3,
+        "Peak AdamW learning rate of the task head in the growth phase, and its rate in the rounds of the modes "
+        "that train a whole model (`small-only`, `scratch-fedavg`)",
+        gt=0,
+    )
     lr_schedule: Literal[LR_SCHEDULES] = _key(
         "constant",
         "Schedule of the three growth learning rates over the growth phase's `num-server-rounds * local-steps` "

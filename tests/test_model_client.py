@@ -84,6 +84,23 @@ def test_model_client_trains_all_weights_and_restores_its_private_state(run, set
     assert other.evaluate().accuracy == pytest.approx(client.evaluate().accuracy)
 
 
+def test_the_task_head_trains_at_lr_head_and_every_other_weight_at_lr(run, setup):
+    model, config = target_model(setup, seed=0)
+    client = ModelClient(setup, model, config, lr=1e-4)
+    groups = {g["name"]: g for g in client.optimizer.param_groups}
+    names = {id(p): n for n, p in client.model.named_parameters()}
+    assert sorted(names[id(p)] for p in groups["head"]["params"]) == ["classifier.bias", "classifier.weight"]
+    assert groups["head"]["lr"] == run.lr_head and groups["body"]["lr"] == 1e-4
+    assert len(groups["body"]["params"]) + 2 == len(names)
+    # one step of AdamW moves each weight by about its group's rate: the head 50 times further than the body
+    before = client.weights()
+    client.train_round(1, with_eval=False)
+    after = client.weights()
+    moved = {k: (after[k] - before[k]).abs().max().item() for k in before}
+    assert moved["classifier.weight"] == pytest.approx(run.lr_head, rel=0.05)
+    assert max(v for k, v in moved.items() if not k.startswith("classifier.")) == pytest.approx(1e-4, rel=0.05)
+
+
 def test_model_client_rejects_weights_of_another_model(setup):
     model, config = target_model(setup, seed=0)
     client = ModelClient(setup, model, config, lr=1e-3)

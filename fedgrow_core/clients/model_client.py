@@ -60,7 +60,8 @@ class ModelClient:
     config : object
         The model's family config, used by :meth:`save`.
     lr : float
-        AdamW learning rate (``weight_decay`` from the run config).
+        AdamW learning rate of every weight but the task head's, which trains at
+        ``run.lr_head`` (:meth:`param_groups`; ``weight_decay`` from the run config).
 
     Attributes
     ----------
@@ -82,7 +83,24 @@ class ModelClient:
         self._round_test = setup.round_test_loader()
 
     def _new_optimizer(self) -> torch.optim.AdamW:
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.run.weight_decay)
+        return torch.optim.AdamW(self.param_groups(), weight_decay=self.run.weight_decay)
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: the task head (the family's ``head_names``) at ``run.lr_head``, every other weight at ``lr``.
+
+        The head is the one part that starts from a random initialisation in
+        every mode (no checkpoint of ours has this task's classifier); it gets
+        the same rate as the grown model's head in the growth phase
+        (:func:`fedgrow_core.clients.growth_client.growth_param_groups`), so that
+        no mode's head learns slower than another's.
+        """
+        head = set(self.setup.small.family.head_names())
+        params = list(self.model.named_parameters())
+        groups = [
+            {"name": "body", "params": [p for n, p in params if n not in head], "lr": self.lr},
+            {"name": "head", "params": [p for n, p in params if n in head], "lr": self.run.lr_head},
+        ]
+        return [g for g in groups if g["params"]]
 
     # --- weights -------------------------------------------------------------
     def weights(self) -> dict[str, Tensor]:
