@@ -78,6 +78,9 @@ COMPARISONS = (
     ),
 )
 
+#: Seeds per mode a comparison is planned for (``make results-*``).
+TARGET_SEEDS = 5
+
 MODE_MEANINGS = {
     "fedgrow": "Fed-Grow: private Local-LiGO, shared Global-LiGO averaged with FedAvg, then local fine-tuning",
     "scratch-fedavg": "the target model from a seeded random initialisation, trained with FedAvg",
@@ -128,6 +131,15 @@ def _answer(comp: Comparison, table: pd.DataFrame, paired: pd.DataFrame) -> list
         f"reach {o['accuracy_mean']:.3f} ± {o['accuracy_std']:.3f} mean client accuracy."
     )
     lines.append(head)
+    short = {m: int(n) for m, n in zip(table["mode"], table["seeds"], strict=True) if n < TARGET_SEEDS}
+    missing = [m for m in MODE_MEANINGS if m not in set(table["mode"])]
+    if short or missing:
+        parts = [f"`{m}` has {n} of {TARGET_SEEDS} seeds" for m, n in short.items()]
+        parts += [f"`{m}` has none" for m in missing]
+        lines.append(
+            f"  - the sweep is not complete ({'; '.join(parts)}); `make {comp.make_target}` runs what is missing, "
+            "skipping every run already recorded."
+        )
     small = table[table["mode"] == "small-only"]
     if comp.bar is not None and not small.empty:
         met = "met" if small.iloc[0]["accuracy_mean"] >= comp.bar else "NOT met"

@@ -15,7 +15,12 @@ from experiments.tables import markdown, paper_comparison, results_table, write_
 from fedgrow_core.run_config import RunConfig
 from server_app.summary import build_summary, round_rows
 
-WHERE = {"commit": "abc1234", "date": "2026-12-03", "machine": "x86_64, 2 cores, 24 GiB, no GPU"}
+WHERE = {
+    "commit": "abc1234",
+    "date": "2026-12-03",
+    "machine": "x86_64, 2 cores, 24 GiB, no GPU",
+    "software": "Python 3.11.7, flwr 1.41.0",
+}
 CONFIG = {"num-server-rounds": 2, "local-steps": 10, "finetune-steps": 20}
 
 
@@ -206,3 +211,31 @@ def test_accuracy_curves_give_the_mean_and_the_seed_spread_per_step():
     assert list(mean) == pytest.approx([statistics.fmean([0.5, 0.6, 0.7]), statistics.fmean([0.6, 0.7, 0.9])])
     assert list(std) == pytest.approx([statistics.stdev([0.5, 0.6, 0.7]), statistics.stdev([0.6, 0.7, 0.9])])
     assert list(curves["small-only"][2]) == [0.0]  # one seed: no band
+
+
+def test_results_page_states_every_number_from_the_records(tmp_path, monkeypatch):
+    from experiments import results_page
+
+    runs = [("fedgrow", s, [0.80 + 0.01 * s, 0.70], 1000, 10.0) for s in range(5)]
+    runs += [("small-only", s, [0.78, 0.70 - 0.01 * s], 0, 10.0) for s in range(5)]
+    runs += [("independent-ligo", s, [0.75, 0.70], 0, 10.0) for s in range(2)]
+    clients, rounds = _records(runs)
+    folder = tmp_path / "text"
+    records.append_records(folder, clients.to_dict("records"), rounds.to_dict("records"))
+    preset = tmp_path / "preset.toml"
+    preset.write_text("dirichlet-alpha = 10.0\nlocal-steps = 10\n")
+    comp = results_page.Comparison("text", "Text: Test", folder, preset, "results-text", "A note.", bar=0.78)
+    monkeypatch.setattr(results_page, "COMPARISONS", (comp,))
+    monkeypatch.setattr(results_page, "_rel", lambda p: p.name)
+    page = tmp_path / "results.md"
+    assert results_page.main(["--page", str(page)]) == 0
+    text = page.read_text()
+    ours = statistics.fmean(statistics.fmean([0.80 + 0.01 * s, 0.70]) for s in range(5))
+    small = statistics.fmean(statistics.fmean([0.78, 0.70 - 0.01 * s]) for s in range(5))
+    assert f"reach {ours:.3f} ±" in text and f"(`small-only`) reach {small:.3f}" in text
+    assert "the bar of 0.78 for a budget in which the baselines learn is NOT met" in text
+    assert "Fed-Grow more accurate (significant)" in text  # +0.02 + 0.01 s, every seed ahead
+    assert "`independent-ligo` has 2 of 5 seeds" in text and "`scratch-fedavg` has none" in text
+    assert "A note." in text and "x86_64, 2 cores, 24 GiB, no GPU" in text and "`abc1234`" in text
+    for name in ("results.md", "paired.md", "accuracy_vs_steps.png", "accuracy_vs_bytes.png"):
+        assert (folder / name).is_file(), name
