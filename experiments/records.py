@@ -26,19 +26,36 @@ from pathlib import Path
 import pandas as pd
 
 from fedgrow_core.protocol import Phase
+from fedgrow_core.run_config import RunConfig, pyproject_config
 
 CLIENTS_CSV, ROUNDS_CSV = "clients.csv", "rounds.csv"
 #: What identifies one run of a sweep.
 RUN_KEY = ["task", "dirichlet_alpha", "mode", "seed"]
 #: Config keys that vary inside one sweep (not part of its fingerprint).
 PER_RUN_KEYS = ("mode", "seed", "dirichlet-alpha", "output-dir")
+#: Columns read back as text whatever they look like (a hash of digits only stays a string).
+_TEXT_COLUMNS = {"config": str, "commit": str, "date": str, "machine": str, "software": str, "model": str}
 _TRAINING_PHASES = {Phase.GROW.value, Phase.TRAIN_LOCAL.value, Phase.TRAIN_SHARED.value}
 
 
-def config_fingerprint(config: dict) -> str:
-    """First 12 hex digits of the SHA-256 of the sweep's run config, without :data:`PER_RUN_KEYS`."""
-    shared = {k: v for k, v in sorted(config.items()) if k not in PER_RUN_KEYS}
-    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
+def resolved_config(config: dict) -> RunConfig:
+    """The app's run config (``pyproject.toml`` defaults) with ``config``'s keys on top, validated."""
+    from .flower_launcher import ROOT
+
+    return RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **config})
+
+
+def config_fingerprint(config: dict, num_supernodes: int = 3) -> str:
+    """First 12 hex digits of the SHA-256 of everything that defines a sweep's runs but the per-run keys.
+
+    That is the resolved run config (:func:`resolved_config`: a changed app
+    default changes it too) without :data:`PER_RUN_KEYS`, and the number of
+    simulated SuperNodes (the federation's ``num-supernodes``).
+    """
+    run = resolved_config(config)
+    resolved = {field.alias or name: str(getattr(run, name)) for name, field in type(run).model_fields.items()}
+    shared = {k: v for k, v in resolved.items() if k not in PER_RUN_KEYS} | {"num-supernodes": num_supernodes}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def provenance(repo: Path, when: float | None = None) -> dict[str, str]:
@@ -75,7 +92,9 @@ def provenance(repo: Path, when: float | None = None) -> dict[str, str]:
     return {"commit": commit, "date": date.strftime("%Y-%m-%d"), "machine": machine, "software": software}
 
 
-def run_records(summary: dict, rows: list[dict], config: dict, where: dict[str, str]) -> tuple[list[dict], list[dict]]:
+def run_records(
+    summary: dict, rows: list[dict], config: dict, where: dict[str, str], num_supernodes: int = 3
+) -> tuple[list[dict], list[dict]]:
     """The ``clients.csv`` and ``rounds.csv`` rows of one finished run.
 
     Parameters
@@ -90,6 +109,8 @@ def run_records(summary: dict, rows: list[dict], config: dict, where: dict[str, 
         (the app's defaults where absent).
     where : dict
         :func:`provenance`.
+    num_supernodes : int
+        The simulated federation's size (part of :func:`config_fingerprint`).
 
     Returns
     -------
@@ -104,11 +125,7 @@ def run_records(summary: dict, rows: list[dict], config: dict, where: dict[str, 
         steps after the final fine-tuning), ``eval_accuracy`` (mean over clients),
         ``train_loss``, ``upload_bytes``, ``cumulative_upload_bytes`` (bytes), ``seconds``.
     """
-    from fedgrow_core.run_config import RunConfig, pyproject_config
-
-    from .flower_launcher import ROOT
-
-    run = RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **config})
+    run = resolved_config(config)
     steps = run.num_server_rounds * run.local_steps + run.finetune_steps
     key = {k: summary[k] for k in RUN_KEY}
     shared = {
@@ -119,7 +136,7 @@ def run_records(summary: dict, rows: list[dict], config: dict, where: dict[str, 
         "wall_time_s": summary["wall_time_s"],
         "intermediate_shape": summary["intermediate_shape"],
         "target_shape": summary["target_shape"],
-        "config": config_fingerprint(config),
+        "config": config_fingerprint(config, num_supernodes),
         **where,
     }
     clients = [
@@ -162,7 +179,7 @@ def load_records(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     frames = []
     for name in (CLIENTS_CSV, ROUNDS_CSV):
         path = folder / name
-        frames.append(pd.read_csv(path) if path.is_file() else pd.DataFrame())
+        frames.append(pd.read_csv(path, dtype=_TEXT_COLUMNS) if path.is_file() else pd.DataFrame())
     return frames[0], frames[1]
 
 
@@ -187,11 +204,22 @@ def done_runs(clients: pd.DataFrame, fingerprint: str) -> set[tuple]:
 
 
 def append_records(folder: Path, clients: list[dict], rounds: list[dict]) -> None:
-    """Append one run's rows to ``folder``'s ``clients.csv`` and ``rounds.csv`` (created with a header)."""
+    """Add one run's rows to ``folder``'s ``rounds.csv``, then ``clients.csv`` (created with a header).
+
+    Rows of the same run (:data:`RUN_KEY`) already there are replaced. Each
+    file is written whole to a temporary file and moved into place
+    (``os.replace``), and ``rounds.csv`` first: a run counts as recorded once
+    its ``clients.csv`` rows exist, so an interruption never leaves a recorded
+    run without its rounds.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    for name, new in ((CLIENTS_CSV, clients), (ROUNDS_CSV, rounds)):
-        path = folder / name
+    old_clients, old_rounds = load_records(folder)
+    for name, old, new in ((ROUNDS_CSV, old_rounds, rounds), (CLIENTS_CSV, old_clients, clients)):
         frame = pd.DataFrame(new)
-        if path.is_file():
-            frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
-        frame.to_csv(path, index=False)
+        if not old.empty:
+            keys = frame[RUN_KEY].drop_duplicates()
+            stale = old.merge(keys, on=RUN_KEY, how="left", indicator=True)["_merge"].eq("both").to_numpy()
+            frame = pd.concat([old[~stale], frame], ignore_index=True)
+        tmp = folder / f".{name}.tmp"
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, folder / name)

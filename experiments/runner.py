@@ -59,20 +59,29 @@ def _toml(config: dict) -> str:
 PROVENANCE = "provenance.json"
 
 
-def _read_run(folder: Path) -> tuple[dict, list[dict], dict[str, str]] | None:
-    """The newest ``summary.json`` under ``folder/output``, its ``metrics.jsonl`` rows and its provenance, if any.
+def _read_run(folder: Path) -> tuple[dict, list[dict], dict[str, str], dict] | None:
+    """A finished run folder: its newest ``summary.json``, ``metrics.jsonl`` rows, provenance and config.
 
-    The provenance is the run folder's ``provenance.json`` (written when the run
-    started) or, lacking one, :func:`records.provenance` of the checkout holding
-    ``folder`` at the summary's modification time.
+    The provenance is the folder's ``provenance.json`` (written when the run
+    started: commit, date, machine, software, ``num-supernodes``); without one
+    every field is ``unknown`` but the date (the summary's modification time).
+    The config is the folder's ``run.toml`` without ``output-dir`` (empty if absent).
+    Returns ``None`` if there is no ``summary.json``.
     """
     done = sorted(folder.glob("output/*/summary.json"))
     if not done:
         return None
     rows = [json.loads(line) for line in (done[-1].parent / "metrics.jsonl").read_text().splitlines()]
     stamp = folder / PROVENANCE
-    where = json.loads(stamp.read_text()) if stamp.is_file() else records.provenance(folder, done[-1].stat().st_mtime)
-    return json.loads(done[-1].read_text()), rows, where
+    if stamp.is_file():
+        where = json.loads(stamp.read_text())
+    else:
+        date = time.strftime("%Y-%m-%d", time.gmtime(done[-1].stat().st_mtime))
+        where = {"commit": "unknown", "date": date, "machine": "unknown", "software": "unknown"}
+    toml = folder / "run.toml"
+    config = tomllib.loads(toml.read_text()) if toml.is_file() else {}
+    config.pop("output-dir", None)
+    return json.loads(done[-1].read_text()), rows, where, config
 
 
 def read_summaries(work: Path, seeds: list[int] | None = None) -> list[dict]:
@@ -97,7 +106,8 @@ def run_grid(
     A run is skipped when its rows are already in ``out/clients.csv``
     (:mod:`experiments.records`: committed records resume a sweep anywhere) or
     its ``summary.json`` is already under ``work/runs/<alpha>-<mode>-seed<k>/``
-    (then its rows are added). Otherwise it is run there (config, log, run
+    (then its rows are added, after checking that its ``run.toml`` and
+    federation size give this sweep's config fingerprint). Otherwise it is run there (config, log, run
     folder) and its rows are appended to ``out/clients.csv`` and
     ``out/rounds.csv`` as soon as it ends. With ``run_missing=False`` nothing is
     run (to tabulate a sweep that was cut short). ``federation`` is the simulated
@@ -114,11 +124,13 @@ def run_grid(
         If a run did not finish with a ``summary.json``: ``flwr run`` exited
         non-zero or Flower reports the run failed (the reason and its log are named).
     ValueError
-        If ``out`` holds records of another sweep config (:func:`records.done_runs`).
+        If ``out`` holds records of another sweep config (:func:`records.done_runs`),
+        or a run folder under ``work`` ran with another config.
     """
     work = work or out
     home = prepare_flwr_home((work / "flwr-home").resolve())
-    fingerprint = records.config_fingerprint(overrides)
+    supernodes = int(tomllib.loads(federation.read_text())["num-supernodes"])
+    fingerprint = records.config_fingerprint(overrides, supernodes)
     recorded = records.done_runs(records.load_records(out)[0], fingerprint)
     started, keys = False, []
     try:
@@ -142,7 +154,8 @@ def run_grid(
                         folder.mkdir(parents=True, exist_ok=True)
                         config["output-dir"] = str(folder / "output")
                         (folder / "run.toml").write_text(_toml(config))
-                        (folder / PROVENANCE).write_text(json.dumps(records.provenance(ROOT)))
+                        where = records.provenance(ROOT) | {"num-supernodes": supernodes}
+                        (folder / PROVENANCE).write_text(json.dumps(where))
                         start = time.perf_counter()
                         print(f"[runner] {tag} ...", flush=True)
                         started = True
@@ -154,8 +167,15 @@ def run_grid(
                             reason = failure or (f"flwr run exited {status}" if status else "no summary.json")
                             raise RuntimeError(f"run {tag} failed: {reason}; its log: {log_file}")
                         print(f"[runner] {tag} done in {time.perf_counter() - start:.0f} s", flush=True)
-                    config.pop("output-dir", None)
-                    records.append_records(out, *records.run_records(*finished[:2], config, finished[2]))
+                    summary, rows, where, ran = finished
+                    ran_nodes = int(where.get("num-supernodes", len(summary["clients"])))
+                    if records.config_fingerprint(ran, ran_nodes) != fingerprint:
+                        raise ValueError(
+                            f"{folder} holds a run of another config than this sweep's ({ran_nodes} SuperNodes, "
+                            f"{folder / 'run.toml'}): delete it or use another --work folder"
+                        )
+                    where = {k: str(v) for k, v in where.items() if k != "num-supernodes"}
+                    records.append_records(out, *records.run_records(summary, rows, ran, where, ran_nodes))
                     recorded.add(key)
     finally:
         if started:  # the local SuperLink that our first `flwr run` started
@@ -172,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", type=Path, help="TOML file of run-config overrides (e.g. presets/*.toml)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to run (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--alphas", nargs="+", type=float, help="Dirichlet alphas to sweep (default: the preset's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more run-config overrides")
     parser.add_argument(
@@ -206,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if clients.empty:
         print(f"[runner] no runs recorded in {args.out}", file=sys.stderr)
         return 1
+    clients, rounds = records.load_records(args.out)  # the tables cover every run recorded there
     write_tables(clients, args.out)
     plot_accuracy(rounds, args.out)
     print((args.out / "results.md").read_text(), end="")

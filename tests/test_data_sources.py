@@ -51,15 +51,15 @@ def _idx(path):
 
 
 def test_fashion_mnist_matches_the_idx_files_read_by_hand():
-    from fedgrow_core.data.sources import FASHION_MNIST_DIR
+    from fedgrow_core.data.sources import fashion_mnist_dir
 
     data = load_data_source("fashion-mnist")
     assert {k: len(v) for k, v in data.items()} == {"train": 60_000, "test": 10_000}
     assert data["test"].features["image"].shape == (1, 28, 28) and data["test"].features["image"].dtype == "uint8"
     assert label_names(data)[0] == "T-shirt/top" and label_names(data)[-1] == "Ankle boot"
     images, labels = (
-        _idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz"),
-        _idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz"),
+        _idx(fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz"),
+        _idx(fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz"),
     )
     rows = data["test"].with_format("numpy")[[0, 1234, 9999]]
     np.testing.assert_array_equal(rows["image"][:, 0], images[[0, 1234, 9999]])

@@ -282,6 +282,11 @@ FASHION_MNIST_FILES = (
 )
 
 
+def fashion_mnist_dir() -> Path:
+    """The folder Fashion-MNIST is read from: ``$FEDGROW_FASHION_MNIST_DIR`` if set, else :data:`FASHION_MNIST_DIR`."""
+    return Path(os.environ.get("FEDGROW_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+
+
 def load_fashion_mnist() -> DatasetDict:
     """Fashion-MNIST (Xiao et al., 2017): ``train`` 60,000 and ``test`` 10,000 grey 28 x 28 images of 10 garments.
 
@@ -299,7 +304,7 @@ def load_fashion_mnist() -> DatasetDict:
     from torchvision.datasets import FashionMNIST
     from torchvision.datasets.utils import extract_archive
 
-    folder = Path(os.environ.get("FEDGROW_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+    folder = fashion_mnist_dir()
     missing = [f for f in FASHION_MNIST_FILES if not (folder / f).is_file()]
     if missing:
         raise DataSourceError(
@@ -412,6 +417,7 @@ __all__ = [
     "label_names",
     "load_data_source",
     "load_digits",
+    "fashion_mnist_dir",
     "load_fashion_mnist",
     "load_mnist",
     "load_npz",
