@@ -273,7 +273,7 @@ def render(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> str
             "",
             *answer,
             "",
-            *DISCUSSION,
+            *discussion(sections),
             "",
             "## Beside the paper",
             "",
@@ -294,8 +294,50 @@ def render(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> str
     )
 
 
-#: What the numbers mean, in words that do not restate them (they are in the lines above).
-DISCUSSION: list[str] = []
+#: Why each kind of outcome happens, in words that hold whatever the exact numbers (which are above them).
+WHY = {
+    "scratch-fedavg": "Against `scratch-fedavg`, growth starts from what the clients' pre-trained small models "
+    "already know: a LiGO-grown model computes what its small model computes before any step "
+    "([method.md](method.md#what-growth-preserves)), while the target model trained from a random "
+    "initialisation starts at chance, and a hundred steps or fewer at a fine-tuning rate are far too few to pre-train a "
+    "transformer. Growth also trains and sends a fraction of the parameters.",
+    "small-only": "Against the small models alone, the grown model starts as its small model's function, and every "
+    "mode gets the same optimiser steps: within this budget the target's extra width and depth are not turned "
+    "into accuracy the small model does not reach by training the same steps itself, and each grown step costs "
+    "several times a small step (the wall-time column). Growth is an initialisation for a longer training of the "
+    "large model, which this budget does not give.",
+    "independent-ligo": "Against independent growth, the federation adds only the Global-LiGO averaged over the "
+    "clients: an operator from the intermediate to the target shape, trained for the growth rounds. Over a few "
+    "rounds of three clients it carries little that each client's own LiGO does not learn from its own rows, and "
+    "the fine-tuning that follows is local in both modes.",
+}
+
+
+def discussion(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> list[str]:
+    """Where Fed-Grow wins and where it does not (from the verdicts), then why (:data:`WHY`)."""
+    lines = ["### Where Fed-Grow wins, where it does not, and why", ""]
+    seen = set()
+    for comp, clients, _ in sections:
+        paired = paired_differences(clients)
+        for alpha, at in paired.groupby("dirichlet_alpha", sort=True):
+            kinds = {
+                "is significantly more accurate than": at[at["verdict"].str.startswith("Fed-Grow")],
+                "is significantly less accurate than": at[at["verdict"].str.contains("more accurate")
+                                                          & ~at["verdict"].str.startswith("Fed-Grow")],
+                "cannot be told apart from": at[~at["verdict"].str.contains("more accurate")],
+            }  # fmt: skip
+            said = [
+                f"{words} {', '.join(f'`{b}`' for b in rows['baseline'])}"
+                for words, rows in kinds.items()
+                if not rows.empty
+            ]
+            lines.append(f"- {comp.title}, alpha {alpha:g}: Fed-Grow {'; '.join(said)}.")
+            seen |= set(at["baseline"])
+    lines.append("")
+    lines += [WHY[b] + "\n" for b in WHY if b in seen]
+    return lines
+
+
 #: What the page does not cover, and how to run it.
 NOT_MEASURED: list[str] = [
     "## Not measured here",
