@@ -222,7 +222,9 @@ def render(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> str
             comp.note,
             "",
             "Mean over seeds ± sample std over seeds (of each run's mean over its clients); spread: std over "
-            "clients within a run; upload: message content per client, MB = 1e6 bytes.",
+            "clients within a run; upload: message content per client, MB = 1e6 bytes. Wall time is the "
+            "ServerApp's, on a machine that other jobs (tests) shared at times during the sweep: it is not a "
+            "speed benchmark ([testing.md](testing.md) has the benchmarks).",
             "",
             markdown(table),
             "",
@@ -299,8 +301,8 @@ WHY = {
     "scratch-fedavg": "Against `scratch-fedavg`, growth starts from what the clients' pre-trained small models "
     "already know: a LiGO-grown model computes what its small model computes before any step "
     "([method.md](method.md#what-growth-preserves)), while the target model trained from a random "
-    "initialisation starts at chance, and a hundred steps or fewer at a fine-tuning rate are far too few to pre-train a "
-    "transformer. Growth also trains and sends a fraction of the parameters.",
+    "initialisation starts at chance, and a hundred steps or fewer at a fine-tuning rate are far too few to "
+    "pre-train a transformer. Growth also trains and sends a fraction of the parameters.",
     "small-only": "Against the small models alone, the grown model starts as its small model's function, and every "
     "mode gets the same optimiser steps: within this budget the target's extra width and depth are not turned "
     "into accuracy the small model does not reach by training the same steps itself, and each grown step costs "
