@@ -299,15 +299,15 @@ def render(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> str
 #: Why each kind of outcome happens, in words that hold whatever the exact numbers (which are above them).
 WHY = {
     "scratch-fedavg": "Against `scratch-fedavg`, growth starts from what the clients' pre-trained small models "
-    "already know: a LiGO-grown model computes what its small model computes before any step "
-    "([method.md](method.md#what-growth-preserves)), while the target model trained from a random "
-    "initialisation starts at chance, and a hundred steps or fewer at a fine-tuning rate are far too few to "
-    "pre-train a transformer. Growth also trains and sends a fraction of the parameters.",
-    "small-only": "Against the small models alone, the grown model starts as its small model's function, and every "
-    "mode gets the same optimiser steps: within this budget the target's extra width and depth are not turned "
-    "into accuracy the small model does not reach by training the same steps itself, and each grown step costs "
-    "several times a small step (the wall-time column). Growth is an initialisation for a longer training of the "
-    "large model, which this budget does not give.",
+    "know: the grown model's weights are the small model's weights mapped by the operators, while the target "
+    "model trained from a random initialisation starts at chance, and a hundred steps or fewer at a fine-tuning "
+    "rate are far too few to pre-train a transformer. Growth also trains and sends a fraction of the parameters.",
+    "small-only": "Against the small models alone, every mode gets the same optimiser steps, and the grown model "
+    "does not even start exactly where its small model is: stacked layers, and BERT's width grown by a "
+    "non-multiple, change the function at initialisation ([method.md](method.md#what-growth-preserves)). Within "
+    "this budget the target's extra width and depth are not turned into accuracy that the small model does not "
+    "reach by training the same steps itself, and each grown step costs several times a small one. Growth is "
+    "an initialisation for a longer training of the large model, which this budget does not give.",
     "independent-ligo": "Against independent growth, the federation adds only the Global-LiGO averaged over the "
     "clients: an operator from the intermediate to the target shape, trained for the growth rounds. Over a few "
     "rounds of three clients it carries little that each client's own LiGO does not learn from its own rows, and "
