@@ -296,7 +296,8 @@ def render(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> str
     )
 
 
-#: Why each kind of outcome happens, in words that hold whatever the exact numbers (which are above them).
+#: Why an outcome happens, per baseline, in words that hold whatever the exact numbers (which are above them);
+#: each is given only where the verdicts show its outcome (:data:`WHY_WHEN_FEDGROW_WINS`).
 WHY = {
     "scratch-fedavg": "Against `scratch-fedavg`, growth starts from what the clients' pre-trained small models "
     "know: the grown model's weights are the small model's weights mapped by the operators, while the target "
@@ -315,8 +316,12 @@ WHY = {
 }
 
 
+#: For each :data:`WHY` paragraph: True if it explains Fed-Grow winning, False if it explains Fed-Grow not winning.
+WHY_WHEN_FEDGROW_WINS = {"scratch-fedavg": True, "small-only": False, "independent-ligo": False}
+
+
 def discussion(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> list[str]:
-    """Where Fed-Grow wins and where it does not (from the verdicts), then why (:data:`WHY`)."""
+    """Where Fed-Grow wins and where it does not (from the verdicts), then why (:data:`WHY`, where it applies)."""
     lines = ["### Where Fed-Grow wins, where it does not, and why", ""]
     seen = set()
     for comp, clients, _ in sections:
@@ -334,9 +339,9 @@ def discussion(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) ->
                 if not rows.empty
             ]
             lines.append(f"- {comp.title}, alpha {alpha:g}: Fed-Grow {'; '.join(said)}.")
-            seen |= set(at["baseline"])
+            seen |= {(b, v.startswith("Fed-Grow")) for b, v in zip(at["baseline"], at["verdict"], strict=True)}
     lines.append("")
-    lines += [WHY[b] + "\n" for b in WHY if b in seen]
+    lines += [WHY[b] + "\n" for b in WHY if (b, WHY_WHEN_FEDGROW_WINS[b]) in seen]
     return lines
 
 
