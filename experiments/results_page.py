@@ -304,8 +304,9 @@ WHY = {
     "model trained from a random initialisation starts at chance, and a hundred steps or fewer at a fine-tuning "
     "rate are far too few to pre-train a transformer. Growth also trains and sends a fraction of the parameters.",
     "small-only": "Against the small models alone, every mode gets the same optimiser steps, and the grown model "
-    "does not even start exactly where its small model is: stacked layers, and BERT's width grown by a "
-    "non-multiple, change the function at initialisation ([method.md](method.md#what-growth-preserves)). Within "
+    "does not even start exactly where its small model is: stacked layers (and in the text comparison BERT's width "
+    "grown by a non-multiple) change the function at initialisation ([method.md](method.md#what-growth-preserves)). "
+    "Within "
     "this budget the target's extra width and depth are not turned into accuracy that the small model does not "
     "reach by training the same steps itself, and each grown step costs several times a small one. Growth is "
     "an initialisation for a longer training of the large model, which this budget does not give.",
