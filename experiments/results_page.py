@@ -154,13 +154,13 @@ def _answer(comp: Comparison, table: pd.DataFrame, paired: pd.DataFrame) -> list
     for alpha, at in table.groupby("dirichlet_alpha", sort=True):
         ours = at[at["mode"] == "fedgrow"]
         if ours.empty:
-            lines.append(f"- **{comp.title}**, alpha {alpha:g}: no Fed-Grow runs recorded.")
-            continue
-        o = ours.iloc[0]
-        lines.append(
-            f"- **{comp.title}** (alpha {alpha:g}, {int(o['seeds'])} seeds): Fed-Grow's grown models "
-            f"reach {o['accuracy_mean']:.3f} ± {o['accuracy_std']:.3f} mean client accuracy."
-        )
+            lines.append(f"- **{comp.title}** (alpha {alpha:g}): no Fed-Grow runs recorded yet.")
+        else:
+            o = ours.iloc[0]
+            lines.append(
+                f"- **{comp.title}** (alpha {alpha:g}, {int(o['seeds'])} seeds): Fed-Grow's grown models "
+                f"reach {o['accuracy_mean']:.3f} ± {o['accuracy_std']:.3f} mean client accuracy."
+            )
         short = {m: int(n) for m, n in zip(at["mode"], at["seeds"], strict=True) if n < TARGET_SEEDS}
         missing = [m for m in MODE_MEANINGS if m not in set(at["mode"])]
         if short or missing:
@@ -183,7 +183,7 @@ def _answer(comp: Comparison, table: pd.DataFrame, paired: pd.DataFrame) -> list
                 f"  - the small models alone (`small-only`) reach {acc:.3f}: the bar of {comp.bar:.2f} "
                 f"at alpha {alpha:g} for a budget in which the baselines learn is {met}."
             )
-        for _, p in paired[paired["dirichlet_alpha"] == alpha].iterrows():
+        for _, p in (paired[paired["dirichlet_alpha"] == alpha] if not paired.empty else paired).iterrows():
             base = at[at["mode"] == p["baseline"]].iloc[0]
             lines.append(
                 f"  - against `{p['baseline']}` ({base['accuracy_mean']:.3f}): {p['difference']:+.3f} "
@@ -194,6 +194,8 @@ def _answer(comp: Comparison, table: pd.DataFrame, paired: pd.DataFrame) -> list
 
 
 def _paper_lines(table: pd.DataFrame) -> list[str]:
+    if "fedgrow" not in set(table["mode"]):
+        return []
     comp = paper_comparison(table)
     lines = []
     for _, r in comp[comp["baseline"] == "scratch-fedavg"].iterrows():
@@ -228,11 +230,17 @@ def render(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> str
             "",
             markdown(table),
             "",
-            "Fed-Grow minus each baseline on the same seed and client (positive: Fed-Grow more accurate); "
-            "the interval is a Student t interval over seeds of each seed's mean client difference.",
-            "",
-            paired_markdown(paired),
-            "",
+            *(
+                [
+                    "Fed-Grow minus each baseline on the same seed and client (positive: Fed-Grow more accurate); "
+                    "the interval is a Student t interval over seeds of each seed's mean client difference.",
+                    "",
+                    paired_markdown(paired),
+                    "",
+                ]
+                if not paired.empty
+                else ["No Fed-Grow runs are recorded yet, so there are no paired differences.", ""]
+            ),
             "Each client's accuracy (mean ± sample std over seeds):",
             "",
             per_client_markdown(clients),
@@ -241,14 +249,20 @@ def render(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> str
             "",
             f"![accuracy against uploaded bytes]({folder}/accuracy_vs_bytes.png)",
             "",
-            "In the terms of the paper's claims: fewer parameters trained per client in the rounds (Fed-Grow then "
-            "fine-tunes the whole grown model locally, as every mode fine-tunes its model), and fewer bytes "
-            "uploaded per client per round (Fed-Grow's Global-LiGO updates travel as int8, the default "
-            "`update-encoding`, about a quarter of their float32 bytes; `scratch-fedavg` sends float32 weights; "
-            "see [communication.md](communication.md)):",
-            "",
-            comparison_markdown(paper_comparison(table)),
-            "",
+            *(
+                [
+                    "In the terms of the paper's claims: fewer parameters trained per client in the rounds "
+                    "(Fed-Grow then fine-tunes the whole grown model locally, as every mode fine-tunes its model), "
+                    "and fewer bytes uploaded per client per round (Fed-Grow's Global-LiGO updates travel as int8, "
+                    "the default `update-encoding`, about a quarter of their float32 bytes; `scratch-fedavg` sends "
+                    "float32 weights; see [communication.md](communication.md)):",
+                    "",
+                    comparison_markdown(paper_comparison(table)),
+                    "",
+                ]
+                if not paired.empty
+                else []
+            ),
             f"Records: [`clients.csv`]({folder}/clients.csv) (one row per client per run), "
             f"[`rounds.csv`]({folder}/rounds.csv) (one row per round per run).",
             "",
@@ -327,6 +341,9 @@ def discussion(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) ->
     seen = set()
     for comp, clients, _ in sections:
         paired = paired_differences(clients)
+        if paired.empty:
+            lines.append(f"- {comp.title}: no Fed-Grow runs recorded yet.")
+            continue
         for alpha, at in paired.groupby("dirichlet_alpha", sort=True):
             kinds = {
                 "is significantly more accurate than": at[at["verdict"].str.startswith("Fed-Grow")],
