@@ -39,7 +39,13 @@ _TRAINING_PHASES = {Phase.GROW.value, Phase.TRAIN_LOCAL.value, Phase.TRAIN_SHARE
 
 
 def resolved_config(config: dict) -> RunConfig:
-    """The app's run config (``pyproject.toml`` defaults) with ``config``'s keys on top, validated."""
+    """The app's run config (``pyproject.toml`` defaults) with ``config``'s keys on top, validated.
+
+    Raises
+    ------
+    fedgrow_core.run_config.ConfigError
+        If a key is unknown or a value invalid (every problem named).
+    """
     from .flower_launcher import ROOT
 
     return RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **config})
@@ -51,6 +57,11 @@ def config_fingerprint(config: dict, num_supernodes: int = 3) -> str:
     That is the resolved run config (:func:`resolved_config`: a changed app
     default changes it too) without :data:`PER_RUN_KEYS`, and the number of
     simulated SuperNodes (the federation's ``num-supernodes``).
+
+    Raises
+    ------
+    fedgrow_core.run_config.ConfigError
+        From :func:`resolved_config`.
     """
     run = resolved_config(config)
     resolved = {field.alias or name: str(getattr(run, name)) for name, field in type(run).model_fields.items()}
@@ -124,6 +135,13 @@ def run_records(
         per client so far: ``k * local-steps`` after the k-th training round, all
         steps after the final fine-tuning), ``eval_accuracy`` (mean over clients),
         ``train_loss``, ``upload_bytes``, ``cumulative_upload_bytes`` (bytes), ``seconds``.
+
+    Raises
+    ------
+    fedgrow_core.run_config.ConfigError
+        If ``config`` is not a valid run config.
+    KeyError
+        If the summary or a row lacks a field named above.
     """
     run = resolved_config(config)
     steps = run.num_server_rounds * run.local_steps + run.finetune_steps

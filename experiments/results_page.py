@@ -87,23 +87,17 @@ COMPARISONS = (
         "differ in width (64, 128, 192) and depth (2, 3, 4), and every Local-LiGO grows both to the intermediate "
         "5 x 256.",
     ),
-    Comparison(
-        "paper-scale-text",
-        "Paper scale, text (GPU)",
-        ROOT / "docs" / "results" / "paper-scale-text",
-        ROOT / "presets" / "paper-scale-text.toml",
-        "",
-        "10 SuperNodes sharing one GPU (`flwr_home/federation-gpu.toml`).",
-        federation="flwr_home/federation-gpu.toml",
-    ),
-    Comparison(
-        "paper-scale-image",
-        "Paper scale, images (GPU)",
-        ROOT / "docs" / "results" / "paper-scale-image",
-        ROOT / "presets" / "paper-scale-image.toml",
-        "",
-        "10 SuperNodes sharing one GPU (`flwr_home/federation-gpu.toml`).",
-        federation="flwr_home/federation-gpu.toml",
+    *(
+        Comparison(
+            f"paper-scale-{task}",
+            f"Paper scale, {words} (GPU)",
+            ROOT / "docs" / "results" / f"paper-scale-{task}",
+            ROOT / "presets" / f"paper-scale-{task}.toml",
+            "",
+            "10 SuperNodes sharing one GPU (`flwr_home/federation-gpu.toml`).",
+            federation="flwr_home/federation-gpu.toml",
+        )
+        for task, words in (("text", "text"), ("image", "images"))
     ),
 )
 
@@ -208,11 +202,14 @@ def _paper_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def render(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> str:
+Section = tuple[Comparison, pd.DataFrame, pd.DataFrame, pd.DataFrame]
+"""One comparison of the page: its client records, :func:`results_table` and :func:`paired_differences`."""
+
+
+def render(sections: list[Section]) -> str:
     """The Markdown of ``docs/results.md`` from each comparison's client records, table and paired differences."""
     answer, body, paper = [], [], []
-    for comp, clients, table in sections:
-        paired = paired_differences(clients)
+    for comp, clients, table, paired in sections:
         answer += _answer(comp, table, paired)
         paper += _paper_lines(table)
         folder = _rel(comp.folder).removeprefix("docs/")
@@ -335,12 +332,11 @@ WHY = {
 WHY_WHEN_FEDGROW_WINS = {"scratch-fedavg": True, "small-only": False, "independent-ligo": False}
 
 
-def discussion(sections: list[tuple[Comparison, pd.DataFrame, pd.DataFrame]]) -> list[str]:
+def discussion(sections: list[Section]) -> list[str]:
     """Where Fed-Grow wins and where it does not (from the verdicts), then why (:data:`WHY`, where it applies)."""
     lines = ["### Where Fed-Grow wins, where it does not, and why", ""]
     seen = set()
-    for comp, clients, _ in sections:
-        paired = paired_differences(clients)
+    for comp, _, _, paired in sections:
         if paired.empty:
             lines.append(f"- {comp.title}: no Fed-Grow runs recorded yet.")
             continue
@@ -393,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         write_tables(clients, comp.folder)
         plot_accuracy(rounds, comp.folder, title=comp.title.split(": ")[-1])
-        sections.append((comp, clients, results_table(clients)))
+        sections.append((comp, clients, results_table(clients), paired_differences(clients)))
         print(f"[results_page] {comp.name}: {len(clients[RUN_KEY].drop_duplicates())} runs")
     if not sections:
         print("[results_page] no comparison records found", file=sys.stderr)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 from flwr.common.config import flatten_dict
 
-from fedgrow_core.run_config import MODES, RunConfig, parse_overrides, pyproject_config
+from fedgrow_core.run_config import MODES, parse_overrides
 
 from . import records
 from .flower_launcher import FEDERATION_CONFIG, ROOT, flwr_run, prepare_flwr_home, run_failure, stop_local_superlink
@@ -48,7 +48,7 @@ def run_overrides(preset: Path | None, extra: list[str]) -> dict:
     """
     overrides = flatten_dict(tomllib.loads(preset.read_text())) if preset else {}
     overrides.update(parse_overrides(extra, usage="--set expects key=value"))
-    RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **overrides})
+    records.resolved_config(overrides)
     return overrides
 
 
@@ -140,7 +140,7 @@ def run_grid(
                     config = {**overrides, "mode": mode, "seed": seed}
                     if alpha is not None:
                         config["dirichlet-alpha"] = alpha
-                    run = RunConfig.from_flower({**pyproject_config(ROOT / "pyproject.toml"), **config})
+                    run = records.resolved_config(config)
                     key = (run.task, run.dirichlet_alpha, mode, seed)
                     keys.append(key)
                     if key in recorded:
