@@ -10,7 +10,9 @@ preset (and ``--set key=value`` overrides), in ``<work>/runs/<alpha>-<mode>-seed
 As each run ends its rows are appended to ``<out>/clients.csv`` and
 ``<out>/rounds.csv`` (:mod:`experiments.records`); a run already recorded there,
 or whose ``summary.json`` exists, is not run again, so an interrupted sweep
-resumes, on this machine or, from committed records, on another. Then the
+resumes, on this machine or, from committed records, on another. A run that
+fails is named and the sweep goes on (the runner exits 1 at the end; running it
+again retries only the failed runs). Then the
 tables (:mod:`experiments.tables`: ``results.md``, ``paired.md`` with Fed-Grow
 against each baseline and 95% intervals, ``comparison.md``) and the plots
 ``accuracy_vs_steps.png`` / ``accuracy_vs_bytes.png`` (:mod:`experiments.plots`).
@@ -123,6 +125,9 @@ def run_grid(
     RuntimeError
         If a run did not finish with a ``summary.json``: ``flwr run`` exited
         non-zero or Flower reports the run failed (the reason and its log are named).
+        It is raised after every other run of the grid has been run and recorded,
+        so one failed run (a lost heartbeat, a paused machine) costs only itself;
+        running the sweep again retries the failed runs.
     ValueError
         If ``out`` holds records of another sweep config (:func:`records.done_runs`),
         or a run folder under ``work`` ran with another config.
@@ -132,7 +137,7 @@ def run_grid(
     supernodes = int(tomllib.loads(federation.read_text())["num-supernodes"])
     fingerprint = records.config_fingerprint(overrides, supernodes)
     recorded = records.done_runs(records.load_records(out)[0], fingerprint)
-    started, keys = False, []
+    started, keys, failed = False, [], []
     try:
         for alpha in alphas:
             for mode in modes:
@@ -165,7 +170,9 @@ def run_grid(
                         finished = _read_run(folder)
                         if status != 0 or failure or finished is None:
                             reason = failure or (f"flwr run exited {status}" if status else "no summary.json")
-                            raise RuntimeError(f"run {tag} failed: {reason}; its log: {log_file}")
+                            failed.append(f"run {tag} failed: {reason}; its log: {log_file}")
+                            print(f"[runner] FAILED: {failed[-1]}; going on with the other runs", flush=True)
+                            continue
                         print(f"[runner] {tag} done in {time.perf_counter() - start:.0f} s", flush=True)
                     summary, rows, where, ran = finished
                     ran_nodes = int(where.get("num-supernodes", len(summary["clients"])))
@@ -180,6 +187,8 @@ def run_grid(
     finally:
         if started:  # the local SuperLink that our first `flwr run` started
             stop_local_superlink(home)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the sweep's runs failed (run again to retry): " + "; ".join(failed))
     clients, rounds = records.load_records(out)
     if clients.empty:
         return clients, rounds
@@ -207,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = run_overrides(args.preset, args.set)
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, status = time.perf_counter(), 0
     try:
         clients, rounds = run_grid(
             overrides,
@@ -220,9 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             args.work,
             args.federation,
         )
-    except (RuntimeError, ValueError) as err:
+    except ValueError as err:
         print(f"[runner] FAILED: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:  # some runs failed; the others are recorded and tabulated below
+        print(f"[runner] FAILED: {err}", file=sys.stderr)
+        clients, status = records.load_records(args.out)[0], 1
     if clients.empty:
         print(f"[runner] no runs recorded in {args.out}", file=sys.stderr)
         return 1
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print((args.out / "paired.md").read_text(), end="")
     runs = clients[records.RUN_KEY].drop_duplicates()
     print(f"[runner] {len(runs)} runs, {time.perf_counter() - start:.0f} s; results in {args.out}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -119,6 +119,40 @@ def test_the_runner_skips_runs_already_recorded_and_runs_only_the_missing_ones(t
     assert launched == ["alpha0.5-small-only-seed0"] and len(again) == 4  # nothing run twice
 
 
+def test_a_failed_run_does_not_stop_the_sweep_and_is_retried_by_the_next_call(tmp_path, monkeypatch):
+    launched, broken = [], {"alpha0.5-fedgrow-seed0"}
+
+    def fake_flwr_run(run_toml, home, log_file, timeout, federation):
+        tag = run_toml.parent.name
+        launched.append(tag)
+        log_file.write_text("lost")
+        if tag in broken:
+            return 1
+        summary, rows = _run("fedgrow", int(tag[-1]), [0.7, 0.7])
+        out = run_toml.parent / "output" / "20261203"
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps(summary))
+        (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return 0
+
+    monkeypatch.setattr(runner, "flwr_run", fake_flwr_run)
+    monkeypatch.setattr(runner, "run_failure", lambda log, home: None)
+    monkeypatch.setattr(runner, "stop_local_superlink", lambda home: None)
+    grid = (dict(CONFIG), ["fedgrow"], [0, 1], [None], tmp_path / "out")
+    with pytest.raises(RuntimeError, match=r"1 of the sweep's runs failed.*alpha0\.5-fedgrow-seed0.*exited 1"):
+        runner.run_grid(*grid, work=tmp_path / "w")
+    assert launched == ["alpha0.5-fedgrow-seed0", "alpha0.5-fedgrow-seed1"]  # seed 1 ran after seed 0 failed
+    assert sorted(records.load_records(tmp_path / "out")[0]["seed"].unique()) == [1]
+    sets = [f"{k}={v}" for k, v in CONFIG.items()]
+    argv = ["--set", *sets, "--modes", "fedgrow", "--seeds", "0", "1", "--out", str(tmp_path / "out")]
+    assert runner.main([*argv, "--work", str(tmp_path / "w")]) == 1  # seed 0 fails again: exit 1 ...
+    assert (tmp_path / "out" / "results.md").is_file()  # ... with the recorded runs tabulated
+    assert launched[2:] == ["alpha0.5-fedgrow-seed0"]
+    broken.clear()
+    got, _ = runner.run_grid(*grid, work=tmp_path / "w")
+    assert launched[3:] == ["alpha0.5-fedgrow-seed0"] and sorted(got["seed"].unique()) == [0, 1]
+
+
 def _run_folder(work, tag, config, mode, accs):
     """A finished run folder as ``flwr run`` leaves it: run.toml, output/<time>/summary.json and metrics.jsonl."""
     folder = work / "runs" / tag
