@@ -33,6 +33,9 @@ CLIENTS_CSV, ROUNDS_CSV = "clients.csv", "rounds.csv"
 RUN_KEY = ["task", "dirichlet_alpha", "mode", "seed"]
 #: Config keys that vary inside one sweep (not part of its fingerprint).
 PER_RUN_KEYS = ("mode", "seed", "dirichlet-alpha", "output-dir")
+#: Paths (relative to the repository) of the committed records and the pages made from them; changes
+#: there do not make a run's ``commit`` ``-dirty`` (:func:`provenance`).
+RECORD_PATHS = ("docs/results", "docs/results.md")
 #: Columns read back as text whatever they look like (a hash of digits only stays a string).
 _TEXT_COLUMNS = {"config": str, "commit": str, "date": str, "machine": str, "software": str, "model": str}
 _TRAINING_PHASES = {Phase.GROW.value, Phase.TRAIN_LOCAL.value, Phase.TRAIN_SHARED.value}
@@ -73,7 +76,8 @@ def provenance(repo: Path, when: float | None = None) -> dict[str, str]:
     """Where and when a run ran: ``commit``, ``date`` and ``machine``.
 
     ``commit`` is the short hash of the HEAD of the git checkout holding
-    ``repo`` (``-dirty`` if tracked files have changes), ``date`` the UTC date of
+    ``repo`` (``-dirty`` if tracked files other than the records and the pages
+    made from them, :data:`RECORD_PATHS`, have changes), ``date`` the UTC date of
     the POSIX time ``when`` (default: now), ``machine`` the architecture, the
     number of CPU cores, the memory in GiB and the GPU (``torch.cuda``), e.g.
     ``x86_64, 2 cores, 24 GiB, no GPU``, and ``software`` the versions of Python,
@@ -87,7 +91,8 @@ def provenance(repo: Path, when: float | None = None) -> dict[str, str]:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    # the committed records and the pages made from them change as a sweep runs; they are not the app
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in RECORD_PATHS)):
         commit += "-dirty"
     import torch
 

@@ -3,6 +3,7 @@
 import json
 import math
 import statistics
+import subprocess
 
 import pandas as pd
 import pytest
@@ -151,6 +152,23 @@ def test_a_failed_run_does_not_stop_the_sweep_and_is_retried_by_the_next_call(tm
     broken.clear()
     got, _ = runner.run_grid(*grid, work=tmp_path / "w")
     assert launched[3:] == ["alpha0.5-fedgrow-seed0"] and sorted(got["seed"].unique()) == [0, 1]
+
+
+def test_provenance_is_dirty_for_changed_app_files_but_not_for_changed_records(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "clients.csv").write_text("a\n")
+    (tmp_path / "app.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
+    (tmp_path / "docs" / "results" / "clients.csv").write_text("a\nb\n")  # a sweep appends its records
+    assert records.provenance(tmp_path)["commit"] == head.stdout.strip()
+    (tmp_path / "app.py").write_text("x = 2\n")
+    assert records.provenance(tmp_path)["commit"] == head.stdout.strip() + "-dirty"
 
 
 def _run_folder(work, tag, config, mode, accs):
