@@ -7,7 +7,7 @@ run whose rows are already there, so a sweep resumes on another machine or in
 another session from the committed files alone.
 
 Every row carries where it was measured: the commit of the app (``commit``;
-``-dirty`` when the working tree had changes), the UTC date and the machine.
+``-dirty`` when tracked files other than the records had changes), the UTC date and the machine.
 ``config`` is a fingerprint of the run config shared by all runs of a sweep
 (everything but ``mode``, ``seed``, ``dirichlet-alpha`` and ``output-dir``);
 rows of another config are refused rather than mixed.

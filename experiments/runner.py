@@ -180,6 +180,7 @@ def run_grid(
                         raise ValueError(
                             f"{folder} holds a run of another config than this sweep's ({ran_nodes} SuperNodes, "
                             f"{folder / 'run.toml'}): delete it or use another --work folder"
+                            + "".join(f"; before that, {f}" for f in failed)
                         )
                     where = {k: str(v) for k, v in where.items() if k != "num-supernodes"}
                     records.append_records(out, *records.run_records(summary, rows, ran, where, ran_nodes))

@@ -42,6 +42,14 @@ def test_image_preset_is_valid():
     assert len(set(run.client_models)) == 3
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "presets").glob("*.toml")))
+def test_every_preset_gives_a_valid_run_config(preset):
+    overrides = tomllib.loads((ROOT / "presets" / preset).read_text())
+    run = RunConfig.from_flower({**_pyproject_config(), **overrides})  # raises ConfigError naming what is wrong
+    for key, value in overrides.items():
+        assert run.to_flower()[key] == value, key  # every key of the preset is a run-config key and is kept
+
+
 def test_parse_shape():
     assert parse_shape("12x512x2048x16") == TransformerShape(12, 512, 2048, 16)
     with pytest.raises(ValueError, match="expected 'LxDxFxH'.*'12x512'"):
