@@ -25,7 +25,7 @@ import pandas as pd
 
 from .flower_launcher import ROOT
 from .plots import plot_accuracy
-from .records import RUN_KEY, load_records
+from .records import RUN_KEY, load_records, resolved_config
 from .significance import paired_differences, paired_markdown
 from .tables import (
     PAPER_FEWER_TRAINABLE,
@@ -213,6 +213,7 @@ def render(sections: list[Section]) -> str:
         answer += _answer(comp, table, paired)
         paper += _paper_lines(table)
         folder = _rel(comp.folder).removeprefix("docs/")
+        run = resolved_config(tomllib.loads(comp.preset.read_text()))
         body += [
             f"## {comp.title}",
             "",
@@ -241,6 +242,11 @@ def render(sections: list[Section]) -> str:
             "Each client's accuracy (mean ± sample std over seeds):",
             "",
             per_client_markdown(clients),
+            "",
+            "Curves: mean over seeds of the mean client accuracy, the band one sample std over seeds. Each round's "
+            f"point is on each client's first {run.eval_max_examples} test rows (`eval-max-examples`); the last "
+            "point, after the final fine-tuning, is on all of them (the numbers in the tables above), so the last "
+            "step of a curve mixes two test sets.",
             "",
             f"![accuracy against optimiser steps]({folder}/accuracy_vs_steps.png)",
             "",

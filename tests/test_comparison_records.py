@@ -315,7 +315,7 @@ def test_results_page_states_every_number_from_the_records(tmp_path, monkeypatch
     folder = tmp_path / "text"
     records.append_records(folder, clients.to_dict("records"), rounds.to_dict("records"))
     preset = tmp_path / "preset.toml"
-    preset.write_text("dirichlet-alpha = 10.0\nlocal-steps = 10\n")
+    preset.write_text("dirichlet-alpha = 10.0\nlocal-steps = 10\neval-max-examples = 64\n")
     comp = results_page.Comparison("text", "Text: Test", folder, preset, "results-text", "A note.", bar=0.78)
     monkeypatch.setattr(results_page, "COMPARISONS", (comp,))
     monkeypatch.setattr(results_page, "_rel", lambda p: p.name)
@@ -325,6 +325,7 @@ def test_results_page_states_every_number_from_the_records(tmp_path, monkeypatch
     ours = statistics.fmean(statistics.fmean([0.80 + 0.01 * s, 0.70]) for s in range(5))
     small = statistics.fmean(statistics.fmean([0.78, 0.70 - 0.01 * s]) for s in range(5))
     assert f"reach {ours:.3f} ±" in text and f"(`small-only`) reach {small:.3f}" in text
+    assert "each client's first 64 test rows" in text  # the curves' test rows, from the preset
     assert "the bar of 0.78 at alpha 10 for a budget in which the baselines learn is NOT met" in text
     assert "Fed-Grow more accurate (significant)" in text  # +0.01 + 0.01 s, every seed ahead
     assert "- Text: Test, alpha 10: Fed-Grow is significantly more accurate than `small-only`" in text
@@ -334,3 +335,26 @@ def test_results_page_states_every_number_from_the_records(tmp_path, monkeypatch
     assert "A note." in text and "x86_64, 2 cores, 24 GiB, no GPU" in text and "`abc1234`" in text
     for name in ("results.md", "paired.md", "accuracy_vs_steps.png", "accuracy_vs_bytes.png"):
         assert (folder / name).is_file(), name
+
+
+def test_discussion_says_where_fed_grow_wins_loses_and_ties_from_the_verdicts():
+    from types import SimpleNamespace
+
+    from experiments import results_page
+
+    paired = pd.DataFrame(
+        {
+            "dirichlet_alpha": [10.0, 10.0, 10.0],
+            "baseline": ["scratch-fedavg", "small-only", "independent-ligo"],
+            "verdict": [
+                verdict(0.05, 0.15, "scratch-fedavg"),
+                verdict(-0.04, -0.01, "small-only"),
+                verdict(-0.001, 0.008, "independent-ligo"),
+            ],
+        }
+    )
+    lines = results_page.discussion([(SimpleNamespace(title="Text"), None, None, paired)])
+    assert lines[2] == (
+        "- Text, alpha 10: Fed-Grow is significantly more accurate than `scratch-fedavg`; "
+        "is significantly less accurate than `small-only`; cannot be told apart from `independent-ligo`."
+    )
