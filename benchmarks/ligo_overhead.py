@@ -4,7 +4,7 @@ Cases:
 
 * ``bert``: all-MiniLM-L6-v2 (6 x 384, real weights when the asset package is
   installed) -> Local-LiGO -> intermediate -> Global-LiGO -> target BERT, by
-  default the default run's shapes (``6x384x1536x12`` -> ``8x768x1536x12``;
+  default the default run's shapes (``7x480x1536x12`` -> ``8x768x1536x12``;
   ``--intermediate`` and ``--target`` change them), at three batches: 32 x 128,
   32 x 64 (the default run's) and 16 x 32 tokens (the comparison presets';
   ``--batches``);
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--batches", default="32x128,32x64,16x32", help="BERT batches, sequences x tokens")
     parser.add_argument("--vit-batch", type=int, default=32, help="images per ViT batch")
     parser.add_argument("--cases", default="bert,vit")
-    parser.add_argument("--intermediate", default="6x384x1536x12", help="BERT intermediate shape LxDxFxH")
+    parser.add_argument("--intermediate", default="7x480x1536x12", help="BERT intermediate shape LxDxFxH")
     parser.add_argument("--target", default="8x768x1536x12", help="BERT target shape LxDxFxH")
     args = parser.parse_args()
     runs = []

@@ -157,7 +157,7 @@ class RunConfig(BaseModel):
         "client's own rows first)",
     )
     intermediate_shape: Shape = _key(
-        TransformerShape(6, 384, 1536, 12),
+        TransformerShape(7, 480, 1536, 12),
         "Shape of the Global-LiGO's intermediate model, shared by every client; each client's small model must "
         "grow into it",
     )

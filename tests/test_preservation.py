@@ -96,6 +96,20 @@ def test_post_ln_bert_at_an_indivisible_width_is_not_exact_and_says_so(token_bat
     assert stated == pytest.approx(probe_gap("bert", small, grown.to_family_model()), rel=1e-2) and stated > 1e-3
 
 
+def test_every_width_gap_of_both_legs_is_named_in_one_warning(caplog):
+    """A Dual-LiGO through an indivisible intermediate width (as the default 7 x 480) logs one line, not one per gap."""
+    small = _perturbed_bert(hidden=32, heads=4, ffn=64)
+    s = get_family("bert").shape(small)
+    inter, target = TransformerShape(s.layers, 40, 64, 4), TransformerShape(s.layers, 64, 64, 4)
+    gaps = width_gaps(s, inter, "post") + width_gaps(inter, target, "post")
+    assert len(gaps) == 4  # hidden 32 -> 40 and 40 -> 64, head dim 8 -> 10 and 10 -> 16
+    op = DualLiGO(LiGO(s, inter, tie_layers=True, depth_noise=0.0), LiGO(inter, target, depth_noise=0.0))
+    with caplog.at_level(logging.WARNING, logger="fedgrow_core.growth.grown_model"):
+        GrownModel(get_family("bert"), small, op, 3)
+    (record,) = [r for r in caplog.records if "not exact at initialisation" in r.getMessage()]
+    assert all(gap in record.getMessage() for gap in gaps)
+
+
 def test_head_dim_growth_below_twofold_is_named_and_shrinks_logits_by_the_stated_factor():
     s, t = TransformerShape(1, 32, 64, 2), TransformerShape(1, 48, 64, 2)  # head dim 16 -> 24
     (gap,) = width_gaps(s, t, "pre")

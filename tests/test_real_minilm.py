@@ -46,8 +46,8 @@ def test_identity_growth_of_real_minilm_reproduces_its_logits(minilm):
 
 
 @pytest.mark.parametrize("target_ffn", [None, 3072])
-def test_width_growth_of_real_minilm_to_the_default_shapes_keeps_its_function(minilm, target_ffn):
-    """384 -> 384 -> 768 wide (head dim 32 -> 64), depth kept: the default widths (FFN kept at 1536), and FFN 3072.
+def test_width_growth_of_real_minilm_by_whole_multiples_keeps_its_function(minilm, target_ffn):
+    """384 -> 384 -> 768 wide (head dim 32 -> 64), depth kept, FFN kept at 1536 and grown to 3072.
 
     Measured on 2026-11-23: max |difference| of the final hidden states 4.7e-5
     (python -m benchmarks.function_preservation); with the reference code's width
@@ -56,8 +56,7 @@ def test_width_growth_of_real_minilm_to_the_default_shapes_keeps_its_function(mi
     small, batch = minilm
     fam = get_family("bert")
     s = fam.shape(small)
-    run = RunConfig()
-    inter, target = replace(run.intermediate_shape, layers=6), replace(run.target_shape, layers=6)
+    inter, target = TransformerShape(6, 384, 1536, 12), TransformerShape(6, 768, 1536, 12)
     if target_ffn:
         target = replace(target, ffn=target_ffn)
     with torch.no_grad():
@@ -107,3 +106,17 @@ def test_dual_ligo_from_real_minilm_trains_and_leaves_it_unchanged(minilm):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(torch.equal(v, before[k]) for k, v in small.state_dict().items())
+
+
+def test_every_default_client_grows_width_and_depth_into_the_default_intermediate():
+    """The default federation exercises both parts of every Local-LiGO (Fed-Grow's heterogeneous setting)."""
+    from fedgrow_core.zoo.registry import load_small_model
+
+    run = RunConfig()
+    inter = run.intermediate_shape
+    for name in run.client_models:
+        small = load_small_model(name, 2)
+        shape = small.family.shape(small.model)
+        assert shape.hidden < inter.hidden and shape.layers < inter.layers, (name, shape, inter)
+    # and the shared Global-LiGO grows both too
+    assert inter.hidden < run.target_shape.hidden and inter.layers < run.target_shape.layers

@@ -81,7 +81,7 @@ def test_every_problem_is_listed_at_once():
     assert "partitioner = 'zipf': expected one of ['iid', 'dirichlet', 'shards']" in text
     assert "fraction-train = 1.5: expected a number in (0, 1]" in text
     assert "dirichlet-alpha = -1.0: expected a number > 0" in text
-    assert "does not fit in target-shape" in text and "layers 6 > 4" in text and "hidden 384 > 256" in text
+    assert "does not fit in target-shape" in text and "layers 7 > 4" in text and "hidden 480 > 256" in text
 
 
 def test_bool_is_not_an_integer():
@@ -186,8 +186,8 @@ def test_bad_values_name_key_value_and_expectation_all_at_once():
     # checks against another key run once that key is valid
     with pytest.raises(ConfigError, match="resuming is supported for mode 'fedgrow', not 'small-only'"):
         RunConfig.from_flower({"mode": "small-only", "resume-from": "outputs/run"})
-    with pytest.raises(ConfigError, match="global-rank = 400: expected an integer in \\[0, 384\\]"):
-        RunConfig(global_rank=400)  # the constructor checks too
+    with pytest.raises(ConfigError, match="global-rank = 500: expected an integer in \\[0, 480\\]"):
+        RunConfig(global_rank=500)  # the constructor checks too
 
 
 def test_no_mode_averages_the_grown_models():

@@ -135,14 +135,13 @@ class GrownModel(nn.Module):
         if gaps:
             with torch.random.fork_rng():  # measuring must not change the run's random stream
                 bound = probe_gap(family.name, small_model, self.to_family_model())
-            for gap in gaps:
-                log.warning(
-                    "width growth of this %s model is not exact at initialisation: %s; measured: max |diff| %.3g "
-                    "of the final features on a random probe batch (width and depth growth together)",
-                    family.name,
-                    gap,
-                    bound,
-                )
+            log.warning(
+                "width growth of this %s model is not exact at initialisation (measured: max |diff| %.3g of the "
+                "final features on a random probe batch, width and depth growth together): %s",
+                family.name,
+                bound,
+                "; ".join(gaps),
+            )
 
     def _factored_template(self, family: ModelFamily, layers: int) -> dict[tuple[str, int], tuple[GrownLinear, int]]:
         """A second meta template whose linear layers are :class:`GrownLinear`.
