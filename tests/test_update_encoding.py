@@ -229,8 +229,8 @@ def test_low_rank_and_tied_global_ligo_train_through_the_grown_model():
         ({"update-encoding": "bfloat16"}, "update-encoding = 'bfloat16': expected one of"),
         ({"global-rank": 4, "mode": "independent-ligo"}, "which mode 'independent-ligo' does not have"),
         ({"global-tie-layers": True, "mode": "small-only"}, "which mode 'small-only' does not have"),
-        ({"global-rank": -1}, "global-rank = -1: expected an integer in \\[0, 384\\]"),
-        ({"global-rank": 385}, "global-rank = 385"),
+        ({"global-rank": -1}, "global-rank = -1: expected an integer in \\[0, 480\\]"),
+        ({"global-rank": 481}, "global-rank = 481"),
     ],
 )
 def test_transport_options_that_do_not_fit_fail_in_config_validation(overrides, phrase):
