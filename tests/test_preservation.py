@@ -107,7 +107,12 @@ def test_every_width_gap_of_both_legs_is_named_in_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="fedgrow_core.growth.grown_model"):
         GrownModel(get_family("bert"), small, op, 3)
     (record,) = [r for r in caplog.records if "not exact at initialisation" in r.getMessage()]
-    assert all(gap in record.getMessage() for gap in gaps)
+    named = record.getMessage().split("(", 1)[1].split(")", 1)[0]
+    assert (
+        named
+        == ", ".join(gap.split(":")[0] for gap in gaps)
+        == ("hidden 32 -> 40, head_dim 8 -> 10, hidden 40 -> 64, head_dim 10 -> 16")
+    )
 
 
 def test_head_dim_growth_below_twofold_is_named_and_shrinks_logits_by_the_stated_factor():

@@ -75,9 +75,10 @@ class GrownModel(nn.Module):
     CUDA). bf16 cannot represent ``1 + 1e-3``, so materialising under autocast
     would lose the small updates of depth coefficients and width matrices.
     A width growth that is not exact at initialisation
-    (:func:`~fedgrow_core.growth.preservation.width_gaps`) is logged as a warning that
-    names the dimension and gives the measured max |difference| of the final
-    features on a random probe batch (:func:`~fedgrow_core.growth.preservation.probe_gap`).
+    (:func:`~fedgrow_core.growth.preservation.width_gaps`) is logged as one warning that
+    names every dimension of both operators (e.g. ``hidden 384 -> 480``) and gives the
+    measured max |difference| of the final features on a random probe batch
+    (:func:`~fedgrow_core.growth.preservation.probe_gap`); the reasons are logged at DEBUG.
 
     Raises
     ------
@@ -136,12 +137,14 @@ class GrownModel(nn.Module):
             with torch.random.fork_rng():  # measuring must not change the run's random stream
                 bound = probe_gap(family.name, small_model, self.to_family_model())
             log.warning(
-                "width growth of this %s model is not exact at initialisation (measured: max |diff| %.3g of the "
-                "final features on a random probe batch, width and depth growth together): %s",
+                "width growth of this %s model is not exact at initialisation (%s); measured: max |diff| %.3g of "
+                "the final features on a random probe batch (width and depth growth together); why: docs/method.md, "
+                "'What growth preserves'",
                 family.name,
+                ", ".join(gap.split(":")[0] for gap in gaps),
                 bound,
-                "; ".join(gaps),
             )
+            log.debug("width growth of this %s model: %s", family.name, "; ".join(gaps))
 
     def _factored_template(self, family: ModelFamily, layers: int) -> dict[tuple[str, int], tuple[GrownLinear, int]]:
         """A second meta template whose linear layers are :class:`GrownLinear`.
