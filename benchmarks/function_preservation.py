@@ -1,7 +1,8 @@
 """How closely the grown model computes the small model's function before any growth step.
 
 For BERT (the real all-MiniLM-L6-v2 grown to the intermediate and target shapes
-of ``pyproject.toml``, plus any run-config ``key=value`` overrides) and ViT (a small timm ViT pre-trained here on MNIST
+of ``pyproject.toml``, plus any run-config ``key=value`` overrides; they reach the
+BERT case only) and ViT (a small timm ViT pre-trained here on MNIST
 and cached, grown to the image preset's shapes), through the Dual-LiGO at
 initialisation:
 
@@ -87,7 +88,7 @@ def _compare(name, small, inputs, loader, ops, promised) -> list[float]:
 
 
 def bert_case(run: RunConfig, test_rows: int) -> list[float]:
-    """MiniLM-L6 grown to the default shapes; returns the promised cases' gaps."""
+    """MiniLM-L6 grown to ``run``'s intermediate and target shapes; returns the promised cases' gaps."""
     small = load_small_model("minilm-l6", 2)
     rows = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0)
     train, test = rows.select(range(512)), rows.select(range(512, 512 + test_rows))
