@@ -39,7 +39,7 @@ from torch import nn
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape
 from fedgrow_core.data.preprocessing import make_dataloader, model_inputs
 from fedgrow_core.data.sources import load_data_source
-from fedgrow_core.growth.preservation import feature_gap, final_features, width_gaps
+from fedgrow_core.growth.preservation import feature_gap, final_features, operator_width_gaps
 from fedgrow_core.run_config import RunConfig, parse_shape, pyproject_config
 from fedgrow_core.training import evaluate
 from fedgrow_core.zoo.registry import default_cache_dir, load_small_model
@@ -109,11 +109,8 @@ def bert_case(run: RunConfig, test_rows: int) -> list[float]:
         opt.step()
     loader = make_dataloader(test, small.preprocessor, 64, max_length=run.max_length)
     inputs = model_inputs(next(iter(loader)))
-    source = small.family.shape(small.model)
-    ops = _cases(source, run.intermediate_shape, run.target_shape)
-    inter, target = (replace(s, layers=source.layers) for s in (run.intermediate_shape, run.target_shape))
-    norm = small.family.norm_position
-    exact = not (width_gaps(source, inter, norm) or width_gaps(inter, target, norm))
+    ops = _cases(small.family.shape(small.model), run.intermediate_shape, run.target_shape)
+    exact = not operator_width_gaps(ops["width"], small.family.norm_position)
     return _compare("bert", small, inputs, loader, ops, promised=("width",) if exact else ())
 
 

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from fedgrow_core.growth.families import ModelFamily
 from fedgrow_core.growth.ligo import LAYER_PARAMS, DualLiGO, LiGO, grow_tensor
 from fedgrow_core.growth.linear_chain import INPUT_READERS, LINEAR_KINDS, GrownLinear, grow_linear_stack
-from fedgrow_core.growth.preservation import probe_gap, width_gaps
+from fedgrow_core.growth.preservation import operator_width_gaps, probe_gap
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,7 @@ class GrownModel(nn.Module):
         self.small_layers = TensorStore(layers)
         self._embed_spaces = family.embed_spaces(embed)
 
-        gaps = [
-            gap
-            for leg in ((operator.local, operator.global_) if isinstance(operator, DualLiGO) else (operator,))
-            for gap in width_gaps(leg.source, leg.target, family.norm_position)
-        ]
+        gaps = operator_width_gaps(operator, family.norm_position)
 
         template = family.build(self.target_config)
         w_name, b_name = family.head_names()

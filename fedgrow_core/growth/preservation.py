@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fedgrow_core.growth.ligo import DualLiGO, LiGO
 from fedgrow_core.growth.shapes import TransformerShape
 
 
@@ -51,7 +52,8 @@ def width_gaps(source: TransformerShape, target: TransformerShape, norm_position
     Returns
     -------
     list of str
-        One message per dimension, naming the sizes and the reason.
+        One message per dimension, ``"<dimension> <from> -> <to>: <reason>"``
+        (e.g. ``"hidden 384 -> 480: a post-LN model keeps ..."``).
     """
     gaps = []
     if norm_position == "post" and target.hidden % source.hidden:
@@ -66,6 +68,25 @@ def width_gaps(source: TransformerShape, target: TransformerShape, norm_position
             f"sqrt({source.head_dim}/{target.head_dim})"
         )
     return gaps
+
+
+def operator_width_gaps(operator: LiGO | DualLiGO, norm_position: str) -> list[str]:
+    """:func:`width_gaps` of every growth step of ``operator``, in order (empty: exact).
+
+    Parameters
+    ----------
+    operator : LiGO or DualLiGO
+        One LiGO, or a Dual-LiGO: its Local-LiGO's gaps, then its Global-LiGO's.
+    norm_position : {"pre", "post"}
+        The family's LayerNorm placement (``ModelFamily.norm_position``).
+
+    Returns
+    -------
+    list of str
+        The messages of :func:`width_gaps`.
+    """
+    legs = (operator.local, operator.global_) if isinstance(operator, DualLiGO) else (operator,)
+    return [gap for leg in legs for gap in width_gaps(leg.source, leg.target, norm_position)]
 
 
 def depth_gaps(depth_init: str, source_layers: int, target_layers: int, norm_position: str) -> list[str]:
