@@ -1,22 +1,29 @@
 """The Fed-Grow ClientApp: rounds (``train``) and the final phase (``evaluate``) of every mode.
 
-Node config (``--node-config`` in simulation via the federation, or a
-SuperNode's own settings): ``partition-id`` and ``num-partitions`` pick the data
-partition and, cycling, the small model; a SuperNode may instead name its own
-``model`` (zoo name or folder), its own ``dataset`` (a data file that is all its
-own) and its private ``output-dir``.
+Node config (``--node-config`` of a SuperNode; in simulation Flower's own
+``partition-id`` and ``num-partitions``) is the node's policy
+(:class:`fedgrow_core.node_policy.NodePolicy`): the modes it serves, its own
+``model`` and ``dataset``, its folders, and caps on the work one message may
+ask. A deployed node defaults to the ``strict`` profile (``fedgrow`` only, its
+own folders, caps set); inside Flower's simulation engine the ``open`` profile
+grants the run config what the local user owns anyway. Every message is checked
+against the policy, the protocol and, for its tensors, the expected names,
+shapes, dtypes and bounds before any work (:mod:`client_app.guards`).
 
 What a client does depends on the run's ``mode`` and the message's phase
-(:class:`fedgrow_core.protocol.Phase`, read and checked by
-:func:`client_app.guards.check_instruction`); one handler serves each phase. Private state (Local-LiGO, head, optimiser
-moments; or the small model's weights in ``small-only``) lives in
-``Context.state`` between rounds, so it persists in simulation and deployment
-alike; only what the mode shares is replied. When the server names its run
-(``run-tag`` in the message config), the private state is also written after
-every round to the node's state folder (node config ``state-dir``, else
-``<output-dir>/clients/partition-<id>/state``) under that tag
-(:class:`fedgrow_core.clients.state_store.ClientStateStore`), and a client without it
-in memory (a resumed run, a restarted node) picks it up from there.
+(:class:`fedgrow_core.protocol.Phase`); one handler serves each phase. Private
+state (Local-LiGO, head, optimiser moments; or the small model's weights in
+``small-only``) lives in ``Context.state`` between rounds, so it persists in
+simulation and deployment alike; only what the mode shares is replied. A
+message that is refused or fails changes no private state: ``Context.state`` is
+written only after a round succeeds, and the node's cached client objects are
+dropped, so the next message starts from the last good state. When the server
+names its run (``run-tag`` in the message config), the private state is also
+written after every round to the node's state folder, under that tag and the
+run config's fingerprint, with the Flower run id in the file's header
+(:class:`fedgrow_core.clients.state_store.ClientStateStore`); a client without
+it in memory (a resumed run, a restarted node) picks up only state its own run
+wrote.
 
 Every round runs under its own torch seed, derived from ``seed``, the partition,
 the phase and the round (:func:`round_seed`), and the batch order is a function
@@ -30,24 +37,35 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.common.logger import console_handler
 
 from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient, target_model
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.clients.state_store import ClientStateStore
+from fedgrow_core.node_policy import NodePolicy, run_fingerprint
 from fedgrow_core.protocol import Instruction, Phase
 from fedgrow_core.run_config import RunConfig
-from fedgrow_core.training import reporting_progress
+from fedgrow_core.training import reporting_progress, time_limit
 
 from .egress_audit import egress_audit_mod
-from .guards import RefusedMessage, check_instruction, check_phase, sanitised_errors_mod
+from .guards import (
+    GuardedClientApp,
+    RefusedMessage,
+    check_finite_reply,
+    check_instruction,
+    check_phase,
+    check_policy,
+    check_received,
+    node_policy,
+    sanitised_errors_mod,
+)
 
 # In simulation Flower loads this module in the process that then starts Ray. Ray warns (FutureWarning)
 # that it will stop hiding GPUs from actors given num-gpus = 0; setting its variable to 0 takes that
@@ -55,7 +73,7 @@ from .guards import RefusedMessage, check_instruction, check_phase, sanitised_er
 # see the machine's GPUs: run-config device = "cpu" keeps them off.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-app = ClientApp(mods=[sanitised_errors_mod, egress_audit_mod])
+app = GuardedClientApp(mods=[sanitised_errors_mod, egress_audit_mod])
 # the library's progress lines (logger ``fedgrow_core``, INFO) go out through Flower's console handler
 _LIBRARY_LOG = logging.getLogger("fedgrow_core")
 _LIBRARY_LOG.setLevel(logging.INFO)
@@ -68,13 +86,47 @@ STATE_KEY = "fedgrow-private"
 ROUND_KEY = "fedgrow-private-round"
 #: ``Context.state`` key of a shared-model client's batch position (``{"steps": int}``).
 DATA_KEY = "fedgrow-data"
+#: ``Context.state`` key of the final phases this node has served in the run (``{"served": int}``).
+FINAL_KEY = "fedgrow-final-phases"
 _PHASE_CODES = {Phase.GROW: 1, Phase.TRAIN_LOCAL: 2, Phase.TRAIN_SHARED: 3, Phase.COLLECT: 4, Phase.FINAL: 5}
 #: Clients built in this process, most recent last. A simulation actor serves
 #: several nodes in turn; rebuilding a client (model, data, tokenisation) costs
 #: seconds, so a few are kept. Their private state is always reloaded from
-#: ``Context.state``, so a cached object never carries state across nodes or runs.
+#: ``Context.state``, so a cached object never carries state across nodes or runs,
+#: and a node's are dropped when one of its messages fails (:func:`_forget`).
 _CLIENTS: dict[tuple, object] = {}
 _MAX_CACHED = 6
+
+
+@dataclass(frozen=True)
+class _Node:
+    """One message's view of the node: the server's run config, the node's policy, the run as the node runs it."""
+
+    run: RunConfig
+    policy: NodePolicy
+    effective: RunConfig
+
+    @property
+    def key(self) -> tuple:
+        return (self.policy.partition_id, self.policy.num_partitions, self.policy.model, self.policy.dataset)
+
+
+def _node(context: Context) -> _Node:
+    """Read the run config and the node's policy and check one against the other, before any work.
+
+    Raises
+    ------
+    ConfigError
+        If the run config is malformed.
+    NodePolicyError
+        If the node config is not a valid policy.
+    RefusedMessage
+        If the run config asks what the policy does not allow.
+    """
+    run = RunConfig.from_flower(context.run_config)
+    policy = node_policy(context.node_config)
+    check_policy(run, policy)
+    return _Node(run, policy, policy.effective_run(run))
 
 
 def _cached(key: tuple, build):
@@ -85,40 +137,62 @@ def _cached(key: tuple, build):
     return client
 
 
-def _setup(context: Context) -> tuple[tuple, RunConfig, ClientSetup]:
-    run = RunConfig.from_flower(context.run_config)
+def _forget(context: Context) -> None:
+    """Drop every cached client object of this node's run (after a refused or failed message)."""
+    for key in [k for k in _CLIENTS if k[0] == context.run_id and k[1:3] == _partition(context)]:
+        del _CLIENTS[key]
+
+
+def _partition(context: Context) -> tuple:
     node = context.node_config
-    pid, n = int(node["partition-id"]), int(node["num-partitions"])
-    model, dataset = node.get("model") or None, node.get("dataset") or None
-    key = (context.run_id, pid, n, model, dataset)
-    model = str(model) if model else None
-    dataset = str(dataset) if dataset else None
-    return key, run, _cached((*key, "setup"), lambda: ClientSetup.load(run, pid, n, model, dataset))
+    return (node.get("partition-id"), node.get("num-partitions"))
 
 
-def _growth_client(context: Context) -> GrowthClient:
-    key, run, setup = _setup(context)
-    independent = run.mode == "independent-ligo"
+@contextlib.contextmanager
+def _transaction(context: Context) -> Iterator[None]:
+    """Serve a message; if it is refused or fails, drop the node's cached clients so no partial work survives."""
+    try:
+        yield
+    except BaseException:
+        _forget(context)
+        raise
+
+
+def _setup(context: Context, node: _Node) -> tuple[tuple, ClientSetup]:
+    policy = node.policy
+    key = (context.run_id, *node.key)
+    model, dataset = policy.model or None, policy.dataset or None
+    setup = _cached(
+        (*key, "setup"),
+        lambda: ClientSetup.load(node.effective, policy.partition_id, policy.num_partitions, model, dataset),
+    )
+    return key, setup
+
+
+def _growth_client(context: Context, node: _Node) -> GrowthClient:
+    key, setup = _setup(context, node)
+    independent = node.run.mode == "independent-ligo"
     client = _cached(
         (*key, "growth"),
-        lambda: GrowthClient(run, setup.partition_id, key[2], independent=independent, setup=setup),
+        lambda: GrowthClient(node.effective, setup.partition_id, key[2], independent=independent, setup=setup),
     )
     if STATE_KEY in context.state:
         client.load_private_state(context.state[STATE_KEY].to_torch_state_dict())
     return client
 
 
-def _model_client(context: Context, role: str) -> ModelClient:
+def _model_client(context: Context, node: _Node, role: str) -> ModelClient:
     """``role``: ``small`` (the small model, private) or ``target`` (target shape, weights received)."""
-    key, run, setup = _setup(context)
+    key, setup = _setup(context, node)
+    lr = node.run.lr_finetune
     if role == "small":
         small, family = setup.small.model, setup.small.family
         config = family.target_config(small, family.shape(small), setup.num_labels)  # its own config
-        client = _cached((*key, role), lambda: ModelClient(setup, small, config, run.lr_finetune))
+        client = _cached((*key, role), lambda: ModelClient(setup, small, config, lr))
         if STATE_KEY in context.state:
             client.load_private_state(context.state[STATE_KEY].to_torch_state_dict())
         return client
-    return _cached((*key, role), lambda: ModelClient(setup, *target_model(setup, run.seed), run.lr_finetune))
+    return _cached((*key, role), lambda: ModelClient(setup, *target_model(setup, node.run.seed), lr))
 
 
 def round_seed(seed: int, partition_id: int, phase: Phase, server_round: int) -> int:
@@ -128,64 +202,77 @@ def round_seed(seed: int, partition_id: int, phase: Phase, server_round: int) ->
 
 
 @contextlib.contextmanager
-def _seeded(context: Context, run: RunConfig, phase: Phase, server_round: int) -> Iterator[None]:
-    """Run the block under :func:`round_seed` (the process's torch RNG restored afterwards), reporting progress."""
-    partition = int(context.node_config["partition-id"])
+def _seeded(node: _Node, phase: Phase, server_round: int) -> Iterator[None]:
+    """Run the block under :func:`round_seed` (the torch RNG restored afterwards), reporting progress, time-limited."""
+    partition = node.policy.partition_id
     label = f"partition {partition}, {phase.value}" + (f" round {server_round}" if phase is not Phase.FINAL else "")
-    with torch.random.fork_rng(), reporting_progress(label):
-        torch.manual_seed(round_seed(run.seed, partition, phase, server_round))
+    with torch.random.fork_rng(), reporting_progress(label), time_limit(node.policy.max_message_seconds):
+        torch.manual_seed(round_seed(node.run.seed, partition, phase, server_round))
         yield
 
 
-def _state_store(context: Context, run: RunConfig, tag: str) -> ClientStateStore | None:
-    """The node's on-disk state for the server's run ``tag`` (``None`` without a tag; checked by the guards)."""
+def _state_store(context: Context, node: _Node, tag: str) -> ClientStateStore | None:
+    """The node's on-disk state for the server's run ``tag`` and this run config (``None`` without a tag).
+
+    The folder is ``<state folder>/<tag>/<first 16 hex digits of the run fingerprint>``: a run config
+    other than the one that wrote a state folder never finds it.
+    """
     if not tag:
         return None
-    node = context.node_config
-    base = node.get("state-dir") or (
-        Path(str(node.get("output-dir", run.output_dir))) / "clients" / f"partition-{node['partition-id']}" / "state"
-    )
-    return ClientStateStore(Path(str(base)) / tag)
+    folder = node.policy.state_folder(node.effective) / tag / run_fingerprint(node.run)[:16]
+    return ClientStateStore(folder)
 
 
-def _restore(context: Context, store: ClientStateStore | None, server_round: int, resumed_after: int = 0) -> None:
+def _state_metadata(context: Context, node: _Node) -> dict[str, str]:
+    return {"run-id": str(context.run_id), "run-fingerprint": run_fingerprint(node.run)}
+
+
+def _restore(
+    context: Context, node: _Node, store: ClientStateStore | None, server_round: int, resumed_after: int = 0
+) -> None:
     """Put the newest private state saved before ``server_round`` into ``Context.state`` (memory or disk).
+
+    From disk, only state this run wrote (same Flower run id and run fingerprint) is taken or, in a
+    resumed run (``resumed_after`` > 0), state of the same run fingerprint.
 
     Raises
     ------
     RefusedMessage
         If the server resumes a run (``resumed_after`` > 0) in which every node
         trains every round, and this node has no private state from it: a fresh
-        start would silently train new operators.
+        start would silently train new operators. The text is the same whether
+        no state exists or another run's does.
     """
     if store is None:
         return
     have = int(context.state[ROUND_KEY]["round"]) if ROUND_KEY in context.state else 0
     if have < server_round - 1:
-        found = store.load_latest(at_most=server_round - 1)
+        require = _state_metadata(context, node)
+        if resumed_after > 0:
+            del require["run-id"]  # a resumed run is a new Flower run of the same configuration
+        found = store.load_latest(at_most=server_round - 1, require=require)
         if found is not None and found[0] > have:
             context.state[STATE_KEY] = ArrayRecord(found[1])
             context.state[ROUND_KEY] = ConfigRecord({"round": found[0]})
             have = found[0]
-    run = RunConfig.from_flower(context.run_config)
-    if resumed_after > 0 and have == 0 and run.fraction_train >= 1:
+    if resumed_after > 0 and have == 0 and node.run.fraction_train >= 1:
         raise RefusedMessage(
-            f"resumed run {store.folder.name!r} after round {resumed_after}: this node has no private state from it "
-            "(in memory or in its state folder); refusing to start from fresh operators"
+            f"resumed after round {resumed_after}: this node holds no private state of this run; "
+            "refusing to start from fresh operators"
         )
 
 
-def _keep(context: Context, store: ClientStateStore | None, server_round: int, state: dict) -> None:
+def _keep(context: Context, node: _Node, store: ClientStateStore | None, server_round: int, state: dict) -> None:
     """Keep the private state after ``server_round`` in ``Context.state`` and, with a store, on disk."""
     context.state[STATE_KEY] = ArrayRecord(state)
     context.state[ROUND_KEY] = ConfigRecord({"round": server_round})
     if store is not None:
-        store.save(server_round, state)
+        store.save(server_round, state, _state_metadata(context, node))
 
 
-def _shared_model_client(context: Context) -> ModelClient:
+def _shared_model_client(context: Context, node: _Node) -> ModelClient:
     """The target-shaped model client of ``scratch-fedavg``, at this node's batch position."""
-    client = _model_client(context, "target")
+    client = _model_client(context, node, "target")
     if DATA_KEY in context.state:
         client.seek_data(int(context.state[DATA_KEY]["steps"]))
     return client
@@ -196,12 +283,17 @@ def _reply(msg: Message, arrays: dict | None, metrics: dict) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _received(msg: Message) -> dict:
+    return msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Preflight: check the run config, load this node's model and data (cached for round 1), report row counts."""
-    run = RunConfig.from_flower(context.run_config)
-    check_phase(run.mode, Phase.PREFLIGHT, context.node_config)
-    _, _, setup = _setup(context)
+    """Preflight: check the run config against the policy, load this node's model and data, report row counts."""
+    node = _node(context)
+    check_phase(node.run.mode, Phase.PREFLIGHT, node.policy)
+    with _transaction(context):
+        _, setup = _setup(context, node)
     metrics = {
         "partition-id": setup.partition_id,
         "train-examples": len(setup.train_rows),
@@ -213,51 +305,58 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of the instructed phase (``grow``, ``train-local``, ``train-shared`` or ``collect``)."""
-    run = RunConfig.from_flower(context.run_config)
-    instruction = check_instruction(run.mode, msg.content["config"], context.node_config)
+    node = _node(context)
+    instruction = check_instruction(node.run.mode, msg.content["config"], node.policy)
     if instruction.phase not in _TRAIN_PHASES:
         raise RefusedMessage(f"phase {instruction.phase.value!r} does not come in a train message")
-    with _seeded(context, run, instruction.phase, instruction.server_round):
-        received = msg.content["arrays"].to_torch_state_dict()
-        arrays, metrics = _TRAIN_PHASES[instruction.phase](context, run, instruction, received)
+    with _transaction(context), _seeded(node, instruction.phase, instruction.server_round):
+        arrays, metrics = _TRAIN_PHASES[instruction.phase](context, node, instruction, _received(msg))
     return _reply(msg, arrays, metrics)
 
 
-def _grow(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[dict, dict]:
+def _grow(context: Context, node: _Node, order: Instruction, received: dict) -> tuple[dict, dict]:
     """Train Local-LiGO, Global-LiGO and head; reply with the encoded Global-LiGO update (``update-encoding``)."""
-    store = _state_store(context, run, order.run_tag)
-    _restore(context, store, order.server_round, order.resumed_after)
-    client = _growth_client(context)
+    store = _state_store(context, node, order.run_tag)
+    _restore(context, node, store, order.server_round, order.resumed_after)
+    client = _growth_client(context, node)
+    check_received(received, client.global_state(), node.policy.max_received_abs, "Global-LiGO")
     shared, metrics = client.train_round(
-        received, proximal_mu=order.proximal_mu, with_eval=run.evaluates_round(order.server_round)
+        received, proximal_mu=order.proximal_mu, with_eval=node.run.evaluates_round(order.server_round)
     )
+    check_finite_reply(shared, metrics, "training on the received Global-LiGO")
     payload = client.encoded_update(received, shared)  # its rounding residual is private state
-    _keep(context, store, order.server_round, client.private_state())
+    _keep(context, node, store, order.server_round, client.private_state())
     return payload, metrics
 
 
-def _train_local(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[None, dict]:
+def _train_local(context: Context, node: _Node, order: Instruction, received: dict) -> tuple[None, dict]:
     """Train the private small model (``small-only``); reply with metrics only."""
-    store = _state_store(context, run, order.run_tag)
-    _restore(context, store, order.server_round, order.resumed_after)
-    client = _model_client(context, "small")
-    metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(order.server_round))
-    _keep(context, store, order.server_round, client.private_state())
+    check_received(received, {}, node.policy.max_received_abs, "message")
+    store = _state_store(context, node, order.run_tag)
+    _restore(context, node, store, order.server_round, order.resumed_after)
+    client = _model_client(context, node, "small")
+    metrics = client.train_round(node.run.local_steps, with_eval=node.run.evaluates_round(order.server_round))
+    check_finite_reply(None, metrics, "training the small model")
+    _keep(context, node, store, order.server_round, client.private_state())
     return None, metrics
 
 
-def _train_shared(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[dict, dict]:
+def _train_shared(context: Context, node: _Node, order: Instruction, received: dict) -> tuple[dict, dict]:
     """Train the received target model; reply with its weights."""
-    client = _shared_model_client(context)
+    client = _shared_model_client(context, node)
+    check_received(received, client.weights(), node.policy.max_received_abs, "target model")
     client.load_weights(received)
-    metrics = client.train_round(run.local_steps, with_eval=run.evaluates_round(order.server_round))
+    metrics = client.train_round(node.run.local_steps, with_eval=node.run.evaluates_round(order.server_round))
+    weights = client.weights()
+    check_finite_reply(weights, metrics, "training the received target model")
     context.state[DATA_KEY] = ConfigRecord({"steps": client.data_steps})
-    return client.weights(), metrics
+    return weights, metrics
 
 
-def _collect(context: Context, run: RunConfig, order: Instruction, received: dict) -> tuple[dict, dict]:
+def _collect(context: Context, node: _Node, order: Instruction, received: dict) -> tuple[dict, dict]:
     """Reply with the target model's starting weights, its seeded random initialisation (``scratch-fedavg``)."""
-    target = _model_client(context, "target")
+    check_received(received, {}, node.policy.max_received_abs, "message")
+    target = _model_client(context, node, "target")
     return target.weights(), {"num-examples": len(target.setup.train_rows)}
 
 
@@ -272,37 +371,53 @@ _TRAIN_PHASES = {
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Final phase: fine-tune the mode's model (``finetune-steps``), evaluate it, save it privately."""
-    run = RunConfig.from_flower(context.run_config)
+    """Final phase: fine-tune the mode's model (``finetune-steps``), evaluate it, save it privately.
+
+    Served at most ``max-final-phases`` times per run (node policy). The received
+    tensors are checked before anything is materialised, and a model whose
+    weights or test loss are not finite is neither saved nor reported.
+    """
+    node = _node(context)
     config = msg.content["config"] if "config" in msg.content else ConfigRecord()
-    order = check_instruction(run.mode, config, context.node_config, default_phase=Phase.FINAL)
+    order = check_instruction(node.run.mode, config, node.policy, default_phase=Phase.FINAL)
     if order.phase is not Phase.FINAL:
         raise RefusedMessage(f"phase {order.phase.value!r} does not come in an evaluate message")
-    if run.mode in ("fedgrow", "independent-ligo", "small-only"):
-        store = _state_store(context, run, order.run_tag)
-        _restore(context, store, order.server_round + 1, order.resumed_after)
-    with _seeded(context, run, Phase.FINAL, order.server_round):
-        return _finetune_and_evaluate(msg, context, run)
+    served = int(context.state[FINAL_KEY]["served"]) if FINAL_KEY in context.state else 0
+    cap = node.policy.max_final_phases
+    if cap and served >= cap:
+        raise RefusedMessage(f"this node has served {served} final phase(s) in this run; its max-final-phases = {cap}")
+    with _transaction(context):
+        if node.run.mode in ("fedgrow", "independent-ligo", "small-only"):
+            store = _state_store(context, node, order.run_tag)
+            _restore(context, node, store, order.server_round + 1, order.resumed_after)
+        with _seeded(node, Phase.FINAL, order.server_round):
+            return _finetune_and_evaluate(msg, context, node, order, served)
 
 
-def _finetune_and_evaluate(msg: Message, context: Context, run: RunConfig) -> Message:
-    received = msg.content["arrays"].to_torch_state_dict()
-    _, _, setup = _setup(context)
-    out = (
-        Path(str(context.node_config.get("output-dir", run.output_dir)))
-        / "clients"
-        / f"partition-{setup.partition_id}"
-        / ("grown_model" if run.mode != "small-only" else "small_model")
-    )
-    save_to = out if run.save_models else None
-    if run.mode in ("fedgrow", "independent-ligo"):
-        metrics = _growth_client(context).finetune_and_evaluate(received, save_to)
-    elif run.mode == "small-only":
-        metrics = _model_client(context, "small").finetune_and_evaluate(run.finetune_steps, save_to)
+def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: Instruction, served: int) -> Message:
+    received = _received(msg)
+    _, setup = _setup(context, node)
+    mode, cap = node.run.mode, node.policy.max_received_abs
+    if mode in ("fedgrow", "independent-ligo"):
+        client = _growth_client(context, node)
+        check_received(received, client.global_state(), cap, "Global-LiGO")
+    elif mode == "small-only":
+        check_received(received, {}, cap, "message")
+        client = _model_client(context, node, "small")
     else:  # scratch-fedavg: the final averaged target model
-        client = _shared_model_client(context)
+        client = _shared_model_client(context, node)
+        check_received(received, client.weights(), cap, "target model")
         client.load_weights(received)
-        metrics = client.finetune_and_evaluate(run.finetune_steps, save_to)
+    context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted
+    run_folder = order.run_tag or f"run-{context.run_id}"
+    kind = "grown_model" if mode != "small-only" else "small_model"
+    out = node.policy.node_folder(node.effective) / run_folder / kind
+    save_to = out if node.run.save_models else None
+    if mode in ("fedgrow", "independent-ligo"):
+        metrics = client.finetune_and_evaluate(received, save_to)
+    else:
+        metrics = client.finetune_and_evaluate(node.run.finetune_steps, save_to)
+    check_finite_reply(None, metrics, "the final phase")
     metrics["partition-id"] = setup.partition_id
     info = ConfigRecord({"model": Path(setup.model_name).name})  # never a client's full path
     return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": info}), reply_to=msg)

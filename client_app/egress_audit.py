@@ -1,7 +1,7 @@
 """An audit log of everything a client sends: a Flower client mod.
 
-With ``audit-dir`` set (in the SuperNode's node config, which wins, or in the
-run config), :func:`egress_audit_mod` appends one JSON line per reply to
+With ``audit-dir`` set (in the SuperNode's node config; the run config's only
+under the ``open`` node policy, as in simulation), :func:`egress_audit_mod` appends one JSON line per reply to
 ``<audit-dir>/egress-<node id>.jsonl``: the message type and phase, every tensor
 (record, name, shape, dtype, bytes), every metric and config entry (name and
 Python type; config values too, since they are strings a client chose to send),
@@ -24,10 +24,25 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import serde
 
+from fedgrow_core.node_policy import NodePolicyError
+
+from .guards import node_policy
+
 
 def audit_dir(context: Context) -> str:
-    """The audit folder for this node: node config ``audit-dir``, else run config ``audit-dir``, else ""."""
-    return str(context.node_config.get("audit-dir") or context.run_config.get("audit-dir") or "")
+    """The node's audit folder: node config ``audit-dir``, else (``open`` policy) the run config's, else "".
+
+    A node whose policy is ``strict`` (or whose node config is not a valid policy) never writes where the run
+    config says.
+    """
+    own = str(context.node_config.get("audit-dir") or "")
+    if own:
+        return own
+    try:
+        policy = node_policy(context.node_config)
+    except NodePolicyError:
+        return ""
+    return "" if policy.strict else str(context.run_config.get("audit-dir") or "")
 
 
 def egress_record(request: Message, reply: Message, node_id: int) -> dict:

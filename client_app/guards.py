@@ -1,33 +1,47 @@
-"""The client's side of the trust boundary: what a node serves, and what its errors may say.
+"""The client's side of the trust boundary: what a node serves, what it accepts, and what its errors may say.
 
-The server is a party the client does not trust either. A message is served
-only if the run's mode serves its phase
-(:func:`fedgrow_core.protocol.served_phases`), and the node
-operator may narrow the modes further with the node config key
-``allowed-modes`` (comma-separated, e.g. ``--node-config "allowed-modes='fedgrow'"``):
-a server that asks a ``fedgrow`` node for ``train-shared`` (a whole target model
-trained on private rows) is refused. The server's ``run-tag`` names a folder on
-the node's disk, so it must be one safe path component (:func:`check_run_tag`).
+The server is a party the client does not trust either. Every message is
+checked before any work, in this order:
+
+1. the node's policy (:class:`fedgrow_core.node_policy.NodePolicy`, from its
+   node config; :func:`node_policy`) must allow the run config: the mode, the
+   data and model it names, and the work it asks (:func:`check_policy`);
+2. the run's mode must serve the message's phase
+   (:func:`fedgrow_core.protocol.served_phases`), and the ``run-tag``, which
+   names a folder on the node's disk, must be one safe path component
+   (:func:`check_instruction`);
+3. every received tensor must have the expected name, shape and dtype, be
+   finite and within the policy's ``max-received-abs`` (:func:`check_received`),
+   before it touches private state.
 
 Error replies leave the node too. :func:`sanitised_errors_mod` turns every
 exception into an error reply with the exception's type only, or for the
-project's own refusals (:class:`RefusedMessage`, ``ConfigError``) their text
-with absolute paths replaced by ``<path>``; the full traceback stays in the
-node's own log.
+project's own refusals (:data:`REFUSALS`) their text with paths replaced by
+``<path>``; the full traceback stays in the node's own log.
+:class:`GuardedClientApp` does the same for a message no handler serves (an
+unknown action), which Flower answers before any mod runs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
+import sys
 from collections.abc import Mapping
 
+import torch
 from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
+from torch import Tensor
 
+from fedgrow_core.clients.model_export import NonFiniteModel
+from fedgrow_core.node_policy import NodePolicy, NodePolicyError
 from fedgrow_core.protocol import Instruction, Phase, ProtocolError, served_phases
-from fedgrow_core.run_config import MODES, ConfigError
+from fedgrow_core.run_config import ConfigError, RunConfig
+from fedgrow_core.training import WorkLimitExceeded
 
 _LOG = logging.getLogger(__name__)
 
@@ -38,27 +52,47 @@ _BARE_PATH = re.compile(r"""[^\s'"(),;]*[/\\][^\s'"(),;]*""")
 
 
 class RefusedMessage(RuntimeError):
-    """Raised when a client refuses a server message (a phase its mode does not serve, an unsafe run tag)."""
+    """Raised when a client refuses a server message; the text names the value and what was expected."""
 
 
-def allowed_modes(node_config: Mapping[str, object]) -> tuple[str, ...]:
-    """The modes this node serves: node config ``allowed-modes`` (comma-separated), or every mode.
+#: The project's own refusals: their text (paths removed) may go into an error reply.
+REFUSALS = (RefusedMessage, ConfigError, NodePolicyError, WorkLimitExceeded, NonFiniteModel)
+
+
+def in_simulation() -> bool:
+    """Whether this process serves nodes of Flower's simulation engine (it runs ClientApps in Ray actors)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().get_actor_id() is not None
+
+
+def node_policy(node_config: Mapping[str, object]) -> NodePolicy:
+    """The node's policy: its node config, with the ``open`` profile inside Flower's simulation, else ``strict``.
+
+    Raises
+    ------
+    NodePolicyError
+        If the node config is not a valid policy.
+    """
+    return NodePolicy.from_node_config(node_config, simulation=in_simulation())
+
+
+def check_policy(run: RunConfig, policy: NodePolicy) -> None:
+    """Refuse a run config that asks what ``policy`` does not allow.
 
     Raises
     ------
     RefusedMessage
-        If ``allowed-modes`` names an unknown mode.
+        Listing every problem (:meth:`NodePolicy.problems`): the key, the value and the policy's limit.
     """
-    raw = str(node_config.get("allowed-modes", "") or "")
-    modes = tuple(m.strip() for m in raw.split(",") if m.strip()) or MODES
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise RefusedMessage(f"node config allowed-modes names unknown modes {unknown}; expected some of {list(MODES)}")
-    return modes
+    problems = policy.problems(run)
+    if problems:
+        raise RefusedMessage("refused by this node's policy:\n  - " + "\n  - ".join(problems))
 
 
 def check_instruction(
-    mode: str, config: Mapping[str, object], node_config: Mapping[str, object], default_phase: Phase | None = None
+    mode: str, config: Mapping[str, object], policy: NodePolicy, default_phase: Phase | None = None
 ) -> Instruction:
     """The server's instruction (:meth:`~fedgrow_core.protocol.Instruction.from_record`) if this node serves it.
 
@@ -67,7 +101,7 @@ def check_instruction(
     Raises
     ------
     RefusedMessage
-        If the config record does not follow the protocol, the node's
+        If the config record does not follow the protocol, the policy's
         ``allowed-modes`` exclude ``mode``, ``mode`` does not serve the phase
         (the message names both and what is served), or the ``run-tag`` is not
         one safe path component (:func:`check_run_tag`).
@@ -76,26 +110,91 @@ def check_instruction(
         instruction = Instruction.from_record(config, default_phase=default_phase)
     except ProtocolError as err:
         raise RefusedMessage(str(err)) from None
-    check_phase(mode, instruction.phase, node_config)
+    check_phase(mode, instruction.phase, policy)
     check_run_tag(instruction.run_tag)
     return instruction
 
 
-def check_phase(mode: str, phase: Phase | str, node_config: Mapping[str, object]) -> Phase:
+def check_phase(mode: str, phase: Phase | str, policy: NodePolicy) -> Phase:
     """``phase`` if this node serves it in ``mode``.
 
     Raises
     ------
     RefusedMessage
-        If the node's ``allowed-modes`` exclude ``mode``, or ``mode`` does not
+        If the policy's ``allowed-modes`` exclude ``mode``, or ``mode`` does not
         serve ``phase``; the message names both and what is served.
     """
-    if mode not in allowed_modes(node_config):
-        raise RefusedMessage(f"mode {mode!r} is not among this node's allowed-modes {list(allowed_modes(node_config))}")
+    if mode not in policy.modes:
+        raise RefusedMessage(f"mode {mode!r} is not among this node's allowed-modes {list(policy.modes)}")
     served = served_phases(mode)
     if phase not in served:
         raise RefusedMessage(f"phase {str(phase)[:40]!r} is not served in mode {mode!r}; it serves {sorted(served)}")
     return Phase(phase)
+
+
+def check_received(received: Mapping[str, Tensor], expected: Mapping[str, Tensor], max_abs: float, what: str) -> None:
+    """Refuse received tensors unless they match ``expected`` and are finite and bounded.
+
+    Parameters
+    ----------
+    received : mapping of str to Tensor
+        What the message carries.
+    expected : mapping of str to Tensor
+        Tensors of the names, shapes and dtypes the node expects (e.g. its own Global-LiGO).
+    max_abs : float
+        Largest ``|value|`` accepted (node config ``max-received-abs``).
+    what : str
+        What the tensors are, for the message (``"Global-LiGO"``).
+
+    Raises
+    ------
+    RefusedMessage
+        Naming the first tensor that is missing, extra, of another shape or
+        dtype, not finite, or over ``max_abs``, and what was expected.
+    """
+    missing, extra = sorted(set(expected) - set(received)), sorted(set(received) - set(expected))
+    if missing or extra:
+        raise RefusedMessage(
+            f"the received {what} does not match this node's: missing {[m[:40] for m in missing[:3]]}, "
+            f"extra {[e[:40] for e in extra[:3]]} ({len(missing)} missing, {len(extra)} extra)"
+        )
+    for name, want in expected.items():
+        got = received[name]
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise RefusedMessage(
+                f"tensor {name!r} of the received {what}: shape {tuple(got.shape)} {got.dtype}, "
+                f"expected {tuple(want.shape)} {want.dtype}"
+            )
+        if got.numel() == 0:
+            continue
+        finite = torch.isfinite(got)
+        if not bool(finite.all()):
+            raise RefusedMessage(
+                f"tensor {name!r} of the received {what} has {int((~finite).sum())} non-finite values"
+            )
+        peak = float(got.abs().max())
+        if peak > max_abs:
+            raise RefusedMessage(
+                f"tensor {name!r} of the received {what}: max |value| {peak:.4g} is over this node's "
+                f"max-received-abs = {max_abs:g}"
+            )
+
+
+def check_finite_reply(arrays: Mapping[str, Tensor] | None, metrics: Mapping[str, float], what: str) -> None:
+    """Refuse to send a reply whose tensors or metrics are not finite (training diverged on what was received).
+
+    Raises
+    ------
+    RefusedMessage
+        Naming the first non-finite tensor or metric.
+    """
+    for key, value in metrics.items():
+        if not math.isfinite(float(value)):
+            raise RefusedMessage(f"{what} gave {key} = {value}; nothing is sent and this node's state is kept")
+    for name, tensor in (arrays or {}).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RefusedMessage(f"{what} gave non-finite values in {name[:40]!r}; nothing is sent and this "
+                                 "node's state is kept")
 
 
 def check_run_tag(tag: object) -> str:
@@ -117,7 +216,7 @@ def check_run_tag(tag: object) -> str:
 
 def sanitised_reason(err: BaseException) -> str:
     """What an error reply may say about ``err``: its type; for the project's own refusals, their text without paths."""
-    if isinstance(err, (RefusedMessage, ConfigError)):
+    if isinstance(err, REFUSALS):
         text = _BARE_PATH.sub("<path>", _QUOTED_PATH.sub("'<path>'", str(err)))
         return f"{type(err).__name__}: {text}"[:2000]
     return f"{type(err).__name__} (details are in the node's own log)"
@@ -128,5 +227,26 @@ def sanitised_errors_mod(msg: Message, context: Context, call_next: ClientAppCal
     try:
         return call_next(msg, context)
     except Exception as err:  # noqa: BLE001 - every exception becomes an error reply; none leaves unsanitised
-        _LOG.exception("ClientApp raised while serving a %s message", msg.metadata.message_type)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=sanitised_reason(err)), reply_to=msg)
+        return _error_reply(msg, err)
+
+
+def _error_reply(msg: Message, err: Exception) -> Message:
+    _LOG.exception("ClientApp raised while serving a %s message", str(msg.metadata.message_type)[:80])
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=sanitised_reason(err)), reply_to=msg)
+
+
+class GuardedClientApp(ClientApp):
+    """A ``ClientApp`` whose every reply is sanitised, including to messages no handler serves.
+
+    Flower's ``ClientApp`` raises for a message type without a registered
+    handler (``train.steal``) before any mod runs, and its runtime then sends
+    the exception's text (in simulation, with a traceback). Here such a message
+    gets the same sanitised error reply as any other failure (:func:`sanitised_reason`).
+    """
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        """Serve ``message``; any exception becomes a sanitised error reply."""
+        try:
+            return super().__call__(message, context)
+        except Exception as err:  # noqa: BLE001 - nothing leaves the node unsanitised
+            return _error_reply(message, err)

@@ -48,6 +48,8 @@ DP_CLIPPING = ("off", "fixed", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DEPTH_INITS = ("stackbert", "interlace", "identity")
+#: Run-config keys (attribute names) that may differ between a run and its resumption.
+RESUMABLE_CHANGES = frozenset({"num_server_rounds", "resume_from", "round_timeout", "audit_dir"})
 SHAPE_FORMAT = "'LxDxFxH' (layers x hidden x ffn x heads, e.g. '12x512x2048x16')"
 
 

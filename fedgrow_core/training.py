@@ -28,6 +28,34 @@ _LOG = logging.getLogger(__name__)
 _PROGRESS_LABEL: ContextVar[str | None] = ContextVar("progress_label", default=None)
 #: Seconds between two progress lines of one :func:`train_steps` call (the last step always reports).
 PROGRESS_SECONDS = 20.0
+#: ``(deadline on time.monotonic(), limit in seconds)`` of the work in this context (``None``: no limit).
+_DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("work_deadline", default=None)
+
+
+class WorkLimitExceeded(RuntimeError):
+    """Raised by :func:`train_steps` and :func:`evaluate` when the block's :func:`time_limit` has passed."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Within the block, :func:`train_steps` and :func:`evaluate` raise :class:`WorkLimitExceeded` after ``seconds``.
+
+    Checked before every optimiser step and every evaluation batch, so the
+    overrun is at most one step or batch. ``seconds <= 0`` sets no limit. A
+    node bounds the work one server message may ask of it this way
+    (node config ``max-message-seconds``).
+    """
+    token = _DEADLINE.set((time.monotonic() + seconds, seconds) if seconds > 0 else None)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _check_deadline(what: str) -> None:
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() > deadline[0]:
+        raise WorkLimitExceeded(f"{what} ran past this node's max-message-seconds = {deadline[1]:g} s; stopped")
 
 
 @contextlib.contextmanager
@@ -113,6 +141,11 @@ def train_steps(
     -------
     TrainStats
         Loss of every step (cross-entropy only), and correct / seen training rows.
+
+    Raises
+    ------
+    WorkLimitExceeded
+        If the enclosing :func:`time_limit` passes (the model keeps the steps taken).
     """
     model.train()
     losses, correct, seen = [], 0, 0
@@ -120,6 +153,7 @@ def train_steps(
     label, start = _PROGRESS_LABEL.get(), time.perf_counter()
     reported, last_line = 0, start
     for step in range(steps):
+        _check_deadline(f"training (step {step + 1} of {steps})")
         batch = _to(next(batches), device)
         args, kwargs = model_inputs(batch)
         with _autocast(device):
@@ -191,10 +225,13 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], device: torc
     ------
     ValueError
         If ``loader`` yields no batch.
+    WorkLimitExceeded
+        If the enclosing :func:`time_limit` passes.
     """
     model.eval()
     total, preds, labels = 0.0, [], []
     for batch in loader:
+        _check_deadline("evaluation")
         batch = _to(batch, device)
         args, kwargs = model_inputs(batch)
         with _autocast(device):

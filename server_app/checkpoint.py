@@ -44,12 +44,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from fedgrow_core.protocol import initial_global_ligo
-from fedgrow_core.run_config import ConfigError, RunConfig
+from fedgrow_core.run_config import RESUMABLE_CHANGES, ConfigError, RunConfig
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedgrow-checkpoint/1"
-#: Run-config keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = frozenset({"num_server_rounds", "resume_from", "round_timeout", "audit_dir"})
 #: Array-valued state of Flower's built-in strategies (attribute -> kind), saved when set.
 _STRATEGY_ARRAYS = {"m_t": "dict", "v_t": "dict", "momentum_vector": "list"}
 #: Scalar state of Flower's built-in strategies and wrappers (adaptive clipping's norm).

@@ -149,6 +149,10 @@ def deployment(tmp_path_factory):
                 "state-dir": str(tmp / f"node-{i}/state"),
                 "output-dir": str(tmp / f"node-{i}/out"),
                 "allowed-modes": "fedgrow",
+                # the run config's data file, partitioned as in the simulation this test compares with: one
+                # user owns every node here, so the nodes take the open policy (a strict node reads only its own
+                # dataset or a built-in source)
+                "node-policy": "open",
             }
             cmd = supernode_command(
                 f"127.0.0.1:{port}", str(certs / "ca.crt"), str(keys / f"supernode_{i}"), node, runtime_ports[i]
@@ -210,7 +214,7 @@ def test_deployment_gives_the_simulation_outputs(deployment):
 
 def test_each_supernode_kept_its_local_ligo_across_rounds_in_its_state_folder(deployment):
     for node in deployment["nodes"]:
-        (folder,) = Path(node["state-dir"]).iterdir()  # one run tag
+        (folder,) = Path(node["state-dir"]).glob("*/*")  # one run tag, one run fingerprint
         first, second = (load_file(str(folder / f"round-{r}.safetensors")) for r in (1, 2))
         assert int(first["data.steps"]) == 3 and int(second["data.steps"]) == 6  # round 2 went on from round 1
         local = [k for k in first if k.startswith("operator.local.")]

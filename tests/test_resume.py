@@ -129,7 +129,8 @@ def test_the_resumed_run_folder_holds_all_four_rounds_once(runs):
 
 def test_clients_kept_their_private_state_on_disk_per_round(runs):
     _, resumed, _, base = runs
-    folders = sorted((resumed.parent / "clients").glob(f"partition-*/state/{resumed.name}"))
+    # one folder per run tag and run fingerprint: the resumed run found the state its own configuration wrote
+    folders = sorted((resumed.parent / "clients").glob(f"partition-*/state/{resumed.name}/*"))
     assert len(folders) == NODES
     for folder in folders:
         kept = sorted(int(p.stem.split("-")[1]) for p in folder.glob("round-*.safetensors"))

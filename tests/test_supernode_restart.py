@@ -28,7 +28,7 @@ def run_config(tmp_path_factory):
     model = tiny_bert_folder(tmp / "bert", 1, 32, 2, 64, 0)
     return {
         "dataset": "rotten-tomatoes",
-        "client-models": model,
+        "client-models": model,  # the node's own model, as a deployed SuperNode names it (node config `model`)
         "intermediate-shape": "2x32x64x2",
         "target-shape": "3x48x96x3",
         "local-steps": 3,
@@ -60,7 +60,8 @@ def _train(context: Context, arrays: ArrayRecord, server_round: int) -> Message:
 
 
 def _context(run_config: dict, state_dir: str) -> Context:
-    node = {"partition-id": 1, "num-partitions": 3, "state-dir": state_dir}
+    # a deployed node (strict policy) names its own model; the run config's folder would be refused
+    node = {"partition-id": 1, "num-partitions": 3, "state-dir": state_dir, "model": run_config["client-models"]}
     return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run_config)
 
 

@@ -20,6 +20,7 @@ from test_strategy import SENT, SPEC, _record, _Reply
 import client_app.app as fedgrow_client
 from client_app.guards import check_phase, check_run_tag, sanitised_errors_mod, sanitised_reason
 from fedgrow_core.clients.state_store import ClientStateStore
+from fedgrow_core.node_policy import NodePolicy
 from fedgrow_core.protocol import (
     COLLECT_METRICS,
     FINAL_METRICS,
@@ -389,7 +390,13 @@ def _server_message(phase, **config):
 
 
 def _context(tmp_path, mode="fedgrow", **node):
-    node_config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "state"), **node}
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": 3,
+        "state-dir": str(tmp_path / "state"),
+        "allowed-modes": ",".join(MODES),
+        **node,
+    }
     return Context(1, 1, node_config, RecordDict(), {"mode": mode, "output-dir": str(tmp_path)})
 
 
@@ -427,9 +434,10 @@ def test_every_mode_names_the_phases_its_client_serves_and_an_instruction_round_
 
 
 def test_allowed_modes_pins_what_a_node_serves(tmp_path):
-    check_phase("fedgrow", "grow", {"allowed-modes": "fedgrow"})
+    policy = NodePolicy.from_node_config({"allowed-modes": "fedgrow"}, simulation=True)
+    check_phase("fedgrow", "grow", policy)
     with pytest.raises(RuntimeError, match="mode 'scratch-fedavg' is not among this node's allowed-modes"):
-        check_phase("scratch-fedavg", "train-shared", {"allowed-modes": "fedgrow"})
+        check_phase("scratch-fedavg", "train-shared", policy)
 
 
 @pytest.mark.parametrize("tag", ["../../x", "/etc", "a/b", ".hidden", "x" * 201, "a..b"])

@@ -14,6 +14,7 @@ width matrices, as in Wang et al. 2023) and nothing is shared.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from fedgrow_core.clients.model_export import NonFiniteModel, check_finite, save_model
 from fedgrow_core.clients.private_state import RESIDUAL_PREFIX, load_training_state, model_tensors, training_state
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.growth.grown_model import GrownModel
@@ -330,8 +332,9 @@ class GrowthClient:
 
         ``finetune_steps`` AdamW steps at ``lr_finetune`` on all target weights;
         saved in the family's own format (BERT: ``save_pretrained`` and the
-        tokenizer; ViT: ``timm.models.save_for_hf``), unless ``out_dir`` is
-        ``None``.
+        tokenizer; ViT: ``timm.models.save_for_hf``), atomically
+        (:func:`~fedgrow_core.clients.model_export.save_model`), unless
+        ``out_dir`` is ``None``.
 
         Returns
         -------
@@ -340,6 +343,11 @@ class GrowthClient:
             ``loss``, ``trainable-params`` (growth phase: operators + head),
             ``model-params`` (the grown model's), ``finetune-seconds``, ``eval-seconds`` (all test rows),
             ``compute-threads``.
+
+        Raises
+        ------
+        NonFiniteModel
+            If the fine-tuned model or its test loss is not finite; nothing is saved.
         """
         self.load_global_state(global_state)
         grown = self.grown_model()
@@ -350,13 +358,14 @@ class GrowthClient:
             )
             train_steps(grown, self._batches, optimizer, self.run.finetune_steps, self.device)
         seconds = time.perf_counter() - start
+        check_finite(grown, "fine-tuned grown model")
         start = time.perf_counter()
         result = evaluate(grown, self._test, self.device)
         eval_seconds = time.perf_counter() - start
+        if not math.isfinite(result.loss):
+            raise NonFiniteModel(f"the fine-tuned grown model's test loss is {result.loss}; not saved or reported")
         if out_dir is not None:
-            self.small.family.save(grown.cpu(), self.model.target_config, out_dir)
-            if hasattr(self.small.preprocessor, "save_pretrained"):
-                self.small.preprocessor.save_pretrained(out_dir)
+            save_model(self.small.family, grown, self.model.target_config, self.small.preprocessor, out_dir)
         return {
             "num-examples": result.num_examples,
             "accuracy": result.accuracy,

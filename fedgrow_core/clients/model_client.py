@@ -15,12 +15,14 @@ optimiser on the received weights, as Flower's FedAvg examples do.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fedgrow_core.clients.model_export import NonFiniteModel, check_finite, save_model
 from fedgrow_core.clients.private_state import load_training_state, model_tensors, training_state
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.training import EvalResult, evaluate, train_steps
@@ -179,7 +181,7 @@ class ModelClient:
         return evaluate(self.model, self._test, self.device)
 
     def finetune_and_evaluate(self, steps: int, out_dir: str | Path | None) -> dict:
-        """Train ``steps`` more steps, evaluate, save (unless ``out_dir`` is ``None``).
+        """Train ``steps`` more steps, evaluate, save atomically (unless ``out_dir`` is ``None``).
 
         Returns
         -------
@@ -187,19 +189,25 @@ class ModelClient:
             ``num-examples`` (test rows), ``accuracy``, ``precision``, ``loss``,
             ``model-params`` (this model's parameters), ``finetune-seconds``, ``eval-seconds`` (all test rows),
             ``compute-threads``.
+
+        Raises
+        ------
+        NonFiniteModel
+            If the fine-tuned model or its test loss is not finite; nothing is saved.
         """
         start = time.perf_counter()
         if steps:
             train_steps(self.model, self._batches, self.optimizer, steps, self.device)
         seconds = time.perf_counter() - start
+        check_finite(self.model, "fine-tuned model")
         start = time.perf_counter()
         result = self.evaluate()
         eval_seconds = time.perf_counter() - start
+        if not math.isfinite(result.loss):
+            raise NonFiniteModel(f"the fine-tuned model's test loss is {result.loss}; it is not saved or reported")
         if out_dir is not None:
-            self.setup.small.family.save(self.model.cpu(), self.config, out_dir)
+            save_model(self.setup.small.family, self.model, self.config, self.setup.small.preprocessor, out_dir)
             self.model.to(self.device)
-            if hasattr(self.setup.small.preprocessor, "save_pretrained"):
-                self.setup.small.preprocessor.save_pretrained(out_dir)
         return {
             "num-examples": result.num_examples,
             "accuracy": result.accuracy,

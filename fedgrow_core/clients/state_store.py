@@ -7,8 +7,9 @@ SuperNode or another simulation process starts without it. :class:`ClientStateSt
 also writes it after every round to ``<folder>/round-<r>.safetensors`` (a
 temporary file, then ``os.replace``) and keeps the newest ``keep`` rounds, so a
 client can pick up the state of the last round the server has checkpointed.
-A file that cannot be read (truncated, damaged) is skipped for the one before
-it (:meth:`ClientStateStore.load_latest`). Nothing in this folder is ever sent.
+A file that cannot be read (truncated, damaged), or whose header does not carry
+the metadata the caller requires (which run wrote it), is skipped for the one
+before it (:meth:`ClientStateStore.load_latest`). Nothing in this folder is ever sent.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -55,8 +58,10 @@ class ClientStateStore:
         found = (_ROUND_FILE.match(p.name) for p in self.folder.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
-    def save(self, server_round: int, state: dict[str, Tensor]) -> Path:
+    def save(self, server_round: int, state: dict[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
         """Write ``state`` as round ``server_round`` (temporary file, then rename); drop older rounds.
+
+        ``metadata`` (strings) goes into the safetensors header, e.g. which run wrote the state.
 
         Returns
         -------
@@ -66,7 +71,7 @@ class ClientStateStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"round-{server_round}.safetensors"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=dict(metadata or {}))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -92,14 +97,35 @@ class ClientStateStore:
             raise FileNotFoundError(f"no client state for round {server_round} in {self.folder}")
         return load_file(str(path))
 
-    def load_latest(self, at_most: int) -> tuple[int, dict[str, Tensor]] | None:
+    def metadata(self, server_round: int) -> dict[str, str]:
+        """The header metadata :meth:`save` wrote with round ``server_round`` (empty if none).
+
+        Raises
+        ------
+        FileNotFoundError
+            If that round was not saved (or was dropped).
+        """
+        path = self.folder / f"round-{server_round}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no client state for round {server_round} in {self.folder}")
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+
+    def load_latest(
+        self, at_most: int, require: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, Tensor]] | None:
         """The newest readable state saved for a round ``<= at_most``, as ``(round, state)``, or ``None``.
 
-        A newest file that cannot be read (truncated, damaged) is logged and
-        skipped for the one before it.
+        A newest file that cannot be read (truncated, damaged), or whose
+        metadata lacks an item of ``require``, is logged and skipped for the one
+        before it.
         """
         for server_round in reversed([r for r in self.rounds() if r <= at_most]):
             try:
+                found = self.metadata(server_round)
+                if any(found.get(k) != v for k, v in (require or {}).items()):
+                    _LOG.warning("client state of round %d was written by another run; not loaded", server_round)
+                    continue
                 return server_round, self.load(server_round)
             except Exception as err:  # noqa: BLE001 - safetensors raises its own type for a damaged file
                 _LOG.warning("client state of round %d unreadable (%s); trying the round before", server_round, err)

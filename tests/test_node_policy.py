@@ -1,0 +1,350 @@
+"""The node decides: a curious server against the real ClientApp, and the node policy that stops it.
+
+Each test plays a server of the project's own that tries what a curious or
+malicious operator would, through the whole ClientApp (``client_app.app.app``:
+its mods and its catch-all), against a node with a tiny BERT and a review file
+of its own. Outside Flower's simulation engine the node takes the ``strict``
+policy, as a deployed SuperNode does.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_bert, reviews_csv, tiny_bert_folder
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import client_app.app as fedgrow_client
+import fedgrow_core.clients.growth_client as growth_client
+from client_app.guards import in_simulation
+from fedgrow_core.clients.model_export import NonFiniteModel, save_model, write_folder_atomically
+from fedgrow_core.clients.state_store import ClientStateStore
+from fedgrow_core.growth.families import get_family
+from fedgrow_core.node_policy import NodePolicy, NodePolicyError, run_fingerprint
+from fedgrow_core.protocol import initial_global_ligo
+from fedgrow_core.run_config import MODES, RunConfig
+
+#: The server's run config: tiny shapes; the node's own model and data are named in its node config.
+RUN = {
+    "intermediate-shape": "2x32x64x2",
+    "target-shape": "3x48x96x3",
+    "local-steps": 2,
+    "batch-size": 16,
+    "max-length": 32,
+    "finetune-steps": 1,
+    "eval-max-examples": 16,
+}
+TAG = "20261206-120000-text-fedavg"
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's task identity, which building a ``Message`` outside a runtime needs; restored afterwards."""
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The node's own small model and review file (columns ``review`` and ``stars``), and a file it never shares."""
+    tmp = tmp_path_factory.mktemp("node-files")
+    return {
+        "model": tiny_bert_folder(tmp / "bert", 1, 32, 2, 64, 0),
+        "data": reviews_csv(tmp / "own.csv", 120, text_column="review", label_column="stars"),
+        "secret": reviews_csv(tmp / "secret.csv", 60),
+    }
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    """Every test starts with an empty client cache, as a new ClientApp process does."""
+    fedgrow_client._CLIENTS.clear()
+    yield
+    fedgrow_client._CLIENTS.clear()
+
+
+def _node(files, tmp_path, **extra):
+    own = {"model": files["model"], "dataset": files["data"], "text-column": "review", "label-column": "stars"}
+    return {"partition-id": 0, "num-partitions": 2, "output-dir": str(tmp_path / "node"), **own, **extra}
+
+
+def _context(node, run=None, run_id=1):
+    return Context(run_id, 1, node, RecordDict(), {**RUN, **(run or {})})
+
+
+def _send(context, phase, arrays=None, message_type=MessageType.TRAIN, **config):
+    content = RecordDict({"config": ConfigRecord({"phase": phase, **config})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: v.contiguous() for k, v in arrays.items()})
+    return fedgrow_client.app(Message(content, dst_node_id=1, message_type=message_type), context)
+
+
+def _preflight(context):
+    return _send(context, "preflight", message_type=MessageType.QUERY)
+
+
+def _grow(context, arrays, server_round, **config):
+    return _send(context, "grow", arrays, **{"server-round": server_round, "run-tag": TAG, **config})
+
+
+def _final(context, arrays, **config):
+    return _send(context, "finetune-evaluate", arrays, MessageType.EVALUATE, **{"run-tag": TAG, **config})
+
+
+def _global_ligo(run=None):
+    ligo = initial_global_ligo(RunConfig.from_flower({**RUN, **(run or {})}))
+    return {k: v.detach().clone() for k, v in ligo.state_dict().items()}
+
+
+def _arrays(reply):
+    assert not reply.has_error(), reply.error.reason
+    return {k: v.numpy() for k, v in reply.content["arrays"].items()}
+
+
+def _refusal(reply):
+    assert reply.has_error(), "the node served what it should have refused"
+    return reply.error.reason
+
+
+# --- the policy itself -------------------------------------------------------------------------------------------
+
+
+def test_profiles_set_the_defaults_and_the_node_config_overrides_them():
+    assert not in_simulation()  # pytest's process is no Ray actor: the strict profile applies
+    strict = NodePolicy.from_node_config({"partition-id": 0, "num-partitions": 2})
+    assert strict.strict and strict.modes == ("fedgrow",)
+    assert (strict.max_local_steps, strict.max_finetune_steps, strict.max_final_phases) == (1000, 1000, 1)
+    simulated = NodePolicy.from_node_config({"partition-id": 0, "num-partitions": 2}, simulation=True)
+    assert not simulated.strict and simulated.modes == MODES and simulated.max_local_steps == 0
+    own = NodePolicy.from_node_config(
+        {"node-policy": "strict", "allowed-modes": "fedgrow,small-only", "max-local-steps": 5}, simulation=True
+    )
+    assert own.strict and own.modes == ("fedgrow", "small-only") and own.max_local_steps == 5
+    with pytest.raises(NodePolicyError) as err:
+        NodePolicy.from_node_config({"max-local-step": 3, "max-batch-size": -1, "max-message-seconds": float("nan")})
+    text = str(err.value)
+    assert "max-local-step = 3" in text and "max-batch-size = -1" in text and "max-message-seconds = nan" in text
+    with pytest.raises(NodePolicyError, match="node-policy = 'lax': expected one of"):
+        NodePolicy.from_node_config({"node-policy": "lax"})
+    with pytest.raises(NodePolicyError, match="unknown modes"):
+        NodePolicy.from_node_config({"allowed-modes": "fedgrow,steal"})
+
+
+def test_the_run_fingerprint_ignores_only_what_a_resumption_may_change():
+    run = RunConfig()
+    assert run_fingerprint(run) == run_fingerprint(RunConfig(num_server_rounds=9, round_timeout=5.0))
+    assert run_fingerprint(run) != run_fingerprint(RunConfig(lr_width=0.5))
+    assert run_fingerprint(run) != run_fingerprint(RunConfig(seed=1))
+
+
+# --- 1. where a node writes ---------------------------------------------------------------------------------------
+
+
+def test_the_server_cannot_choose_where_a_node_writes(files, tmp_path, task_identity, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the node's working folder
+    server = {k: str(tmp_path / f"server-{k}") for k in ("output-dir", "audit-dir", "cache-dir")}
+    node = _node(files, tmp_path)
+    del node["output-dir"]  # the node's own default folder: ./fedgrow-node
+    context = _context(node, server)
+    assert not _preflight(context).has_error()
+    _arrays(_grow(context, _global_ligo(), 1))
+    assert not _final(context, _global_ligo(), **{"server-round": 1}).has_error()
+    assert not any((tmp_path / f"server-{k}").exists() for k in ("output-dir", "audit-dir", "cache-dir"))
+    mine = tmp_path / "fedgrow-node" / "clients" / "partition-0"
+    assert (mine / TAG / "grown_model" / "model.safetensors").is_file()
+    assert len(list((mine / "state" / TAG).glob("*/round-1.safetensors"))) == 1
+
+
+def test_only_the_nodes_own_audit_folder_is_written(files, tmp_path, task_identity):
+    context = _context(_node(files, tmp_path, **{"audit-dir": str(tmp_path / "my-audit")}))
+    context.run_config["audit-dir"] = str(tmp_path / "server-audit")
+    assert not _preflight(context).has_error()
+    assert not (tmp_path / "server-audit").exists()
+    (line,) = (tmp_path / "my-audit").glob("egress-*.jsonl")
+    assert json.loads(line.read_text().splitlines()[0])["message_type"] == "query"
+
+
+# --- 2. what a node reads -----------------------------------------------------------------------------------------
+
+
+def test_the_server_cannot_choose_what_a_node_reads(files, tmp_path, task_identity):
+    bare = {"partition-id": 0, "num-partitions": 2, "output-dir": str(tmp_path / "node")}
+    reason = _refusal(_preflight(_context(bare, {"dataset": files["secret"]})))
+    assert "this node reads only its own data" in reason and "secret" not in reason and "<path>" in reason
+    reason = _refusal(_preflight(_context(bare, {"client-models": files["model"]})))
+    assert "it loads only its own model" in reason
+    # the node's own file, read with the node's own columns whatever the run config names
+    own = _preflight(_context(_node(files, tmp_path), {"dataset": files["secret"], "text-column": "x"}))
+    assert not own.has_error(), own.error.reason
+    assert own.content["metrics"]["train-examples"] + own.content["metrics"]["test-examples"] == 120
+
+
+# --- 3. which mode a node serves ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["scratch-fedavg", "small-only", "independent-ligo"])
+def test_the_server_cannot_switch_a_nodes_mode(files, tmp_path, task_identity, mode):
+    context = _context(_node(files, tmp_path), {"mode": mode})
+    assert f"mode = {mode!r}: this node serves ['fedgrow']" in _refusal(_preflight(context))
+    for phase in ("collect", "train-shared", "train-local"):
+        reply = _send(context, phase, {}, **{"server-round": 1})
+        assert "this node serves ['fedgrow']" in _refusal(reply)
+    assert not (tmp_path / "node").exists()
+
+
+# --- 4. a bad message does not poison the node --------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean(files, tmp_path, task_identity):
+    """The replies of a node that only ever saw honest messages: rounds 1 and 2 with the initial Global-LiGO."""
+    context = _context(_node(files, tmp_path / "clean"))
+    replies = [_arrays(_grow(context, _global_ligo(), r)) for r in (1, 2)]
+    fedgrow_client._CLIENTS.clear()
+    return replies
+
+
+def _assert_same(got, expected):
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_a_bad_global_ligo_is_refused_before_it_touches_private_state(files, tmp_path, clean):
+    context = _context(_node(files, tmp_path))
+    honest = _global_ligo()
+    name = next(iter(honest))
+    attacks = {
+        "has 1 non-finite values": {**honest, name: honest[name].clone().index_fill_(0, torch.tensor([0]), 0)},
+        "max |value| 1e+30 is over this node's max-received-abs = 100": {k: v + 1e30 for k, v in honest.items()},
+        "expected": {**honest, name: honest[name][:1]},
+        "extra ['steal']": {**honest, "steal": torch.zeros(1)},
+        "missing": {k: v for k, v in honest.items() if k != name},
+        "torch.float64": {**honest, name: honest[name].double()},
+    }
+    attacks["has 1 non-finite values"][name].view(-1)[0] = float("nan")
+    for phrase, arrays in attacks.items():
+        assert phrase in _refusal(_grow(context, arrays, 1)), phrase
+    assert not (tmp_path / "node").exists() and "fedgrow-private" not in context.state
+    _assert_same(_arrays(_grow(context, honest, 1)), clean[0])  # as if the attacks never came
+    _assert_same(_arrays(_grow(context, honest, 2)), clean[1])
+
+
+def test_a_message_that_fails_mid_training_leaves_the_node_as_it_was(files, tmp_path, clean, monkeypatch):
+    real = growth_client.train_steps
+
+    def train_then_fail(*args, **kwargs):
+        real(*args, **kwargs)  # the cached client's Local-LiGO, head and optimiser have moved
+        raise RuntimeError("injected failure after training")
+
+    context = _context(_node(files, tmp_path))
+    monkeypatch.setattr(growth_client, "train_steps", train_then_fail)
+    assert _refusal(_grow(context, _global_ligo(), 1)) == "RuntimeError (details are in the node's own log)"
+    monkeypatch.setattr(growth_client, "train_steps", real)
+    _assert_same(_arrays(_grow(context, _global_ligo(), 1)), clean[0])
+
+
+# --- 5. bounded work ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key,value,phrase",
+    [
+        ("finetune-steps", 10**9, "finetune-steps = 1000000000: over this node's max-finetune-steps = 1000"),
+        ("local-steps", 10**6, "local-steps = 1000000: over this node's max-local-steps = 1000"),
+        ("batch-size", 10**5, "batch-size = 100000: over this node's max-batch-size = 256"),
+        ("max-length", 10**4, "max-length = 10000: over this node's max-sequence-length = 512"),
+        ("target-shape", "48x8192x32768x64", "over this node's max-model-params = 1000000000"),
+    ],
+)
+def test_the_server_cannot_demand_unbounded_work(files, tmp_path, task_identity, key, value, phrase):
+    context = _context(_node(files, tmp_path), {key: value})
+    assert phrase in _refusal(_preflight(context))
+    assert phrase in _refusal(_final(context, {}, **{"server-round": 1}))
+    assert not (tmp_path / "node").exists()
+
+
+def test_a_message_stops_at_the_nodes_time_limit_and_keeps_no_state(files, tmp_path, task_identity):
+    context = _context(_node(files, tmp_path, **{"max-message-seconds": 0.05}), {"local-steps": 1000})
+    reason = _refusal(_grow(context, _global_ligo(), 1))
+    assert "ran past this node's max-message-seconds = 0.05 s" in reason
+    assert "fedgrow-private" not in context.state and not (tmp_path / "node").exists()
+
+
+# --- 6. the final phase -------------------------------------------------------------------------------------------
+
+
+def test_the_final_phase_cannot_be_abused(files, tmp_path, task_identity):
+    context = _context(_node(files, tmp_path))
+    honest = _global_ligo()
+    _arrays(_grow(context, honest, 1))
+    model_file = tmp_path / "node" / "clients" / "partition-0" / TAG / "grown_model" / "model.safetensors"
+    nan = {k: torch.full_like(v, float("nan")) for k, v in honest.items()}
+    assert "non-finite values" in _refusal(_final(context, nan, **{"server-round": 1}))
+    huge = {k: torch.full_like(v, 1e30) for k, v in honest.items()}
+    assert "max-received-abs" in _refusal(_final(context, huge, **{"server-round": 1}))
+    assert not model_file.parent.exists()  # nothing materialised, nothing written
+    served = _final(context, honest, **{"server-round": 1})
+    assert not served.has_error() and np.isfinite(served.content["metrics"]["loss"])
+    saved = model_file.read_bytes()
+    again = _refusal(_final(context, honest, **{"server-round": 1}))
+    assert "served 1 final phase(s) in this run; its max-final-phases = 1" in again
+    assert model_file.read_bytes() == saved
+    assert not list(model_file.parent.parent.glob(".*"))  # no temporary folder left beside the model
+
+
+def test_a_non_finite_model_is_never_saved_and_a_failed_save_keeps_the_old_one(tmp_path):
+    family, folder = get_family("bert"), tmp_path / "grown_model"
+    model = make_bert()
+    save_model(family, model, model.config, None, folder)
+    before = (folder / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteModel, match="1 non-finite values"):
+        save_model(family, model, model.config, None, folder)
+
+    def fails(tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_folder_atomically(folder, fails)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["grown_model"]
+
+
+# --- 7. smaller leaks ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message_type", ["train.steal", "evaluate.peek", "query.files"])
+def test_a_message_without_a_handler_gets_a_sanitised_reply(files, tmp_path, task_identity, message_type):
+    reply = _send(_context(_node(files, tmp_path)), "grow", {}, message_type)
+    reason = _refusal(reply)
+    assert reason == "ValueError (details are in the node's own log)"
+
+
+def test_a_node_resumes_only_state_its_own_run_wrote(files, tmp_path, task_identity):
+    node = _node(files, tmp_path)
+    first = _context(node)
+    for r in (1, 2):
+        _arrays(_grow(first, _global_ligo(), r))
+    fedgrow_client._CLIENTS.clear()
+    resume = {"resumed-after": 2}
+    other = _refusal(_grow(_context(node, {"lr-width": 0.5}, run_id=2), _global_ligo(), 3, **resume))
+    absent = _refusal(_grow(_context(node, run_id=3), _global_ligo(), 3, **{**resume, "run-tag": "never-used"}))
+    assert other == absent  # the refusal does not tell whether another run's state exists
+    assert "holds no private state of this run" in other
+    _arrays(_grow(_context(node, run_id=4), _global_ligo(), 3, **resume))  # the same configuration resumes
+
+
+def test_the_state_store_skips_state_another_run_wrote(tmp_path):
+    store = ClientStateStore(tmp_path)
+    store.save(1, {"x": torch.ones(2)}, {"run-id": "1", "run-fingerprint": "a"})
+    store.save(2, {"x": torch.zeros(2)}, {"run-id": "2", "run-fingerprint": "a"})
+    assert store.load_latest(2, require={"run-id": "1"})[0] == 1
+    assert store.load_latest(2, require={"run-fingerprint": "a"})[0] == 2
+    assert store.load_latest(2, require={"run-fingerprint": "b"}) is None
