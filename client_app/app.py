@@ -138,14 +138,13 @@ def _cached(key: tuple, build):
 
 
 def _forget(context: Context) -> None:
-    """Drop every cached client object of this node's run (after a refused or failed message)."""
-    for key in [k for k in _CLIENTS if k[0] == context.run_id and k[1:3] == _partition(context)]:
+    """Drop every cached client object of this run in this process (after a refused or failed message).
+
+    A deployed SuperNode's process serves one node; a simulation worker that serves several nodes of the
+    run rebuilds theirs too, from their ``Context.state``.
+    """
+    for key in [k for k in _CLIENTS if k[0] == context.run_id]:
         del _CLIENTS[key]
-
-
-def _partition(context: Context) -> tuple:
-    node = context.node_config
-    return (node.get("partition-id"), node.get("num-partitions"))
 
 
 @contextlib.contextmanager

@@ -84,11 +84,12 @@ def check_policy(run: RunConfig, policy: NodePolicy) -> None:
     Raises
     ------
     RefusedMessage
-        Listing every problem (:meth:`NodePolicy.problems`): the key, the value and the policy's limit.
+        Listing every problem (:meth:`NodePolicy.problems`) on one line (the server's preflight error shows
+        each node's last line): the key, the value and the policy's limit.
     """
     problems = policy.problems(run)
     if problems:
-        raise RefusedMessage("refused by this node's policy:\n  - " + "\n  - ".join(problems))
+        raise RefusedMessage("refused by this node's policy: " + "; ".join(problems))
 
 
 def check_instruction(

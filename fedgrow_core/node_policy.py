@@ -84,7 +84,7 @@ class NodePolicyError(ValueError):
 
     def __init__(self, problems: list[str], what: str = "refused by this node's policy"):
         self.problems = problems
-        super().__init__(f"{what}:\n  - " + "\n  - ".join(problems))
+        super().__init__(f"{what}: " + "; ".join(problems))
 
 
 def _cap(description: str) -> Any:
