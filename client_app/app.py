@@ -47,6 +47,7 @@ from flwr.common.logger import console_handler
 
 from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient, target_model
+from fedgrow_core.clients.model_export import owner_problem
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.node_policy import NodePolicy, run_fingerprint
@@ -54,7 +55,7 @@ from fedgrow_core.protocol import Instruction, Phase
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.training import reporting_progress, time_limit
 
-from .egress_audit import egress_audit_mod
+from .egress_audit import audit_reply, egress_audit_mod
 from .guards import (
     GuardedClientApp,
     RefusedMessage,
@@ -73,7 +74,7 @@ from .guards import (
 # see the machine's GPUs: run-config device = "cpu" keeps them off.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-app = GuardedClientApp(mods=[sanitised_errors_mod, egress_audit_mod])
+app = GuardedClientApp(mods=[sanitised_errors_mod, egress_audit_mod], on_error_reply=audit_reply)
 # the library's progress lines (logger ``fedgrow_core``, INFO) go out through Flower's console handler
 _LIBRARY_LOG = logging.getLogger("fedgrow_core")
 _LIBRARY_LOG.setLevel(logging.INFO)
@@ -88,6 +89,8 @@ ROUND_KEY = "fedgrow-private-round"
 DATA_KEY = "fedgrow-data"
 #: ``Context.state`` key of the final phases this node has served in the run (``{"served": int}``).
 FINAL_KEY = "fedgrow-final-phases"
+#: ``Context.state`` key of the last training round this node served in the run (``{"round": int}``).
+SERVED_KEY = "fedgrow-served-round"
 _PHASE_CODES = {Phase.GROW: 1, Phase.TRAIN_LOCAL: 2, Phase.TRAIN_SHARED: 3, Phase.COLLECT: 4, Phase.FINAL: 5}
 #: Clients built in this process, most recent last. A simulation actor serves
 #: several nodes in turn; rebuilding a client (model, data, tokenisation) costs
@@ -262,11 +265,44 @@ def _restore(
 
 
 def _keep(context: Context, node: _Node, store: ClientStateStore | None, server_round: int, state: dict) -> None:
-    """Keep the private state after ``server_round`` in ``Context.state`` and, with a store, on disk."""
-    context.state[STATE_KEY] = ArrayRecord(state)
-    context.state[ROUND_KEY] = ConfigRecord({"round": server_round})
+    """Keep the private state after ``server_round`` on disk (with a store), then in ``Context.state``.
+
+    Raises
+    ------
+    RefusedMessage
+        If a tensor of ``state`` is not finite (nothing is kept).
+    """
+    check_finite_reply(state, {}, "training on the received message")
     if store is not None:
         store.save(server_round, state, _state_metadata(context, node))
+    context.state[STATE_KEY] = ArrayRecord(state)
+    context.state[ROUND_KEY] = ConfigRecord({"round": server_round})
+
+
+def _check_round(context: Context, node: _Node, order: Instruction) -> None:
+    """Refuse a training round this node already served in this run, or one past the policy's ``max-rounds``.
+
+    Rounds only increase within a run (a node that is not sampled skips some); a replayed round would give
+    the server another update and evaluation of its choice.
+
+    Raises
+    ------
+    RefusedMessage
+        Naming the round and the last one served, or the cap.
+    """
+    served = int(context.state[SERVED_KEY]["round"]) if SERVED_KEY in context.state else 0
+    if order.server_round <= served:
+        raise RefusedMessage(
+            f"server-round = {order.server_round}: this node already served round {served} of this run; "
+            "rounds must increase"
+        )
+    cap = node.policy.max_rounds
+    if cap and order.server_round > cap:
+        raise RefusedMessage(f"server-round = {order.server_round}: over this node's max-rounds = {cap}")
+
+
+def _served(context: Context, order: Instruction) -> None:
+    context.state[SERVED_KEY] = ConfigRecord({"round": order.server_round})
 
 
 def _shared_model_client(context: Context, node: _Node) -> ModelClient:
@@ -291,7 +327,7 @@ def query(msg: Message, context: Context) -> Message:
     """Preflight: check the run config against the policy, load this node's model and data, report row counts."""
     node = _node(context)
     check_phase(node.run.mode, Phase.PREFLIGHT, node.policy)
-    with _transaction(context):
+    with _transaction(context), time_limit(node.policy.max_message_seconds):  # a vit:LxD model pre-trains here
         _, setup = _setup(context, node)
     metrics = {
         "partition-id": setup.partition_id,
@@ -308,8 +344,12 @@ def train(msg: Message, context: Context) -> Message:
     instruction = check_instruction(node.run.mode, msg.content["config"], node.policy)
     if instruction.phase not in _TRAIN_PHASES:
         raise RefusedMessage(f"phase {instruction.phase.value!r} does not come in a train message")
+    if instruction.phase is not Phase.COLLECT:
+        _check_round(context, node, instruction)
     with _transaction(context), _seeded(node, instruction.phase, instruction.server_round):
         arrays, metrics = _TRAIN_PHASES[instruction.phase](context, node, instruction, _received(msg))
+    if instruction.phase is not Phase.COLLECT:
+        _served(context, instruction)
     return _reply(msg, arrays, metrics)
 
 
@@ -407,15 +447,19 @@ def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: I
         client = _shared_model_client(context, node)
         check_received(received, client.weights(), cap, "target model")
         client.load_weights(received)
-    context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted
     run_folder = order.run_tag or f"run-{context.run_id}"
     kind = "grown_model" if mode != "small-only" else "small_model"
-    out = node.policy.node_folder(node.effective) / run_folder / kind
+    out = node.policy.node_folder(node.effective) / "models" / run_folder / kind
+    owner = _state_metadata(context, node)
+    problem = owner_problem(out, owner) if node.run.save_models else None
+    if problem:
+        raise RefusedMessage(f"the final model of run-tag {run_folder!r}: {problem}")
+    context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted
     save_to = out if node.run.save_models else None
     if mode in ("fedgrow", "independent-ligo"):
-        metrics = client.finetune_and_evaluate(received, save_to)
+        metrics = client.finetune_and_evaluate(received, save_to, owner)
     else:
-        metrics = client.finetune_and_evaluate(node.run.finetune_steps, save_to)
+        metrics = client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner)
     check_finite_reply(None, metrics, "the final phase")
     metrics["partition-id"] = setup.partition_id
     info = ConfigRecord({"model": Path(setup.model_name).name})  # never a client's full path

@@ -26,7 +26,7 @@ from flwr.common import serde
 
 from fedgrow_core.node_policy import NodePolicyError
 
-from .guards import node_policy
+from .guards import node_policy, sanitised_reason
 
 
 def audit_dir(context: Context) -> str:
@@ -87,24 +87,30 @@ def egress_record(request: Message, reply: Message, node_id: int) -> dict:
 def _header(request: Message, node_id: int) -> dict:
     phase = ""
     if request.content.config_records:
-        phase = str(next(iter(request.content.config_records.values())).get("phase", ""))
-    return {"time": time.time(), "node_id": node_id, "message_type": request.metadata.message_type, "phase": phase}
+        phase = str(next(iter(request.content.config_records.values())).get("phase", ""))[:40]
+    message_type = str(request.metadata.message_type)[:80]
+    return {"time": time.time(), "node_id": node_id, "message_type": message_type, "phase": phase}
 
 
 def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: run the ClientApp, then log what its reply carries (if ``audit-dir`` is set).
 
-    If the ClientApp raises, Flower replies with an error message that carries
-    the exception's text; that text is logged (``error``) and the exception
-    re-raised. One file per node, one ``write`` per line.
+    If the ClientApp raises, the reply that leaves is the sanitised error of
+    :func:`client_app.guards.sanitised_reason`; that text is logged (``error``)
+    and the exception re-raised. One file per node, one ``write`` per line.
     """
     try:
         reply = call_next(msg, context)
     except Exception as err:
-        _append(context, {**_header(msg, context.node_id), "error": f"{type(err).__name__}: {err}"})
+        _append(context, {**_header(msg, context.node_id), "error": sanitised_reason(err)})
         raise
-    _append(context, egress_record(msg, reply, context.node_id))
+    audit_reply(msg, reply, context)
     return reply
+
+
+def audit_reply(request: Message, reply: Message, context: Context) -> None:
+    """Log ``reply`` to ``request`` in the node's audit file (if ``audit-dir`` is set); see :func:`egress_record`."""
+    _append(context, egress_record(request, reply, context.node_id))
 
 
 def _append(context: Context, record: dict) -> None:

@@ -28,7 +28,7 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from flwr.app import Context, Error, Message
@@ -243,11 +243,26 @@ class GuardedClientApp(ClientApp):
     handler (``train.steal``) before any mod runs, and its runtime then sends
     the exception's text (in simulation, with a traceback). Here such a message
     gets the same sanitised error reply as any other failure (:func:`sanitised_reason`).
+
+    Parameters
+    ----------
+    mods : list of callable, optional
+        Flower mods around every registered handler.
+    on_error_reply : callable, optional
+        Called as ``on_error_reply(message, reply, context)`` with each error
+        reply made here (the egress audit).
     """
+
+    def __init__(self, mods: list | None = None, on_error_reply: Callable | None = None) -> None:
+        super().__init__(mods=mods)
+        self._on_error_reply = on_error_reply
 
     def __call__(self, message: Message, context: Context) -> Message:
         """Serve ``message``; any exception becomes a sanitised error reply."""
         try:
             return super().__call__(message, context)
         except Exception as err:  # noqa: BLE001 - nothing leaves the node unsanitised
-            return _error_reply(message, err)
+            reply = _error_reply(message, err)
+            if self._on_error_reply is not None:
+                self._on_error_reply(message, reply, context)
+            return reply

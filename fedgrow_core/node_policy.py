@@ -11,8 +11,10 @@ message, what the run config may choose:
 * caps on the work one message may ask (``max-local-steps``,
   ``max-finetune-steps``, ``max-pretrain-steps``, ``max-batch-size``,
   ``max-sequence-length``, ``max-model-params``, ``max-message-seconds``);
-* how many final phases it serves per run (``max-final-phases``) and the
-  largest value it accepts in a received tensor (``max-received-abs``).
+* how many rounds and final phases it serves per run (``max-rounds``,
+  ``max-final-phases``), the fewest test rows an evaluation may use
+  (``min-eval-rows``), and the largest value it accepts in a received tensor
+  (``max-received-abs``).
 
 Two profiles set the defaults (``node-policy``):
 
@@ -61,9 +63,11 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_pretrain_steps": 5000,
         "max_batch_size": 256,
         "max_sequence_length": 512,
-        "max_model_params": 1_000_000_000,
+        "max_model_params": 200_000_000,
         "max_message_seconds": 3600.0,
         "max_final_phases": 1,
+        "max_rounds": 200,
+        "min_eval_rows": 32,
     },
     "open": {
         "allowed_modes": ",".join(MODES),
@@ -75,6 +79,8 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_model_params": 0,
         "max_message_seconds": 0.0,
         "max_final_phases": 0,
+        "max_rounds": 0,
+        "min_eval_rows": 0,
     },
 }
 
@@ -122,6 +128,11 @@ class NodePolicy(BaseModel):
         Seconds of training and evaluation one message may take (checked each step).
     max_final_phases : int
         Final phases served per run.
+    max_rounds : int
+        Training rounds served per run (``num-server-rounds`` and each message's ``server-round``).
+    min_eval_rows : int
+        Fewest test rows an evaluation may use (``eval-max-examples``, ``max-test-examples``), so that no
+        reported accuracy is about one or a few private rows.
     max_received_abs : float
         Largest ``|value|`` accepted in a received tensor (the Global-LiGO or a target model).
     """
@@ -157,6 +168,8 @@ class NodePolicy(BaseModel):
     max_model_params: int = _cap("transformer-body weights of a model to build")
     max_message_seconds: float = _cap("seconds of work per message")
     max_final_phases: int = _cap("final phases per run")
+    max_rounds: int = _cap("training rounds per run")
+    min_eval_rows: int = _cap("test rows of an evaluation")
     max_received_abs: float = Field(100.0, gt=0)
 
     @classmethod
@@ -218,6 +231,7 @@ class NodePolicy(BaseModel):
             ("batch-size", run.batch_size, "max-batch-size", self.max_batch_size),
             ("max-length", run.max_length, "max-sequence-length", self.max_sequence_length),
             ("target-shape", body_params(run.target_shape), "max-model-params", self.max_model_params),
+            ("num-server-rounds", run.num_server_rounds, "max-rounds", self.max_rounds),
         ]
         model = self.small_model(run)
         if model.startswith("vit:"):
@@ -229,6 +243,9 @@ class NodePolicy(BaseModel):
             if cap and value > cap:
                 unit = " weights" if cap_key == "max-model-params" else ""
                 out.append(f"{key} = {value}{unit}: over this node's {cap_key} = {cap}")
+        for key, rows in (("eval-max-examples", run.eval_max_examples), ("max-test-examples", run.max_test_examples)):
+            if 0 < rows < self.min_eval_rows:
+                out.append(f"{key} = {rows}: under this node's min-eval-rows = {self.min_eval_rows}")
         if self.strict and not self.dataset and run.dataset not in BUILTIN_SOURCES:
             out.append(
                 f"dataset = {run.dataset!r}: this node reads only its own data (node config dataset) or a built-in "

@@ -148,7 +148,8 @@ class RunConfig(BaseModel):
     dataset: str = _key(
         "rotten-tomatoes",
         "A `load_data_source` source: `rotten-tomatoes`, `mnist`, `digits`, a `.csv`/`.parquet`/`.npz` file, "
-        "a `save_to_disk` folder or a `datasets` hub name",
+        "a `save_to_disk` folder or a `datasets` hub name; a node naming its own `dataset` uses that, and a "
+        "`strict` node accepts only the built-in names",
     )
     text_column: str = _key("text", "Text column of a generic source")
     label_column: str = _key("label", "Label column of a generic source")
@@ -298,7 +299,8 @@ class RunConfig(BaseModel):
     audit_dir: str = _key(
         "",
         "If set, every client appends one JSON line per message it sends to `<audit-dir>/egress-<node id>.jsonl` "
-        "(a SuperNode's own `audit-dir` node config wins)",
+        "(a node's own `audit-dir` node config wins; a node under the `strict` node policy, the default of a "
+        "deployed SuperNode, uses only its own)",
     )
     resume_from: str = _key(
         "",
@@ -307,8 +309,16 @@ class RunConfig(BaseModel):
         requires="empty unless mode is `fedgrow`",
     )
     seed: int = _key(0, "Seeds partitions, operators and data order")
-    output_dir: str = _key("outputs", "Folder of the run folders (and, in simulation, of the client folders)")
-    save_models: bool = _key(True, "Whether each client saves its final model under `output-dir`")
+    output_dir: str = _key(
+        "outputs",
+        "Folder of the run folders (and, in simulation, of the client folders; a deployed SuperNode writes only "
+        "under its own node-config folders)",
+    )
+    save_models: bool = _key(
+        True,
+        "Whether each client saves its final model in its node's folder (`<output-dir>/clients/partition-<id>/"
+        "models/<run folder name>/`)",
+    )
     trackers: Trackers = _key(
         "tensorboard",
         "Where the ServerApp logs each round's metrics as the run goes, comma-separated: `tensorboard` (event "
@@ -316,7 +326,11 @@ class RunConfig(BaseModel):
         "else `./mlruns`; needs `pip install mlflow`) or `none`",
     )
     device: Literal[DEVICES] = _key("auto", "`auto` (CUDA when available), `cpu` or `cuda` (bf16 autocast)")
-    cache_dir: str = _key("", "Cache of converted and pre-trained small models (empty: `~/.cache/fedgrow`)")
+    cache_dir: str = _key(
+        "",
+        "Cache of converted and pre-trained small models (empty: `~/.cache/fedgrow`); a node's own `cache-dir` "
+        "wins, and a `strict` node never uses this one",
+    )
 
     def __init__(self, **values: Any) -> None:
         """Check ``values`` (by attribute name or key); raises :class:`ConfigError` listing every bad value."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 from transformers import BertConfig, BertForSequenceClassification
 
 
@@ -92,3 +93,12 @@ def reviews_csv(path, rows, text_column="text", label_column="label"):
     reviews = load_data_source("rotten-tomatoes")["train"].shuffle(seed=0).select(range(rows))
     pd.DataFrame({text_column: reviews["text"], label_column: reviews["label"]}).to_csv(path, index=False)
     return str(path)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's task identity, which building a ``Message`` outside a runtime needs; restored afterwards."""
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

@@ -183,7 +183,7 @@ def test_each_client_saved_an_ordinary_grown_model(flwr_run):
     run_dir, cfg, _, _ = flwr_run
     target = parse_shape(cfg["target-shape"])
     for pid in range(3):
-        folder = Path(cfg["output-dir"]) / "clients" / f"partition-{pid}" / run_dir.name / "grown_model"
+        folder = Path(cfg["output-dir"]) / "clients" / f"partition-{pid}" / "models" / run_dir.name / "grown_model"
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         assert model.config.num_hidden_layers == target.layers and model.config.hidden_size == target.hidden
         batch = AutoTokenizer.from_pretrained(folder)(["a fine film"], return_tensors="pt")

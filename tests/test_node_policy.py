@@ -8,13 +8,13 @@ policy, as a deployed SuperNode does.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_bert, reviews_csv, tiny_bert_folder
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import client_app.app as fedgrow_client
 import fedgrow_core.clients.growth_client as growth_client
@@ -34,18 +34,8 @@ RUN = {
     "batch-size": 16,
     "max-length": 32,
     "finetune-steps": 1,
-    "eval-max-examples": 16,
 }
 TAG = "20261206-120000-text-fedavg"
-
-
-@pytest.fixture
-def task_identity():
-    """Flower's task identity, which building a ``Message`` outside a runtime needs; restored afterwards."""
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +114,13 @@ def test_profiles_set_the_defaults_and_the_node_config_overrides_them():
         {"node-policy": "strict", "allowed-modes": "fedgrow,small-only", "max-local-steps": 5}, simulation=True
     )
     assert own.strict and own.modes == ("fedgrow", "small-only") and own.max_local_steps == 5
+    server = RunConfig(cache_dir="/srv/server-cache", audit_dir="/srv/server-audit", text_column="x")
+    # a strict node never takes the run config's folders; an open one does unless it names its own
+    assert (strict.effective_run(server).cache_dir, strict.effective_run(server).audit_dir) == ("", "")
+    assert simulated.effective_run(server).cache_dir == "/srv/server-cache"
+    mine = NodePolicy.from_node_config({"cache-dir": "/node/cache", "dataset": "own.csv"}, simulation=True)
+    assert mine.effective_run(server).cache_dir == "/node/cache" and mine.effective_run(server).text_column == "x"
+    assert strict.model_copy(update={"dataset": "own.csv"}).effective_run(server).text_column == "text"
     with pytest.raises(NodePolicyError) as err:
         NodePolicy.from_node_config({"max-local-step": 3, "max-batch-size": -1, "max-message-seconds": float("nan")})
     text = str(err.value)
@@ -155,17 +152,22 @@ def test_the_server_cannot_choose_where_a_node_writes(files, tmp_path, task_iden
     assert not _final(context, _global_ligo(), **{"server-round": 1}).has_error()
     assert not any((tmp_path / f"server-{k}").exists() for k in ("output-dir", "audit-dir", "cache-dir"))
     mine = tmp_path / "fedgrow-node" / "clients" / "partition-0"
-    assert (mine / TAG / "grown_model" / "model.safetensors").is_file()
+    assert (mine / "models" / TAG / "grown_model" / "model.safetensors").is_file()
     assert len(list((mine / "state" / TAG).glob("*/round-1.safetensors"))) == 1
 
 
-def test_only_the_nodes_own_audit_folder_is_written(files, tmp_path, task_identity):
+def test_only_the_nodes_own_audit_folder_is_written_and_it_logs_every_reply(files, tmp_path, task_identity):
     context = _context(_node(files, tmp_path, **{"audit-dir": str(tmp_path / "my-audit")}))
     context.run_config["audit-dir"] = str(tmp_path / "server-audit")
     assert not _preflight(context).has_error()
+    _refusal(_send(context, "grow", {}, "train.steal"))  # no handler: answered by the catch-all
+    _refusal(_send(context, "collect", {}))  # refused inside the handlers: the sanitised text is what left
     assert not (tmp_path / "server-audit").exists()
-    (line,) = (tmp_path / "my-audit").glob("egress-*.jsonl")
-    assert json.loads(line.read_text().splitlines()[0])["message_type"] == "query"
+    (audit,) = (tmp_path / "my-audit").glob("egress-*.jsonl")
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [line["message_type"] for line in lines] == ["query", "train.steal", "train"]
+    assert lines[1]["error"] == "ValueError (details are in the node's own log)"
+    assert "is not served in mode 'fedgrow'" in lines[2]["error"]
 
 
 # --- 2. what a node reads -----------------------------------------------------------------------------------------
@@ -258,7 +260,10 @@ def test_a_message_that_fails_mid_training_leaves_the_node_as_it_was(files, tmp_
         ("local-steps", 10**6, "local-steps = 1000000: over this node's max-local-steps = 1000"),
         ("batch-size", 10**5, "batch-size = 100000: over this node's max-batch-size = 256"),
         ("max-length", 10**4, "max-length = 10000: over this node's max-sequence-length = 512"),
-        ("target-shape", "48x8192x32768x64", "over this node's max-model-params = 1000000000"),
+        ("target-shape", "48x8192x32768x64", "over this node's max-model-params = 200000000"),
+        ("num-server-rounds", 10**6, "num-server-rounds = 1000000: over this node's max-rounds = 200"),
+        ("eval-max-examples", 1, "eval-max-examples = 1: under this node's min-eval-rows = 32"),
+        ("max-test-examples", 4, "max-test-examples = 4: under this node's min-eval-rows = 32"),
     ],
 )
 def test_the_server_cannot_demand_unbounded_work(files, tmp_path, task_identity, key, value, phrase):
@@ -266,6 +271,35 @@ def test_the_server_cannot_demand_unbounded_work(files, tmp_path, task_identity,
     assert phrase in _refusal(_preflight(context))
     assert phrase in _refusal(_final(context, {}, **{"server-round": 1}))
     assert not (tmp_path / "node").exists()
+
+
+def test_a_huge_vit_small_model_is_refused_before_pre_training(tmp_path, task_identity):
+    bare = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path / "cache")}
+    run = {"task": "image", "dataset": "digits", "client-models": "vit:100x8192"}
+    assert "client model 'vit:100x8192' = " in _refusal(_preflight(_context(bare, run)))
+    assert "over this node's max-model-params" in _refusal(_preflight(_context(bare, run)))
+    run["client-models"], run["pretrain-steps"] = "vit:1x16", 10**6
+    assert "pretrain-steps = 1000000: over this node's max-pretrain-steps = 5000" in _refusal(
+        _preflight(_context(bare, run))
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_preflight_pre_training_stops_at_the_time_limit(tmp_path, task_identity):
+    bare = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path / "cache"), "max-message-seconds": 0.2}
+    run = {"task": "image", "dataset": "digits", "client-models": "vit:1x16", "pretrain-steps": 5000, "patch-size": 4}
+    assert "ran past this node's max-message-seconds = 0.2 s" in _refusal(_preflight(_context(bare, run)))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing half-trained was cached
+
+
+def test_a_replayed_round_is_refused(files, tmp_path, task_identity):
+    context = _context(_node(files, tmp_path, **{"max-rounds": 3}))
+    _arrays(_grow(context, _global_ligo(), 1))
+    for again in (1, 0):
+        reason = _refusal(_grow(context, _global_ligo(), again))
+        assert f"server-round = {again}: this node already served round 1" in reason
+    assert "server-round = 4: over this node's max-rounds = 3" in _refusal(_grow(context, _global_ligo(), 4))
+    _arrays(_grow(context, _global_ligo(), 3))  # a node that was not sampled in round 2 goes on
 
 
 def test_a_message_stops_at_the_nodes_time_limit_and_keeps_no_state(files, tmp_path, task_identity):
@@ -282,7 +316,7 @@ def test_the_final_phase_cannot_be_abused(files, tmp_path, task_identity):
     context = _context(_node(files, tmp_path))
     honest = _global_ligo()
     _arrays(_grow(context, honest, 1))
-    model_file = tmp_path / "node" / "clients" / "partition-0" / TAG / "grown_model" / "model.safetensors"
+    model_file = tmp_path / "node" / "clients" / "partition-0" / "models" / TAG / "grown_model" / "model.safetensors"
     nan = {k: torch.full_like(v, float("nan")) for k, v in honest.items()}
     assert "non-finite values" in _refusal(_final(context, nan, **{"server-round": 1}))
     huge = {k: torch.full_like(v, 1e30) for k, v in honest.items()}
@@ -295,6 +329,21 @@ def test_the_final_phase_cannot_be_abused(files, tmp_path, task_identity):
     assert "served 1 final phase(s) in this run; its max-final-phases = 1" in again
     assert model_file.read_bytes() == saved
     assert not list(model_file.parent.parent.glob(".*"))  # no temporary folder left beside the model
+
+
+def test_a_run_cannot_replace_another_runs_model(files, tmp_path, task_identity):
+    node = _node(files, tmp_path)
+    first = _context(node)
+    _arrays(_grow(first, _global_ligo(), 1))
+    assert not _final(first, _global_ligo(), **{"server-round": 1}).has_error()
+    model_file = tmp_path / "node" / "clients" / "partition-0" / "models" / TAG / "grown_model" / "model.safetensors"
+    saved = model_file.read_bytes()
+    fedgrow_client._CLIENTS.clear()
+    second = _context(node, {"seed": 1}, run_id=2)  # another run that names the first one's tag
+    _arrays(_grow(second, _global_ligo({"seed": 1}), 1))
+    reason = _refusal(_final(second, _global_ligo({"seed": 1}), **{"server-round": 1}))
+    assert "holds a model another run saved; it is not replaced" in reason
+    assert model_file.read_bytes() == saved
 
 
 def test_a_non_finite_model_is_never_saved_and_a_failed_save_keeps_the_old_one(tmp_path):
@@ -348,3 +397,9 @@ def test_the_state_store_skips_state_another_run_wrote(tmp_path):
     assert store.load_latest(2, require={"run-id": "1"})[0] == 1
     assert store.load_latest(2, require={"run-fingerprint": "a"})[0] == 2
     assert store.load_latest(2, require={"run-fingerprint": "b"}) is None
+
+
+def test_every_policy_key_is_documented_for_node_operators():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    missing = [f.alias for f in NodePolicy.model_fields.values() if f"`{f.alias}`" not in text]
+    assert not missing, missing

@@ -12,7 +12,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 from simulated_federation import train_metrics
 from test_strategy import SENT, SPEC, _record, _Reply
@@ -40,15 +39,6 @@ from server_app.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpo
 from server_app.phases import FINAL_SCHEMA, collect_average, final_phase
 from server_app.reply_checks import reply_problem
 from server_app.strategy import build_strategy, strategy_for_run
-
-
-@pytest.fixture
-def task_identity():
-    """Flower's task identity, which building a ``Message`` outside a runtime needs; restored afterwards."""
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 def _content(arrays=None, metrics=None, **records):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -327,14 +328,16 @@ class GrowthClient:
         """The grown model (as it is now, before fine-tuning) on this client's test rows."""
         return evaluate(self.grown_model(), self._test, self.device)
 
-    def finetune_and_evaluate(self, global_state: dict[str, Tensor], out_dir: str | Path | None) -> dict:
+    def finetune_and_evaluate(
+        self, global_state: dict[str, Tensor], out_dir: str | Path | None, owner: Mapping[str, str] | None = None
+    ) -> dict:
         """Materialise the grown model, fine-tune it locally, evaluate it on the client's test split, save it.
 
         ``finetune_steps`` AdamW steps at ``lr_finetune`` on all target weights;
         saved in the family's own format (BERT: ``save_pretrained`` and the
         tokenizer; ViT: ``timm.models.save_for_hf``), atomically
-        (:func:`~fedgrow_core.clients.model_export.save_model`), unless
-        ``out_dir`` is ``None``.
+        (:func:`~fedgrow_core.clients.model_export.save_model`, recording
+        ``owner``, the run that saves it), unless ``out_dir`` is ``None``.
 
         Returns
         -------
@@ -365,7 +368,7 @@ class GrowthClient:
         if not math.isfinite(result.loss):
             raise NonFiniteModel(f"the fine-tuned grown model's test loss is {result.loss}; not saved or reported")
         if out_dir is not None:
-            save_model(self.small.family, grown, self.model.target_config, self.small.preprocessor, out_dir)
+            save_model(self.small.family, grown, self.model.target_config, self.small.preprocessor, out_dir, owner)
         return {
             "num-examples": result.num_examples,
             "accuracy": result.accuracy,

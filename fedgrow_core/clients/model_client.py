@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -180,8 +181,10 @@ class ModelClient:
         """Loss, accuracy and macro precision on the client's test rows."""
         return evaluate(self.model, self._test, self.device)
 
-    def finetune_and_evaluate(self, steps: int, out_dir: str | Path | None) -> dict:
-        """Train ``steps`` more steps, evaluate, save atomically (unless ``out_dir`` is ``None``).
+    def finetune_and_evaluate(
+        self, steps: int, out_dir: str | Path | None, owner: Mapping[str, str] | None = None
+    ) -> dict:
+        """Train ``steps`` more steps, evaluate, save atomically (unless ``out_dir`` is ``None``), recording ``owner``.
 
         Returns
         -------
@@ -206,7 +209,9 @@ class ModelClient:
         if not math.isfinite(result.loss):
             raise NonFiniteModel(f"the fine-tuned model's test loss is {result.loss}; it is not saved or reported")
         if out_dir is not None:
-            save_model(self.setup.small.family, self.model, self.config, self.setup.small.preprocessor, out_dir)
+            save_model(
+                self.setup.small.family, self.model, self.config, self.setup.small.preprocessor, out_dir, owner
+            )
             self.model.to(self.device)
         return {
             "num-examples": result.num_examples,

@@ -5,20 +5,27 @@ own format (``transformers``' ``save_pretrained`` with the tokenizer, or timm's
 ``save_for_hf``). :func:`save_model` first checks that every weight is finite,
 then writes into a temporary folder beside the destination and swaps it in with
 ``os.replace``, so a reader never sees a half-written model and a model that was
-saved before is never replaced by a broken one.
+saved before is never replaced by a broken one. Each folder records the run that
+wrote it (:data:`OWNER_FILE`), and :func:`owner_problem` tells a run that a
+folder belongs to another, so that one run cannot replace another's model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+#: The file in a saved model's folder that names the run that wrote it (JSON of strings).
+OWNER_FILE = "fedgrow_run.json"
 
 
 class NonFiniteModel(ValueError):
@@ -37,7 +44,8 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     """Call ``write(tmp)`` on a new temporary folder beside ``folder``, then make it ``folder``.
 
     An existing ``folder`` is moved aside and removed only after the new one is
-    in place; if ``write`` raises, the temporary folder is removed and
+    in place (between the two renames, for an instant, neither is at
+    ``folder``); if ``write`` raises, the temporary folder is removed and
     ``folder`` is left as it was.
 
     Returns
@@ -55,7 +63,7 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
         raise
     old = None
     if folder.exists():
-        old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
         os.replace(folder, old)
     os.replace(tmp, folder)
     if old is not None:
@@ -63,7 +71,32 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     return folder
 
 
-def save_model(family: Any, model: nn.Module, config: Any, preprocessor: Any, folder: str | Path) -> Path:
+def owner_problem(folder: str | Path, owner: Mapping[str, str]) -> str | None:
+    """Why ``folder`` may not be replaced by a model of the run ``owner`` describes, or ``None``.
+
+    A folder that does not exist, or whose :data:`OWNER_FILE` names the same
+    run, may be replaced; one without that file, or of another run, may not.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    try:
+        found = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return "its folder holds files no run of this node saved there; they are not replaced"
+    if found != dict(owner):
+        return "its folder holds a model another run saved; it is not replaced"
+    return None
+
+
+def save_model(
+    family: Any,
+    model: nn.Module,
+    config: Any,
+    preprocessor: Any,
+    folder: str | Path,
+    owner: Mapping[str, str] | None = None,
+) -> Path:
     """Save ``model`` (its family's format) and its tokenizer, if it has one, atomically into ``folder``.
 
     Parameters
@@ -78,6 +111,8 @@ def save_model(family: Any, model: nn.Module, config: Any, preprocessor: Any, fo
         Saved with ``save_pretrained`` if it has that method (a tokenizer).
     folder : str or Path
         The model's folder.
+    owner : mapping of str to str, optional
+        The run that saves it, written to :data:`OWNER_FILE` in the folder.
 
     Raises
     ------
@@ -90,5 +125,7 @@ def save_model(family: Any, model: nn.Module, config: Any, preprocessor: Any, fo
         family.save(model.cpu(), config, tmp)
         if hasattr(preprocessor, "save_pretrained"):
             preprocessor.save_pretrained(tmp)
+        if owner is not None:
+            (tmp / OWNER_FILE).write_text(json.dumps(dict(owner), sort_keys=True))
 
     return write_folder_atomically(folder, write)

@@ -143,7 +143,7 @@ class ClientSetup:
         if model_name.startswith("vit:"):
             spec = VitSpec.parse(model_name[len("vit:") :])
             cache = Path(run.cache_dir) if run.cache_dir else default_cache_dir()
-            tag = f"{run.dataset}/{run.partitioner}-{run.dirichlet_alpha}/{num_partitions}/p{partition_id}"
+            tag = f"{dataset or run.dataset}/{run.partitioner}-{run.dirichlet_alpha}/{num_partitions}/p{partition_id}"
             (result,) = pretrain_small_vits(
                 [spec],
                 train,

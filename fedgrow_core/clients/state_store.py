@@ -84,6 +84,12 @@ class ClientStateStore:
         eligible = [r for r in self.rounds() if r <= at_most]
         return eligible[-1] if eligible else None
 
+    def _saved(self, server_round: int) -> str:
+        path = self.folder / f"round-{server_round}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no client state for round {server_round} in {self.folder}")
+        return str(path)
+
     def load(self, server_round: int) -> dict[str, Tensor]:
         """The state saved as round ``server_round`` (CPU tensors).
 
@@ -92,10 +98,7 @@ class ClientStateStore:
         FileNotFoundError
             If that round was not saved (or was dropped).
         """
-        path = self.folder / f"round-{server_round}.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"no client state for round {server_round} in {self.folder}")
-        return load_file(str(path))
+        return load_file(self._saved(server_round))
 
     def metadata(self, server_round: int) -> dict[str, str]:
         """The header metadata :meth:`save` wrote with round ``server_round`` (empty if none).
@@ -105,10 +108,7 @@ class ClientStateStore:
         FileNotFoundError
             If that round was not saved (or was dropped).
         """
-        path = self.folder / f"round-{server_round}.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"no client state for round {server_round} in {self.folder}")
-        with safe_open(str(path), "pt") as f:
+        with safe_open(self._saved(server_round), "pt") as f:
             return dict(f.metadata() or {})
 
     def load_latest(
