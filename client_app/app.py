@@ -451,7 +451,8 @@ def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: I
     kind = "grown_model" if mode != "small-only" else "small_model"
     out = node.policy.node_folder(node.effective) / "models" / run_folder / kind
     owner = _state_metadata(context, node)
-    problem = owner_problem(out, owner) if node.run.save_models else None
+    same_run = ("run-fingerprint",) if order.resumed_after else None  # a resumption is a new Flower run
+    problem = owner_problem(out, owner, same_run) if node.run.save_models else None
     if problem:
         raise RefusedMessage(f"the final model of run-tag {run_folder!r}: {problem}")
     context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted

@@ -344,6 +344,11 @@ def test_a_run_cannot_replace_another_runs_model(files, tmp_path, task_identity)
     reason = _refusal(_final(second, _global_ligo({"seed": 1}), **{"server-round": 1}))
     assert "holds a model another run saved; it is not replaced" in reason
     assert model_file.read_bytes() == saved
+    fedgrow_client._CLIENTS.clear()
+    extended = _context(node, run_id=3)  # the first run resumed and extended by one round: the same run
+    _arrays(_grow(extended, _global_ligo(), 2, **{"resumed-after": 1}))
+    assert not _final(extended, _global_ligo(), **{"server-round": 2, "resumed-after": 1}).has_error()
+    assert model_file.read_bytes() != saved
 
 
 def test_a_non_finite_model_is_never_saved_and_a_failed_save_keeps_the_old_one(tmp_path):

@@ -71,11 +71,12 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     return folder
 
 
-def owner_problem(folder: str | Path, owner: Mapping[str, str]) -> str | None:
+def owner_problem(folder: str | Path, owner: Mapping[str, str], keys: tuple[str, ...] | None = None) -> str | None:
     """Why ``folder`` may not be replaced by a model of the run ``owner`` describes, or ``None``.
 
-    A folder that does not exist, or whose :data:`OWNER_FILE` names the same
-    run, may be replaced; one without that file, or of another run, may not.
+    A folder that does not exist, or whose :data:`OWNER_FILE` agrees with
+    ``owner`` on ``keys`` (default: all of ``owner``'s), may be replaced; one
+    without that file, or of another run, may not.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -84,7 +85,7 @@ def owner_problem(folder: str | Path, owner: Mapping[str, str]) -> str | None:
         found = json.loads((folder / OWNER_FILE).read_text())
     except (OSError, ValueError):
         return "its folder holds files no run of this node saved there; they are not replaced"
-    if found != dict(owner):
+    if not isinstance(found, dict) or any(found.get(k) != owner[k] for k in (keys or tuple(owner))):
         return "its folder holds a model another run saved; it is not replaced"
     return None
 
