@@ -6,7 +6,8 @@ the node. :class:`NodePolicy` reads the node config and decides, for every
 message, what the run config may choose:
 
 * the modes the node serves (``allowed-modes``);
-* its data (``dataset`` and its columns) and its small model (``model``);
+* its data (``dataset`` and its columns, or the shared sources the run may
+  name, ``allowed-datasets``) and its small model (``model``);
 * its folders (``output-dir``, ``state-dir``, ``audit-dir``, ``cache-dir``);
 * caps on the work one message may ask (``max-local-steps``,
   ``max-finetune-steps``, ``max-pretrain-steps``, ``max-batch-size``,
@@ -113,6 +114,9 @@ class NodePolicy(BaseModel):
         Comma-separated modes the node serves.
     model, dataset : str
         The node's own small model and data file ("" : the run config's, where allowed).
+    allowed_datasets : str
+        Comma-separated data sources besides the built-in ones that the run config's ``dataset`` may name
+        (a file the organisations share, partitioned by ``partition-id``); ``strict`` only.
     text_column, label_column, image_column : str
         Columns of the node's own data ("" : the run config's in ``open``, the
         canonical ``text``/``label``/``image`` in ``strict``).
@@ -153,6 +157,7 @@ class NodePolicy(BaseModel):
     allowed_modes: str = ""
     model: str = ""
     dataset: str = ""
+    allowed_datasets: str = ""
     text_column: str = ""
     label_column: str = ""
     image_column: str = ""
@@ -246,10 +251,11 @@ class NodePolicy(BaseModel):
         for key, rows in (("eval-max-examples", run.eval_max_examples), ("max-test-examples", run.max_test_examples)):
             if 0 < rows < self.min_eval_rows:
                 out.append(f"{key} = {rows}: under this node's min-eval-rows = {self.min_eval_rows}")
-        if self.strict and not self.dataset and run.dataset not in BUILTIN_SOURCES:
+        shared = {s.strip() for s in self.allowed_datasets.split(",") if s.strip()}
+        if self.strict and not self.dataset and run.dataset not in {*BUILTIN_SOURCES, *shared}:
             out.append(
-                f"dataset = {run.dataset!r}: this node reads only its own data (node config dataset) or a built-in "
-                f"source {sorted(BUILTIN_SOURCES)}"
+                f"dataset = {run.dataset!r}: this node reads only its own data (node config dataset), a built-in "
+                f"source {sorted(BUILTIN_SOURCES)} or one its node config allowed-datasets names"
             )
         if self.strict and not self.model and not (model in MODEL_ZOO or model.startswith("vit:")):
             out.append(

@@ -3,7 +3,8 @@
 Starts ``flower-superlink`` and ``flower-supernode`` processes on 127.0.0.1 with
 the commands of :mod:`deploy.commands` and certificates and keys from
 ``deploy/generate_certs.sh``; each SuperNode has its own node config (partition,
-small-model folder, state folder, output folder). ``flwr run`` against that
+small-model folder, state folder, output folder, and the shared data file its
+strict node policy lets the run name). ``flwr run`` against that
 SuperLink must give the same Global-LiGO and client accuracies as the same
 config in Flower's simulation, and each client's private state must persist
 across rounds. A SuperNode whose key was not registered is refused. Every
@@ -148,11 +149,9 @@ def deployment(tmp_path_factory):
                 "model": models[i],
                 "state-dir": str(tmp / f"node-{i}/state"),
                 "output-dir": str(tmp / f"node-{i}/out"),
-                "allowed-modes": "fedgrow",
-                # the run config's data file, partitioned as in the simulation this test compares with: one
-                # user owns every node here, so the nodes take the open policy (a strict node reads only its own
-                # dataset or a built-in source)
-                "node-policy": "open",
+                # no node-policy: a deployed node is strict. It lets the run partition this shared file, as
+                # the simulation this test compares with does
+                "allowed-datasets": str(tmp / "reviews.csv"),
             }
             cmd = supernode_command(
                 f"127.0.0.1:{port}", str(certs / "ca.crt"), str(keys / f"supernode_{i}"), node, runtime_ports[i]
@@ -167,7 +166,9 @@ def deployment(tmp_path_factory):
             runtime_ports[2],
         )
         refused = procs.start("unregistered", [*refused_cmd, "--max-retries", "1"])
-        lines = [f"{k} = {json.dumps(v)}" for k, v in {**config, "output-dir": str(tmp / "server-out")}.items()]
+        # an audit folder of the server's choosing, which strict nodes never write
+        deployed = {**config, "output-dir": str(tmp / "server-out"), "audit-dir": str(tmp / "server-audit")}
+        lines = [f"{k} = {json.dumps(v)}" for k, v in deployed.items()]
         (tmp / "run.toml").write_text("\n".join(lines) + "\n")
         run = _flwr(env, "run", str(ROOT), "loopback", "--run-config", str(tmp / "run.toml"), "--stream", timeout=600)
         refused_rc = refused.wait(timeout=120)
@@ -210,6 +211,12 @@ def test_deployment_gives_the_simulation_outputs(deployment):
         assert summary["rounds"] == 2
     assert by_partition[run_dir] == pytest.approx(by_partition[sim_dir], abs=1e-9)  # same test predictions
     assert len(by_partition[run_dir]) == 2
+
+
+def test_deployed_supernodes_are_strict_and_never_write_where_the_run_config_says(deployment):
+    assert not (deployment["tmp"] / "server-audit").exists()  # a node of the open policy would have written it
+    for i in (0, 1):
+        assert "refused by this node's policy" not in deployment["logs"][f"supernode-{i}"]
 
 
 def test_each_supernode_kept_its_local_ligo_across_rounds_in_its_state_folder(deployment):

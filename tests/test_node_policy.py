@@ -179,6 +179,15 @@ def test_the_server_cannot_choose_what_a_node_reads(files, tmp_path, task_identi
     assert "this node reads only its own data" in reason and "secret" not in reason and "<path>" in reason
     reason = _refusal(_preflight(_context(bare, {"client-models": files["model"]})))
     assert "it loads only its own model" in reason
+    shared = {**bare, "allowed-datasets": f"{files['data']}, digits", "model": files["model"]}
+    reason = _refusal(_preflight(_context(shared, {"dataset": files["secret"]})))
+    assert "or one its node config allowed-datasets names" in reason
+    # a file the organisations share, named in the node's allow-list: partitioned like a built-in source
+    run = {"dataset": files["data"], "text-column": "review", "label-column": "stars", "partitioner": "iid"}
+    reply = _preflight(_context(shared, run))
+    assert not reply.has_error(), reply.error.reason
+    rows = reply.content["metrics"]["train-examples"] + reply.content["metrics"]["test-examples"]
+    assert 0 < rows <= 60  # one of two partitions of the 120 rows (the global test split held out), not all
     # the node's own file, read with the node's own columns whatever the run config names
     own = _preflight(_context(_node(files, tmp_path), {"dataset": files["secret"], "text-column": "x"}))
     assert not own.has_error(), own.error.reason
