@@ -19,11 +19,12 @@ message that is refused or fails changes no private state: ``Context.state`` is
 written only after a round succeeds, and the node's cached client objects are
 dropped, so the next message starts from the last good state. When the server
 names its run (``run-tag`` in the message config), the private state is also
-written after every round to the node's state folder, under that tag and the
-run config's fingerprint, with the Flower run id in the file's header
+written after every round to the node's state folder, under that tag, the run
+config's fingerprint and the Flower run id
 (:class:`fedgrow_core.clients.state_store.ClientStateStore`); a client without
-it in memory (a resumed run, a restarted node) picks up only state its own run
-wrote.
+it in memory (a restarted node) picks up only state its own run wrote, and a
+resumed run (if the node's policy allows resuming) only state a run of the same
+tag and configuration wrote.
 
 Every round runs under its own torch seed, derived from ``seed``, the partition,
 the phase and the round (:func:`round_seed`), and the batch order is a function
@@ -150,12 +151,25 @@ def _forget(context: Context) -> None:
         del _CLIENTS[key]
 
 
+#: ``Context.state`` keys of private state, rolled back when a message is refused or fails.
+_PRIVATE_KEYS = (STATE_KEY, ROUND_KEY, DATA_KEY)
+
+
 @contextlib.contextmanager
 def _transaction(context: Context) -> Iterator[None]:
-    """Serve a message; if it is refused or fails, drop the node's cached clients so no partial work survives."""
+    """Serve a message; if it is refused or fails, put back the private ``Context.state`` and drop cached clients.
+
+    Records in ``Context.state`` are replaced, never changed in place, so keeping references is a snapshot.
+    """
+    before = {k: context.state[k] for k in _PRIVATE_KEYS if k in context.state}
     try:
         yield
     except BaseException:
+        for key in _PRIVATE_KEYS:
+            if key in before:
+                context.state[key] = before[key]
+            elif key in context.state:
+                del context.state[key]
         _forget(context)
         raise
 
@@ -168,6 +182,11 @@ def _setup(context: Context, node: _Node) -> tuple[tuple, ClientSetup]:
         (*key, "setup"),
         lambda: ClientSetup.load(node.effective, policy.partition_id, policy.num_partitions, model, dataset),
     )
+    if len(setup.test_rows) < policy.min_eval_rows:
+        raise RefusedMessage(
+            f"this node's split has {len(setup.test_rows)} test rows, under its min-eval-rows = "
+            f"{policy.min_eval_rows}: every accuracy it reported would be about a few private rows"
+        )
     return key, setup
 
 
@@ -214,15 +233,16 @@ def _seeded(node: _Node, phase: Phase, server_round: int) -> Iterator[None]:
 
 
 def _state_store(context: Context, node: _Node, tag: str) -> ClientStateStore | None:
-    """The node's on-disk state for the server's run ``tag`` and this run config (``None`` without a tag).
+    """The node's on-disk state for the server's run ``tag``, this run config and this Flower run (``None``: no tag).
 
-    The folder is ``<state folder>/<tag>/<first 16 hex digits of the run fingerprint>``: a run config
-    other than the one that wrote a state folder never finds it.
+    The folder is ``<state folder>/<tag>/<first 16 hex digits of the run fingerprint>/run-<Flower run id>``:
+    a run writes only its own folder, and a run config other than the one that wrote a state folder never
+    finds it.
     """
     if not tag:
         return None
     folder = node.policy.state_folder(node.effective) / tag / run_fingerprint(node.run)[:16]
-    return ClientStateStore(folder)
+    return ClientStateStore(folder / f"run-{context.run_id}")
 
 
 def _state_metadata(context: Context, node: _Node) -> dict[str, str]:
@@ -234,25 +254,37 @@ def _restore(
 ) -> None:
     """Put the newest private state saved before ``server_round`` into ``Context.state`` (memory or disk).
 
-    From disk, only state this run wrote (same Flower run id and run fingerprint) is taken or, in a
-    resumed run (``resumed_after`` > 0), state of the same run fingerprint.
+    From disk, only state this Flower run wrote is taken or, in a resumed run (``resumed_after`` > 0, if
+    the node's policy allows resuming), state that a run of the same tag and run fingerprint wrote.
 
     Raises
     ------
     RefusedMessage
-        If the server resumes a run (``resumed_after`` > 0) in which every node
-        trains every round, and this node has no private state from it: a fresh
-        start would silently train new operators. The text is the same whether
-        no state exists or another run's does.
+        If the server resumes a run and the node's policy does not allow it
+        (``allow-resume``); or if it resumes a run in which every node trains
+        every round and this node has no private state from it: a fresh start
+        would silently train new operators. The text is the same whether no
+        state exists or another run's does.
     """
+    if resumed_after > 0 and not node.policy.allow_resume:
+        raise RefusedMessage(
+            f"resumed-after = {resumed_after}: this node does not resume runs (node config allow-resume)"
+        )
     if store is None:
         return
     have = int(context.state[ROUND_KEY]["round"]) if ROUND_KEY in context.state else 0
     if have < server_round - 1:
         require = _state_metadata(context, node)
-        if resumed_after > 0:
-            del require["run-id"]  # a resumed run is a new Flower run of the same configuration
-        found = store.load_latest(at_most=server_round - 1, require=require)
+        stores = [store]
+        if resumed_after > 0:  # a resumed run is a new Flower run of the same tag and configuration
+            del require["run-id"]
+            siblings = store.folder.parent.iterdir() if store.folder.parent.is_dir() else []
+            stores = [ClientStateStore(p) for p in sorted(siblings) if p.is_dir()]
+        found = max(
+            (f for s in stores if (f := s.load_latest(at_most=server_round - 1, require=require)) is not None),
+            key=lambda f: f[0],
+            default=None,
+        )
         if found is not None and found[0] > have:
             context.state[STATE_KEY] = ArrayRecord(found[1])
             context.state[ROUND_KEY] = ConfigRecord({"round": found[0]})
@@ -449,12 +481,12 @@ def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: I
         client.load_weights(received)
     run_folder = order.run_tag or f"run-{context.run_id}"
     kind = "grown_model" if mode != "small-only" else "small_model"
-    out = node.policy.node_folder(node.effective) / "models" / run_folder / kind
+    models = node.policy.node_folder(node.effective) / "models"
     owner = _state_metadata(context, node)
     same_run = ("run-fingerprint",) if order.resumed_after else None  # a resumption is a new Flower run
-    problem = owner_problem(out, owner, same_run) if node.run.save_models else None
-    if problem:
-        raise RefusedMessage(f"the final model of run-tag {run_folder!r}: {problem}")
+    out = models / run_folder / kind
+    if owner_problem(out, owner, same_run):  # another run saved a model under this tag: never replaced
+        out = models / f"{run_folder}.run-{context.run_id}" / kind
     context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted
     save_to = out if node.run.save_models else None
     if mode in ("fedgrow", "independent-ligo"):

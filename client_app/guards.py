@@ -207,7 +207,7 @@ def check_run_tag(tag: object) -> str:
         For anything else (``..``, a separator, a leading dot, over 200 characters).
     """
     text = str(tag)
-    if text and (not _RUN_TAG.match(text) or ".." in text):
+    if text and (not _RUN_TAG.fullmatch(text) or ".." in text):
         raise RefusedMessage(
             f"run-tag {text[:40]!r}: expected one path component of letters, digits, '.', '_' and '-' "
             "(at most 200, not starting with '.', no '..')"

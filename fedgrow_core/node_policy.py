@@ -64,11 +64,13 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_pretrain_steps": 5000,
         "max_batch_size": 256,
         "max_sequence_length": 512,
+        "max_batch_tokens": 65536,
         "max_model_params": 200_000_000,
         "max_message_seconds": 3600.0,
         "max_final_phases": 1,
         "max_rounds": 200,
         "min_eval_rows": 32,
+        "allow_resume": False,
     },
     "open": {
         "allowed_modes": ",".join(MODES),
@@ -77,11 +79,13 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_pretrain_steps": 0,
         "max_batch_size": 0,
         "max_sequence_length": 0,
+        "max_batch_tokens": 0,
         "max_model_params": 0,
         "max_message_seconds": 0.0,
         "max_final_phases": 0,
         "max_rounds": 0,
         "min_eval_rows": 0,
+        "allow_resume": True,
     },
 }
 
@@ -126,6 +130,9 @@ class NodePolicy(BaseModel):
         Optimiser steps one message may ask (steps).
     max_batch_size, max_sequence_length : int
         Rows per step and tokens per row one message may ask.
+    max_batch_tokens : int
+        ``batch-size * max-length`` of a text run (activation memory grows with it); image patches are
+        bounded by ``max-batch-size`` and ``max-model-params`` only.
     max_model_params : int
         Transformer-body weights (``L * (4 D^2 + 2 D F)``) of a model the run asks the node to build.
     max_message_seconds : float
@@ -135,8 +142,12 @@ class NodePolicy(BaseModel):
     max_rounds : int
         Training rounds served per run (``num-server-rounds`` and each message's ``server-round``).
     min_eval_rows : int
-        Fewest test rows an evaluation may use (``eval-max-examples``, ``max-test-examples``), so that no
-        reported accuracy is about one or a few private rows.
+        Fewest test rows an evaluation may use (``eval-max-examples``, ``max-test-examples``, and the node's
+        own test split), so that no reported accuracy is about one or a few private rows.
+    allow_resume : bool
+        Whether a new run may resume the private state that a run of the same tag and run config left
+        (``resumed-after``, the server's ``resume-from``); each resumption is a new run with its own rounds
+        and final phase.
     max_received_abs : float
         Largest ``|value|`` accepted in a received tensor (the Global-LiGO or a target model).
     """
@@ -170,11 +181,13 @@ class NodePolicy(BaseModel):
     max_pretrain_steps: int = _cap("pre-training steps of a `vit:LxD` small model")
     max_batch_size: int = _cap("rows per optimiser step")
     max_sequence_length: int = _cap("tokens per text row")
+    max_batch_tokens: int = _cap("tokens per text batch")
     max_model_params: int = _cap("transformer-body weights of a model to build")
     max_message_seconds: float = _cap("seconds of work per message")
     max_final_phases: int = _cap("final phases per run")
     max_rounds: int = _cap("training rounds per run")
     min_eval_rows: int = _cap("test rows of an evaluation")
+    allow_resume: bool = False
     max_received_abs: float = Field(100.0, gt=0)
 
     @classmethod
@@ -221,6 +234,11 @@ class NodePolicy(BaseModel):
         """The modes this node serves (``allowed-modes``)."""
         return tuple(m.strip() for m in self.allowed_modes.split(",") if m.strip())
 
+    @property
+    def shared_sources(self) -> frozenset[str]:
+        """Data sources besides the built-in ones that the run config may name (``allowed-datasets``)."""
+        return frozenset(s.strip() for s in self.allowed_datasets.split(",") if s.strip())
+
     def small_model(self, run: RunConfig) -> str:
         """The name or folder of this node's small model: its own ``model``, else the run's for its partition."""
         return self.model or run.client_models[self.partition_id % len(run.client_models)]
@@ -238,6 +256,9 @@ class NodePolicy(BaseModel):
             ("target-shape", body_params(run.target_shape), "max-model-params", self.max_model_params),
             ("num-server-rounds", run.num_server_rounds, "max-rounds", self.max_rounds),
         ]
+        if run.task == "text":
+            tokens = run.batch_size * run.max_length
+            caps.append(("batch-size * max-length", tokens, "max-batch-tokens", self.max_batch_tokens))
         model = self.small_model(run)
         if model.startswith("vit:"):
             caps.append(("pretrain-steps", run.pretrain_steps, "max-pretrain-steps", self.max_pretrain_steps))
@@ -251,8 +272,7 @@ class NodePolicy(BaseModel):
         for key, rows in (("eval-max-examples", run.eval_max_examples), ("max-test-examples", run.max_test_examples)):
             if 0 < rows < self.min_eval_rows:
                 out.append(f"{key} = {rows}: under this node's min-eval-rows = {self.min_eval_rows}")
-        shared = {s.strip() for s in self.allowed_datasets.split(",") if s.strip()}
-        if self.strict and not self.dataset and run.dataset not in {*BUILTIN_SOURCES, *shared}:
+        if self.strict and not self.dataset and run.dataset not in {*BUILTIN_SOURCES, *self.shared_sources}:
             out.append(
                 f"dataset = {run.dataset!r}: this node reads only its own data (node config dataset), a built-in "
                 f"source {sorted(BUILTIN_SOURCES)} or one its node config allowed-datasets names"
@@ -287,13 +307,14 @@ class NodePolicy(BaseModel):
         """``run`` as this node executes it: the node's data columns, cache and audit folders in place of the run's.
 
         In ``strict`` the run config's ``cache-dir`` and ``audit-dir`` are never
-        used (the node's own, or none); the node's own data is read with the
-        node's columns (``text``/``label``/``image`` unless it names others).
-        In ``open`` a key the node sets wins over the run config's.
+        used (the node's own, or none); the node's own data, and a shared
+        source of ``allowed-datasets``, are read with the node's columns
+        (``text``/``label``/``image`` unless it names others). In ``open`` a
+        key the node sets wins over the run config's.
         """
         columns = {"text_column": "text", "label_column": "label", "image_column": "image"} if self.strict else {}
         update: dict[str, Any] = {}
-        if self.dataset:
+        if self.dataset or (self.strict and run.dataset in self.shared_sources):
             for key in ("text_column", "label_column", "image_column"):
                 update[key] = getattr(self, key) or columns.get(key, getattr(run, key))
         if self.strict or self.cache_dir:

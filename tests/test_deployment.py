@@ -152,6 +152,7 @@ def deployment(tmp_path_factory):
                 # no node-policy: a deployed node is strict. It lets the run partition this shared file, as
                 # the simulation this test compares with does
                 "allowed-datasets": str(tmp / "reviews.csv"),
+                "min-eval-rows": 8,  # this test's partitions have about 18 test rows
             }
             cmd = supernode_command(
                 f"127.0.0.1:{port}", str(certs / "ca.crt"), str(keys / f"supernode_{i}"), node, runtime_ports[i]
@@ -221,7 +222,7 @@ def test_deployed_supernodes_are_strict_and_never_write_where_the_run_config_say
 
 def test_each_supernode_kept_its_local_ligo_across_rounds_in_its_state_folder(deployment):
     for node in deployment["nodes"]:
-        (folder,) = Path(node["state-dir"]).glob("*/*")  # one run tag, one run fingerprint
+        (folder,) = Path(node["state-dir"]).glob("*/*/*")  # one run tag, one run fingerprint, one Flower run
         first, second = (load_file(str(folder / f"round-{r}.safetensors")) for r in (1, 2))
         assert int(first["data.steps"]) == 3 and int(second["data.steps"]) == 6  # round 2 went on from round 1
         local = [k for k in first if k.startswith("operator.local.")]

@@ -44,7 +44,7 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("node-files")
     return {
         "model": tiny_bert_folder(tmp / "bert", 1, 32, 2, 64, 0),
-        "data": reviews_csv(tmp / "own.csv", 120, text_column="review", label_column="stars"),
+        "data": reviews_csv(tmp / "own.csv", 200, text_column="review", label_column="stars"),
         "secret": reviews_csv(tmp / "secret.csv", 60),
     }
 
@@ -121,6 +121,8 @@ def test_profiles_set_the_defaults_and_the_node_config_overrides_them():
     mine = NodePolicy.from_node_config({"cache-dir": "/node/cache", "dataset": "own.csv"}, simulation=True)
     assert mine.effective_run(server).cache_dir == "/node/cache" and mine.effective_run(server).text_column == "x"
     assert strict.model_copy(update={"dataset": "own.csv"}).effective_run(server).text_column == "text"
+    (problem,) = strict.problems(RunConfig(batch_size=256, max_length=512))  # each within its own cap
+    assert problem == "batch-size * max-length = 131072: over this node's max-batch-tokens = 65536"
     with pytest.raises(NodePolicyError) as err:
         NodePolicy.from_node_config({"max-local-step": 3, "max-batch-size": -1, "max-message-seconds": float("nan")})
     text = str(err.value)
@@ -153,7 +155,7 @@ def test_the_server_cannot_choose_where_a_node_writes(files, tmp_path, task_iden
     assert not any((tmp_path / f"server-{k}").exists() for k in ("output-dir", "audit-dir", "cache-dir"))
     mine = tmp_path / "fedgrow-node" / "clients" / "partition-0"
     assert (mine / "models" / TAG / "grown_model" / "model.safetensors").is_file()
-    assert len(list((mine / "state" / TAG).glob("*/round-1.safetensors"))) == 1
+    assert len(list((mine / "state" / TAG).glob("*/run-1/round-1.safetensors"))) == 1
 
 
 def test_only_the_nodes_own_audit_folder_is_written_and_it_logs_every_reply(files, tmp_path, task_identity):
@@ -179,19 +181,20 @@ def test_the_server_cannot_choose_what_a_node_reads(files, tmp_path, task_identi
     assert "this node reads only its own data" in reason and "secret" not in reason and "<path>" in reason
     reason = _refusal(_preflight(_context(bare, {"client-models": files["model"]})))
     assert "it loads only its own model" in reason
-    shared = {**bare, "allowed-datasets": f"{files['data']}, digits", "model": files["model"]}
+    shared = {**bare, "allowed-datasets": f"{files['data']}, digits", "model": files["model"], "min-eval-rows": 8}
     reason = _refusal(_preflight(_context(shared, {"dataset": files["secret"]})))
     assert "or one its node config allowed-datasets names" in reason
     # a file the organisations share, named in the node's allow-list: partitioned like a built-in source
-    run = {"dataset": files["data"], "text-column": "review", "label-column": "stars", "partitioner": "iid"}
-    reply = _preflight(_context(shared, run))
-    assert not reply.has_error(), reply.error.reason
+    run = {"dataset": files["data"], "text-column": "x", "label-column": "y", "partitioner": "iid"}
+    reply = _preflight(_context({**shared, "text-column": "review", "label-column": "stars"}, run))
+    assert not reply.has_error(), reply.error.reason  # read with the node's columns, not the run config's
     rows = reply.content["metrics"]["train-examples"] + reply.content["metrics"]["test-examples"]
-    assert 0 < rows <= 60  # one of two partitions of the 120 rows (the global test split held out), not all
+    assert 0 < rows <= 100  # one of two partitions of the 200 rows (the global test split held out), not all
+    assert "min-eval-rows = 32" in _refusal(_preflight(_context({**shared, "min-eval-rows": 32}, run)))
     # the node's own file, read with the node's own columns whatever the run config names
     own = _preflight(_context(_node(files, tmp_path), {"dataset": files["secret"], "text-column": "x"}))
     assert not own.has_error(), own.error.reason
-    assert own.content["metrics"]["train-examples"] + own.content["metrics"]["test-examples"] == 120
+    assert own.content["metrics"]["train-examples"] + own.content["metrics"]["test-examples"] == 200
 
 
 # --- 3. which mode a node serves ----------------------------------------------------------------------------------
@@ -340,24 +343,23 @@ def test_the_final_phase_cannot_be_abused(files, tmp_path, task_identity):
     assert not list(model_file.parent.parent.glob(".*"))  # no temporary folder left beside the model
 
 
-def test_a_run_cannot_replace_another_runs_model(files, tmp_path, task_identity):
+def test_a_run_cannot_replace_another_runs_model_or_state(files, tmp_path, task_identity):
     node = _node(files, tmp_path)
     first = _context(node)
     _arrays(_grow(first, _global_ligo(), 1))
     assert not _final(first, _global_ligo(), **{"server-round": 1}).has_error()
-    model_file = tmp_path / "node" / "clients" / "partition-0" / "models" / TAG / "grown_model" / "model.safetensors"
+    models = tmp_path / "node" / "clients" / "partition-0" / "models"
+    model_file = models / TAG / "grown_model" / "model.safetensors"
     saved = model_file.read_bytes()
+    (state_file,) = (tmp_path / "node" / "clients" / "partition-0" / "state" / TAG).rglob("round-1.safetensors")
+    state = state_file.read_bytes()
     fedgrow_client._CLIENTS.clear()
-    second = _context(node, {"seed": 1}, run_id=2)  # another run that names the first one's tag
-    _arrays(_grow(second, _global_ligo({"seed": 1}), 1))
-    reason = _refusal(_final(second, _global_ligo({"seed": 1}), **{"server-round": 1}))
-    assert "holds a model another run saved; it is not replaced" in reason
-    assert model_file.read_bytes() == saved
-    fedgrow_client._CLIENTS.clear()
-    extended = _context(node, run_id=3)  # the first run resumed and extended by one round: the same run
-    _arrays(_grow(extended, _global_ligo(), 2, **{"resumed-after": 1}))
-    assert not _final(extended, _global_ligo(), **{"server-round": 2, "resumed-after": 1}).has_error()
-    assert model_file.read_bytes() != saved
+    for run_id, run in ((2, {"seed": 1}), (3, {})):  # other runs that name the first one's tag, with its config too
+        other = _context(node, run, run_id=run_id)
+        _arrays(_grow(other, _global_ligo(run), 1))
+        assert not _final(other, _global_ligo(run), **{"server-round": 1}).has_error()  # the same reply either way
+        assert (models / f"{TAG}.run-{run_id}" / "grown_model" / "model.safetensors").is_file()
+    assert model_file.read_bytes() == saved and state_file.read_bytes() == state
 
 
 def test_a_non_finite_model_is_never_saved_and_a_failed_save_keeps_the_old_one(tmp_path):
@@ -390,8 +392,23 @@ def test_a_message_without_a_handler_gets_a_sanitised_reply(files, tmp_path, tas
     assert reason == "ValueError (details are in the node's own log)"
 
 
-def test_a_node_resumes_only_state_its_own_run_wrote(files, tmp_path, task_identity):
+def test_a_strict_node_does_not_resume_unless_its_policy_allows_it(files, tmp_path, task_identity):
     node = _node(files, tmp_path)
+    first = _context(node)
+    for r in (1, 2):
+        _arrays(_grow(first, _global_ligo(), r))
+    fedgrow_client._CLIENTS.clear()
+    resumed = _context(node, run_id=2)
+    reason = _refusal(_grow(resumed, _global_ligo(), 3, **{"resumed-after": 2}))
+    assert "resumed-after = 2: this node does not resume runs (node config allow-resume)" in reason
+    nan = {k: torch.full_like(v, float("nan")) for k, v in _global_ligo().items()}
+    allowed = _context({**node, "allow-resume": True}, run_id=3)
+    assert "non-finite" in _refusal(_grow(allowed, nan, 3, **{"resumed-after": 2}))
+    assert "fedgrow-private" not in allowed.state  # the state it found on disk was not kept for a refused message
+
+
+def test_a_node_resumes_only_state_its_own_run_wrote(files, tmp_path, task_identity):
+    node = _node(files, tmp_path, **{"allow-resume": True})
     first = _context(node)
     for r in (1, 2):
         _arrays(_grow(first, _global_ligo(), r))

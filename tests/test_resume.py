@@ -129,8 +129,11 @@ def test_the_resumed_run_folder_holds_all_four_rounds_once(runs):
 
 def test_clients_kept_their_private_state_on_disk_per_round(runs):
     _, resumed, _, base = runs
-    # one folder per run tag and run fingerprint: the resumed run found the state its own configuration wrote
-    folders = sorted((resumed.parent / "clients").glob(f"partition-*/state/{resumed.name}/*"))
+    # one folder per run tag, run fingerprint and Flower run: the resumed run found the state that the
+    # interrupted run of its configuration wrote (rounds 1-2), and wrote its own (rounds 3-4) beside it
+    folders = sorted((resumed.parent / "clients").glob(f"partition-*/state/{resumed.name}/*/run-*"))
+    assert len(folders) == 2 * NODES
+    folders = [f for f in folders if (f / "round-4.safetensors").is_file()]
     assert len(folders) == NODES
     for folder in folders:
         kept = sorted(int(p.stem.split("-")[1]) for p in folder.glob("round-*.safetensors"))

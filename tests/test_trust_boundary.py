@@ -442,7 +442,7 @@ def test_a_path_escaping_run_tag_is_refused_and_nothing_is_written(tmp_path, tas
 
 def test_a_resumed_round_without_private_state_is_refused(tmp_path, task_identity):
     message = _server_message("grow", **{"run-tag": "run", "server-round": 3, "resumed-after": 2})
-    reply = sanitised_errors_mod(message, _context(tmp_path), fedgrow_client.train)
+    reply = sanitised_errors_mod(message, _context(tmp_path, **{"allow-resume": True}), fedgrow_client.train)
     assert reply.has_error() and "refusing to start from fresh operators" in reply.error.reason
 
 
