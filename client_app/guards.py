@@ -30,14 +30,13 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 
-import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from torch import Tensor
 
-from fedgrow_core.clients.model_export import NonFiniteModel
+from fedgrow_core.clients.model_export import NonFiniteModel, count_non_finite
 from fedgrow_core.node_policy import NodePolicy, NodePolicyError
 from fedgrow_core.protocol import Instruction, Phase, ProtocolError, served_phases
 from fedgrow_core.run_config import ConfigError, RunConfig
@@ -168,11 +167,9 @@ def check_received(received: Mapping[str, Tensor], expected: Mapping[str, Tensor
             )
         if got.numel() == 0:
             continue
-        finite = torch.isfinite(got)
-        if not bool(finite.all()):
-            raise RefusedMessage(
-                f"tensor {name!r} of the received {what} has {int((~finite).sum())} non-finite values"
-            )
+        bad = count_non_finite(got)
+        if bad:
+            raise RefusedMessage(f"tensor {name!r} of the received {what} has {bad} non-finite values")
         peak = float(got.abs().max())
         if peak > max_abs:
             raise RefusedMessage(
@@ -193,9 +190,10 @@ def check_finite_reply(arrays: Mapping[str, Tensor] | None, metrics: Mapping[str
         if not math.isfinite(float(value)):
             raise RefusedMessage(f"{what} gave {key} = {value}; nothing is sent and this node's state is kept")
     for name, tensor in (arrays or {}).items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise RefusedMessage(f"{what} gave non-finite values in {name[:40]!r}; nothing is sent and this "
-                                 "node's state is kept")
+        if count_non_finite(tensor):
+            raise RefusedMessage(
+                f"{what} gave non-finite values in {name[:40]!r}; nothing is sent and this node's state is kept"
+            )
 
 
 def check_run_tag(tag: object) -> str:

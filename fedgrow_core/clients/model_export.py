@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 #: The file in a saved model's folder that names the run that wrote it (JSON of strings).
 OWNER_FILE = "fedgrow_run.json"
@@ -32,11 +32,22 @@ class NonFiniteModel(ValueError):
     """Raised when a model to be saved or reported has NaN or infinite weights (names the first such tensor)."""
 
 
+def count_non_finite(tensor: Tensor) -> int:
+    """How many entries of ``tensor`` (any shape) are NaN or infinite; 0 for an integer or boolean tensor."""
+    return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+
+
 def check_finite(model: nn.Module, what: str = "model") -> None:
-    """Raise :class:`NonFiniteModel` if any parameter or buffer of ``model`` holds NaN or infinity."""
+    """Check that every parameter and buffer of ``model`` is finite.
+
+    Raises
+    ------
+    NonFiniteModel
+        Naming the first tensor that holds NaN or infinity, with how many such values.
+    """
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        bad = count_non_finite(tensor)
+        if bad:
             raise NonFiniteModel(f"the {what} has {bad} non-finite values in {name!r}; it is not saved or reported")
 
 
