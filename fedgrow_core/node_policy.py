@@ -244,7 +244,10 @@ class NodePolicy(BaseModel):
         return self.model or run.client_models[self.partition_id % len(run.client_models)]
 
     def problems(self, run: RunConfig) -> list[str]:
-        """Everything ``run`` asks that this policy does not allow; each names the key, the value and the limit."""
+        """Everything ``run`` asks that this policy does not allow; each names the key, the value and the limit.
+
+        A malformed ``vit:`` spec for this node is one of the problems (nothing is raised).
+        """
         out = []
         if run.mode not in self.modes:
             out.append(f"mode = {run.mode!r}: this node serves {list(self.modes)} (node config allowed-modes)")
@@ -262,9 +265,13 @@ class NodePolicy(BaseModel):
         model = self.small_model(run)
         if model.startswith("vit:"):
             caps.append(("pretrain-steps", run.pretrain_steps, "max-pretrain-steps", self.max_pretrain_steps))
-            spec = VitSpec.parse(model[len("vit:") :])
-            body = body_params(TransformerShape(spec.layers, spec.hidden, 4 * spec.hidden, spec.heads))
-            caps.append((f"client model {model!r}", body, "max-model-params", self.max_model_params))
+            try:
+                spec = VitSpec.parse(model[len("vit:") :])
+            except ValueError as err:
+                out.append(f"client-models names {model[:60]!r} for this node: {err}")
+            else:
+                body = body_params(TransformerShape(spec.layers, spec.hidden, 4 * spec.hidden, spec.heads))
+                caps.append((f"client model {model!r}", body, "max-model-params", self.max_model_params))
         for key, value, cap_key, cap in caps:
             if cap and value > cap:
                 unit = " weights" if cap_key == "max-model-params" else ""

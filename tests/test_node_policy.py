@@ -294,6 +294,10 @@ def test_a_huge_vit_small_model_is_refused_before_pre_training(tmp_path, task_id
     assert "pretrain-steps = 1000000: over this node's max-pretrain-steps = 5000" in _refusal(
         _preflight(_context(bare, run))
     )
+    run["client-models"] = "vit:banana"
+    assert "client-models names 'vit:banana' for this node: ViT spec must look like" in _refusal(
+        _preflight(_context(bare, run))
+    )
     assert not (tmp_path / "cache").exists()
 
 

@@ -63,6 +63,11 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     -------
     Path
         ``folder``.
+
+    Raises
+    ------
+    Exception
+        Whatever ``write`` raises (``folder`` is left as it was), or ``OSError`` from the renames.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
