@@ -270,7 +270,7 @@ class NodePolicy(BaseModel):
             except ValueError as err:
                 out.append(f"client-models names {model[:60]!r} for this node: {err}")
             else:
-                body = body_params(TransformerShape(spec.layers, spec.hidden, 4 * spec.hidden, spec.heads))
+                body = body_params(TransformerShape(spec.layers, spec.hidden, spec.ffn_width, spec.heads))
                 caps.append((f"client model {model!r}", body, "max-model-params", self.max_model_params))
         for key, value, cap_key, cap in caps:
             if cap and value > cap:

@@ -200,13 +200,32 @@ class RunConfig(BaseModel):
         "that train a whole model (`small-only`, `scratch-fedavg`)",
         gt=0,
     )
+    lr_global_depth: float = _key(
+        1e-4, "Peak AdamW learning rate of the Global-LiGO's depth coefficients (`lr-depth`: the Local-LiGO's)", gt=0
+    )
+    lr_global_width: float = _key(
+        1e-4,
+        "Peak AdamW learning rate of the Global-LiGO's width matrices and split weights (`lr-width`: the Local-LiGO's)",
+        gt=0,
+    )
+    head_warmup_steps: int = _key(
+        0,
+        "First growth steps of each client in which only the task head trains (the operators' rates are 0), so "
+        "that the operators follow a loss read through a fitted head; at most `num-server-rounds * local-steps`",
+        ge=0,
+    )
     lr_schedule: Literal[LR_SCHEDULES] = _key(
         "constant",
-        "Schedule of the three growth learning rates over the growth phase's `num-server-rounds * local-steps` "
+        "Schedule of the growth learning rates over the growth phase's `num-server-rounds * local-steps` "
         "steps (`transformers`' schedules), after the warm-up",
     )
     warmup_steps: int = _key(0, "Linear warm-up steps of the growth learning rates", ge=0)
-    weight_decay: float = _key(0.0, "AdamW decoupled weight decay of every training phase", ge=0)
+    weight_decay: float = _key(
+        0.0,
+        "AdamW decoupled weight decay of the task head in the growth phase and of every whole model trained; "
+        "never of the operators, whose selections and depth coefficients it would pull towards 0",
+        ge=0,
+    )
     fraction_train: float = _key(1.0, "Fraction of the nodes sampled per round", gt=0, le=1)
     partitioner: Literal[PARTITIONERS] = _key("dirichlet", "flwr-datasets partitioner of the rows among the clients")
     dirichlet_alpha: float = _key(0.5, "Concentration of the `dirichlet` partitioner (smaller: more skewed)", gt=0)
@@ -401,6 +420,17 @@ class RunConfig(BaseModel):
                 f"intermediate-shape {_flower_value(inter)} does not fit in target-shape: {', '.join(shrink)}"
             )
         return target
+
+    @field_validator("head_warmup_steps")
+    @classmethod
+    def _warmup_within_growth(cls, steps: int, info: ValidationInfo) -> int:
+        rounds, local = info.data.get("num_server_rounds"), info.data.get("local_steps")
+        if rounds is not None and local is not None and steps > rounds * local:
+            raise ValueError(
+                f"{steps} head warm-up steps, but the growth phase has num-server-rounds * local-steps = "
+                f"{rounds * local} steps"
+            )
+        return steps
 
     @field_validator("proximal_mu")
     @classmethod

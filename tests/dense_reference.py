@@ -35,7 +35,7 @@ def op_matrices(op):
     out = {}
     for s, perm in perms.items():
         a = dense_a(op.width[s], perm)
-        b = dense_b(op.width[s], perm, getattr(op, f"split_{s}"), op.input_side)
+        b = dense_b(op.width[s], perm, op.split_weight(s), op.input_side)
         out[s] = (a, b, a * (op.norm_scale if s == "res" else 1.0))
     return out
 

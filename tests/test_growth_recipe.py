@@ -1,9 +1,10 @@
 """Operator training: fp32 materialisation under autocast, parameter groups and the learning-rate schedule."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fedgrow_core import GrownModel, LiGO, TransformerShape, get_family
+from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
 from fedgrow_core.clients.growth_client import growth_param_groups, growth_schedule, seek_schedule
 from fedgrow_core.run_config import RunConfig
 from tests.conftest import make_bert
@@ -51,14 +52,58 @@ def test_a_small_depth_coefficient_change_reaches_the_fp32_weights_under_bf16_au
 
 def test_param_groups_split_depth_width_and_head_with_their_own_rates(token_batch):
     grown = _grown(token_batch)
-    run = RunConfig(lr_depth=1e-2, lr_width=1e-3, lr_head=5e-3)
+    run = RunConfig(lr_depth=1e-2, lr_width=1e-3, lr_head=5e-3, weight_decay=0.05)
     groups = {g["name"]: g for g in growth_param_groups(grown, run)}
     assert {k: g["lr"] for k, g in groups.items()} == {"depth": 1e-2, "width": 1e-3, "head": 5e-3}
+    # decay pulls towards 0: only the head gets it, never the operators' one-hot selections
+    assert {k: g["weight_decay"] for k, g in groups.items()} == {"depth": 0.0, "width": 0.0, "head": 0.05}
     ids = {k: {id(p) for p in g["params"]} for k, g in groups.items()}
     names = {id(p): n for n, p in grown.named_parameters()}
     assert all(".depth." in names[i] for i in ids["depth"]) and len(ids["depth"]) == 16
-    assert {names[i] for i in ids["width"]} == {f"operator.width.{s}" for s in ("res", "q", "k", "v", "ffn")}
+    width = {f"operator.width.{s}" for s in ("res", "q", "k", "v", "ffn")}
+    assert {names[i] for i in ids["width"]} == width | {f"operator.split.{s}" for s in ("res", "v", "ffn")}
     assert {names[i] for i in ids["head"]} == {"head.weight", "head.bias"}
+
+
+def test_the_global_ligo_has_its_own_rates(token_batch):
+    small = make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, vocab_size=100)
+    fam = get_family("bert")
+    inter, target = TransformerShape(3, 48, 96, 4), TransformerShape(4, 64, 128, 4)
+    op = DualLiGO(LiGO(fam.shape(small), inter, tie_layers=True), LiGO(inter, target))
+    grown = GrownModel(fam, small, op, 3)
+    run = RunConfig(lr_depth=1e-2, lr_width=1e-3, lr_global_depth=2e-2, lr_global_width=3e-3)
+    groups = {g["name"]: g for g in growth_param_groups(grown, run)}
+    lrs = {k: g["lr"] for k, g in groups.items()}
+    assert lrs == {"depth": 1e-2, "width": 1e-3, "global-depth": 2e-2, "global-width": 3e-3, "head": run.lr_head}
+    names = {id(p): n for n, p in grown.named_parameters()}
+    for k in ("global-depth", "global-width"):
+        assert all(names[id(p)].startswith("operator.global_.") for p in groups[k]["params"])
+    for k in ("depth", "width"):
+        assert all(names[id(p)].startswith("operator.local.") for p in groups[k]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(names)
+
+
+def test_head_warmup_holds_the_operators_then_runs_their_schedule():
+    run = RunConfig(num_server_rounds=2, local_steps=10, head_warmup_steps=4, lr_schedule="linear")
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.AdamW(
+        [{"params": [params[0]], "lr": 1.0, "name": "global-width"}, {"params": [params[1]], "lr": 1.0, "name": "head"}]
+    )
+    sched = growth_schedule(opt, run)
+    ops, head = [], []
+    for _ in range(20):
+        ops.append(opt.param_groups[0]["lr"])
+        head.append(opt.param_groups[1]["lr"])
+        opt.step()
+        sched.step()
+    assert ops[:4] == [0.0] * 4 and ops[4] == 1.0 and ops[5] < 1.0  # held, then its own linear decay over 16 steps
+    torch.testing.assert_close(torch.tensor(ops[4:]), 1.0 - torch.arange(16) / 16.0)
+    torch.testing.assert_close(torch.tensor(head), 1.0 - torch.arange(20) / 20.0)  # the head decays from step 0
+
+
+def test_head_warmup_longer_than_the_growth_phase_is_refused():
+    with pytest.raises(ValueError, match="21 head warm-up steps.*20 steps"):
+        RunConfig(num_server_rounds=2, local_steps=10, head_warmup_steps=21)
 
 
 def test_schedule_warms_up_decays_and_seeks_to_a_client_step():

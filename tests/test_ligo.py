@@ -119,6 +119,9 @@ def test_global_ligo_state_dict_has_stable_names_and_shapes():
     for s in "qkv":
         expected[f"width.{s}"] = (target.layers, target.hidden - inter.hidden, inter.hidden)
     expected["width.ffn"] = (target.layers, target.ffn - inter.ffn, inter.ffn)
+    expected["split.res"] = (target.hidden - inter.hidden,)
+    expected["split.v"] = (target.layers, target.hidden - inter.hidden)  # q and k have no input side
+    expected["split.ffn"] = (target.layers, target.ffn - inter.ffn)
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected
     # built from the config alone: the same seed gives the same operator
     again = LiGO(inter, target).state_dict()

@@ -78,7 +78,7 @@ def test_every_split_gives_the_dense_layer_and_its_gradients(kind, absorb):
     for a, b in zip(got_grads, want_grads, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
 def test_the_plan_factors_small_batches_and_absorbs_the_costly_side_of_large_ones():
@@ -156,7 +156,9 @@ def test_grown_model_factored_forward_equals_materialised_weights(seq, inter, in
     slow = model(**batch)
     slow_grads = torch.autograd.grad(F.cross_entropy(slow, labels), list(model.parameters()), allow_unused=True)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
-    for a, b in zip(fast_grads, slow_grads, strict=True):
+    for a, b, p in zip(fast_grads, slow_grads, model.parameters(), strict=True):
+        if p.numel() == 0:  # a space that does not grow: one path may not touch its empty tensors
+            continue
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 

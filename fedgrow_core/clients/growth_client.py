@@ -32,6 +32,7 @@ from fedgrow_core.clients.private_state import RESIDUAL_PREFIX, load_training_st
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.growth.grown_model import GrownModel
 from fedgrow_core.growth.ligo import DualLiGO, LiGO
+from fedgrow_core.growth.shapes import TransformerShape
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.training import EvalResult, evaluate, train_steps
@@ -41,30 +42,81 @@ GLOBAL_PREFIX = "operator.global_."
 HEAD_PREFIX = "head."
 
 
+def client_operator(
+    run: RunConfig, shape: TransformerShape, partition_id: int, *, independent: bool = False
+) -> LiGO | DualLiGO:
+    """A client's initial growth operator for its small model of shape ``shape``.
+
+    Fed-Grow (Shen et al., Sec. 4): ``DualLiGO(Local-LiGO, Global-LiGO)``. Every
+    client's Local-LiGO is seeded with ``run.seed + 1``, so that clients of
+    one width reach the same intermediate coordinates (the width draws depend
+    on the seed and the widths only, :func:`~fedgrow_core.growth.ligo.width_seed`):
+    the Global-LiGO they average then acts on features laid out alike. The
+    Global-LiGO is :func:`~fedgrow_core.protocol.initial_global_ligo`.
+    ``independent=True``: the independent-LiGO baseline's private
+    ``LiGO(shape -> target)`` with per-layer width matrices (Wang et al. 2023),
+    seeded with ``run.seed + 1 + partition_id``.
+    """
+    if independent:
+        return LiGO(
+            shape,
+            run.target_shape,
+            depth_init=run.depth_init,
+            depth_noise=run.depth_noise,
+            seed=run.seed + 1 + partition_id,
+        )
+    local = LiGO(
+        shape,
+        run.intermediate_shape,
+        tie_layers=True,
+        depth_init=run.depth_init,
+        depth_noise=run.depth_noise,
+        seed=run.seed + 1,
+    )
+    return DualLiGO(local, initial_global_ligo(run))
+
+
 def growth_param_groups(model: GrownModel, run: RunConfig) -> list[dict]:
-    """AdamW parameter groups of the growth phase: depth coefficients, width matrices, head.
+    """AdamW parameter groups of the growth phase, one per operator part and the head.
 
     Depth coefficients are O(1) mixing weights (one-hot rows at initialisation)
     and width matrices hold O(1) selections and O(1/d) mean rows; AdamW moves
     each entry by at most about ``lr`` per step, so each kind gets its own rate
     (LiGO, Wang et al. 2023, Sec. 3.3, trains the operator as its own short
-    optimisation). The defaults (1e-4 for both operators, 5e-3 for the head,
-    constant) are the measured best of ``benchmarks.growth_trial`` at the default
-    run's 30 growth steps: faster operator rates moved the operators further but
-    left the head predicting one class (docs/method.md, "Training the operators").
+    optimisation), and the shared Global-LiGO its own pair of rates. Split
+    weights ``split.<space>`` train with their operator's width matrices.
+    Weight decay (``run.weight_decay``) applies to the head only: decoupled
+    decay pulls towards 0, and an operator's one-hot selections and depth
+    coefficients must stay near their initial values, not near 0.
 
     Returns
     -------
     list of dict
-        ``[{"name": "depth", ...}, {"name": "width", ...}, {"name": "head", ...}]``
-        with ``params`` and ``lr``; a group with no parameters is left out.
+        Groups named ``depth`` and ``width`` (the Local-LiGO, or the
+        independent-LiGO baseline's private operator; ``lr-depth``, ``lr-width``),
+        ``global-depth`` and ``global-width`` (``lr-global-depth``,
+        ``lr-global-width``) and ``head`` (``lr-head``), each with ``params``,
+        ``lr`` and ``weight_decay``; a group with no parameters is left out.
     """
-    groups: dict[str, list] = {"depth": [], "width": [], "head": []}
+    groups: dict[str, list] = {"depth": [], "width": [], "global-depth": [], "global-width": [], "head": []}
     for name, param in model.named_parameters():
-        kind = "head" if name.startswith(HEAD_PREFIX) else "depth" if ".depth." in f".{name}" else "width"
-        groups[kind].append(param)
-    lrs = {"depth": run.lr_depth, "width": run.lr_width, "head": run.lr_head}
-    return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
+        if name.startswith(HEAD_PREFIX):
+            groups["head"].append(param)
+            continue
+        part = "depth" if ".depth." in f".{name}" else "width"
+        groups[f"global-{part}" if name.startswith(GLOBAL_PREFIX) else part].append(param)
+    lrs = {
+        "depth": run.lr_depth,
+        "width": run.lr_width,
+        "global-depth": run.lr_global_depth,
+        "global-width": run.lr_global_width,
+        "head": run.lr_head,
+    }
+    return [
+        {"name": k, "params": v, "lr": lrs[k], "weight_decay": run.weight_decay if k == "head" else 0.0}
+        for k, v in groups.items()
+        if v
+    ]
 
 
 def growth_schedule(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -72,13 +124,30 @@ def growth_schedule(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.o
 
     ``transformers``' ``get_cosine_schedule_with_warmup``,
     ``get_linear_schedule_with_warmup`` or ``get_constant_schedule_with_warmup``
-    (``run.lr_schedule``) with ``run.warmup_steps``.
+    (``run.lr_schedule``) with ``run.warmup_steps``. With
+    ``run.head_warmup_steps = h``, every group but ``head`` has rate 0 for the
+    first ``h`` steps, then follows the schedule from its start over the
+    remaining steps (the head follows it from step 0).
     """
     total = run.num_server_rounds * run.local_steps
-    if run.lr_schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, run.warmup_steps)
-    make = get_cosine_schedule_with_warmup if run.lr_schedule == "cosine" else get_linear_schedule_with_warmup
-    return make(optimizer, run.warmup_steps, total)
+    h = run.head_warmup_steps
+
+    def schedule(steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        if run.lr_schedule == "constant":
+            return get_constant_schedule_with_warmup(optimizer, run.warmup_steps)
+        make = get_cosine_schedule_with_warmup if run.lr_schedule == "cosine" else get_linear_schedule_with_warmup
+        return make(optimizer, run.warmup_steps, steps)
+
+    head = schedule(total).lr_lambdas[0]
+    if not h:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, head)
+    later = schedule(max(total - h, 1)).lr_lambdas[0]
+
+    def operators(step: int) -> float:
+        return 0.0 if step < h else later(step - h)
+
+    names = [group.get("name") for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [head if n == "head" else operators for n in names])
 
 
 def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
@@ -116,9 +185,8 @@ class GrowthClient:
         Small model (frozen) grown through ``Global o Local`` (or the private
         LiGO), plus the task head.
     optimizer : torch.optim.AdamW
-        Three parameter groups (:func:`growth_param_groups`): depth
-        coefficients (``lr_depth``), width matrices (``lr_width``), head
-        (``lr_head``).
+        One parameter group per operator part and the head
+        (:func:`growth_param_groups`).
     scheduler : torch.optim.lr_scheduler.LambdaLR
         Warm-up then decay over the growth phase (:func:`growth_schedule`),
         positioned at the client's own step count every round.
@@ -146,28 +214,11 @@ class GrowthClient:
         self.num_labels = self.setup.num_labels
         self.model_name = self.setup.model_name
         small = self.small = self.setup.small
-        if independent:
-            operator = LiGO(
-                small.family.shape(small.model),
-                run.target_shape,
-                depth_init=run.depth_init,
-                depth_noise=run.depth_noise,
-                seed=run.seed + 1 + partition_id,
-            )
-        else:
-            local = LiGO(
-                small.family.shape(small.model),
-                run.intermediate_shape,
-                tie_layers=True,
-                depth_init=run.depth_init,
-                depth_noise=run.depth_noise,
-                seed=run.seed + 1 + partition_id,
-            )
-            operator = DualLiGO(local, initial_global_ligo(run))
+        operator = client_operator(run, small.family.shape(small.model), partition_id, independent=independent)
         self.model = GrownModel(small.family, small.model, operator, self.num_labels)
         self.model.to(self.device)
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.optimizer = torch.optim.AdamW(growth_param_groups(self.model, run), weight_decay=run.weight_decay)
+        self.optimizer = torch.optim.AdamW(growth_param_groups(self.model, run))
         self.scheduler = growth_schedule(self.optimizer, run)
         self._batches = self.setup.batches()
         self._test = self.setup.test_loader()

@@ -209,9 +209,7 @@ class ModelClient:
         if not math.isfinite(result.loss):
             raise NonFiniteModel(f"the fine-tuned model's test loss is {result.loss}; it is not saved or reported")
         if out_dir is not None:
-            save_model(
-                self.setup.small.family, self.model, self.config, self.setup.small.preprocessor, out_dir, owner
-            )
+            save_model(self.setup.small.family, self.model, self.config, self.setup.small.preprocessor, out_dir, owner)
             self.model.to(self.device)
         return {
             "num-examples": result.num_examples,

@@ -17,15 +17,18 @@ reference's tied choice ``B = A``, or, by default here, the normalised, weighted
 
     B = diag(w) A diag(s),   s_j = 1 / sum_r w_r A_rj^2
 
-with a fixed per-row *split weight* ``w`` (1 on the original rows, seeded
-values in ``[0.5, 1.5)`` on copies, 0 on LayerNorm-padding rows). With a one-hot
+with a per-row *split weight* ``w`` (1 on the original rows, seeded
+values in ``[0.5, 1.5)`` on copies, 0 on LayerNorm-padding rows at
+initialisation; a trainable part of the operator, :class:`~fedgrow_core.growth.ligo.LiGO`). With a one-hot
 selection ``E`` this gives ``B^T A = I``: a feature copied ``m`` times is read
 by the next layer with input-side weights that sum to one, so width growth keeps
 the function (Net2Net, Chen et al. 2016). Unequal weights are LEMON's symmetry
 breaking (Wang et al., "LEMON: Lossless model expansion", ICLR 2024, Sec. 4.1):
 copies of one feature get different gradients and do not stay tied. Rows with
-``w = 0`` are written but not read (LEMON's "zero expansion" of LayerNorm
-outputs; see :func:`residual_selection`).
+``w = 0`` are written but not read at initialisation (LEMON's "zero expansion"
+of LayerNorm outputs; see :func:`residual_selection`); as in LEMON, whose zero
+read weights are ordinary trainable weights, training ``w`` lets the next layers
+start reading them.
 
 LayerNorm weights grown by ``A`` are also multiplied by a fixed scalar
 ``norm_scale`` (LEMON's average expansion; :func:`residual_selection`).
@@ -117,9 +120,15 @@ def head_selection(
     where ``m_j`` is how often source dimension ``j`` is copied into the extra
     dimensions, so that ``q'.k' / sqrt(tgt_head_dim) = q.k / sqrt(src_head_dim)``
     exactly. That needs every source dimension copied at least once
-    (``tgt_head_dim >= 2 src_head_dim``); otherwise the extra key rows are zero
-    and the logits shrink by ``sqrt(src_head_dim / tgt_head_dim)``
-    (:func:`fedgrow_core.growth.preservation.width_gaps` reports it).
+    (``tgt_head_dim >= 2 src_head_dim``); otherwise the logits shrink by
+    ``sqrt(src_head_dim / tgt_head_dim)``
+    (:func:`fedgrow_core.growth.preservation.width_gaps` reports it) and the
+    extra dimensions copy source dimensions in groups of two (three when
+    their count is odd) whose key rows are scaled ``+1, -1`` (``+1, +1, -2``):
+    the group's terms of ``q'.k'`` cancel, so the logits are those of zero key
+    rows, but the extra query and key rows read non-zero features and get
+    gradients (zero key rows would leave the extra query rows without any).
+    A single extra dimension keeps a zero key row.
 
     Returns
     -------
@@ -129,11 +138,18 @@ def head_selection(
         float32, the value of the key row's one-hot entry.
     """
     new_heads = balanced_choice(tgt_heads - src_heads, src_heads, generator)
-    new_dims = balanced_choice(tgt_head_dim - src_head_dim, src_head_dim, generator)
+    n_extra = tgt_head_dim - src_head_dim
+    new_dims = balanced_choice(n_extra, src_head_dim, generator)
     counts = torch.bincount(new_dims, minlength=src_head_dim)
-    extra = 0.0
-    if tgt_head_dim > src_head_dim and bool((counts > 0).all()):
-        extra = (tgt_head_dim / src_head_dim) ** 0.5 - 1.0
+    covered = tgt_head_dim > src_head_dim and bool((counts > 0).all())
+    extra = (tgt_head_dim / src_head_dim) ** 0.5 - 1.0 if covered else 0.0
+    if not covered and n_extra >= 2:
+        # Fewer extra dimensions than source ones: copy source dimensions in groups of two (three for
+        # an odd count), with key scales +1/-1 (+1/+1/-2) that cancel in q'.k'.
+        groups = [2] * (n_extra // 2)
+        groups[-1] += n_extra % 2
+        new_dims = torch.cat([new_dims[i].repeat(g) for i, g in enumerate(groups)])
+        cancelling = torch.cat([torch.tensor([1.0] * (g - 1) + [1.0 - g]) for g in groups])
     sel, scale = [], []
     for h in range(tgt_heads):
         src_h = h if h < src_heads else int(new_heads[h - src_heads])
@@ -146,7 +162,10 @@ def head_selection(
             else:
                 j = int(new_dims[t - src_head_dim])
                 sel.append(src_h * src_head_dim + j)
-                scale.append(extra / int(counts[j]))
+                if covered:
+                    scale.append(extra / int(counts[j]))
+                else:
+                    scale.append(float(cancelling[t - src_head_dim]) if n_extra >= 2 else 0.0)
     return torch.tensor(sel, dtype=torch.long), torch.tensor(scale, dtype=torch.float32)
 
 
@@ -176,7 +195,8 @@ def residual_selection(d1: int, d2: int, generator: torch.Generator) -> tuple[Te
     ``x'`` reproduces the source LayerNorm on the copied coordinates once its
     weight is multiplied by ``norm_scale = sqrt(k d1 / d2)`` (Wang et al. 2024,
     "LEMON", Sec. 4.1, average expansion). The mean rows get input-side weight
-    0, so no layer reads them and their LayerNorm output is ignored: for pre-LN
+    0 at initialisation, so no layer reads them and their LayerNorm output is
+    ignored (``w`` is trainable, so training can start reading them): for pre-LN
     transformers (timm ViT) width growth is exact at every width. For post-LN
     transformers (BERT) the LayerNorm output *is* the residual stream and the
     mean rows cannot stay means; see :func:`fedgrow_core.growth.preservation.width_gaps`.

@@ -43,7 +43,10 @@ Tensor names (the Global-LiGO's ``state_dict``, what travels in an
 ``width.<space>`` for ``space`` in ``res, q, k, v, ffn``, shape
 ``(d2 - d1, d1)`` (``res`` and tied spaces) or ``(L2, d2 - d1, d1)``; with a
 low-rank operator (``LiGO(rank=r)``) ``width.<space>`` is the factor ``U``,
-``(d2 - d1, r)`` or ``(L2, d2 - d1, r)``.
+``(d2 - d1, r)`` or ``(L2, d2 - d1, r)``; and ``split.<space>``, the
+input-side split weights ``w`` (:mod:`fedgrow_core.growth.expansion`) of
+``space`` in ``res, v, ffn`` (:data:`READ_SPACES`), ``(d2 - d1,)`` or
+``(L2, d2 - d1)`` (normalised input side only).
 """
 
 from __future__ import annotations
@@ -102,10 +105,17 @@ RESIDUAL_OUTPUT_KINDS = ("attn.o.weight", "attn.o.bias", "ffn.out.weight", "ffn.
 #: Spaces with one width matrix per target layer (unless tied across layers).
 LAYER_SPACES = ("q", "k", "v", "ffn")
 SPACES = ("res",) + LAYER_SPACES
+#: Spaces some weight reads through its input side ``B``: only their split weights are ever used.
+READ_SPACES = tuple(s for s in SPACES if any(a == (s, "in") for spec in LAYER_PARAMS.values() for a in spec))
 
 
 def _kind_key(kind: str) -> str:
     return kind.replace(".", "_")
+
+
+def width_seed(seed: int) -> int:
+    """Seed of a LiGO's width draws (selections, split weights, low-rank projections), derived from ``seed``."""
+    return (seed * 1_000_003 + 7919) % 2**63
 
 
 def depth_init_matrix(
@@ -185,7 +195,8 @@ class LiGO(nn.Module):
         ``E = S + U V^T`` with ``S`` the initial ``E`` above and ``V``
         ``(d1, r)`` drawn from ``N(0, 1/r)``, both frozen buffers rebuilt from
         ``seed`` (never sent), and only ``U`` ``(..., d2 - d1, r)``, zero at
-        initialisation, a parameter under the name ``width.<space>``. The
+        initialisation, a parameter under the name ``width.<space>`` (the split
+        weights ``split.<space>`` stay full parameters). The
         initial operator is the same as with ``rank=0``. Because ``E`` is
         linear in ``U`` and every party has the same ``S`` and ``V``, FedAvg of
         ``U`` is exactly FedAvg of ``E`` (frozen-``A`` LoRA, FFA-LoRA: Sun et
@@ -226,6 +237,10 @@ class LiGO(nn.Module):
         self.source, self.target = source, target
         self.tie_layers, self.input_side, self.rank = tie_layers, input_side, rank
         gen = torch.Generator().manual_seed(seed)
+        # Width draws come from their own stream, so that the width matrices depend on the seed and the
+        # widths only, not on the depths: clients of one width that share a seed reach the same
+        # coordinates of the grown space whatever their depths (the Local-LiGO convention, docs/method.md).
+        wgen = torch.Generator().manual_seed(width_seed(seed))
 
         self.depth = nn.ParameterDict(
             {
@@ -250,21 +265,21 @@ class LiGO(nn.Module):
         # decided once here: no device-to-host comparison of permutations per forward
         self._permuted = {"res": False, "ffn": False, "heads": not torch.equal(head_perm, torch.arange(target.hidden))}
 
-        e_res, split_res, self.norm_scale = residual_selection(source.hidden, target.hidden, gen)
+        e_res, split_res, self.norm_scale = residual_selection(source.hidden, target.hidden, wgen)
         if width_noise:
-            e_res = e_res + width_noise * torch.rand(e_res.shape, generator=gen)
+            e_res = e_res + width_noise * torch.rand(e_res.shape, generator=wgen)
         width, split = {"res": e_res}, {"res": split_res}
         heads, ffn, splits = [], [], []
         n_heads, n_ffn = target.hidden - source.hidden, target.ffn - source.ffn
         for _ in range(width_layers):
-            sel, key_scale = head_selection(source.heads, source.head_dim, target.heads, target.head_dim, gen)
+            sel, key_scale = head_selection(source.heads, source.head_dim, target.heads, target.head_dim, wgen)
             # q, k and v share the selection so a new head starts as a copy.
-            q, k, v = (selection_init(sel, source.hidden, width_noise, gen) for _ in "qkv")
+            q, k, v = (selection_init(sel, source.hidden, width_noise, wgen) for _ in "qkv")
             k = k * key_scale.unsqueeze(-1)
             heads.append([q, k, v])
-            sel_ffn = balanced_choice(n_ffn, source.ffn, gen)
-            ffn.append(selection_init(sel_ffn, source.ffn, width_noise, gen))
-            splits.append([split_weights(n_heads, gen) for _ in "qkv"] + [split_weights(n_ffn, gen)])
+            sel_ffn = balanced_choice(n_ffn, source.ffn, wgen)
+            ffn.append(selection_init(sel_ffn, source.ffn, width_noise, wgen))
+            splits.append([split_weights(n_heads, wgen) for _ in "qkv"] + [split_weights(n_ffn, wgen)])
         for i, space in enumerate(LAYER_SPACES):
             if space != "ffn":
                 width[space] = torch.stack([h[i] for h in heads])
@@ -273,13 +288,18 @@ class LiGO(nn.Module):
         if tie_layers:
             width = {k: (v[0] if k in LAYER_SPACES else v) for k, v in width.items()}
             split = {k: (v[0] if k in LAYER_SPACES else v) for k, v in split.items()}
+        # Read weights are trainable, as LEMON's zero read weights are; the tied input side reads
+        # none, and the q and k spaces have no input side.
+        trained = READ_SPACES if input_side == "normalised" else ()
+        self.split = nn.ParameterDict({k: nn.Parameter(v) for k, v in split.items() if k in trained})
         for space, w in split.items():
-            self.register_buffer(f"split_{space}", w, persistent=False)
+            if space not in trained:
+                self.register_buffer(f"split_{space}", w, persistent=False)
         if rank:  # drawn after every other initial value, so the initial operator does not depend on the rank
             for space in SPACES:
                 e = width[space]
                 self.register_buffer(f"base_{space}", e, persistent=False)
-                v = torch.randn(e.shape[-1], rank, generator=gen) / rank**0.5
+                v = torch.randn(e.shape[-1], rank, generator=wgen) / rank**0.5
                 self.register_buffer(f"proj_{space}", v, persistent=False)
                 width[space] = torch.zeros(e.shape[:-1] + (rank,))
         self.width = nn.ParameterDict({k: nn.Parameter(v) for k, v in width.items()})
@@ -293,6 +313,16 @@ class LiGO(nn.Module):
             return self.width[space]
         return getattr(self, f"base_{space}") + self.width[space] @ getattr(self, f"proj_{space}").T
 
+    def split_weight(self, space: str) -> Tensor:
+        """Input-side split weights ``w`` of a space: ``(d2 - d1,)`` or ``(L2, d2 - d1)``.
+
+        The parameter ``split.<space>`` for the spaces of :data:`READ_SPACES`
+        with the normalised input side; otherwise a fixed buffer that no weight reads.
+        """
+        if space in self.split:
+            return self.split[space]
+        return getattr(self, f"split_{space}")
+
     def _perm(self, space: str) -> Tensor:
         return {"res": self.perm_res, "ffn": self.perm_ffn}.get(space, self.perm_heads)
 
@@ -303,7 +333,7 @@ class LiGO(nn.Module):
                 self.width_matrix(space),
                 self._perm(space),
                 self.input_side,
-                split=getattr(self, f"split_{space}"),
+                split=self.split_weight(space),
                 norm_scale=self.norm_scale if space == "res" else 1.0,
                 permuted=self._permuted.get(space, self._permuted["heads"]),
             )

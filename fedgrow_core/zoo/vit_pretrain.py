@@ -42,34 +42,47 @@ METRICS_FILE = "metrics.json"
 
 @dataclass(frozen=True)
 class VitSpec:
-    """Shape of a small ViT: ``layers`` blocks of width ``hidden`` with ``heads`` heads, FFN ``4 * hidden``."""
+    """Shape of a small ViT: ``layers`` blocks of width ``hidden`` with ``heads`` heads and an FFN of ``ffn``."""
 
     layers: int
     hidden: int
     heads: int
+    ffn: int = 0  # 0: 4 * hidden, timm's default mlp ratio
 
     @classmethod
     def parse(cls, text: str, head_dim: int = 32) -> VitSpec:
-        """``"LxD"`` (heads ``D / head_dim``) or ``"LxDxH"``; raises ``ValueError`` on a malformed spec."""
+        """``"LxD"`` (heads ``D / head_dim``), ``"LxDxH"`` or ``"LxDxHxF"`` (FFN width ``F``).
+
+        Raises
+        ------
+        ValueError
+            On a malformed spec, or a width not divisible by the heads.
+        """
         parts = text.lower().split("x")
         try:
             numbers = [int(p) for p in parts]
         except ValueError:
             numbers = []
-        if len(numbers) not in (2, 3) or min(numbers) < 1:
-            raise ValueError(f"ViT spec must look like 'LxD' or 'LxDxH' (e.g. '4x192'), got {text!r}")
+        if len(numbers) not in (2, 3, 4) or min(numbers) < 1:
+            raise ValueError(f"ViT spec must look like 'LxD', 'LxDxH' or 'LxDxHxF' (e.g. '4x192'), got {text!r}")
         layers, hidden = numbers[:2]
-        heads = numbers[2] if len(numbers) == 3 else max(1, hidden // head_dim)
+        heads = numbers[2] if len(numbers) >= 3 else max(1, hidden // head_dim)
         if hidden % heads:
             raise ValueError(f"ViT spec {text!r}: hidden {hidden} is not divisible by {heads} heads")
-        return cls(layers, hidden, heads)
+        ffn = numbers[3] if len(numbers) == 4 and numbers[3] != 4 * hidden else 0
+        return cls(layers, hidden, heads, ffn)
+
+    @property
+    def ffn_width(self) -> int:
+        """The FFN's hidden units."""
+        return self.ffn or 4 * self.hidden
 
     def __str__(self) -> str:
-        return f"{self.layers}x{self.hidden}x{self.heads}"
+        return f"{self.layers}x{self.hidden}x{self.heads}" + (f"x{self.ffn}" if self.ffn else "")
 
 
 def build_vit(spec: VitSpec, img_size: int, patch_size: int, in_chans: int, num_classes: int, seed: int = 0):
-    """A randomly initialised plain timm ``VisionTransformer`` (cls token, qkv bias, FFN ``4 * hidden``).
+    """A randomly initialised plain timm ``VisionTransformer`` (cls token, qkv bias, FFN ``spec.ffn_width``).
 
     ``img_size`` and ``patch_size`` are in pixels (square); input
     ``(B, in_chans, img_size, img_size)``, output logits ``(B, num_classes)``.
@@ -85,7 +98,7 @@ def build_vit(spec: VitSpec, img_size: int, patch_size: int, in_chans: int, num_
         embed_dim=spec.hidden,
         depth=spec.layers,
         num_heads=spec.heads,
-        mlp_ratio=4.0,
+        mlp_ratio=spec.ffn_width / spec.hidden,
         num_classes=num_classes,
     )
 
@@ -186,7 +199,7 @@ def pretrain_small_vits(
             "saved_with": "timm.models.save_for_hf",
         }
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        folder = Path(out_dir) / f"vit-{spec.layers}x{spec.hidden}-{digest}"
+        folder = Path(out_dir) / f"vit-{spec.layers}x{spec.hidden}{f'x{spec.ffn}' if spec.ffn else ''}-{digest}"
         if (folder / METRICS_FILE).is_file():
             metrics = json.loads((folder / METRICS_FILE).read_text())
             results.append(PretrainResult(str(spec), str(folder), metrics["test_accuracy"], steps, 0.0, True))

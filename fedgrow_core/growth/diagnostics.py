@@ -1,0 +1,81 @@
+"""What an operator learns: which tensors get gradients, how far they move, how clients' updates agree.
+
+These are the measurements behind docs/method.md, "Does the Global-LiGO learn?":
+gradient norms at initialisation (:func:`gradient_norms`), the relative change
+of an operator (:func:`relative_change`) and the mean pairwise cosine of the
+clients' updates of one round (:func:`mean_pairwise_cosine`). The server logs
+the last two every round (``global-ligo-change``, ``update-cosine``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+def gradient_norms(model: nn.Module, loss: Tensor, prefix: str = "") -> dict[str, float]:
+    """L2 norm of the gradient of ``loss`` for every trainable, non-empty parameter under ``prefix``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model ``loss`` was computed with.
+    loss : torch.Tensor
+        A scalar.
+    prefix : str
+        Only parameters whose name starts with it (e.g. ``"operator."``).
+
+    Returns
+    -------
+    dict of str to float
+        ``name -> ||dloss/dparam||``; 0.0 for a parameter the loss does not reach.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel() and n.startswith(prefix)]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {n: 0.0 if g is None else float(g.norm()) for (n, _), g in zip(named, grads, strict=True)}
+
+
+def _flat(tensors: Mapping[str, Tensor | np.ndarray], names: Sequence[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(tensors[k], dtype=np.float64).ravel() for k in names])
+
+
+def relative_change(before: Mapping[str, Tensor | np.ndarray], after: Mapping[str, Tensor | np.ndarray]) -> float:
+    """``||after - before|| / ||before||`` over all tensors of ``before`` (L2 of the concatenation).
+
+    Raises
+    ------
+    KeyError
+        If ``after`` lacks a tensor of ``before``.
+    """
+    names = sorted(before)
+    base = _flat(before, names)
+    norm = float(np.linalg.norm(base))
+    return float(np.linalg.norm(_flat(after, names) - base)) / norm if norm else math.inf
+
+
+def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -> float:
+    """Mean cosine similarity over all pairs of the clients' updates (each flattened over its tensors).
+
+    An update is ``client's new Global-LiGO - the one it received``. 1: every
+    client moved the shared operator the same way; near 0: unrelated
+    directions, which averaging mostly cancels.
+
+    Returns
+    -------
+    float
+        NaN with fewer than two updates; a zero update counts as cosine 0.
+    """
+    if len(updates) < 2:
+        return math.nan
+    names = sorted(updates[0])
+    flat = [_flat(u, names) for u in updates]
+    cosines = []
+    for a, b in itertools.combinations(flat, 2):
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        cosines.append(float(a @ b / (na * nb)) if na and nb else 0.0)
+    return float(np.mean(cosines))
