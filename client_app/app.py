@@ -193,9 +193,12 @@ def _setup(context: Context, node: _Node) -> tuple[tuple, ClientSetup]:
 def _growth_client(context: Context, node: _Node) -> GrowthClient:
     key, setup = _setup(context, node)
     independent = node.run.mode == "independent-ligo"
+    shares = node.run.mode == "fedgrow"
     client = _cached(
-        (*key, "growth"),
-        lambda: GrowthClient(node.effective, setup.partition_id, key[2], independent=independent, setup=setup),
+        (*key, "growth", node.run.mode),
+        lambda: GrowthClient(
+            node.effective, setup.partition_id, key[2], independent=independent, share_global=shares, setup=setup
+        ),
     )
     if STATE_KEY in context.state:
         client.load_private_state(context.state[STATE_KEY].to_torch_state_dict())
@@ -390,11 +393,15 @@ def _grow(context: Context, node: _Node, order: Instruction, received: dict) -> 
     store = _state_store(context, node, order.run_tag)
     _restore(context, node, store, order.server_round, order.resumed_after)
     client = _growth_client(context, node)
-    check_received(received, client.global_state(), node.policy.max_received_abs, "Global-LiGO")
+    expected = client.global_state() if client.share_global else {}
+    check_received(received, expected, node.policy.max_received_abs, "Global-LiGO")
     shared, metrics = client.train_round(
         received, proximal_mu=order.proximal_mu, with_eval=node.run.evaluates_round(order.server_round)
     )
     check_finite_reply(shared, metrics, "training on the received Global-LiGO")
+    if not client.share_global:  # the independent baselines keep their operators
+        _keep(context, node, store, order.server_round, client.private_state())
+        return {}, metrics
     payload = client.encoded_update(received, shared)  # its rounding residual is private state
     _keep(context, node, store, order.server_round, client.private_state())
     return payload, metrics
@@ -458,7 +465,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if cap and served >= cap:
         raise RefusedMessage(f"this node has served {served} final phase(s) in this run; its max-final-phases = {cap}")
     with _transaction(context):
-        if node.run.mode in ("fedgrow", "independent-ligo", "small-only"):
+        if node.run.mode in ("fedgrow", "independent-ligo", "independent-dual-ligo", "small-only"):
             store = _state_store(context, node, order.run_tag)
             _restore(context, node, store, order.server_round + 1, order.resumed_after)
         with _seeded(node, Phase.FINAL, order.server_round):
@@ -469,9 +476,9 @@ def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: I
     received = _received(msg)
     _, setup = _setup(context, node)
     mode, cap = node.run.mode, node.policy.max_received_abs
-    if mode in ("fedgrow", "independent-ligo"):
+    if mode in ("fedgrow", "independent-ligo", "independent-dual-ligo"):
         client = _growth_client(context, node)
-        check_received(received, client.global_state(), cap, "Global-LiGO")
+        check_received(received, client.global_state() if client.share_global else {}, cap, "Global-LiGO")
     elif mode == "small-only":
         check_received(received, {}, cap, "message")
         client = _model_client(context, node, "small")
@@ -489,7 +496,7 @@ def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: I
         out = models / f"{run_folder}.run-{context.run_id}" / kind
     context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted
     save_to = out if node.run.save_models else None
-    if mode in ("fedgrow", "independent-ligo"):
+    if mode in ("fedgrow", "independent-ligo", "independent-dual-ligo"):
         metrics = client.finetune_and_evaluate(received, save_to, owner)
     else:
         metrics = client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner)

@@ -55,6 +55,7 @@ class Phase(StrEnum):
 MODE_PHASES: dict[str, frozenset[Phase]] = {
     "fedgrow": frozenset({Phase.GROW}),
     "independent-ligo": frozenset({Phase.GROW}),
+    "independent-dual-ligo": frozenset({Phase.GROW}),
     "small-only": frozenset({Phase.TRAIN_LOCAL}),
     "scratch-fedavg": frozenset({Phase.COLLECT, Phase.TRAIN_SHARED}),
 }
@@ -231,6 +232,7 @@ TRAIN_METRICS: dict[str, MetricSpec] = {
     "trainable-params": _PARAMS,
     "compute-threads": MetricSpec(int, 1, 1 << 16),
     "eval-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
+    "received-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
     "eval-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
 }
 #: Metrics of a ``collect`` reply.
@@ -239,6 +241,7 @@ COLLECT_METRICS: dict[str, MetricSpec] = {"num-examples": _COUNT}
 FINAL_METRICS: dict[str, MetricSpec] = {
     "num-examples": _COUNT,
     "accuracy": _FRACTION,
+    "grown-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
     "precision": _FRACTION,
     "loss": MetricSpec(float, 0.0, 1e6),
     "trainable-params": MetricSpec(int, 0, MAX_COUNT, required=False),
@@ -276,10 +279,13 @@ METRIC_MEANINGS = {
     "train-accuracy": "training accuracy over the round's local steps",
     "train-seconds": "seconds spent training in the round",
     "eval-accuracy": "accuracy of the client's current model on its own test rows (at most eval-max-examples)",
+    "received-accuracy": "accuracy of the client's grown model with the Global-LiGO it received this round, "
+    "before training on it (the previous round's aggregate, at most eval-max-examples rows)",
     "eval-seconds": "seconds spent on the round's (or the final) evaluation",
     "trainable-params": "parameters the client trains in the rounds",
     "compute-threads": "torch threads the client computes with",
     "accuracy": "final test accuracy on the client's own test rows",
+    "grown-accuracy": "test accuracy of the grown model before fine-tuning (growth modes)",
     "precision": "final macro precision on the client's own test rows",
     "loss": "final test loss",
     "model-params": "parameters of the final model",

@@ -40,9 +40,9 @@ from fedgrow_core.update_encoding import ENCODINGS
 TASKS = ("text", "image")
 #: What the app runs (the comparison of docs/results.md): Fed-Grow and its baselines. See
 #: ``server_app/modes.py``; docs/method.md says why no mode fine-tunes the grown models federatedly.
-MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "small-only")
+MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "independent-dual-ligo", "small-only")
 #: The modes whose clients train and send a Global-LiGO.
-GLOBAL_LIGO_MODES = ("fedgrow",)
+GLOBAL_LIGO_MODES = ("fedgrow", "independent-dual-ligo")
 _GLOBAL_LIGO_MODES_MD = " or ".join(f"`{m}`" for m in GLOBAL_LIGO_MODES)
 DP_CLIPPING = ("off", "fixed", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")

@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from sklearn.metrics import precision_score
 from torch import Tensor, nn
@@ -202,12 +203,17 @@ class TrainStats:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Test metrics: mean cross-entropy (nats), accuracy, macro precision, row count."""
+    """Test metrics: mean cross-entropy (nats), accuracy, macro precision, row count, majority share.
+
+    ``majority_share`` is the fraction of rows given the most often predicted
+    class: 1.0 when the model has collapsed to one class.
+    """
 
     loss: float
     accuracy: float
     precision: float
     num_examples: int
+    majority_share: float = 0.0
 
 
 @torch.no_grad()
@@ -248,4 +254,5 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], device: torc
         accuracy=float((y == p).mean()),
         precision=float(precision_score(y, p, average="macro", zero_division=0)),
         num_examples=n,
+        majority_share=float(np.bincount(p).max() / n),
     )

@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedgrow_core.growth.diagnostics import relative_change
+from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import ConfigError, RunConfig
 
 from .checkpoint import Checkpoint, check_resumable, read_checkpoint
@@ -107,6 +109,10 @@ def _write_results(
     resumed_after = resume.server_round if resume is not None else 0
     summary = build_summary(run, result.entries, clients, rows, time.perf_counter() - start, resumed_after)
     summary["final_rejected"] = result.final_rejected
+    if result.global_ligo is not None:  # how far the whole run moved the shared operator
+        initial = {k: v.numpy() for k, v in ArrayRecord(initial_global_ligo(run).state_dict()).items()}
+        final = {k: v.numpy() for k, v in result.global_ligo.items()}
+        summary["global_ligo_relative_change"] = relative_change(initial, final)
     write_summary(run_dir, summary)
     for client in clients:
         log(
@@ -118,6 +124,8 @@ def _write_results(
             client["test_examples"],
         )
     mean = summary["mean_accuracy"]
+    if "global_ligo_relative_change" in summary:
+        log(INFO, "the Global-LiGO moved %.4g of its norm over the run", summary["global_ligo_relative_change"])
     log(
         INFO,
         "Fed-Grow (%s) done in %.0f s: mean accuracy %s over %d clients; summary in %s",

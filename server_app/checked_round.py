@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedgrow_core.growth.diagnostics import mean_pairwise_cosine, relative_change
 from fedgrow_core.protocol import TRAIN_METRICS, MetricSpec
 from fedgrow_core.update_encoding import decode_update, encoded_spec
 
@@ -193,6 +194,7 @@ class ReplyChecks:
         entry["download_bytes"] = {str(n): b for n, b in sent_round.bytes_per_node.items()}
         entry["offline_nodes"] = list(sent_round.offline_nodes)
         entry["clipped"] = self._bound(ok, values, schema)
+        entry["update_cosine"] = _update_cosine(ok, sent_round.arrays)
         arrays, metrics = None, None
         needed = getattr(self, "min_train_nodes", 1)
         # inside central DP the noise is calibrated for num_sampled_clients: every one of them must reply usably
@@ -216,6 +218,11 @@ class ReplyChecks:
                 needed,
             )
         entry["aggregated"] = arrays is not None
+        entry["relative_change"] = (
+            relative_change(sent_round.arrays, {k: v.numpy() for k, v in arrays.items()})
+            if arrays is not None and sent_round.arrays
+            else None
+        )
         self.round_log.append(entry)
         if metrics is None:
             metrics = MetricRecord()
@@ -296,6 +303,14 @@ class ReplyChecks:
             )
             return None, None
         return arrays, metrics
+
+
+def _update_cosine(ok: list[Message], sent: dict[str, np.ndarray]) -> float | None:
+    """Mean pairwise cosine of the bounded updates (reply minus sent arrays); ``None`` with fewer than two."""
+    if len(ok) < 2 or not sent:
+        return None
+    updates = [{k: m.content["arrays"][k].numpy() - v for k, v in sent.items()} for m in ok]
+    return mean_pairwise_cosine(updates)
 
 
 def _as_sent(arrays: ArrayRecord | None, spec: ArraySpec) -> ArrayRecord | None:

@@ -3,14 +3,15 @@
 Every mode gives each client ``num-server-rounds * local-steps + finetune-steps``
 optimiser steps on the same rows:
 
-========================  =====================================================  ==========================
-mode                      rounds (``local-steps`` each)                          final phase (per client)
-========================  =====================================================  ==========================
-``fedgrow``               Dual-LiGO growth, Global-LiGO aggregated by strategy   fine-tune ``finetune-steps``
-``independent-ligo``      private LiGO small -> target, nothing sent             fine-tune ``finetune-steps``
-``small-only``            the small model trained alone, nothing sent            fine-tune ``finetune-steps``
-``scratch-fedavg``        target model from random init, all weights averaged    fine-tune ``finetune-steps``
-========================  =====================================================  ==========================
+==========================  =====================================================  ==========================
+mode                        rounds (``local-steps`` each)                          final phase (per client)
+==========================  =====================================================  ==========================
+``fedgrow``                 Dual-LiGO growth, Global-LiGO aggregated by strategy   fine-tune ``finetune-steps``
+``independent-ligo``        private LiGO small -> target, nothing sent             fine-tune ``finetune-steps``
+``independent-dual-ligo``   Fed-Grow's Dual-LiGO, same seeds, never averaged       fine-tune ``finetune-steps``
+``small-only``              the small model trained alone, nothing sent            fine-tune ``finetune-steps``
+``scratch-fedavg``          target model from random init, all weights averaged    fine-tune ``finetune-steps``
+==========================  =====================================================  ==========================
 
 No mode averages the clients' grown models: they share no coordinate system
 (docs/method.md, "Why no federated fine-tuning of the grown models").
@@ -101,8 +102,8 @@ def run_mode(
             grid, run, averaged, rounds, Phase.TRAIN_SHARED, 1, example_caps=caps, on_round=report
         )
         return ModeResult([collected, *entries], *final(last))
-    if run.mode in ("independent-ligo", "small-only"):
-        phase = Phase.GROW if run.mode == "independent-ligo" else Phase.TRAIN_LOCAL
+    if run.mode in ("independent-ligo", "independent-dual-ligo", "small-only"):
+        phase = Phase.TRAIN_LOCAL if run.mode == "small-only" else Phase.GROW
         entries = local_rounds(grid, rounds, phase, 1, t, on_round=report)
         return ModeResult(entries, *final(ArrayRecord()))
     raise ValueError(f"unknown mode {run.mode!r}")

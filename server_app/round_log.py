@@ -16,6 +16,7 @@ from flwr.common.serde import recorddict_to_proto
 #: Client metrics copied into the round log (per node), when a reply carries them.
 LOGGED_METRICS = (
     "eval-accuracy",
+    "received-accuracy",
     "train-loss",
     "train-accuracy",
     "train-seconds",
@@ -135,7 +136,7 @@ def last_line(reason: str, limit: int = 500) -> str:
 
 
 #: The client metrics a round's log line and trackers report as means over the accepted clients.
-MEAN_METRICS = ("train-loss", "train-accuracy", "eval-accuracy")
+MEAN_METRICS = ("train-loss", "train-accuracy", "eval-accuracy", "received-accuracy")
 
 
 def client_means(entry: dict) -> dict[str, float]:

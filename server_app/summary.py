@@ -27,7 +27,13 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
 
     Columns: ``round``, ``phase``, ``eval-accuracy`` (mean over clients of the
     model evaluated after the round on each client's first ``eval-max-examples``
-    test rows; None in rounds without evaluation; the last row: every test row), ``train-loss``
+    test rows; None in rounds without evaluation; the last row: every test row),
+    ``received-accuracy`` (the same, with the Global-LiGO received at the
+    round's start, before training: the previous round's aggregate; the last
+    row: the final aggregate before fine-tuning, every test row), ``relative-change``
+    (``||G_after - G_sent|| / ||G_sent||`` of the shared arrays this round) and
+    ``update-cosine`` (mean pairwise cosine of the clients' bounded updates),
+    None where they do not apply, ``train-loss``
     (mean over clients), ``upload-bytes`` and ``download-bytes`` (mean per
     client this round), ``cumulative-upload-bytes``, ``replies``, ``accepted``, ``rejected``,
     ``failed``, ``missing``, ``seconds``, ``accepted_nodes``. The last row's round counts the
@@ -45,6 +51,9 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
                 "round": e["round"],
                 "phase": e["phase"],
                 "eval-accuracy": _mean([m["eval-accuracy"] for m in metrics if "eval-accuracy" in m]),
+                "received-accuracy": _mean([m["received-accuracy"] for m in metrics if "received-accuracy" in m]),
+                "relative-change": e.get("relative_change"),
+                "update-cosine": e.get("update_cosine"),
                 "train-loss": _mean([m["train-loss"] for m in metrics if "train-loss" in m]),
                 "upload-bytes": upload,
                 "download-bytes": download,
@@ -65,6 +74,9 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
             "round": last + local_ft,
             "phase": Phase.FINAL.value,
             "eval-accuracy": _mean([c["accuracy"] for c in final]),
+            "received-accuracy": _mean([c["grown_accuracy"] for c in final if c.get("grown_accuracy") is not None]),
+            "relative-change": None,
+            "update-cosine": None,
             "train-loss": None,
             "upload-bytes": 0.0,
             "download-bytes": 0.0,
@@ -103,6 +115,7 @@ def final_clients(replies: list[Message], entries: list[dict]) -> list[dict]:
                 "node_id": msg.metadata.src_node_id,
                 "model": str(msg.content["info"]["model"]),
                 "accuracy": float(m["accuracy"]),
+                "grown_accuracy": float(m["grown-accuracy"]) if "grown-accuracy" in m else None,
                 "precision": float(m["precision"]),
                 "trainable_params": trained.get(str(msg.metadata.src_node_id), int(m["model-params"])),
                 "model_params": int(m["model-params"]),
@@ -170,7 +183,8 @@ def build_summary(
     Keys: ``mode``, ``strategy``, ``seed``, ``dirichlet_alpha``, ``rounds``
     (rounds run, collection included), ``intermediate_shape``, ``target_shape``,
     ``clients`` (:func:`final_clients`), ``mean_accuracy``, ``std_accuracy``
-    (population std over clients: the spread), ``mean_precision``,
+    (population std over clients: the spread), ``mean_grown_accuracy`` (the
+    grown models before fine-tuning; growth modes), ``mean_precision``,
     ``trainable_params_per_client`` (mean over clients), ``model_params``
     (median over clients),
     ``upload_bytes_per_round`` and ``download_bytes_per_round`` (means over
@@ -210,6 +224,7 @@ def build_summary(
         "target_shape": str(run.target_shape),
         "clients": clients,
         "mean_accuracy": _mean(accs),
+        "mean_grown_accuracy": _mean([c["grown_accuracy"] for c in clients if c.get("grown_accuracy") is not None]),
         "std_accuracy": statistics.pstdev(accs) if accs else None,
         "mean_precision": _mean([c["precision"] for c in clients]),
         "trainable_params_per_client": _mean([c["trainable_params"] for c in clients]),

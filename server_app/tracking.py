@@ -19,7 +19,12 @@ from fedgrow_core.run_config import ConfigError, RunConfig
 
 from .round_log import client_means
 
-_TAGS = {"train-loss": "train/loss", "train-accuracy": "train/accuracy", "eval-accuracy": "eval/accuracy"}
+_TAGS = {
+    "train-loss": "train/loss",
+    "train-accuracy": "train/accuracy",
+    "eval-accuracy": "eval/accuracy",
+    "received-accuracy": "eval/received-accuracy",
+}
 #: The package each tracker needs.
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
@@ -30,8 +35,10 @@ def round_scalars(entry: dict) -> dict[str, float]:
     Returns
     -------
     dict of str to float
-        ``train/loss``, ``train/accuracy``, ``eval/accuracy`` (means over the
-        accepted clients, where reported), ``traffic/upload-bytes`` and
+        ``train/loss``, ``train/accuracy``, ``eval/accuracy``,
+        ``eval/received-accuracy`` (means over the accepted clients, where
+        reported), ``global-ligo/relative-change`` and
+        ``global-ligo/update-cosine`` (shared rounds), ``traffic/upload-bytes`` and
         ``traffic/download-bytes`` (mean bytes per client), ``round/seconds``,
         ``round/accepted``, ``round/rejected``, ``round/failed``,
         ``round/missing``.
@@ -40,6 +47,12 @@ def round_scalars(entry: dict) -> dict[str, float]:
     for key, tag in (("upload_bytes", "traffic/upload-bytes"), ("download_bytes", "traffic/download-bytes")):
         if entry.get(key):
             scalars[tag] = statistics.fmean(entry[key].values())
+    for key, tag in (
+        ("relative_change", "global-ligo/relative-change"),
+        ("update_cosine", "global-ligo/update-cosine"),
+    ):
+        if entry.get(key) is not None:
+            scalars[tag] = float(entry[key])
     scalars["round/seconds"] = float(entry["seconds"])
     scalars["round/accepted"] = float(len(entry["accepted_nodes"]))
     scalars["round/rejected"] = float(len(entry["rejected"]))

@@ -171,7 +171,8 @@ def test_bad_values_name_key_value_and_expectation_all_at_once():
     with pytest.raises(ConfigError) as info:
         RunConfig.from_flower(bad)
     assert info.value.problems == [
-        "mode = 'fedsgd': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', 'small-only']",
+        "mode = 'fedsgd': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', "
+        "'independent-dual-ligo', 'small-only']",
         "client-models = 'a,,b': expected comma-separated model names",
         "intermediate-shape = '6x384x1536': expected 'LxDxFxH' (layers x hidden x ffn x heads, e.g. "
         "'12x512x2048x16'), got '6x384x1536'",
@@ -195,7 +196,8 @@ def test_no_mode_averages_the_grown_models():
     with pytest.raises(ConfigError) as info:
         RunConfig.from_flower({"mode": "fedgrow-fedft"})
     assert info.value.problems == [
-        "mode = 'fedgrow-fedft': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', 'small-only']"
+        "mode = 'fedgrow-fedft': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', "
+        "'independent-dual-ligo', 'small-only']"
     ]
     assert "mode = 'fedgrow-fedft'" in str(info.value)
 

@@ -9,7 +9,10 @@ own test split and saves it as an ordinary ``transformers`` / ``timm`` model.
 
 With ``independent=True`` the same client is the *independent-LiGO* baseline:
 one private LiGO grows the small model straight to the target shape (per-layer
-width matrices, as in Wang et al. 2023) and nothing is shared.
+width matrices, as in Wang et al. 2023) and nothing is shared. With
+``share_global=False`` it is the *independent Dual-LiGO* baseline: the same
+Dual-LiGO as Fed-Grow, from the same seeds, whose Global-LiGO stays private and
+is never averaged, so that it and Fed-Grow differ only in the averaging.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def growth_param_groups(model: GrownModel, run: RunConfig) -> list[dict]:
     """
     groups: dict[str, list] = {"depth": [], "width": [], "global-depth": [], "global-width": [], "head": []}
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         if name.startswith(HEAD_PREFIX):
             groups["head"].append(param)
             continue
@@ -176,6 +181,9 @@ class GrowthClient:
     independent : bool
         The independent-LiGO baseline: one private ``LiGO(small -> target)``
         instead of ``DualLiGO``; :meth:`global_state` is then empty.
+    share_global : bool
+        ``False``: the independent Dual-LiGO baseline; the Global-LiGO is part
+        of :meth:`private_state` and a received one is refused.
     setup : ClientSetup, optional
         An already loaded setup (rows and small model) to reuse.
 
@@ -203,12 +211,14 @@ class GrowthClient:
         dataset: str | None = None,
         *,
         independent: bool = False,
+        share_global: bool = True,
         setup: ClientSetup | None = None,
     ) -> None:
         self.setup = setup or ClientSetup.load(run, partition_id, num_partitions, model, dataset)
         self.run = run
         self.partition_id = partition_id
         self.independent = independent
+        self.share_global = share_global and not independent
         self.device = self.setup.device
         self.train_rows, self.test_rows = self.setup.train_rows, self.setup.test_rows
         self.num_labels = self.setup.num_labels
@@ -250,11 +260,11 @@ class GrowthClient:
         RuntimeError
             From ``load_state_dict(strict=True)``, if names or shapes differ.
         ValueError
-            If an independent-LiGO client is sent any tensor.
+            If a client that shares no Global-LiGO is sent any tensor.
         """
-        if self.independent:
+        if not self.share_global:
             if state:
-                raise ValueError(f"an independent-LiGO client shares nothing, but was sent {sorted(state)[:3]}")
+                raise ValueError(f"a client of an unshared operator shares nothing, but was sent {sorted(state)[:3]}")
             return
         self.model.operator.global_.load_state_dict(state, strict=True)
 
@@ -286,9 +296,14 @@ class GrowthClient:
 
     # --- what stays ---------------------------------------------------------
     def private_state(self) -> dict[str, Tensor]:
-        """Local-LiGO, head, optimiser moments, ``data.steps``, update residual: the state kept between rounds."""
+        """Local-LiGO, head, optimiser moments, ``data.steps``, update residual: the state kept between rounds.
+
+        Without ``share_global``, the Global-LiGO too.
+        """
         out = {
-            k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if not k.startswith(GLOBAL_PREFIX)
+            k: v.detach().cpu().clone()
+            for k, v in self.model.state_dict().items()
+            if self.independent or not self.share_global or not k.startswith(GLOBAL_PREFIX)
         }
         out.update(training_state(self.optimizer, self._batches))
         out.update({RESIDUAL_PREFIX + k: v.clone() for k, v in self.update_residual.items()})
@@ -333,9 +348,15 @@ class GrowthClient:
             "train-accuracy", "train-seconds", "trainable-params", "compute-threads"}``, plus with
             ``with_eval`` ``eval-accuracy`` (the grown model after this round,
             evaluated through :class:`GrownModel` without materialising it)
-            and ``eval-seconds`` (seconds).
+            and ``eval-seconds`` (seconds), and, when the Global-LiGO is
+            shared, ``received-accuracy``: the same rows with the received
+            Global-LiGO before training, the previous round's aggregate
+            evaluated with this client's own Local-LiGO and head.
         """
         self.load_global_state(global_state)
+        received = None
+        if with_eval and self.share_global:  # the aggregate as it arrived, before this client trains on it
+            received = evaluate(self.model, self._round_test, self.device).accuracy
         start = time.perf_counter()
         penalty = None
         if proximal_mu > 0:
@@ -369,7 +390,25 @@ class GrowthClient:
             # through the operators in factored form: no materialisation, same logits as grown_model()
             metrics["eval-accuracy"] = evaluate(self.model, self._round_test, self.device).accuracy
             metrics["eval-seconds"] = time.perf_counter() - start
+            if received is not None:
+                metrics["received-accuracy"] = received
         return self.global_state(), metrics
+
+    def freeze_global(self) -> None:
+        """Train no Global-LiGO tensor from now on: the optimiser and schedule are rebuilt without them.
+
+        For a newcomer that grows with a published Global-LiGO as it is
+        (:mod:`fedgrow_core.late_joiner`); the Local-LiGO and head keep training.
+        """
+        for param in self.model.operator.global_.parameters():
+            param.requires_grad_(False)
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.optimizer = torch.optim.AdamW(growth_param_groups(self.model, self.run))
+        self.scheduler = growth_schedule(self.optimizer, self.run)
+
+    def evaluate_round(self) -> float:
+        """Accuracy of the grown model as it is now on the per-round test rows (no materialisation)."""
+        return evaluate(self.model, self._round_test, self.device).accuracy
 
     def grown_model(self) -> nn.Module:
         """The grown model as an ordinary family model on this client's device (weights materialised now)."""
@@ -393,7 +432,8 @@ class GrowthClient:
         Returns
         -------
         dict
-            ``num-examples`` (test rows), ``accuracy``, ``precision`` (macro),
+            ``num-examples`` (test rows), ``accuracy``, ``grown-accuracy`` (the
+            grown model before fine-tuning, same rows), ``precision`` (macro),
             ``loss``, ``trainable-params`` (growth phase: operators + head),
             ``model-params`` (the grown model's), ``finetune-seconds``, ``eval-seconds`` (all test rows),
             ``compute-threads``.
@@ -405,6 +445,7 @@ class GrowthClient:
         """
         self.load_global_state(global_state)
         grown = self.grown_model()
+        before = evaluate(grown, self._test, self.device)
         start = time.perf_counter()
         if self.run.finetune_steps:
             optimizer = torch.optim.AdamW(
@@ -423,6 +464,7 @@ class GrowthClient:
         return {
             "num-examples": result.num_examples,
             "accuracy": result.accuracy,
+            "grown-accuracy": before.accuracy,
             "precision": result.precision,
             "loss": result.loss,
             "trainable-params": self.trainable_params,

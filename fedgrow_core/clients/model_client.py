@@ -177,6 +177,10 @@ class ModelClient:
             metrics["eval-seconds"] = time.perf_counter() - start
         return metrics
 
+    def evaluate_round(self) -> float:
+        """Accuracy of the model as it is now on the per-round test rows."""
+        return evaluate(self.model, self._round_test, self.device).accuracy
+
     def evaluate(self) -> EvalResult:
         """Loss, accuracy and macro precision on the client's test rows."""
         return evaluate(self.model, self._test, self.device)
