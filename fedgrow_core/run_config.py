@@ -238,6 +238,12 @@ class RunConfig(BaseModel):
     pretrain_steps: int = _key(300, "Pre-training steps of a `vit:LxD` client model on the client's own rows", ge=1)
     patch_size: int = _key(7, "Patch side in pixels of `vit:LxD` client models", ge=1)
     lr_finetune: float = _key(5e-5, "Learning rate of the fine-tuning phase and of mode `small-only`'s rounds", gt=0)
+    lr_scratch: float = _key(
+        1e-4,
+        "Learning rate of mode `scratch-fedavg` (rounds and final fine-tuning): a target model trained from a "
+        "random initialisation needs a pre-training rate, not a fine-tuning one",
+        gt=0,
+    )
     strategy: str = _key(
         "fedavg",
         "`fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`, `fedmedian`, `fedtrimmedavg`, "
