@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -108,6 +109,11 @@ def provenance(repo: Path, when: float | None = None) -> dict[str, str]:
     return {"commit": commit, "date": date.strftime("%Y-%m-%d"), "machine": machine, "software": software}
 
 
+def _number(value: float | None) -> float:
+    """A record's optional number: NaN where a run did not report it (what the CSV reads back)."""
+    return math.nan if value is None else float(value)
+
+
 def run_records(
     summary: dict, rows: list[dict], config: dict, where: dict[str, str], num_supernodes: int = 3
 ) -> tuple[list[dict], list[dict]]:
@@ -132,13 +138,18 @@ def run_records(
     -------
     (list of dict, list of dict)
         Client rows: the run key, ``partition_id``, ``model``, ``accuracy``,
-        ``precision``, ``test_examples``, ``trainable_params``, ``model_params``,
+        ``grown_accuracy`` (before fine-tuning; growth modes), ``precision``,
+        ``test_examples``, ``trainable_params``, ``model_params``,
         ``steps`` (optimiser steps per client), the run's per-client bytes
         (``upload_bytes_per_round``, ``upload_bytes_total``, ``payload_bytes_total``,
         bytes), ``wall_time_s`` (seconds), the shapes, ``config`` and ``where``.
         Round rows: the run key, ``round``, ``phase``, ``steps`` (local steps
         per client so far: ``k * local-steps`` after the k-th training round, all
         steps after the final fine-tuning), ``eval_accuracy`` (mean over clients),
+        ``received_accuracy`` (the received Global-LiGO before training, i.e. the
+        previous round's aggregate; the last row: the final one before
+        fine-tuning), ``relative_change`` and ``update_cosine`` (the server's
+        Global-LiGO diagnostics, :func:`server_app.summary.round_rows`),
         ``train_loss``, ``upload_bytes``, ``cumulative_upload_bytes`` (bytes), ``seconds``.
 
     Raises
@@ -169,6 +180,7 @@ def run_records(
             "partition_id": c["partition_id"],
             "model": c["model"],
             "accuracy": c["accuracy"],
+            "grown_accuracy": _number(c.get("grown_accuracy")),
             "precision": c["precision"],
             "test_examples": c["test_examples"],
             "trainable_params": c["trainable_params"],
@@ -188,6 +200,9 @@ def run_records(
                 "phase": r["phase"],
                 "steps": steps if r["phase"] == Phase.FINAL.value else min(trained * run.local_steps, steps),
                 "eval_accuracy": r["eval-accuracy"],
+                "received_accuracy": _number(r.get("received-accuracy")),
+                "relative_change": _number(r.get("relative-change")),
+                "update_cosine": _number(r.get("update-cosine")),
                 "train_loss": r["train-loss"],
                 "upload_bytes": r["upload-bytes"],
                 "cumulative_upload_bytes": r["cumulative-upload-bytes"],

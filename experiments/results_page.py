@@ -257,6 +257,7 @@ def render(sections: list[Section]) -> str:
                 if not paired.empty
                 else ["No Fed-Grow runs are recorded yet, so there are no paired differences.", ""]
             ),
+            *growth_diagnostics(comp, clients),
             "Each client's accuracy (mean ± sample std over seeds):",
             "",
             per_client_markdown(clients),
@@ -381,6 +382,41 @@ def discussion(sections: list[Section]) -> list[str]:
             seen |= {(b, v.startswith("Fed-Grow")) for b, v in zip(at["baseline"], at["verdict"], strict=True)}
     lines.append("")
     lines += [WHY[b] + "\n" for b in WHY if (b, WHY_WHEN_FEDGROW_WINS[b]) in seen]
+    return lines
+
+
+def growth_diagnostics(comp: Comparison, clients: pd.DataFrame) -> list[str]:
+    """Before fine-tuning, and how far the Global-LiGO moved, where the records have them.
+
+    The grown models' accuracy before fine-tuning (``grown_accuracy``), Fed-Grow
+    minus each growth baseline; and, per ``fedgrow`` round, the mean over seeds of
+    the Global-LiGO's relative change and of the clients' update cosine.
+    """
+    lines: list[str] = []
+    if "grown_accuracy" in clients and clients["grown_accuracy"].notna().any():
+        grown = clients.dropna(subset=["grown_accuracy"])
+        table = grown.groupby("mode")["grown_accuracy"].mean()
+        lines += [
+            "The grown models before fine-tuning (all test rows; mean over seeds and clients): "
+            + ", ".join(f"`{m}` {v:.3f}" for m, v in table.items())
+            + ". Fed-Grow minus each, on the same seed and client:",
+            "",
+            paired_markdown(paired_differences(grown, "grown_accuracy"), "grown_accuracy"),
+            "",
+        ]
+    rounds = load_records(comp.folder)[1]
+    if "relative_change" in rounds and rounds["relative_change"].notna().any():
+        ours = rounds[(rounds["mode"] == "fedgrow") & rounds["relative_change"].notna()]
+        per_round = ours.groupby("round")[["relative_change", "update_cosine"]].mean()
+        lines += [
+            "The Global-LiGO in `fedgrow`, per round (mean over seeds): its relative change "
+            "`||G_after - G_sent|| / ||G_sent||` and the mean pairwise cosine of the clients' updates:",
+            "",
+            "| round | relative change | update cosine |",
+            "| --- | --- | --- |",
+            *(f"| {int(r)} | {v['relative_change']:.4f} | {v['update_cosine']:.3f} |" for r, v in per_round.iterrows()),
+            "",
+        ]
     return lines
 
 
