@@ -15,13 +15,16 @@ def test_accounting_matches_counts_from_the_operator_shapes():
         res = (tgt.hidden - src.hidden) * src.hidden
         attn = 3 * layers * (tgt.hidden - src.hidden) * src.hidden
         ffn = layers * (tgt.ffn - src.ffn) * src.ffn
-        return depth + res + attn + ffn
+        # trainable split weights of the spaces with an input side: res, v, ffn
+        split = (tgt.hidden - src.hidden) + layers * (tgt.hidden - src.hidden) + layers * (tgt.ffn - src.ffn)
+        return depth + res + attn + ffn + split
 
     assert acc.local_params == ligo_params(k, m, True)
     assert acc.global_params == ligo_params(m, t, False)
     assert acc.head_params == t.hidden * 3 + 3
     assert acc.trainable_params == acc.local_params + acc.global_params + acc.head_params
     rows = 16 * t.layers + (t.hidden - m.hidden) + 3 * t.layers * (t.hidden - m.hidden) + t.layers * (t.ffn - m.ffn)
+    rows += 1 + t.layers + t.layers  # split.res (one row), split.v and split.ffn (a row per layer)
     assert acc.global_bytes == {
         "float32": 4 * acc.global_params,
         "float16": 2 * acc.global_params,
