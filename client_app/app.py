@@ -216,7 +216,10 @@ def _model_client(context: Context, node: _Node, role: str) -> ModelClient:
         if STATE_KEY in context.state:
             client.load_private_state(context.state[STATE_KEY].to_torch_state_dict())
         return client
-    target = lambda: ModelClient(setup, *target_model(setup, node.run.seed), node.run.lr_scratch)  # noqa: E731
+
+    def target() -> ModelClient:  # scratch-fedavg trains it from a random initialisation, at its own rate
+        return ModelClient(setup, *target_model(setup, node.run.seed), node.run.lr_scratch)
+
     return _cached((*key, role), target)
 
 

@@ -1,7 +1,7 @@
 """Does a late joiner gain from the federation's Global-LiGO? Newcomers grow their small models four ways.
 
     python -m experiments.late_joiner --preset presets/paper-image.toml \
-        --runs results/paper --seeds 0 1 2 --out docs/results/paper-late-joiner
+        --runs results/paper-image --seeds 0 1 2 --out docs/results/paper-late-joiner
 
 For each seed, the final Global-LiGO of that seed's ``fedgrow`` run (``<runs>/runs/*-fedgrow-seed<k>/``)
 is given to ``--newcomers`` organisations that were not in the federation. Their rows are a

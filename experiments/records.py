@@ -147,8 +147,7 @@ def run_records(
         per client so far: ``k * local-steps`` after the k-th training round, all
         steps after the final fine-tuning), ``eval_accuracy`` (mean over clients),
         ``received_accuracy`` (the received Global-LiGO before training, i.e. the
-        previous round's aggregate; the last row: the final one before
-        fine-tuning), ``relative_change`` and ``update_cosine`` (the server's
+        previous round's aggregate), ``relative_change`` and ``update_cosine`` (the server's
         Global-LiGO diagnostics, :func:`server_app.summary.round_rows`),
         ``train_loss``, ``upload_bytes``, ``cumulative_upload_bytes`` (bytes), ``seconds``.
 
@@ -200,7 +199,7 @@ def run_records(
                 "phase": r["phase"],
                 "steps": steps if r["phase"] == Phase.FINAL.value else min(trained * run.local_steps, steps),
                 "eval_accuracy": r["eval-accuracy"],
-                "received_accuracy": _number(r.get("received-accuracy")),
+                "received_accuracy": _number(r.get("received-accuracy") if r["phase"] != Phase.FINAL.value else None),
                 "relative_change": _number(r.get("relative-change")),
                 "update_cosine": _number(r.get("update-cosine")),
                 "train_loss": r["train-loss"],

@@ -168,16 +168,22 @@ def grow_newcomer(
     Raises
     ------
     ValueError
-        For an unknown ``arm``, a missing ``global_ligo``, or steps < 1.
+        For an unknown ``arm``, a missing ``global_ligo``, steps < 1, or
+        ``growth_steps`` not a multiple of ``eval_every``; and from the
+        operator, if the small model cannot grow to the intermediate shape.
     """
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
     if arm in ("frozen", "trainable") and global_ligo is None:
         raise ValueError(f"arm {arm!r} needs a Global-LiGO")
-    if growth_steps < 1 or eval_every < 1:
-        raise ValueError(f"growth_steps and eval_every must be >= 1, got {growth_steps} and {eval_every}")
-    rounds = math.ceil(growth_steps / eval_every)
-    run = run.model_copy(update={"num_server_rounds": rounds, "local_steps": eval_every, "head_warmup_steps": 0})
+    if growth_steps < 1 or eval_every < 1 or growth_steps % eval_every:
+        raise ValueError(
+            f"growth-steps = {growth_steps}, eval-every = {eval_every}: expected positive integers, growth-steps a "
+            "multiple of eval-every"
+        )
+    rounds = growth_steps // eval_every
+    warmup = min(run.head_warmup_steps, growth_steps)  # the run's head warm-up, within this budget
+    run = run.model_copy(update={"num_server_rounds": rounds, "local_steps": eval_every, "head_warmup_steps": warmup})
     setup = copy.copy(setup)
     setup.run = run
     curve = GrowthCurve(arm)
@@ -242,10 +248,14 @@ def main(argv: list[str] | None = None) -> GrowthCurve:
     except ValueError as err:
         print(f"fedgrow-grow: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    setup = ClientSetup.load(run, 0, 1, model=args.model, dataset=args.dataset)
-    curve = grow_newcomer(
-        run, setup, args.arm, state, int(ours.get("growth-steps", 80)), int(ours.get("eval-every", 10)), args.out
-    )
+    try:
+        setup = ClientSetup.load(run, 0, 1, model=args.model, dataset=args.dataset)
+        curve = grow_newcomer(
+            run, setup, args.arm, state, int(ours.get("growth-steps", 80)), int(ours.get("eval-every", 10)), args.out
+        )
+    except ValueError as err:  # a model that cannot grow to the shapes, a bad budget, data of another task
+        print(f"fedgrow-grow: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(curve.__dict__))
     return curve
 

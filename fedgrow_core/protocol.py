@@ -310,9 +310,10 @@ def initial_global_ligo(run: RunConfig) -> LiGO:
     Returns
     -------
     LiGO
-        Width matrices ``(D_target, D_intermediate)`` per layer and depth
+        Width matrices ``(D_target, D_intermediate)`` per layer, depth
         coefficients ``(L_target, L_intermediate)`` (LiGO, Wang et al. 2023,
-        Eq. 3-6), on the CPU in float32.
+        Eq. 3-6) and the input-side split weights ``split.<space>`` (LEMON,
+        Wang et al. 2024, Sec. 4.1), on the CPU in float32.
     """
     return LiGO(
         run.intermediate_shape,

@@ -120,6 +120,9 @@ class ReplyChecks:
     update_encoding: str = "float32"
     #: What the current round sent (``None`` before the first round).
     sent_round: SentRound | None = None
+    #: Log each round's ``relative_change`` and ``update_cosine`` (Global-LiGO rounds; whole models would cost
+    #: a float64 copy of every reply).
+    log_diagnostics: bool = True
 
     @property
     def round_log(self) -> list[dict]:
@@ -194,7 +197,7 @@ class ReplyChecks:
         entry["download_bytes"] = {str(n): b for n, b in sent_round.bytes_per_node.items()}
         entry["offline_nodes"] = list(sent_round.offline_nodes)
         entry["clipped"] = self._bound(ok, values, schema)
-        entry["update_cosine"] = _update_cosine(ok, sent_round.arrays)
+        entry["update_cosine"] = _update_cosine(ok, sent_round.arrays) if self.log_diagnostics else None
         arrays, metrics = None, None
         needed = getattr(self, "min_train_nodes", 1)
         # inside central DP the noise is calibrated for num_sampled_clients: every one of them must reply usably
@@ -218,11 +221,10 @@ class ReplyChecks:
                 needed,
             )
         entry["aggregated"] = arrays is not None
-        entry["relative_change"] = (
-            relative_change(sent_round.arrays, {k: v.numpy() for k, v in arrays.items()})
-            if arrays is not None and sent_round.arrays
-            else None
-        )
+        change = None
+        if self.log_diagnostics and arrays is not None and sent_round.arrays:
+            change = relative_change(sent_round.arrays, {k: v.numpy() for k, v in arrays.items()})
+        entry["relative_change"] = change if change is not None and math.isfinite(change) else None
         self.round_log.append(entry)
         if metrics is None:
             metrics = MetricRecord()

@@ -129,6 +129,7 @@ def shared_rounds(
     strategy = strategy_for_run(run, num_nodes, example_caps)
     # Global-LiGO rounds carry encoded updates; whole target models travel as float32 values
     strategy.update_encoding = run.update_encoding if phase == Phase.GROW else "float32"
+    strategy.log_diagnostics = phase == Phase.GROW
     done, before = 0, []
     if resume is not None:
         done, arrays, before = resume.server_round, resume.global_ligo, resume.entries
@@ -259,6 +260,7 @@ def collect_average(
     strategy.example_caps = example_caps
     strategy.expected_spec = spec
     strategy.reply_metrics = REPLY_METRICS[Phase.COLLECT]
+    strategy.log_diagnostics = False
     # Clipping needs a reference: the majority's coordinate-wise median, an estimate no single reply controls.
     reference = _median_arrays(replies, spec)
     if reference is None:

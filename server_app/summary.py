@@ -29,8 +29,9 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
     model evaluated after the round on each client's first ``eval-max-examples``
     test rows; None in rounds without evaluation; the last row: every test row),
     ``received-accuracy`` (the same, with the Global-LiGO received at the
-    round's start, before training: the previous round's aggregate; the last
-    row: the final aggregate before fine-tuning, every test row), ``relative-change``
+    round's start, before training: the previous round's aggregate),
+    ``grown-accuracy`` (the last row only: the grown models before fine-tuning,
+    every test row; growth modes), ``relative-change``
     (``||G_after - G_sent|| / ||G_sent||`` of the shared arrays this round) and
     ``update-cosine`` (mean pairwise cosine of the clients' bounded updates),
     None where they do not apply, ``train-loss``
@@ -52,6 +53,7 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
                 "phase": e["phase"],
                 "eval-accuracy": _mean([m["eval-accuracy"] for m in metrics if "eval-accuracy" in m]),
                 "received-accuracy": _mean([m["received-accuracy"] for m in metrics if "received-accuracy" in m]),
+                "grown-accuracy": None,
                 "relative-change": e.get("relative_change"),
                 "update-cosine": e.get("update_cosine"),
                 "train-loss": _mean([m["train-loss"] for m in metrics if "train-loss" in m]),
@@ -74,7 +76,8 @@ def round_rows(run: RunConfig, entries: list[dict], final: list[dict]) -> list[d
             "round": last + local_ft,
             "phase": Phase.FINAL.value,
             "eval-accuracy": _mean([c["accuracy"] for c in final]),
-            "received-accuracy": _mean([c["grown_accuracy"] for c in final if c.get("grown_accuracy") is not None]),
+            "received-accuracy": None,
+            "grown-accuracy": _mean([c["grown_accuracy"] for c in final if c.get("grown_accuracy") is not None]),
             "relative-change": None,
             "update-cosine": None,
             "train-loss": None,

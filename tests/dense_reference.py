@@ -1,7 +1,7 @@
 """Independent dense re-computation of LiGO growth with plain matrix products.
 
 Builds every expansion matrix explicitly from the operator's parameters
-(``A = P [I ; E]``, ``B = diag(w) A diag(1 / diag(A^T diag(w) A))`` with the
+(``A = P [I ; E]``, ``B = diag(w) A diag(1 / diag(A^T diag(max(w, 0)) A))`` with the
 split weights ``w``, LayerNorm weights ``norm_scale * A``) and grows each tensor
 with ``torch.matmul`` / ``einsum``, without touching ``fedgrow_core.growth.expansion``.
 """
@@ -25,7 +25,7 @@ def dense_b(e, perm, split, input_side="normalised"):
         return a
     d1 = e.shape[-1]
     w = torch.cat([torch.ones(e.shape[:-2] + (d1,)), split], dim=-1)[..., perm]
-    gram_diag = torch.einsum("...r,...rj,...rj->...j", w, a, a)  # diag(A^T diag(w) A)
+    gram_diag = torch.einsum("...r,...rj,...rj->...j", w.clamp(min=0), a, a)  # diag(A^T diag(max(w, 0)) A)
     return w.unsqueeze(-1) * a / gram_diag.unsqueeze(-2)
 
 

@@ -102,3 +102,31 @@ def test_selection_init_is_one_hot_plus_bounded_noise():
 def test_unknown_input_side_is_rejected():
     with pytest.raises(ValueError, match="input_side"):
         Expansion(torch.zeros(1, 2), torch.arange(3), "transpose")
+
+
+@pytest.mark.parametrize("extra", [1, 2, 3, 5])
+def test_extra_head_dims_below_twofold_cancel_in_the_logits_but_read_features(extra):
+    """Head dim 8 -> 8 + extra (< 2x): key scales come in groups +1,-1 (+1,+1,-2 for an odd count), zero for one."""
+    sel, key_scale = head_selection(2, 8, 2, 8 + extra, torch.Generator().manual_seed(0))
+    per_head = key_scale.view(2, extra)
+    assert torch.allclose(per_head.sum(-1), torch.zeros(2))  # q'.k' adds 0 to every logit
+    if extra == 1:
+        assert (key_scale == 0).all()  # nothing to cancel against
+        return
+    assert (key_scale != 0).all()
+    # each group copies one source dimension: with q' = q_j, k' = c k_j the group adds sum(c) q_j k_j = 0
+    q, k = torch.randn(2 * 8), torch.randn(2 * 8)
+    q_new, k_new = q[sel], k[sel] * key_scale
+    torch.testing.assert_close((q_new * k_new).view(2, extra).sum(-1), torch.zeros(2), atol=1e-6, rtol=0)
+    groups = sorted(per_head[0].tolist())
+    assert groups.count(1.0) >= extra // 2 and min(groups) in (-1.0, -2.0)
+
+
+def test_a_negative_split_weight_cannot_divide_by_zero():
+    """w = -1 on a feature's only copy would make 1 + sum w E^2 = 0; negative weights count as 0 in the scale."""
+    e = torch.zeros(1, 3)
+    e[0, 1] = 1.0
+    exp = Expansion(e, torch.arange(4), split=torch.tensor([-1.0]))
+    scale = exp.input_side_scale()
+    assert torch.isfinite(scale).all() and (scale > 0).all() and (scale <= 1).all()
+    assert torch.isfinite(exp.grow_cols(torch.randn(2, 3), input_side=True)).all()

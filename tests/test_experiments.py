@@ -24,10 +24,12 @@ ROUNDS, LOCAL_STEPS, FINETUNE_STEPS = 2, 2, 2
 
 def ligo_params(source, target, tied):
     """Fed-Grow / LiGO operator size from the shapes: 16 depth matrices (L_t x L_s), the
-    residual-stream width matrix, and per layer (or once, tied) q/k/v and FFN width matrices."""
+    residual-stream width matrix, and per layer (or once, tied) q/k/v and FFN width matrices;
+    plus the split weights of the spaces read through an input side (res; per layer v and FFN)."""
     per_layer = 1 if tied else target.layers
     dd, ff = (target.hidden - source.hidden) * source.hidden, (target.ffn - source.ffn) * source.ffn
-    return 16 * target.layers * source.layers + dd + per_layer * (3 * dd + ff)
+    split = (target.hidden - source.hidden) + per_layer * ((target.hidden - source.hidden) + (target.ffn - source.ffn))
+    return 16 * target.layers * source.layers + dd + per_layer * (3 * dd + ff) + split
 
 
 def bert_params(shape):
@@ -114,22 +116,24 @@ def test_bytes_match_the_operator_and_model_shapes(results):
         16 * target.layers
         + (1 + 3 * target.layers) * (target.hidden - inter.hidden)
         + target.layers * (target.ffn - inter.ffn)
+        + 1
+        + 2 * target.layers  # split.res (one row), split.v and split.ffn (a row per layer)
     )
     expected = {"grow": grow_bytes, "collect": model_bytes, "train-shared": model_bytes, "train-local": 0}
     for mode, summary in summaries.items():
         for entry in summary["rounds_log"]:
-            local = mode in ("independent-ligo", "small-only")  # nothing shared
+            local = mode in ("independent-ligo", "independent-dual-ligo", "small-only")  # nothing shared
             assert set(entry["payload_bytes"].values()) == {0 if local else expected[entry["phase"]]}, mode
     by_mode = table.set_index("mode")
     fedgrow = by_mode.loc["fedgrow", "upload_bytes_per_round_mean"]  # serialised replies: payload plus a little
-    # 16 depth + 5 width tensors, each with its scales
-    assert grow_bytes < fedgrow <= grow_bytes + 42 * TENSOR_OVERHEAD + MESSAGE_OVERHEAD
+    # 16 depth + 5 width + 3 split tensors, each with its scales
+    assert grow_bytes < fedgrow <= grow_bytes + 48 * TENSOR_OVERHEAD + MESSAGE_OVERHEAD
     assert by_mode.loc["fedgrow", "upload_bytes_total_mean"] == pytest.approx(ROUNDS * fedgrow)
     # the server collects the seeded initial model once, then ROUNDS rounds of FedAvg
     scratch = by_mode.loc["scratch-fedavg", "upload_bytes_per_round_mean"]
     assert model_bytes < scratch <= model_bytes * 1.01
     assert by_mode.loc["scratch-fedavg", "upload_bytes_total_mean"] == pytest.approx((1 + ROUNDS) * scratch)
-    for mode in ("independent-ligo", "small-only"):  # metrics only
+    for mode in ("independent-ligo", "independent-dual-ligo", "small-only"):  # metrics only
         assert 0 < by_mode.loc[mode, "upload_bytes_per_round_mean"] < MESSAGE_OVERHEAD
     for mode in ("fedgrow", "scratch-fedavg"):
         summary = summaries[mode]
@@ -145,6 +149,9 @@ def test_trainable_parameters_match_the_shapes(results):
     expected = {
         "fedgrow": [ligo_params(s, inter, tied=True) + ligo_params(inter, target, tied=False) + head for s in smalls],
         "independent-ligo": [ligo_params(s, target, tied=False) + head for s in smalls],
+        "independent-dual-ligo": [
+            ligo_params(s, inter, tied=True) + ligo_params(inter, target, tied=False) + head for s in smalls
+        ],
         "small-only": [bert_params(s) for s in smalls],
         "scratch-fedavg": [bert_params(target)] * 3,
     }

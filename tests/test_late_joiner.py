@@ -33,7 +33,7 @@ def newcomer(tmp_path_factory):
     return run, ClientSetup.load(run, 0, 1), path, published
 
 
-def test_a_frozen_global_ligo_stays_as_published_and_a_trainable_one_moves(newcomer):
+def test_both_arms_record_a_curve_and_leave_the_published_tensors_alone(newcomer):
     run, setup, path, published = newcomer
     state = load_global_ligo(path, run)
     for arm in ("frozen", "trainable"):
@@ -57,6 +57,17 @@ def test_frozen_keeps_every_global_tensor_and_trains_the_rest(newcomer):
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and not any(k.startswith("operator.global_.") for k in moved)
     assert any(k.startswith("operator.local.") for k in moved) and "head.weight" in moved
+    trainable = GrowthClient(run, 0, 1, setup=setup)  # the trainable arm: the Global-LiGO moves too
+    trainable.load_global_state(load_global_ligo(path, run))
+    start = trainable.global_state()
+    trainable.train_round(trainable.global_state(), with_eval=False)
+    assert any(not torch.equal(start[k], v) for k, v in trainable.global_state().items())
+
+
+def test_a_budget_that_is_not_a_whole_number_of_evaluations_is_refused(newcomer):
+    run, setup, _, _ = newcomer
+    with pytest.raises(ValueError, match="growth-steps = 5, eval-every = 2"):
+        grow_newcomer(run, setup, "initial", growth_steps=5, eval_every=2)
 
 
 def test_the_small_arm_trains_a_copy_of_the_small_model(newcomer):

@@ -78,6 +78,7 @@ def test_every_split_gives_the_dense_layer_and_its_gradients(kind, absorb):
     for a, b in zip(got_grads, want_grads, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
+            # float32 sums in different orders; the trainable split weights' gradients reach ~1e3 here
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 

@@ -120,7 +120,7 @@ def test_head_dim_growth_below_twofold_is_named_and_shrinks_logits_by_the_stated
     (gap,) = width_gaps(s, t, "pre")
     assert "head_dim 16 -> 24" in gap
     op = LiGO(s, t, depth_noise=0.0)
-    # extra key rows are zero, so q'.k' = q.k and the logits shrink by sqrt(16/24)
+    # the extra key rows cancel in groups (+1, -1, ...), so q'.k' = q.k and the logits shrink by sqrt(16/24)
     k = op.expansions()["k"].dense()[0]
     q = op.expansions()["q"].dense()[0]
     x, y = torch.randn(32), torch.randn(32)

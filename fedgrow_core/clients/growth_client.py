@@ -242,7 +242,9 @@ class GrowthClient:
 
         Shapes: ``depth.<kind>`` ``(L_t, L_m)``; ``width.res`` ``(D_t - D_m, D_m)``;
         ``width.q/k/v`` ``(L_t, D_t - D_m, D_m)``; ``width.ffn`` ``(L_t, F_t - F_m, F_m)``
-        (``m``: intermediate, ``t``: target shape). With ``global-tie-layers``
+        (``m``: intermediate, ``t``: target shape); the split weights
+        ``split.res`` ``(D_t - D_m,)``, ``split.v`` ``(L_t, D_t - D_m)`` and
+        ``split.ffn`` ``(L_t, F_t - F_m)``. With ``global-tie-layers``
         the leading ``L_t`` of the per-layer spaces is dropped; with
         ``global-rank = r`` the last axis is ``r`` (the factor ``U``). These are
         the only tensors sent (as such, or encoded: :meth:`encoded_update`).
@@ -318,7 +320,7 @@ class GrowthClient:
             From ``load_state_dict`` (strict), if a tensor name or shape does not
             match this client's model.
         """
-        # the Global-LiGO is not in the private state: keep the current one, check the rest strictly
+        # a shared Global-LiGO is not in the private state: keep the current one, check the rest strictly
         self.model.load_state_dict({**self.model.state_dict(), **model_tensors(state)}, strict=True)
         load_training_state(state, self.optimizer, self._batches, self.device)
         self.update_residual = {

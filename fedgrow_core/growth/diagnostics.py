@@ -1,10 +1,12 @@
 """What an operator learns: which tensors get gradients, how far they move, how clients' updates agree.
 
-These are the measurements behind docs/method.md, "Does the Global-LiGO learn?":
-gradient norms at initialisation (:func:`gradient_norms`), the relative change
-of an operator (:func:`relative_change`) and the mean pairwise cosine of the
-clients' updates of one round (:func:`mean_pairwise_cosine`). The server logs
-the last two every round (``global-ligo-change``, ``update-cosine``).
+These are the measurements behind docs/method.md ("Every operator tensor
+learns", and the per-round diagnostics of "Modes"): gradient norms at
+initialisation (:func:`gradient_norms`), the relative change of an operator
+(:func:`relative_change`) and the mean pairwise cosine of the clients' updates
+of one round (:func:`mean_pairwise_cosine`). The server logs the last two every
+Global-LiGO round (``relative-change``, ``update-cosine``; TensorBoard
+``global-ligo/relative-change``, ``global-ligo/update-cosine``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def _flat(tensors: Mapping[str, Tensor | np.ndarray], names: Sequence[str]) -> n
 def relative_change(before: Mapping[str, Tensor | np.ndarray], after: Mapping[str, Tensor | np.ndarray]) -> float:
     """``||after - before|| / ||before||`` over all tensors of ``before`` (L2 of the concatenation).
 
+    NaN when ``before`` is all zeros.
+
     Raises
     ------
     KeyError
@@ -55,7 +59,7 @@ def relative_change(before: Mapping[str, Tensor | np.ndarray], after: Mapping[st
     names = sorted(before)
     base = _flat(before, names)
     norm = float(np.linalg.norm(base))
-    return float(np.linalg.norm(_flat(after, names) - base)) / norm if norm else math.inf
+    return float(np.linalg.norm(_flat(after, names) - base)) / norm if norm else math.nan
 
 
 def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -> float:

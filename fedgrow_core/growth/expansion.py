@@ -15,7 +15,7 @@ so that every source head stays inside one target head).
 The *input-side* matrix (applied to the columns of the next weight) is either the
 reference's tied choice ``B = A``, or, by default here, the normalised, weighted
 
-    B = diag(w) A diag(s),   s_j = 1 / sum_r w_r A_rj^2
+    B = diag(w) A diag(s),   s_j = 1 / sum_r max(w_r, 0) A_rj^2
 
 with a per-row *split weight* ``w`` (1 on the original rows, seeded
 values in ``[0.5, 1.5)`` on copies, 0 on LayerNorm-padding rows at
@@ -297,14 +297,17 @@ class Expansion:
         Returns
         -------
         torch.Tensor
-            ``(d1,)`` or ``(L, d1)``: ``1 / (1 + sum_r w_r E[r, j]^2)`` (the
-            inverse diagonal of ``A^T diag(w) A``) when normalised, ones when tied.
+            ``(d1,)`` or ``(L, d1)``: ``1 / (1 + sum_r max(w_r, 0) E[r, j]^2)``
+            (the inverse diagonal of ``A^T diag(w) A`` for ``w >= 0``) when
+            normalised, ones when tied. Negative split weights count as 0 here,
+            so the scale stays in ``(0, 1]`` whatever ``w`` a party sends or
+            training reaches (``w_r = -1`` on a single copy would divide by 0).
         """
         if self.input_side == "tied":
             return torch.ones(self.e.shape[:-2] + (self.d1,), dtype=self.e.dtype, device=self.e.device)
         sq = self.e.pow(2)
         if self.split is not None:
-            sq = sq * self.split.to(sq.dtype).unsqueeze(-1)
+            sq = sq * self.split.to(sq.dtype).clamp(min=0).unsqueeze(-1)
         return 1.0 / (1.0 + sq.sum(-2))
 
     def grow_rows(self, x: Tensor, input_side: bool = False) -> Tensor:
