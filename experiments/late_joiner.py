@@ -24,8 +24,8 @@ import tomllib
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pandas as pd
-from datasets import DatasetDict
 from flwr.common.config import flatten_dict
 from flwr_datasets.partitioner import DirichletPartitioner
 
@@ -48,17 +48,22 @@ ARM_NAMES = {
 
 
 def newcomer_rows(run: RunConfig, newcomers: int, folder: Path) -> list[Path]:
-    """Write each newcomer's rows (a Dirichlet partition of the test split) as a ``save_to_disk`` folder."""
+    """Write each newcomer's rows (a Dirichlet partition of the test split) as an ``.npz`` file of uint8 images."""
     test = load_data_source(run.dataset)["test"]
     partitioner = DirichletPartitioner(
         num_partitions=newcomers, partition_by="label", alpha=run.dirichlet_alpha, seed=run.seed, min_partition_size=0
     )
     partitioner.dataset = test
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(newcomers):
-        path = folder / f"seed{run.seed}-newcomer{k}"
-        if not path.is_dir():
-            DatasetDict({"train": partitioner.load_partition(k)}).save_to_disk(str(path))
+        path = folder / f"seed{run.seed}-newcomer{k}.npz"
+        if not path.is_file():
+            rows = partitioner.load_partition(k).with_format("numpy")
+            images = np.stack([np.asarray(x) for x in rows["image"]])
+            if images.dtype.kind in "iu":  # pixel values 0..255
+                images = images.astype(np.uint8)
+            np.savez(path, image=images, label=np.asarray(rows["label"]))
         paths.append(path)
     return paths
 
