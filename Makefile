@@ -90,7 +90,7 @@ results-paper: setup
 
 late-joiner: setup
 	$(PY) -m experiments.late_joiner --preset presets/paper-image.toml --runs results/paper-image \
-		--seeds $(PAPER_SEEDS) --out docs/results/paper-late-joiner
+		--seeds $(PAPER_SEEDS) --eval-every 20 --out docs/results/paper-late-joiner
 
 results-page: setup
 	$(PY) -m experiments.results_page

@@ -455,7 +455,8 @@ def late_joiner_lines(comp: Comparison) -> list[str]:
         f"{setup['growth_steps']} growth steps (evaluated every {setup['eval_every']}) and the preset's "
         "fine-tuning steps, four ways. Paired differences are over seeds of each seed's mean over newcomers. "
         f"Command: `python -m experiments.late_joiner --preset {_rel(comp.preset)} --runs results/{comp.name} "
-        f"--seeds {seeds} --out {_rel(folder)}`.",
+        f"--seeds {seeds} --growth-steps {setup['growth_steps']} --eval-every {setup['eval_every']} "
+        f"--out {_rel(folder)}` (`make late-joiner`).",
         "",
         (folder / "late_joiner.md").read_text().strip(),
         "",
