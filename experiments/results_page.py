@@ -355,7 +355,7 @@ WHY = {
     "an initialisation for a longer training of the large model, which this budget does not give.",
     "independent-dual-ligo": "Against the same Dual-LiGO never averaged (`independent-dual-ligo`), the averaging is "
     "the only difference, so this is what the federation adds. The diagnostics show why it adds little here: the "
-    "clients' Global-LiGO updates are nearly orthogonal (their mean pairwise cosine, per round above, is a few "
+    "clients' Global-LiGO updates are nearly orthogonal (their mean pairwise cosine, per round above, is at most a few "
     "hundredths), so FedAvg keeps little of any one client's step; the grown models before fine-tuning are as "
     "accurate with the averaged operator as with each client's own, and the local fine-tuning that follows is the "
     "same in both modes.",
