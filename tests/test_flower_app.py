@@ -128,6 +128,12 @@ def test_the_log_is_quiet_and_reports_progress(flwr_run):
     assert "mean accuracy " in log and "summary in " in log
 
 
+def events_scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return events.Scalars(tag)
+
+
 def test_run_folder_holds_metrics_plot_and_global_ligo(flwr_run):
     run_dir, cfg, _, log = flwr_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -135,7 +141,14 @@ def test_run_folder_holds_metrics_plot_and_global_ligo(flwr_run):
     assert [(r["round"], r["phase"]) for r in rows] == [(1, "grow"), (2, "grow"), (3, "finetune-evaluate")]
     assert all(r["accepted"] == 3 and r["rejected"] == 0 for r in rows)
     assert all(0 <= r["eval-accuracy"] <= 1 for r in rows)
-    assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("round,phase,eval-accuracy,train-loss")
+    header = "round,phase,eval-accuracy,received-accuracy,grown-accuracy,relative-change,update-cosine,train-loss"
+    assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith(header)
+    # the Global-LiGO's diagnostics in each growth round; the grown models before fine-tuning at the end
+    assert all(r["relative-change"] > 0 and -1 <= r["update-cosine"] <= 1 for r in rows[:2])
+    assert all(0 <= r["received-accuracy"] <= 1 for r in rows[:2]) and 0 <= rows[2]["grown-accuracy"] <= 1
+    assert len(events_scalars(run_dir, "global-ligo/relative-change")) == 2
+    change = json.loads((run_dir / "summary.json").read_text())["global_ligo_relative_change"]
+    assert 0 < change < 1
     assert (run_dir / "metrics.png").stat().st_size > 1000
     events = EventAccumulator(str(run_dir / "tensorboard"))  # written round by round, read back by TensorBoard
     events.Reload()
