@@ -102,3 +102,17 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+#: Run-config keys of a tiny growth run (tiny BERTs, a few rows), shared by the in-process client tests.
+TINY_GROWTH_KEYS = {
+    "intermediate-shape": "2x32x64x2",
+    "target-shape": "3x64x128x4",
+    "local-steps": 2,
+    "batch-size": 8,
+    "max-train-examples": 32,
+    "max-test-examples": 16,
+    "eval-max-examples": 8,
+    "finetune-steps": 1,
+    "max-length": 32,
+}

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert_folder
+from conftest import TINY_GROWTH_KEYS, tiny_bert_folder
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from test_strategy import SENT, SPEC, _content, _record, _Reply
 
@@ -24,17 +24,7 @@ from server_app.strategy import strategy_for_run
 from server_app.summary import round_rows
 from server_app.tracking import round_scalars
 
-KEYS = {
-    "intermediate-shape": "2x32x64x2",
-    "target-shape": "3x64x128x4",
-    "local-steps": 2,
-    "batch-size": 8,
-    "max-train-examples": 32,
-    "max-test-examples": 16,
-    "eval-max-examples": 8,
-    "finetune-steps": 1,
-    "max-length": 32,
-}
+KEYS = TINY_GROWTH_KEYS
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_bert_folder
+from conftest import TINY_GROWTH_KEYS, tiny_bert_folder
 from safetensors.torch import save_file
 
 from fedgrow_core.clients.setup import ClientSetup
@@ -10,16 +10,7 @@ from fedgrow_core.late_joiner import GlobalLigoFileError, grow_newcomer, load_gl
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 
-KEYS = {
-    "intermediate-shape": "2x32x64x2",
-    "target-shape": "3x64x128x4",
-    "batch-size": 8,
-    "max-train-examples": 32,
-    "max-test-examples": 16,
-    "eval-max-examples": 8,
-    "finetune-steps": 1,
-    "max-length": 32,
-}
+KEYS = TINY_GROWTH_KEYS
 
 
 @pytest.fixture(scope="module")
