@@ -52,7 +52,7 @@ from fedgrow_core.clients.model_export import owner_problem
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.node_policy import NodePolicy, run_fingerprint
-from fedgrow_core.protocol import Instruction, Phase
+from fedgrow_core.protocol import MODE_PHASES, Instruction, Phase
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.training import reporting_progress, time_limit
 
@@ -188,6 +188,11 @@ def _setup(context: Context, node: _Node) -> tuple[tuple, ClientSetup]:
             f"{policy.min_eval_rows}: every accuracy it reported would be about a few private rows"
         )
     return key, setup
+
+
+def _grows(mode: str) -> bool:
+    """Whether ``mode``'s clients grow their small model (serve :attr:`Phase.GROW`, :data:`MODE_PHASES`)."""
+    return Phase.GROW in MODE_PHASES.get(mode, ())
 
 
 def _growth_client(context: Context, node: _Node) -> GrowthClient:
@@ -403,10 +408,8 @@ def _grow(context: Context, node: _Node, order: Instruction, received: dict) -> 
         received, proximal_mu=order.proximal_mu, with_eval=node.run.evaluates_round(order.server_round)
     )
     check_finite_reply(shared, metrics, "training on the received Global-LiGO")
-    if not client.share_global:  # the independent baselines keep their operators
-        _keep(context, node, store, order.server_round, client.private_state())
-        return {}, metrics
-    payload = client.encoded_update(received, shared)  # its rounding residual is private state
+    # the rounding residual is private state; the independent baselines keep their operators and send nothing
+    payload = client.encoded_update(received, shared) if client.share_global else {}
     _keep(context, node, store, order.server_round, client.private_state())
     return payload, metrics
 
@@ -469,7 +472,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if cap and served >= cap:
         raise RefusedMessage(f"this node has served {served} final phase(s) in this run; its max-final-phases = {cap}")
     with _transaction(context):
-        if node.run.mode in ("fedgrow", "independent-ligo", "independent-dual-ligo", "small-only"):
+        if _grows(node.run.mode) or node.run.mode == "small-only":
             store = _state_store(context, node, order.run_tag)
             _restore(context, node, store, order.server_round + 1, order.resumed_after)
         with _seeded(node, Phase.FINAL, order.server_round):
@@ -480,7 +483,7 @@ def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: I
     received = _received(msg)
     _, setup = _setup(context, node)
     mode, cap = node.run.mode, node.policy.max_received_abs
-    if mode in ("fedgrow", "independent-ligo", "independent-dual-ligo"):
+    if _grows(mode):
         client = _growth_client(context, node)
         check_received(received, client.global_state() if client.share_global else {}, cap, "Global-LiGO")
     elif mode == "small-only":
@@ -500,7 +503,7 @@ def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: I
         out = models / f"{run_folder}.run-{context.run_id}" / kind
     context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted
     save_to = out if node.run.save_models else None
-    if mode in ("fedgrow", "independent-ligo", "independent-dual-ligo"):
+    if _grows(mode):
         metrics = client.finetune_and_evaluate(received, save_to, owner)
     else:
         metrics = client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner)

@@ -128,10 +128,6 @@ class GrowthCurve:
     final_accuracy: float = math.nan
     test_examples: int = 0
 
-    def steps_to(self, target: float) -> int | None:
-        """The first evaluated step with accuracy at least ``target``; ``None`` if never reached."""
-        return next((s for s, a in zip(self.steps, self.accuracy, strict=True) if a >= target), None)
-
 
 def grow_newcomer(
     run: RunConfig,
@@ -218,15 +214,14 @@ def grow_newcomer(
 
 
 def _run_config(preset: Path | None, overrides: list[str]) -> tuple[RunConfig, dict]:
+    """The run config (``pyproject.toml``, then ``preset``, then ``overrides``) and the budget keys taken out of it."""
     preset_keys = (
         [f"{k}={json.dumps(v)}" for k, v in flatten_dict(tomllib.loads(preset.read_text())).items()] if preset else []
     )
-    ours = parse_overrides(
-        [o for o in overrides if o.split("=", 1)[0] in ("growth-steps", "eval-every")], usage="key=value"
-    )
-    rest = [o for o in overrides if o.split("=", 1)[0] not in ("growth-steps", "eval-every")]
+    rest = parse_overrides(overrides, usage="key=value")
+    ours = {k: rest.pop(k) for k in ("growth-steps", "eval-every") if k in rest}
     root = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    return RunConfig.from_flower(pyproject_config(root, [*preset_keys, *rest])), ours
+    return RunConfig.from_flower({**pyproject_config(root, preset_keys), **rest}), ours
 
 
 def main(argv: list[str] | None = None) -> GrowthCurve:

@@ -50,6 +50,11 @@ def client_operator(
 ) -> LiGO | DualLiGO:
     """A client's initial growth operator for its small model of shape ``shape``.
 
+    Returns a ``DualLiGO`` (``shape -> run.intermediate_shape -> run.target_shape``)
+    or, with ``independent=True``, a ``LiGO`` (``shape -> run.target_shape``);
+    raises ``ValueError`` (from :class:`~fedgrow_core.growth.ligo.LiGO`) if
+    ``shape`` cannot grow into the intermediate or target shape.
+
     Fed-Grow (Shen et al., Sec. 4): ``DualLiGO(Local-LiGO, Global-LiGO)``. Every
     client's Local-LiGO is seeded with ``run.seed + 1``, so that clients of
     one width reach the same intermediate coordinates (the width draws depend
@@ -358,7 +363,7 @@ class GrowthClient:
         self.load_global_state(global_state)
         received = None
         if with_eval and self.share_global:  # the aggregate as it arrived, before this client trains on it
-            received = evaluate(self.model, self._round_test, self.device).accuracy
+            received = self.evaluate_round()
         start = time.perf_counter()
         penalty = None
         if proximal_mu > 0:
@@ -390,7 +395,7 @@ class GrowthClient:
         if with_eval:
             start = time.perf_counter()
             # through the operators in factored form: no materialisation, same logits as grown_model()
-            metrics["eval-accuracy"] = evaluate(self.model, self._round_test, self.device).accuracy
+            metrics["eval-accuracy"] = self.evaluate_round()
             metrics["eval-seconds"] = time.perf_counter() - start
             if received is not None:
                 metrics["received-accuracy"] = received

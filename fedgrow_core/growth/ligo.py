@@ -114,7 +114,11 @@ def _kind_key(kind: str) -> str:
 
 
 def width_seed(seed: int) -> int:
-    """Seed of a LiGO's width draws (selections, split weights, low-rank projections), derived from ``seed``."""
+    """Seed of a LiGO's width draws (selections, split weights, low-rank projections), derived from ``seed``.
+
+    An integer in ``[0, 2**63)``, distinct from ``seed`` itself, so that the width stream never replays the
+    depth stream (:class:`LiGO` draws its depth noise from ``seed``).
+    """
     return (seed * 1_000_003 + 7919) % 2**63
 
 
