@@ -247,7 +247,8 @@ class RunConfig(BaseModel):
     strategy: str = _key(
         "fedavg",
         "`fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`, `fedmedian`, `fedtrimmedavg`, "
-        "`krum`, or a strategy class as `package.module:Class`",
+        "`krum`, `multikrum`, `bulyan`, `geometric-median`, `centred-clipping`, or a strategy class as "
+        "`package.module:Class`",
     )
     min_train_nodes: int = _key(
         1,
@@ -292,7 +293,16 @@ class RunConfig(BaseModel):
     fedopt_tau: float = _key(1e-3, "Adaptivity (tau) of FedAdam, FedYogi and FedAdagrad", ge=0)
     server_momentum: float = _key(0.9, "FedAvgM's server momentum (Hsu et al. 2019)", ge=0, lt=1)
     server_lr: float = _key(1.0, "FedAvgM's server learning rate", gt=0)
-    num_malicious_nodes: int = _key(0, "Krum's `f`: nodes that may be Byzantine (Blanchard et al. 2017)", ge=0)
+    num_malicious_nodes: int = _key(
+        0, "`f` of Krum, MultiKrum and Bulyan: nodes that may be Byzantine (Blanchard et al. 2017)", ge=0
+    )
+    multikrum_select: int = _key(1, "MultiKrum's `m`: replies averaged after Krum scoring (1 is Krum)", ge=1)
+    centred_clip_tau: float = _key(
+        0.0,
+        "Centred clipping's radius `tau` (L2; Karimireddy et al. 2021); 0: the median distance of the round's "
+        "updates to the previous aggregate update",
+        ge=0,
+    )
     trimmed_beta: float = _key(0.2, "FedTrimmedAvg's fraction cut from each end", ge=0, lt=0.5)
     dp_clipping: Literal[DP_CLIPPING] = _key(
         "off",

@@ -14,6 +14,7 @@ import inspect
 from typing import Any
 
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -23,6 +24,7 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -30,6 +32,7 @@ from fedgrow_core.run_config import ConfigError, RunConfig
 
 from .central_dp import with_central_dp
 from .checked_round import ReplyChecks
+from .robust_aggregation import CentredClipping, GeometricMedian
 
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -41,6 +44,10 @@ BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
+    "geometric-median": GeometricMedian,
+    "centred-clipping": CentredClipping,
 }
 
 
@@ -95,6 +102,8 @@ STRATEGY_KNOBS = {
     "server_learning_rate": "server_lr",
     "num_malicious_nodes": "num_malicious_nodes",
     "beta": "trimmed_beta",
+    "num_nodes_to_select": "multikrum_select",
+    "radius": "centred_clip_tau",
 }
 #: Strategies whose aggregate is an average of the clipped updates, which central DP's noise is calibrated for.
 DP_STRATEGIES = (FedAvg, FedProx)

@@ -1,0 +1,172 @@
+"""Poisoning attacks on the Global-LiGO by one hostile node that sees every honest reply of the round.
+
+:class:`HostileNode` is an :class:`benchmarks.in_process_grid.InProcessGrid`
+``tamper`` hook. The hostile node trains honestly (its real ClientApp runs),
+then replaces its reply in every Global-LiGO round with a well-formed one
+(float32, the right tensors, shapes and metrics, inside every schema) that
+carries an attack built from all honest updates of the round, its own
+included. That is the omniscient attacker of the robust-aggregation papers,
+the worst case for a defence.
+
+Attacks (:data:`ATTACKS`), each an update ``a`` added to the arrays sent:
+
+* ``sign-flip``: ``-B * mean(u) / ||mean(u)||``, the honest mean reversed, at
+  the norm ``B`` the server's clip would allow (:func:`clip_reach`);
+* ``random``: a Gaussian direction at norm ``B``;
+* ``little-is-enough``: ``mean(u) - z * std(u)`` per coordinate (Baruch,
+  Baruch and Goldberg, "A Little Is Enough", NeurIPS 2019, with their
+  ``z_max`` for ``n`` nodes and one Byzantine);
+* ``lying-weight``: ``sign-flip`` with ``num-examples = 2**39`` in every reply
+  and ``10**12`` training rows claimed in preflight;
+* ``absent`` (a reference, not an attack): every reply of the node is an
+  error, so the server aggregates without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import Error
+from scipy.stats import norm as gaussian
+
+from fedgrow_core.protocol import Phase
+from server_app.bounded_influence import clip_bound, update_norm
+
+#: Rows a lying node claims in preflight, and the weight it claims per round.
+CLAIMED_ROWS = 10**12
+CLAIMED_WEIGHT = 2**39
+
+
+def clip_reach(other_norms: list[float], clip_median: float) -> float:
+    """The largest update norm the server's median clip lets through when the other replies have these norms.
+
+    The attacker's own norm counts in the median; a reply at least as large as
+    every other one makes it the largest, so the bound is ``clip_median`` times
+    the median of the others plus one ``inf`` (:func:`server_app.bounded_influence.clip_bound`).
+    ``inf`` if the clip is off.
+    """
+    return clip_bound([*other_norms, math.inf], 0.0, clip_median)
+
+
+def alie_z(num_nodes: int, num_byzantine: int = 1) -> float:
+    """Baruch et al.'s ``z_max``: ``s = floor(n/2 + 1) - f`` nodes must be won over; ``z = Phi^-1((n - s) / n)``."""
+    s = math.floor(num_nodes / 2 + 1) - num_byzantine
+    return float(gaussian.ppf((num_nodes - s) / num_nodes))
+
+
+def _flat(update: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    return np.concatenate([update[k].ravel() for k in keys])
+
+
+def _unflat(vector: np.ndarray, sent: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for k in keys:
+        out[k] = (sent[k].astype(np.float64) + vector[start : start + sent[k].size].reshape(sent[k].shape)).astype(
+            np.float32
+        )
+        start += sent[k].size
+    return out
+
+
+def _at_norm(direction: np.ndarray, norm: float) -> np.ndarray:
+    length = float(np.linalg.norm(direction))
+    return direction * (norm / length) if length > 0 else direction
+
+
+def sign_flip(updates: np.ndarray, reach: float, rng: np.random.Generator) -> np.ndarray:
+    """The honest mean update reversed, at norm ``reach``."""
+    return _at_norm(-updates.mean(axis=0), reach)
+
+
+def random_direction(updates: np.ndarray, reach: float, rng: np.random.Generator) -> np.ndarray:
+    """A Gaussian direction at norm ``reach``."""
+    return _at_norm(rng.standard_normal(updates.shape[1]), reach)
+
+
+def little_is_enough(updates: np.ndarray, reach: float, rng: np.random.Generator) -> np.ndarray:
+    """``mean - z_max * std`` per coordinate over the honest updates (Baruch et al. 2019); ``reach`` unused."""
+    return updates.mean(axis=0) - alie_z(updates.shape[0]) * updates.std(axis=0)
+
+
+#: attack name -> update from (honest updates (n, d), clip reach, rng); ``None``: the reference without the node.
+ATTACKS: dict[str, Callable | None] = {
+    "sign-flip": sign_flip,
+    "random": random_direction,
+    "little-is-enough": little_is_enough,
+    "lying-weight": sign_flip,
+    "absent": None,
+}
+
+
+class HostileNode:
+    """An ``InProcessGrid`` tamper hook: node ``node_id`` replaces its Global-LiGO replies with ``attack``'s.
+
+    Parameters
+    ----------
+    node_id : int
+        The hostile node.
+    attack : str
+        A key of :data:`ATTACKS`; ``None`` (or ``"honest"``) tampers with nothing.
+    clip_median : float
+        The run's ``clip-update-median`` (what the attacker aims its norm at).
+    seed : int
+        Seed of the ``random`` attack's directions.
+    """
+
+    def __init__(self, node_id: int, attack: str | None, clip_median: float, seed: int = 0):
+        if attack not in (None, "honest", *ATTACKS):
+            raise ValueError(f"attack = {attack!r}: expected one of {['honest', *ATTACKS]}")
+        self.node_id = node_id
+        self.attack = None if attack == "honest" else attack
+        self.clip_median = clip_median
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, sent: list[Message], replies: list[Message]) -> list[Message]:
+        """The round's replies with the hostile node's replaced."""
+        if self.attack is None:
+            return replies
+        out = []
+        for msg, reply in zip(sent, replies, strict=True):
+            phase = str(msg.content["config"].get("phase", "")) if "config" in msg.content else ""
+            if msg.metadata.dst_node_id != self.node_id or reply.has_error():
+                out.append(reply)
+            elif phase == Phase.GROW and self.attack == "absent":
+                out.append(Message(Error(code=0, reason="absent"), reply_to=msg))
+            elif phase == Phase.GROW:
+                out.append(self._poisoned(msg, reply, replies))
+            elif phase == Phase.PREFLIGHT and self.attack == "lying-weight":
+                metrics = {**dict(reply.content["metrics"]), "train-examples": CLAIMED_ROWS}
+                content = RecordDict({**dict(reply.content.items()), "metrics": MetricRecord(metrics)})
+                out.append(Message(content, reply_to=msg))
+            else:
+                out.append(reply)
+        return out
+
+    def _poisoned(self, msg: Message, reply: Message, replies: list[Message]) -> Message:
+        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        keys = sorted(arrays)
+        honest = [r for r in replies if not r.has_error() and "arrays" in r.content]
+        received = [{k: r.content["arrays"][k].numpy() for k in keys} for r in honest]
+        updates = np.stack([_flat({k: u[k].astype(np.float64) - arrays[k] for k in keys}, keys) for u in received])
+        others = [
+            update_norm(u, arrays)
+            for r, u in zip(honest, received, strict=True)
+            if r.metadata.src_node_id != self.node_id
+        ]
+        reach = clip_reach(others, self.clip_median)
+        if not math.isfinite(reach):  # no clip: as large as the largest honest update times the usual multiple
+            reach = 2.0 * max(others or [1.0])
+        attack = ATTACKS[self.attack](updates, reach, self.rng)
+        metrics = dict(reply.content["metrics"])
+        if self.attack == "lying-weight":
+            metrics["num-examples"] = CLAIMED_WEIGHT
+        poisoned = {k: Array(v) for k, v in _unflat(attack, arrays, keys).items()}
+        return Message(
+            RecordDict(
+                {**dict(reply.content.items()), "arrays": ArrayRecord(poisoned), "metrics": MetricRecord(metrics)}
+            ),
+            reply_to=msg,
+        )

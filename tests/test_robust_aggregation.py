@@ -1,0 +1,132 @@
+"""The geometric median (RFA) and centred clipping against independent computations, and as Flower strategies."""
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from scipy.optimize import minimize
+
+from server_app.robust_aggregation import CentredClipping, GeometricMedian, centred_clip, geometric_median
+from server_app.strategy import build_strategy
+
+
+def _objective(z, points, weights):
+    return float(np.sum(weights * np.linalg.norm(points - z, axis=1)))
+
+
+def test_geometric_median_minimises_the_weighted_sum_of_distances():
+    rng = np.random.default_rng(0)
+    points = rng.standard_normal((7, 5))
+    weights = rng.uniform(0.5, 3.0, 7)
+    median, iterations = geometric_median(points, weights, smoothing=1e-12, max_iter=1000, tol=1e-14)
+    best = minimize(
+        _objective,
+        points.mean(axis=0),
+        args=(points, weights),
+        method="Nelder-Mead",
+        options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000},
+    )
+    assert iterations > 1
+    assert _objective(median, points, weights) <= best.fun + 1e-7
+    np.testing.assert_allclose(median, best.x, atol=1e-4)
+
+
+def test_geometric_median_of_collinear_points_is_the_weighted_median_and_ignores_an_outlier():
+    points = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [1e6, 0.0]])
+    median, _ = geometric_median(points, [1, 1, 1, 1], smoothing=1e-9, max_iter=1000, tol=1e-15)
+    assert 1.0 - 1e-3 <= median[0] <= 2.0 + 1e-3 and abs(median[1]) < 1e-9  # any point of [1, 2] minimises
+    median, _ = geometric_median(points, [1, 5, 1, 1], smoothing=1e-9, max_iter=1000, tol=1e-15)
+    np.testing.assert_allclose(median, [1.0, 0.0], atol=1e-6)  # a weight above half pins it
+
+
+@pytest.mark.parametrize(
+    ("points", "weights"), [(np.zeros((2, 3, 1)), [1, 1]), (np.zeros((2, 3)), [1]), (np.zeros((2, 3)), [0, 0])]
+)
+def test_geometric_median_refuses_bad_input_naming_it(points, weights):
+    with pytest.raises(ValueError, match="geometric_median"):
+        geometric_median(points, weights)
+
+
+def test_centred_clip_is_the_papers_step():
+    rng = np.random.default_rng(1)
+    updates, centre = rng.standard_normal((5, 4)), rng.standard_normal(4)
+    expected = centre.copy()
+    for _ in range(3):
+        steps = []
+        for u in updates:
+            diff = u - expected
+            steps.append(diff * min(1.0, 0.7 / np.linalg.norm(diff)))
+        expected = expected + sum(steps) / len(steps)
+    np.testing.assert_allclose(centred_clip(updates, centre, 0.7, iterations=3), expected, rtol=1e-12)
+    # a huge radius is the plain mean; any one update moves the result by at most tau / n
+    np.testing.assert_allclose(centred_clip(updates, centre, 1e9), updates.mean(axis=0), rtol=1e-12)
+    moved = updates.copy()
+    moved[0] = 1e9
+    assert np.linalg.norm(centred_clip(moved, centre, 0.7) - centred_clip(updates, centre, 0.7)) <= 2 * 0.7 / 5 + 1e-12
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, math.inf, math.nan])
+def test_centred_clip_refuses_a_radius_that_is_not_positive(tau):
+    with pytest.raises(ValueError, match="tau"):
+        centred_clip(np.zeros((2, 3)), np.zeros(3), tau)
+
+
+def _reply(arrays: dict, examples: int, task_identity_node: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v.astype(np.float32)) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": examples, "train-loss": float(task_identity_node)}),
+        }
+    )
+    sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=task_identity_node, message_type="train")
+    sent.metadata.__dict__["_message_id"] = f"m{task_identity_node}"
+    return Message(content, reply_to=sent)
+
+
+def test_geometric_median_strategy_aggregates_every_tensor_together(task_identity):
+    rng = np.random.default_rng(2)
+    replies = [{"a": rng.standard_normal((2, 3)), "b": rng.standard_normal(4)} for _ in range(4)]
+    weights = [10, 20, 30, 40]
+    strategy = GeometricMedian(fraction_evaluate=0.0)
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(r, w, i + 2) for i, (r, w) in enumerate(zip(replies, weights, strict=True))]
+    )
+    flat = np.stack(
+        [np.concatenate([r["a"].astype(np.float32).ravel(), r["b"].astype(np.float32).ravel()]) for r in replies]
+    )
+    expected, _ = geometric_median(flat.astype(np.float64), weights)
+    got = np.concatenate([arrays["a"].numpy().ravel(), arrays["b"].numpy().ravel()])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert arrays["a"].numpy().dtype == np.float32 and arrays["a"].numpy().shape == (2, 3)
+    # metrics are FedAvg's: weighted by num-examples
+    assert metrics["train-loss"] == pytest.approx(sum(w * (i + 2) for i, w in enumerate(weights)) / sum(weights))
+
+
+def test_centred_clipping_strategy_keeps_its_momentum_and_ignores_claimed_weights(task_identity):
+    sent = {"w": np.zeros(3, np.float32)}
+    strategy = CentredClipping(radius=0.5, fraction_evaluate=0.0)
+    strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    updates = [np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])]
+    replies = [_reply({"w": u}, 10 if i else 10**9, i + 2) for i, u in enumerate(updates)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = centred_clip(np.stack(updates), np.zeros(3), 0.5)
+    np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-6)  # unweighted: the 10**9 claim counts once
+    state = strategy.state_dict()
+    np.testing.assert_allclose(state["arrays"]["momentum"], expected)
+    fresh = CentredClipping(radius=0.5, fraction_evaluate=0.0)
+    fresh.load_state_dict(state)  # a resumed run continues from the same centre
+    np.testing.assert_allclose(fresh.momentum, expected)
+
+
+@pytest.mark.parametrize("name", ["geometric-median", "centred-clipping", "multikrum", "bulyan"])
+def test_the_robust_strategies_are_built_by_name_with_the_reply_checks(name):
+    from server_app.checked_round import ReplyChecks
+
+    strategy = build_strategy(name, num_nodes=3, fraction_train=1.0)
+    assert isinstance(strategy, ReplyChecks)
+
+
+def test_centred_clipping_refuses_a_negative_radius():
+    with pytest.raises(ValueError, match="radius = -1"):
+        CentredClipping(radius=-1.0)
