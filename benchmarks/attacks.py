@@ -10,13 +10,17 @@ the worst case for a defence.
 
 Attacks (:data:`ATTACKS`), each an update ``a`` added to the arrays sent:
 
-* ``sign-flip``: ``-B * mean(u) / ||mean(u)||``, the honest mean reversed, at
-  the norm ``B`` the server's clip would allow (:func:`clip_reach`);
+* ``sign-flip``: the node's own honest update reversed, at the norm ``B`` the
+  server's clip would allow (:func:`clip_reach`). With honest updates
+  near-orthogonal it looks like any other reply: its cosine with the others'
+  is about 0;
+* ``reverse-mean``: ``-B * mean(u) / ||mean(u)||``, the mean of every honest
+  update (its own included) reversed, at norm ``B``;
 * ``random``: a Gaussian direction at norm ``B``;
 * ``little-is-enough``: ``mean(u) - z * std(u)`` per coordinate (Baruch,
   Baruch and Goldberg, "A Little Is Enough", NeurIPS 2019, with their
   ``z_max`` for ``n`` nodes and one Byzantine);
-* ``lying-weight``: ``sign-flip`` with ``num-examples = 2**39`` in every reply
+* ``lying-weight``: ``reverse-mean`` with ``num-examples = 2**39`` in every reply
   and ``10**12`` training rows claimed in preflight;
 * ``absent`` (a reference, not an attack): every reply of the node is an
   error, so the server aggregates without it.
@@ -76,27 +80,34 @@ def _at_norm(direction: np.ndarray, norm: float) -> np.ndarray:
     return direction * (norm / length) if length > 0 else direction
 
 
-def sign_flip(updates: np.ndarray, reach: float, rng: np.random.Generator) -> np.ndarray:
-    """The honest mean update reversed, at norm ``reach``."""
+def sign_flip(updates: np.ndarray, own: int, reach: float, rng: np.random.Generator) -> np.ndarray:
+    """The node's own honest update (row ``own``) reversed, at norm ``reach``."""
+    return _at_norm(-updates[own], reach)
+
+
+def reverse_mean(updates: np.ndarray, own: int, reach: float, rng: np.random.Generator) -> np.ndarray:
+    """The mean honest update reversed, at norm ``reach``."""
     return _at_norm(-updates.mean(axis=0), reach)
 
 
-def random_direction(updates: np.ndarray, reach: float, rng: np.random.Generator) -> np.ndarray:
+def random_direction(updates: np.ndarray, own: int, reach: float, rng: np.random.Generator) -> np.ndarray:
     """A Gaussian direction at norm ``reach``."""
     return _at_norm(rng.standard_normal(updates.shape[1]), reach)
 
 
-def little_is_enough(updates: np.ndarray, reach: float, rng: np.random.Generator) -> np.ndarray:
+def little_is_enough(updates: np.ndarray, own: int, reach: float, rng: np.random.Generator) -> np.ndarray:
     """``mean - z_max * std`` per coordinate over the honest updates (Baruch et al. 2019); ``reach`` unused."""
     return updates.mean(axis=0) - alie_z(updates.shape[0]) * updates.std(axis=0)
 
 
-#: attack name -> update from (honest updates (n, d), clip reach, rng); ``None``: the reference without the node.
+#: attack name -> update from (honest updates (n, d), the row of the node's own, clip reach, rng);
+#: ``None``: the reference without the node.
 ATTACKS: dict[str, Callable | None] = {
     "sign-flip": sign_flip,
+    "reverse-mean": reverse_mean,
     "random": random_direction,
     "little-is-enough": little_is_enough,
-    "lying-weight": sign_flip,
+    "lying-weight": reverse_mean,
     "absent": None,
 }
 
@@ -159,7 +170,8 @@ class HostileNode:
         reach = clip_reach(others, self.clip_median)
         if not math.isfinite(reach):  # no clip: as large as the largest honest update times the usual multiple
             reach = 2.0 * max(others or [1.0])
-        attack = ATTACKS[self.attack](updates, reach, self.rng)
+        own = [r.metadata.src_node_id for r in honest].index(self.node_id)
+        attack = ATTACKS[self.attack](updates, own, reach, self.rng)
         metrics = dict(reply.content["metrics"])
         if self.attack == "lying-weight":
             metrics["num-examples"] = CLAIMED_WEIGHT

@@ -100,24 +100,39 @@ class Defence:
     min_nodes: int = 1
 
 
-#: The defences compared; each keeps the trust boundary's checks, weight caps and ``clip-update-median``.
+def _defence(name: str, strategy: str, clip: float = 2.0, cap: float = 3.0, min_nodes: int = 1, **extra) -> Defence:
+    """A :class:`Defence` fixing strategy, clip and weight cap (and ``extra``: values or ``n -> value``).
+
+    Fixing them all keeps a row's meaning whatever the app's defaults are.
+    """
+
+    def overrides(n: int) -> dict:
+        values = {k.replace("_", "-"): v(n) if callable(v) else v for k, v in extra.items()}
+        return {"strategy": strategy, "clip-update-median": clip, "cap-weight-median": cap, **values}
+
+    return Defence(name, overrides, min_nodes)
+
+
+#: The defences compared, all behind the trust boundary's checks (Flower's strategies as they are).
 DEFENCES = [
-    Defence("fedavg, clip 2x median", lambda n: {"strategy": "fedavg", "clip-update-median": 2.0}),
-    Defence("fedavg, clip 1x median", lambda n: {"strategy": "fedavg", "clip-update-median": 1.0}),
-    Defence("fedmedian", lambda n: {"strategy": "fedmedian"}),
-    Defence("fedtrimmedavg", lambda n: {"strategy": "fedtrimmedavg", "trimmed-beta": round(1 / n + 0.01, 2)}),
-    Defence("krum", lambda n: {"strategy": "krum", "num-malicious-nodes": 1}),
-    Defence("multikrum", lambda n: {"strategy": "multikrum", "num-malicious-nodes": 1, "multikrum-select": n - 1}),
-    Defence("bulyan", lambda n: {"strategy": "bulyan", "num-malicious-nodes": 1}, min_nodes=7),
-    Defence("geometric-median", lambda n: {"strategy": "geometric-median"}),
-    Defence("centred-clipping", lambda n: {"strategy": "centred-clipping"}),
+    _defence("fedavg, clip 2x median", "fedavg"),
+    _defence("fedavg, clip 1x median", "fedavg", clip=1.0),
+    _defence("fedavg, clip 1x, weight cap 1x", "fedavg", clip=1.0, cap=1.0),
+    _defence("fedmedian", "fedmedian"),
+    _defence("fedtrimmedavg", "fedtrimmedavg", trimmed_beta=lambda n: round(1 / n + 0.01, 2)),
+    _defence("krum", "krum", num_malicious_nodes=1),
+    _defence("multikrum", "multikrum", num_malicious_nodes=1, multikrum_select=lambda n: n - 1),
+    _defence("bulyan", "bulyan", min_nodes=7, num_malicious_nodes=1),
+    _defence("geometric-median, weight cap 3x", "geometric-median"),
+    _defence("geometric-median, weight cap 1x", "geometric-median", cap=1.0),
+    _defence("centred-clipping", "centred-clipping"),
 ]
 #: Today's clip-only FedAvg: the reference of the honest cost.
 REFERENCE = DEFENCES[0].name
 
 
 def default_defence() -> str:
-    """The :data:`DEFENCES` row that the app's default run config is (its strategy and clip)."""
+    """The :data:`DEFENCES` row that the app's default run config is (strategy, clip and weight cap)."""
     config = RunConfig.from_flower(pyproject_config(ROOT / "pyproject.toml"))
     for defence in DEFENCES:
         keys = defence.overrides(3)
@@ -126,10 +141,19 @@ def default_defence() -> str:
     raise RuntimeError(f"the default strategy {config.strategy!r} is not one of the benchmark's defences")
 
 
-def run_federation(run_config: dict, num_nodes: int, run_id: int, attack: str | None = None) -> Path:
-    """One run of the real apps in this process; the last partition plays ``attack``. Returns its run folder."""
+def run_federation(
+    run_config: dict, num_nodes: int, run_id: int, attack: str | None = None, hostile_partition: int = -1
+) -> Path:
+    """One run of the real apps in this process; partition ``hostile_partition`` (default: the last) plays ``attack``.
+
+    Returns
+    -------
+    Path
+        The run folder (``summary.json``, ``global_ligo.safetensors``, the checkpoint).
+    """
     config = RunConfig.from_flower(run_config)
-    hostile = HostileNode(1001 + num_nodes - 1, attack, config.clip_update_median, seed=run_id)
+    node = 1001 + hostile_partition % num_nodes
+    hostile = HostileNode(node, attack, config.clip_update_median, seed=run_id)
     grid = federation(fedgrow_client.app, num_nodes, run_config, run_id, {"node-policy": "open"}, hostile)
     context = Context(run_id, SERVER_NODE_ID, {}, RecordDict(), dict(run_config))
     grid.run_server(fedgrow_server.main, context)
@@ -169,37 +193,50 @@ def small_vit_config(work: Path) -> dict:
     return {**pyproject_config(ROOT / "pyproject.toml"), **SMALL_VIT_RUN, "cache-dir": str(work / "cache")}
 
 
-def measure_drag(defences: list[Defence], sizes: list[int], attacks: list[str], work: Path) -> list[dict]:
-    """One row per (defence, size, attack): its drag; also the honest run's Global-LiGO movement."""
+def measure_drag(
+    defences: list[Defence], sizes: list[int], attacks: list[str], work: Path, every_position_up_to: int = 3
+) -> list[dict]:
+    """One row per (defence, size, attack, hostile partition): the drag and alignment of the final Global-LiGO.
+
+    In federations of at most ``every_position_up_to`` nodes each partition is
+    hostile in turn (a defence can drop one partition's replies in the honest
+    run too, which would hide an attack by that partition); in larger ones, the
+    last partition.
+    """
     base = small_vit_config(work)
     initial = {k: v.detach().numpy() for k, v in initial_global_ligo(RunConfig.from_flower(base)).state_dict().items()}
     rows, run_id = [], 0
     for n in sizes:
+        positions = range(n) if n <= every_position_up_to else [n - 1]
         for defence in defences:
             if n < defence.min_nodes:
-                rows.append(
-                    {"defence": defence.name, "nodes": n, "attack": "*", "drag": None, "note": "needs more nodes"}
-                )
+                rows.append({"defence": defence.name, "nodes": n, "attack": "*", "drag": None})
                 continue
-            finals = {}
-            for attack in ["honest", *attacks]:
-                run_id += 1
-                config = {**base, **defence.overrides(n), "output-dir": str(work / f"run-{run_id}")}
-                start = time.perf_counter()
-                run_dir = run_federation(config, n, run_id, attack)
-                finals[attack] = load_file(str(run_dir / "global_ligo.safetensors"))
-                seconds = time.perf_counter() - start
-                if attack == "honest":
-                    continue
-                value, alignment = drag(finals[attack], finals["honest"], initial)
-                rows.append(
-                    {"defence": defence.name, "nodes": n, "attack": attack, "drag": value, "alignment": alignment}
-                )
-                print(
-                    f"  N={n} {defence.name:24s} {attack:17s} drag {value:6.3f} alignment {alignment:+.3f} "
-                    f"({seconds:.0f} s)",
-                    flush=True,
-                )
+            run_id += 1
+            config = {**base, **defence.overrides(n), "output-dir": str(work / f"run-{run_id}")}
+            honest = load_file(str(run_federation(config, n, run_id) / "global_ligo.safetensors"))
+            for position in positions:
+                for attack in attacks:
+                    run_id += 1
+                    config = {**base, **defence.overrides(n), "output-dir": str(work / f"run-{run_id}")}
+                    start = time.perf_counter()
+                    run_dir = run_federation(config, n, run_id, attack, position)
+                    value, alignment = drag(load_file(str(run_dir / "global_ligo.safetensors")), honest, initial)
+                    rows.append(
+                        {
+                            "defence": defence.name,
+                            "nodes": n,
+                            "hostile": position,
+                            "attack": attack,
+                            "drag": value,
+                            "alignment": alignment,
+                        }
+                    )
+                    print(
+                        f"  N={n} {defence.name:24s} partition {position} {attack:17s} drag {value:6.3f} "
+                        f"alignment {alignment:+.3f} ({time.perf_counter() - start:.0f} s)",
+                        flush=True,
+                    )
     return rows
 
 
@@ -250,13 +287,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--defences", nargs="+", default=[d.name for d in DEFENCES])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument(
+        "--every-position-up-to", type=int, default=3, help="in federations this small, each partition attacks in turn"
+    )
     parser.add_argument("--cost-defences", nargs="+", help="defences whose honest cost is measured (default: all)")
     parser.add_argument("--no-cost", action="store_true", help="skip the image-preset runs")
+    parser.add_argument("--no-drag", action="store_true", help="skip the drag runs")
     parser.add_argument("--out", type=Path, help="folder for robustness.json")
-    parser.add_argument("--report", type=Path, help="print the tables of an earlier robustness.json; run nothing")
+    parser.add_argument(
+        "--report", type=Path, nargs="+", help="print the tables of earlier robustness.json files, merged; run nothing"
+    )
     args = parser.parse_args(argv)
     if args.report:
-        report = json.loads(args.report.read_text())
+        report = merged([json.loads(path.read_text()) for path in args.report])
     else:
         report = measure(args)
         if args.out:
@@ -271,8 +314,12 @@ def measure(args: argparse.Namespace) -> dict:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     chosen = [d for d in DEFENCES if d.name in args.defences]
     with tempfile.TemporaryDirectory(prefix="fedgrow-robustness-") as tmp:
-        print("drag (one hostile node; the last partition):", flush=True)
-        drags = measure_drag(chosen, args.sizes, args.attacks, Path(tmp) / "drag")
+        print("drag (one hostile node):", flush=True)
+        drags = (
+            []
+            if args.no_drag
+            else measure_drag(chosen, args.sizes, args.attacks, Path(tmp) / "drag", args.every_position_up_to)
+        )
         costs = {}
         if not args.no_cost:
             print("honest cost (image preset):", flush=True)
@@ -280,6 +327,17 @@ def measure(args: argparse.Namespace) -> dict:
             rows = measure_cost([d for d in DEFENCES if d.name in names], args.seeds, Path(tmp) / "cost")
             costs = cost_by_defence(rows)
     return {"drag": drags, "cost": costs, "sizes": args.sizes, "seeds": args.seeds}
+
+
+def merged(reports: list[dict]) -> dict:
+    """One report from several (drag rows concatenated, costs updated in order, sizes and seeds united)."""
+    out = {"drag": [], "cost": {}, "sizes": [], "seeds": []}
+    for report in reports:
+        out["drag"] += report["drag"]
+        out["cost"].update(report["cost"])
+        out["sizes"] = sorted({*out["sizes"], *(r["nodes"] for r in report["drag"])})
+        out["seeds"] = sorted({*out["seeds"], *report["seeds"]}) if report["cost"] else out["seeds"]
+    return out
 
 
 def summary_line(report: dict) -> str:
@@ -292,7 +350,7 @@ def summary_line(report: dict) -> str:
 
 
 def table(drags: list[dict], costs: dict, sizes: list[int]) -> str:
-    """A markdown table per defence: each attack's drag at each size, the worst drag and alignment, the honest cost."""
+    """One markdown row per defence: each attack's drag per size (worst partition), worst drag, alignment, cost."""
     attacks = sorted({r["attack"] for r in drags if r["attack"] != "*"}, key=list(ATTACKS).index)
     header = [
         "defence",
@@ -308,7 +366,7 @@ def table(drags: list[dict], costs: dict, sizes: list[int]) -> str:
         for n in sizes:
             for a in attacks:
                 hit = [r["drag"] for r in mine if r["nodes"] == n and r["attack"] == a]
-                cells.append(f"{hit[0]:.2f}" if hit else "n/a")
+                cells.append(f"{max(hit):.2f}" if hit else "n/a")
         attacked = [r for r in mine if r["attack"] != "absent"]
         worst = f"{max(r['drag'] for r in attacked):.2f}" if attacked else "n/a"
         lowest = f"{min(r['alignment'] for r in attacked):+.2f}" if attacked else "n/a"

@@ -49,7 +49,7 @@ from fedgrow_core.run_config import RESUMABLE_CHANGES, ConfigError, RunConfig
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedgrow-checkpoint/1"
 #: Array-valued state of Flower's built-in strategies (attribute -> kind), saved when set.
-_STRATEGY_ARRAYS = {"m_t": "dict", "v_t": "dict", "momentum_vector": "list"}
+_STRATEGY_ARRAYS = {"m_t": "dict", "v_t": "dict", "momentum_vector": "list", "momentum": "dict"}
 #: Scalar state of Flower's built-in strategies and wrappers (adaptive clipping's norm).
 _STRATEGY_SCALARS = ("clipping_norm",)
 
@@ -129,7 +129,7 @@ def strategy_state(strategy: Strategy) -> dict:
 
 
 #: Attributes a strategy changes while aggregating (Flower's built-ins and wrappers).
-_ROUND_STATE = ("m_t", "v_t", "momentum_vector", "clipping_norm", "current_arrays")
+_ROUND_STATE = ("m_t", "v_t", "momentum_vector", "momentum", "clipping_norm", "current_arrays")
 
 
 def snapshot_state(strategy: Strategy) -> list[dict]:

@@ -131,13 +131,21 @@ def _flat(record: ArrayRecord, keys: list[str]) -> np.ndarray:
     return np.concatenate([np.asarray(record[k].numpy(), np.float64).ravel() for k in keys])
 
 
-def _unflat(vector: np.ndarray, like: ArrayRecord, keys: list[str]) -> ArrayRecord:
+def _split(vector: np.ndarray, like: ArrayRecord, keys: list[str]) -> dict[str, np.ndarray]:
+    """``vector`` cut into ``like``'s tensors (names ``keys``, in order), still float64."""
     out, start = {}, 0
     for k in keys:
-        ref = like[k].numpy()
-        out[k] = Array(vector[start : start + ref.size].reshape(ref.shape).astype(ref.dtype))
-        start += ref.size
-    return ArrayRecord(out)
+        shape = like[k].numpy().shape
+        size = math.prod(shape)
+        out[k] = vector[start : start + size].reshape(shape)
+        start += size
+    return out
+
+
+def _unflat(vector: np.ndarray, like: ArrayRecord, keys: list[str]) -> ArrayRecord:
+    """``vector`` as an ``ArrayRecord`` of ``like``'s names, shapes and dtypes."""
+    parts = _split(vector, like, keys)
+    return ArrayRecord({k: Array(v.astype(like[k].numpy().dtype)) for k, v in parts.items()})
 
 
 class GeometricMedian(FedAvg):
@@ -187,8 +195,8 @@ class CentredClipping(FedAvg):
     Each round: ``u_i = w_i - w`` (reply minus the arrays sent), then
     ``v <- v + (1/n) sum_i clip(u_i - v, tau)`` (:func:`centred_clip`), and the
     new arrays are ``w + v``. ``v`` starts at 0 and is kept between rounds (the
-    paper's server momentum); it is the strategy's state (``state_dict``), so
-    it is checkpointed and restored on resume. Replies are not weighted by
+    paper's server momentum) in ``momentum``, per tensor, which the checkpoint
+    saves, checks and restores on resume as it does FedAdam's moments. Replies are not weighted by
     their examples: a claimed weight changes nothing.
 
     Parameters
@@ -209,7 +217,8 @@ class CentredClipping(FedAvg):
             raise ValueError(f"CentredClipping: radius = {radius}: expected 0 (adaptive) or a positive L2 radius")
         self.radius = radius
         self.iterations = iterations
-        self.momentum: np.ndarray | None = None
+        #: ``v``: the previous round's aggregate update, per tensor (float64); ``None`` before the first round.
+        self.momentum: dict[str, np.ndarray] | None = None
         self.current_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -234,22 +243,14 @@ class CentredClipping(FedAvg):
         keys = list(self.current_arrays.keys())
         sent = _flat(self.current_arrays, keys)
         updates = np.stack([_flat(m.content[self.arrayrecord_key], keys) for m in valid]) - sent
-        centre = np.zeros_like(sent) if self.momentum is None or self.momentum.shape != sent.shape else self.momentum
+        centre = np.zeros_like(sent)
+        if self.momentum and set(self.momentum) == set(keys):
+            centre = np.concatenate([np.asarray(self.momentum[k], np.float64).ravel() for k in keys])
         tau = self.radius or robust_median(np.linalg.norm(updates - centre, axis=1).tolist())
         if tau <= 0:  # every reply equals the centre: nothing moves
             v = centre
         else:
             v = centred_clip(updates, centre, tau, self.iterations)
-        self.momentum = v
+        self.momentum = _split(v, self.current_arrays, keys)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return _unflat(sent + v, self.current_arrays, keys), metrics
-
-    def state_dict(self) -> dict:
-        """``{"arrays": {"momentum": v}, "scalars": {}}``: :func:`server_app.checkpoint.strategy_state`'s format."""
-        arrays = {} if self.momentum is None else {"momentum": self.momentum.copy()}
-        return {"arrays": arrays, "scalars": {}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Put back a :meth:`state_dict`."""
-        momentum = state.get("arrays", {}).get("momentum")
-        self.momentum = None if momentum is None else np.asarray(momentum, np.float64).copy()

@@ -7,8 +7,17 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from scipy.optimize import minimize
 
+from fedgrow_core.protocol import initial_global_ligo
+from fedgrow_core.run_config import RunConfig
+from server_app.checkpoint import (
+    content_problems,
+    load_strategy_state,
+    read_checkpoint,
+    strategy_state,
+    write_checkpoint,
+)
 from server_app.robust_aggregation import CentredClipping, GeometricMedian, centred_clip, geometric_median
-from server_app.strategy import build_strategy
+from server_app.strategy import build_strategy, strategy_for_run
 
 
 def _objective(z, points, weights):
@@ -112,11 +121,17 @@ def test_centred_clipping_strategy_keeps_its_momentum_and_ignores_claimed_weight
     arrays, _ = strategy.aggregate_train(1, replies)
     expected = centred_clip(np.stack(updates), np.zeros(3), 0.5)
     np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-6)  # unweighted: the 10**9 claim counts once
-    state = strategy.state_dict()
-    np.testing.assert_allclose(state["arrays"]["momentum"], expected)
+    np.testing.assert_allclose(strategy.momentum["w"], expected)
+    # the momentum is checkpointed, checked and restored as FedAdam's moments are
+    state = strategy_state(strategy)
+    assert set(state["arrays"]) == {"0.momentum.w"}
     fresh = CentredClipping(radius=0.5, fraction_evaluate=0.0)
-    fresh.load_state_dict(state)  # a resumed run continues from the same centre
-    np.testing.assert_allclose(fresh.momentum, expected)
+    load_strategy_state(fresh, state)
+    np.testing.assert_allclose(fresh.momentum["w"], expected)
+    fresh.current_arrays = strategy.current_arrays
+    again = [_reply({"w": u}, 10, i + 2) for i, u in enumerate(updates)]
+    second, _ = fresh.aggregate_train(2, again)  # a resumed strategy continues from the same centre
+    np.testing.assert_allclose(second["w"].numpy(), centred_clip(np.stack(updates), expected, 0.5), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["geometric-median", "centred-clipping", "multikrum", "bulyan"])
@@ -130,3 +145,20 @@ def test_the_robust_strategies_are_built_by_name_with_the_reply_checks(name):
 def test_centred_clipping_refuses_a_negative_radius():
     with pytest.raises(ValueError, match="radius = -1"):
         CentredClipping(radius=-1.0)
+
+
+def test_a_checkpoint_of_centred_clipping_passes_the_checks_and_restores_the_momentum(tmp_path):
+    run = RunConfig(strategy="centred-clipping", num_server_rounds=3)
+    strategy = strategy_for_run(run, 3)
+    arrays = {k: v.detach().numpy() for k, v in initial_global_ligo(run).state_dict().items()}
+    rng = np.random.default_rng(3)
+    strategy.momentum = {k: rng.standard_normal(v.shape) for k, v in arrays.items()}
+    write_checkpoint(tmp_path, run, 1, ArrayRecord({k: Array(v) for k, v in arrays.items()}), strategy, [])
+    checkpoint = read_checkpoint(tmp_path)
+    assert content_problems(checkpoint, run) == []
+    fresh = strategy_for_run(run, 3)
+    load_strategy_state(fresh, checkpoint.strategy)
+    for name, value in strategy.momentum.items():
+        np.testing.assert_array_equal(fresh.momentum[name], value)
+    checkpoint.strategy["arrays"]["0.momentum.x"] = np.zeros(3)  # a name the Global-LiGO does not have
+    assert any("0.momentum.x" in p for p in content_problems(checkpoint, run))
