@@ -245,10 +245,10 @@ class RunConfig(BaseModel):
         gt=0,
     )
     strategy: str = _key(
-        "fedavg",
-        "`fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`, `fedmedian`, `fedtrimmedavg`, "
-        "`krum`, `multikrum`, `bulyan`, `geometric-median`, `centred-clipping`, or a strategy class as "
-        "`package.module:Class`",
+        "geometric-median",
+        "`geometric-median` (RFA; what each strategy tolerates: docs/reliability-and-privacy.md), `fedavg`, "
+        "`fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`, `fedmedian`, `fedtrimmedavg`, `krum`, "
+        "`multikrum`, `bulyan`, `centred-clipping`, or a strategy class as `package.module:Class`",
     )
     min_train_nodes: int = _key(
         1,
@@ -272,9 +272,9 @@ class RunConfig(BaseModel):
         ge=0,
     )
     cap_weight_median: float = _key(
-        3.0,
-        "Cap on each reply's `num-examples` (its FedAvg weight) as a multiple of the median preflight rows of the "
-        "round's nodes, on top of the cap at its node's own preflight rows (0: off)",
+        1.0,
+        "Cap on each reply's `num-examples` (its aggregation weight) as a multiple of the median preflight rows of "
+        "the round's nodes, on top of the cap at its node's own preflight rows (0: off)",
         ge=0,
     )
     proximal_mu: float = _key(

@@ -22,6 +22,7 @@ SENT = {"width.res": np.zeros((200, 50), np.float32), "depth.attn_q_weight": np.
 CLIP, NOISE, UPDATE_NORM = 0.5, 2.0, 300.0
 #: Fixed clipping; the test clients reply with values, so float32 transport.
 DP_RUN = RunConfig(
+    strategy="fedavg",
     dp_clipping="fixed",
     dp_clipping_norm=CLIP,
     dp_noise_multiplier=NOISE,
@@ -115,7 +116,9 @@ def test_a_rejected_reply_skips_the_dp_round_instead_of_noising_fewer_clients_fo
     ],
 )
 def test_config_picks_flowers_wrapper_with_checks_outside(clipping, cls):
-    run = RunConfig(dp_clipping=clipping, dp_noise_multiplier=1.0, dp_clipping_norm=0.3, min_train_nodes=2)
+    run = RunConfig(
+        strategy="fedavg", dp_clipping=clipping, dp_noise_multiplier=1.0, dp_clipping_norm=0.3, min_train_nodes=2
+    )
     strategy = strategy_for_run(run, 4)
     assert isinstance(strategy, cls) and isinstance(strategy, ReplyChecks)
     assert type(strategy).__mro__.index(ReplyChecks) < type(strategy).__mro__.index(cls)
@@ -136,4 +139,4 @@ def test_bad_dp_config_fails_before_training():
     for part in ("dp-clipping = 'gaussian'", "dp-noise-multiplier = -1.0", "dp-clipping-norm = 0.0"):
         assert part in text
     with pytest.raises(ValueError, match="min-train-nodes = 5"):
-        strategy_for_run(RunConfig(dp_clipping="fixed", min_train_nodes=5), 4)
+        strategy_for_run(RunConfig(strategy="fedavg", dp_clipping="fixed", min_train_nodes=5), 4)

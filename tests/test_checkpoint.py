@@ -58,7 +58,7 @@ def test_fedadam_resumed_from_a_checkpoint_takes_the_uninterrupted_third_step(tm
 
 
 def test_adaptive_clipping_norm_is_part_of_the_strategy_state():
-    run = RunConfig(dp_clipping="adaptive", dp_noise_multiplier=0.5)
+    run = RunConfig(strategy="fedavg", dp_clipping="adaptive", dp_noise_multiplier=0.5)
     strategy = strategy_for_run(run, 3)
     strategy.clipping_norm = 0.37
     state = strategy_state(strategy)

@@ -177,10 +177,10 @@ def deployment(tmp_path_factory):
     finally:
         procs.stop_all()
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:] + logs["supernode-0"][-2000:]
-    (run_dir,) = (tmp / "server-out").glob("*-text-fedavg")
+    (run_dir,) = (tmp / "server-out").glob("*-text-geometric-median")
 
     test_resume._simulate({**config, "output-dir": str(tmp / "simulation")})
-    (sim_dir,) = (tmp / "simulation").glob("*-text-fedavg")
+    (sim_dir,) = (tmp / "simulation").glob("*-text-geometric-median")
     return {
         "run_dir": run_dir,
         "sim_dir": sim_dir,

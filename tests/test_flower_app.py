@@ -93,7 +93,7 @@ def flwr_run(tmp_path_factory):
     }
     status, log, failure = _flwr_run(tmp, overrides)
     assert status == 0 and failure is None, (failure, log[-4000:])
-    runs = list((tmp / "out").glob("*-text-fedavg"))
+    runs = list((tmp / "out").glob("*-text-geometric-median"))
     assert len(runs) == 1, log[-4000:]
     return runs[0], overrides, models, log
 

@@ -190,8 +190,8 @@ def runs(tmp_path_factory):
     }
     _simulate({**base, "output-dir": str(tmp / "honest")}, {"final": True})
     _simulate({**base, "output-dir": str(tmp / "attacked")}, {"train": True})
-    (honest,) = (tmp / "honest").glob("*-text-fedavg")
-    (attacked,) = (tmp / "attacked").glob("*-text-fedavg")
+    (honest,) = (tmp / "honest").glob("*-text-geometric-median")
+    (attacked,) = (tmp / "attacked").glob("*-text-geometric-median")
     return honest, attacked, RunConfig.from_flower(base)
 
 

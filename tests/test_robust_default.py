@@ -21,7 +21,7 @@ from fedgrow_core.run_config import RunConfig
 from server_app.checkpoint import read_checkpoint
 
 #: The drag the default defence keeps a sign flip within at N = 3 (measured by ``benchmarks.robustness``).
-DEFAULT_BOUND = 1.0
+DEFAULT_BOUND = 1.25
 
 
 @pytest.fixture(scope="module")

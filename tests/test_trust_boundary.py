@@ -276,10 +276,18 @@ def test_secure_noise_is_gaussian_and_independent_of_numpys_global_state():
     assert stats.kstest(first / 2.0, "norm").pvalue > 1e-3
 
 
-@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "krum"])
+@pytest.mark.parametrize(
+    "name",
+    ["fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "krum", "geometric-median", "centred-clipping"],
+)
 def test_central_dp_refuses_server_optimisers_and_robust_aggregators(name):
     with pytest.raises(ConfigError, match=f"strategy = '{name}' with dp-clipping = 'fixed'"):
         strategy_for_run(RunConfig(strategy=name, dp_clipping="fixed", dp_noise_multiplier=1.0), 3)
+
+
+def test_central_dp_with_the_default_strategy_says_what_to_set():
+    with pytest.raises(ConfigError, match='set strategy = "fedavg"'):
+        strategy_for_run(RunConfig(dp_clipping="fixed", dp_noise_multiplier=1.0), 3)
 
 
 def test_float_keys_reject_nan_and_inf_and_do_nothing_keys_fail():
@@ -339,7 +347,7 @@ def test_a_checkpoint_with_a_flipped_byte_or_truncated_is_refused_naming_the_fil
 
 
 def test_restored_contents_are_checked_against_the_run(tmp_path):
-    run = RunConfig(num_server_rounds=3, dp_clipping="fixed", dp_noise_multiplier=1.0)
+    run = RunConfig(num_server_rounds=3, strategy="fedavg", dp_clipping="fixed", dp_noise_multiplier=1.0)
     _checkpoint(tmp_path, run)
     checkpoint = read_checkpoint(tmp_path)
     checkpoint.server_round = -1
@@ -486,7 +494,7 @@ def test_state_writes_are_synced(tmp_path, monkeypatch):
 
 
 def test_a_dp_round_with_fewer_nodes_online_than_the_noise_assumes_is_skipped():
-    run = RunConfig(dp_clipping="fixed", dp_noise_multiplier=1.0, round_timeout=0.5)
+    run = RunConfig(strategy="fedavg", dp_clipping="fixed", dp_noise_multiplier=1.0, round_timeout=0.5)
     strategy = strategy_for_run(run, 3, {1: 5, 2: 5, 3: 5})  # noise calibrated for 3 sampled clients
     assert strategy.num_sampled_clients == 3
     strategy.expected_spec = SPEC
