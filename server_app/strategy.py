@@ -174,7 +174,7 @@ def strategy_for_run(run: RunConfig, num_nodes: int, example_caps: dict[int, int
             raise ConfigError(
                 [
                     f"strategy = {run.strategy!r} with dp-clipping = {run.dp_clipping!r}: central DP needs an "
-                    "average of clipped updates: set strategy = \"fedavg\" (or \"fedprox\"). Server optimisers "
+                    'average of clipped updates: set strategy = "fedavg" (or "fedprox"). Server optimisers '
                     "keep state built from the aggregate before noise, and robust aggregators, the default "
                     "geometric median included, are not the average the noise is calibrated for (a user's class "
                     "may set dp_compatible = True)"
