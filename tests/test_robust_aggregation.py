@@ -162,3 +162,10 @@ def test_a_checkpoint_of_centred_clipping_passes_the_checks_and_restores_the_mom
         np.testing.assert_array_equal(fresh.momentum[name], value)
     checkpoint.strategy["arrays"]["0.momentum.x"] = np.zeros(3)  # a name the Global-LiGO does not have
     assert any("0.momentum.x" in p for p in content_problems(checkpoint, run))
+
+
+def test_with_two_nodes_of_equal_weight_the_geometric_median_is_their_mean():
+    rng = np.random.default_rng(4)
+    points = rng.standard_normal((2, 6))
+    median, _ = geometric_median(points, [1.0, 1.0])
+    np.testing.assert_allclose(median, points.mean(axis=0), rtol=1e-12)
