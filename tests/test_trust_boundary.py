@@ -532,9 +532,10 @@ def test_array_metadata_that_lies_about_its_bytes_is_rejected_not_raised(data, s
     assert arrays_out is None and strategy.round_log[0]["rejected"][0]["node_id"] == 1
 
 
-def test_weight_is_capped_by_the_median_of_preflight_counts_too():
-    # a node that claimed 10**12 training rows in preflight cannot outweigh the rest
-    strategy = _strategy(caps={1: 10, 2: 10, 3: 10**12}, clip_update_median=0.0)
+@pytest.mark.parametrize(("multiple", "expected"), [(1.0, (10 + 10 - 10) / 30), (3.0, (10 + 10 - 30) / 50)])
+def test_weight_is_capped_by_the_median_of_preflight_counts_too(multiple, expected):
+    # a node that claimed 10**12 training rows in preflight weighs at most `multiple` times the median node
+    strategy = _strategy(caps={1: 10, 2: 10, 3: 10**12}, clip_update_median=0.0, cap_weight_median=multiple)
     honest = {k: v + 1.0 for k, v in SENT.items()}
     poison = {k: v - 1.0 for k, v in SENT.items()}
     replies = [
@@ -543,8 +544,9 @@ def test_weight_is_capped_by_the_median_of_preflight_counts_too():
         _Reply(3, _content(poison, train_metrics(10**12))),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
-    for k, value in arrays.items():  # weights 10, 10 and 3 x 10 (the cap): (10 + 10 - 30) / 50 = -0.2
-        np.testing.assert_allclose(value.numpy(), SENT[k] - 0.2, rtol=1e-6)
+    for k, value in arrays.items():  # weights 10, 10 and multiple x 10 (the cap)
+        np.testing.assert_allclose(value.numpy(), SENT[k] + expected, rtol=1e-6)
+    assert RunConfig().cap_weight_median == 1.0  # by default the liar holds a third: the honest sign wins
 
 
 def test_two_nodes_clip_against_the_smaller_norm():
