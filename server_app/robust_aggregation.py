@@ -75,7 +75,8 @@ def geometric_median(
     median = alpha @ points
 
     def objective(z: np.ndarray) -> tuple[float, np.ndarray]:
-        dist = np.maximum(smoothing, np.linalg.norm(points - z, axis=1))
+        # row by row: no (n, d) temporary beside the points (whole models in scratch-fedavg are large)
+        dist = np.maximum(smoothing, np.array([np.linalg.norm(row - z) for row in points]))
         return float(alpha @ dist), dist
 
     value, dist = objective(median)
