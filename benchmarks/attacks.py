@@ -50,13 +50,37 @@ def clip_reach(other_norms: list[float], clip_median: float) -> float:
     The attacker's own norm counts in the median; a reply at least as large as
     every other one makes it the largest, so the bound is ``clip_median`` times
     the median of the others plus one ``inf`` (:func:`server_app.bounded_influence.clip_bound`).
-    ``inf`` if the clip is off.
+
+    Parameters
+    ----------
+    other_norms : list of float
+        L2 norms of the round's other updates.
+    clip_median : float
+        The run's ``clip-update-median`` (0: off).
+
+    Returns
+    -------
+    float
+        The reach (L2 norm); ``inf`` if the clip is off.
     """
     return clip_bound([*other_norms, math.inf], 0.0, clip_median)
 
 
 def alie_z(num_nodes: int, num_byzantine: int = 1) -> float:
-    """Baruch et al.'s ``z_max``: ``s = floor(n/2 + 1) - f`` nodes must be won over; ``z = Phi^-1((n - s) / n)``."""
+    """Baruch et al.'s ``z_max`` (NeurIPS 2019, Sec. 3): ``s = floor(n/2 + 1) - f``; ``z = Phi^-1((n - s) / n)``.
+
+    Parameters
+    ----------
+    num_nodes : int
+        ``n``, the nodes of the round.
+    num_byzantine : int
+        ``f``, the hostile ones.
+
+    Returns
+    -------
+    float
+        The number of standard deviations the attack shifts each coordinate by.
+    """
     s = math.floor(num_nodes / 2 + 1) - num_byzantine
     return float(gaussian.ppf((num_nodes - s) / num_nodes))
 

@@ -58,6 +58,7 @@ from benchmarks.in_process_grid import SERVER_NODE_ID, federation
 from experiments.runner import run_overrides
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
+from server_app.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_PRESET = ROOT / "presets" / "image.toml"
@@ -199,6 +200,9 @@ def measure_drag(
 ) -> list[dict]:
     """One row per (defence, size, attack, hostile partition): the drag and alignment of the final Global-LiGO.
 
+    Each honest run adds a row with ``attack = "honest"`` and its rounds' mean pairwise cosine of the
+    clients' updates (``update_cosine``), which decides how far any aggregator can be dragged.
+
     In federations of at most ``every_position_up_to`` nodes each partition is
     hostile in turn (a defence can drop one partition's replies in the honest
     run too, which would hide an attack by that partition); in larger ones, the
@@ -215,7 +219,13 @@ def measure_drag(
                 continue
             run_id += 1
             config = {**base, **defence.overrides(n), "output-dir": str(work / f"run-{run_id}")}
-            honest = load_file(str(run_federation(config, n, run_id) / "global_ligo.safetensors"))
+            honest_dir = run_federation(config, n, run_id)
+            honest = load_file(str(honest_dir / "global_ligo.safetensors"))
+            cosines = [e.get("update_cosine") for e in read_checkpoint(honest_dir).entries]
+            rows.append(
+                {"defence": defence.name, "nodes": n, "attack": "honest", "drag": None, "update_cosine": cosines}
+            )
+            print(f"  N={n} {defence.name:24s} honest: mean pairwise update cosine per round {cosines}", flush=True)
             for position in positions:
                 for attack in attacks:
                     run_id += 1
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--defences", nargs="+", default=[d.name for d in DEFENCES])
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--attacks", nargs="*", default=list(ATTACKS), help="none: the honest runs only")
     parser.add_argument(
         "--every-position-up-to", type=int, default=3, help="in federations this small, each partition attacks in turn"
     )
@@ -352,7 +362,7 @@ def summary_line(report: dict) -> str:
 
 def table(drags: list[dict], costs: dict, sizes: list[int]) -> str:
     """One markdown row per defence: each attack's drag per size (worst partition), worst drag, alignment, cost."""
-    attacks = sorted({r["attack"] for r in drags if r["attack"] != "*"}, key=list(ATTACKS).index)
+    attacks = sorted({r["attack"] for r in drags if r["attack"] in ATTACKS}, key=list(ATTACKS).index)
     header = [
         "defence",
         *[f"{a} N={n}" for n in sizes for a in attacks],

@@ -48,8 +48,8 @@ from fedgrow_core.run_config import RESUMABLE_CHANGES, ConfigError, RunConfig
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedgrow-checkpoint/1"
-#: Array-valued state of Flower's built-in strategies (attribute -> kind), saved when set.
-_STRATEGY_ARRAYS = {"m_t": "dict", "v_t": "dict", "momentum_vector": "list", "momentum": "dict"}
+#: Array-valued state of Flower's built-in strategies and of centred clipping (attribute -> kind), saved when set.
+_STRATEGY_ARRAYS = {"m_t": "dict", "v_t": "dict", "momentum_vector": "list", "centred_clip_momentum": "dict"}
 #: Scalar state of Flower's built-in strategies and wrappers (adaptive clipping's norm).
 _STRATEGY_SCALARS = ("clipping_norm",)
 
@@ -105,7 +105,8 @@ def strategy_state(strategy: Strategy) -> dict:
     A strategy with ``state_dict()`` (returning this function's format) is asked
     for it; otherwise the known state of Flower's built-in strategies is taken:
     ``m_t``, ``v_t`` (FedAdam, FedYogi, FedAdagrad), ``momentum_vector``
-    (FedAvgM) and ``clipping_norm`` (adaptive-clipping DP), through wrappers.
+    (FedAvgM), ``centred_clip_momentum`` (centred clipping) and
+    ``clipping_norm`` (adaptive-clipping DP), through wrappers.
 
     Returns
     -------
@@ -118,7 +119,9 @@ def strategy_state(strategy: Strategy) -> dict:
     for depth, s in enumerate(_wrapped(strategy)):
         for attr, kind in _STRATEGY_ARRAYS.items():
             value = getattr(s, attr, None)
-            if not value:
+            # a user's strategy may use these names for other things (a float momentum, say): only state of
+            # the known kind is state
+            if not value or not isinstance(value, dict if kind == "dict" else (list, tuple)):
                 continue
             items = value.items() if kind == "dict" else enumerate(value)
             arrays.update({f"{depth}.{attr}.{k}": np.ascontiguousarray(v) for k, v in items})
@@ -129,7 +132,7 @@ def strategy_state(strategy: Strategy) -> dict:
 
 
 #: Attributes a strategy changes while aggregating (Flower's built-ins and wrappers).
-_ROUND_STATE = ("m_t", "v_t", "momentum_vector", "momentum", "clipping_norm", "current_arrays")
+_ROUND_STATE = ("m_t", "v_t", "momentum_vector", "centred_clip_momentum", "clipping_norm", "current_arrays")
 
 
 def snapshot_state(strategy: Strategy) -> list[dict]:

@@ -38,9 +38,11 @@ def geometric_median(
 ) -> tuple[np.ndarray, int]:
     """The weighted geometric median of ``points`` by the smoothed Weiszfeld algorithm (RFA, Algorithm 2).
 
-    Minimises ``sum_i a_i * max(smoothing, ||z - x_i||)`` over ``z``:
-    ``z <- sum_i b_i x_i / sum_i b_i`` with ``b_i = a_i / max(smoothing, ||z - x_i||)``,
-    started at the weighted mean (Pillutla et al., IEEE TSP 2022).
+    Iterates ``z <- sum_i b_i x_i / sum_i b_i`` with
+    ``b_i = a_i / max(smoothing, ||z - x_i||)``, started at the weighted mean
+    (Pillutla et al., IEEE TSP 2022). It minimises RFA's smoothed objective,
+    which equals ``sum_i a_i ||z - x_i||`` wherever every distance exceeds
+    ``smoothing``; the stopping rule tracks that sum.
 
     Parameters
     ----------
@@ -63,14 +65,14 @@ def geometric_median(
     Raises
     ------
     ValueError
-        If ``points`` is not 2-D, the weights do not match it, or they are negative or all zero.
+        If ``points`` is not 2-D, the weights do not match it, or they are not finite, negative or all zero.
     """
     points = np.asarray(points, np.float64)
     alpha = np.asarray(weights, np.float64)
     if points.ndim != 2 or alpha.shape != (points.shape[0],):
         raise ValueError(f"geometric_median: points {points.shape} and weights {alpha.shape} do not match")
-    if (alpha < 0).any() or alpha.sum() <= 0:
-        raise ValueError(f"geometric_median: weights {alpha.tolist()} must be non-negative, not all zero")
+    if not np.isfinite(alpha).all() or (alpha < 0).any() or alpha.sum() <= 0:
+        raise ValueError(f"geometric_median: weights {alpha.tolist()} must be finite, non-negative, not all zero")
     alpha = alpha / alpha.sum()
     median = alpha @ points
 
@@ -112,10 +114,12 @@ def centred_clip(updates: np.ndarray, centre: np.ndarray, tau: float, iterations
     Raises
     ------
     ValueError
-        If ``tau`` is not positive and finite or the shapes do not match.
+        If ``tau`` is not positive and finite, ``iterations`` is below 1, or the shapes do not match.
     """
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"centred_clip: tau = {tau}: expected a positive finite radius")
+    if iterations < 1:
+        raise ValueError(f"centred_clip: iterations = {iterations}: expected an integer >= 1")
     updates = np.asarray(updates, np.float64)
     v = np.asarray(centre, np.float64).copy()
     if updates.ndim != 2 or v.shape != (updates.shape[1],):
@@ -129,7 +133,21 @@ def centred_clip(updates: np.ndarray, centre: np.ndarray, tau: float, iterations
 
 
 def _flat(record: ArrayRecord, keys: list[str]) -> np.ndarray:
+    """``record``'s tensors named ``keys``, in order, as one float64 vector."""
     return np.concatenate([np.asarray(record[k].numpy(), np.float64).ravel() for k in keys])
+
+
+def _stacked(records: list[ArrayRecord], keys: list[str]) -> np.ndarray:
+    """One float64 row per record (:func:`_flat`), written in place: whole models are large."""
+    size = sum(records[0][k].numpy().size for k in keys)
+    out = np.empty((len(records), size), np.float64)
+    for row, record in zip(out, records, strict=True):
+        start = 0
+        for k in keys:
+            value = record[k].numpy()
+            row[start : start + value.size] = value.ravel()
+            start += value.size
+    return out
 
 
 def _split(vector: np.ndarray, like: ArrayRecord, keys: list[str]) -> dict[str, np.ndarray]:
@@ -177,13 +195,32 @@ class GeometricMedian(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The geometric median of the replies' arrays; metrics aggregated as FedAvg does."""
+        """The geometric median of the replies' arrays; metrics aggregated as FedAvg does.
+
+        Parameters
+        ----------
+        server_round : int
+            The round (unused: the geometric median keeps no state).
+        replies : iterable of Message
+            Replies whose ``arrays`` share names and shapes, weighted by ``num-examples``.
+
+        Returns
+        -------
+        tuple
+            ``(ArrayRecord, MetricRecord)``, the arrays in the first reply's dtypes; ``(None, None)`` without
+            valid replies.
+
+        Raises
+        ------
+        ValueError
+            If the weights are not finite and non-negative (:func:`geometric_median`).
+        """
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
         first = valid[0].content[self.arrayrecord_key]
         keys = list(first.keys())
-        points = np.stack([_flat(m.content[self.arrayrecord_key], keys) for m in valid])
+        points = _stacked([m.content[self.arrayrecord_key] for m in valid], keys)
         weights = [float(m.content["metrics"][self.weighted_by_key]) for m in valid]
         median, _ = geometric_median(points, weights, self.smoothing, self.max_iter)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
@@ -196,7 +233,7 @@ class CentredClipping(FedAvg):
     Each round: ``u_i = w_i - w`` (reply minus the arrays sent), then
     ``v <- v + (1/n) sum_i clip(u_i - v, tau)`` (:func:`centred_clip`), and the
     new arrays are ``w + v``. ``v`` starts at 0 and is kept between rounds (the
-    paper's server momentum) in ``momentum``, per tensor, which the checkpoint
+    paper's server momentum) in ``centred_clip_momentum``, per tensor, which the checkpoint
     saves, checks and restores on resume as it does FedAdam's moments. Replies are not weighted by
     their examples: a claimed weight changes nothing.
 
@@ -216,10 +253,12 @@ class CentredClipping(FedAvg):
         super().__init__(**kwargs)
         if not (math.isfinite(radius) and radius >= 0):
             raise ValueError(f"CentredClipping: radius = {radius}: expected 0 (adaptive) or a positive L2 radius")
+        if iterations < 1:
+            raise ValueError(f"CentredClipping: iterations = {iterations}: expected an integer >= 1")
         self.radius = radius
         self.iterations = iterations
         #: ``v``: the previous round's aggregate update, per tensor (float64); ``None`` before the first round.
-        self.momentum: dict[str, np.ndarray] | None = None
+        self.centred_clip_momentum: dict[str, np.ndarray] | None = None
         self.current_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -237,21 +276,54 @@ class CentredClipping(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """``w + v`` after one centred-clipping step; metrics aggregated as FedAvg does."""
+        """``w + v`` after :func:`centred_clip`; metrics aggregated as FedAvg does.
+
+        Parameters
+        ----------
+        server_round : int
+            The round (unused: the centre is the strategy's own state).
+        replies : iterable of Message
+            Replies whose ``arrays`` have the names and shapes of the arrays sent.
+
+        Returns
+        -------
+        tuple
+            ``(ArrayRecord, MetricRecord)``, the arrays in the sent dtypes; ``(None, None)`` without valid replies.
+
+        Raises
+        ------
+        ValueError
+            With the adaptive radius and fewer than 3 replies (a round :class:`server_app.checked_round.ReplyChecks`
+            then refuses, keeping the Global-LiGO).
+        """
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid or self.current_arrays is None:
             return None, None
         keys = list(self.current_arrays.keys())
         sent = _flat(self.current_arrays, keys)
-        updates = np.stack([_flat(m.content[self.arrayrecord_key], keys) for m in valid]) - sent
+        updates = _stacked([m.content[self.arrayrecord_key] for m in valid], keys)
+        updates -= sent
+        momentum = self.centred_clip_momentum
         centre = np.zeros_like(sent)
-        if self.momentum and set(self.momentum) == set(keys):
-            centre = np.concatenate([np.asarray(self.momentum[k], np.float64).ravel() for k in keys])
-        tau = self.radius or robust_median(np.linalg.norm(updates - centre, axis=1).tolist())
-        if tau <= 0:  # every reply equals the centre: nothing moves
-            v = centre
-        else:
-            v = centred_clip(updates, centre, tau, self.iterations)
-        self.momentum = _split(v, self.current_arrays, keys)
+        if momentum and set(momentum) == set(keys):
+            centre = np.concatenate([np.asarray(momentum[k], np.float64).ravel() for k in keys])
+        tau = self.radius or self._adaptive_radius(updates, centre)
+        # tau is 0 only if the median reply equals the centre: the step below keeps v as it is
+        v = centred_clip(updates, centre, tau, self.iterations) if tau > 0 else centre
+        self.centred_clip_momentum = _split(v, self.current_arrays, keys)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return _unflat(sent + v, self.current_arrays, keys), metrics
+
+    @staticmethod
+    def _adaptive_radius(updates: np.ndarray, centre: np.ndarray) -> float:
+        """The median of the replies' distances to the centre; refused with fewer than three replies.
+
+        With two replies the smaller distance would stand in for the median (:func:`robust_median`), and a
+        hostile node that sends the centre itself would set it to 0, freezing ``v`` at its last value.
+        """
+        if updates.shape[0] < 3:
+            raise ValueError(
+                f"centred clipping's adaptive radius needs at least 3 replies, got {updates.shape[0]}; "
+                "set centred-clip-tau for smaller federations"
+            )
+        return robust_median([float(np.linalg.norm(u - centre)) for u in updates])

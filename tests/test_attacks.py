@@ -45,6 +45,9 @@ def test_a_reply_at_the_reach_is_not_clipped_and_one_beyond_it_is():
     reach = clip_reach([1.0, 2.0], 2.0)
     at = {"w": np.array([reach, 0, 0, 0], np.float32)}
     beyond = {"w": np.array([2 * reach, 0, 0, 0], np.float32)}
-    bound = clip_bound([1.0, 2.0, update_norm(beyond, sent)], 0.0, 2.0)
-    assert update_norm(clipped(at, sent, update_norm(at, sent), bound), sent) == pytest.approx(reach)
-    assert update_norm(clipped(beyond, sent, update_norm(beyond, sent), bound), sent) == pytest.approx(reach)
+    bound_at = clip_bound([1.0, 2.0, update_norm(at, sent)], 0.0, 2.0)
+    assert update_norm(at, sent) <= bound_at  # the server passes it through whole
+    assert clipped(at, sent, update_norm(at, sent), bound_at)["w"] is at["w"]
+    bound_beyond = clip_bound([1.0, 2.0, update_norm(beyond, sent)], 0.0, 2.0)
+    assert update_norm(beyond, sent) > bound_beyond  # twice the reach is cut back to it
+    assert update_norm(clipped(beyond, sent, update_norm(beyond, sent), bound_beyond), sent) == pytest.approx(reach)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from scipy.optimize import minimize
 
 from fedgrow_core.protocol import initial_global_ligo
@@ -121,13 +122,13 @@ def test_centred_clipping_strategy_keeps_its_momentum_and_ignores_claimed_weight
     arrays, _ = strategy.aggregate_train(1, replies)
     expected = centred_clip(np.stack(updates), np.zeros(3), 0.5)
     np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-6)  # unweighted: the 10**9 claim counts once
-    np.testing.assert_allclose(strategy.momentum["w"], expected)
+    np.testing.assert_allclose(strategy.centred_clip_momentum["w"], expected)
     # the momentum is checkpointed, checked and restored as FedAdam's moments are
     state = strategy_state(strategy)
-    assert set(state["arrays"]) == {"0.momentum.w"}
+    assert set(state["arrays"]) == {"0.centred_clip_momentum.w"}
     fresh = CentredClipping(radius=0.5, fraction_evaluate=0.0)
     load_strategy_state(fresh, state)
-    np.testing.assert_allclose(fresh.momentum["w"], expected)
+    np.testing.assert_allclose(fresh.centred_clip_momentum["w"], expected)
     fresh.current_arrays = strategy.current_arrays
     again = [_reply({"w": u}, 10, i + 2) for i, u in enumerate(updates)]
     second, _ = fresh.aggregate_train(2, again)  # a resumed strategy continues from the same centre
@@ -152,16 +153,16 @@ def test_a_checkpoint_of_centred_clipping_passes_the_checks_and_restores_the_mom
     strategy = strategy_for_run(run, 3)
     arrays = {k: v.detach().numpy() for k, v in initial_global_ligo(run).state_dict().items()}
     rng = np.random.default_rng(3)
-    strategy.momentum = {k: rng.standard_normal(v.shape) for k, v in arrays.items()}
+    strategy.centred_clip_momentum = {k: rng.standard_normal(v.shape) for k, v in arrays.items()}
     write_checkpoint(tmp_path, run, 1, ArrayRecord({k: Array(v) for k, v in arrays.items()}), strategy, [])
     checkpoint = read_checkpoint(tmp_path)
     assert content_problems(checkpoint, run) == []
     fresh = strategy_for_run(run, 3)
     load_strategy_state(fresh, checkpoint.strategy)
-    for name, value in strategy.momentum.items():
-        np.testing.assert_array_equal(fresh.momentum[name], value)
-    checkpoint.strategy["arrays"]["0.momentum.x"] = np.zeros(3)  # a name the Global-LiGO does not have
-    assert any("0.momentum.x" in p for p in content_problems(checkpoint, run))
+    for name, value in strategy.centred_clip_momentum.items():
+        np.testing.assert_array_equal(fresh.centred_clip_momentum[name], value)
+    checkpoint.strategy["arrays"]["0.centred_clip_momentum.x"] = np.zeros(3)  # a name the Global-LiGO does not have
+    assert any("0.centred_clip_momentum.x" in p for p in content_problems(checkpoint, run))
 
 
 def test_with_two_nodes_of_equal_weight_the_geometric_median_is_their_mean():
@@ -169,3 +170,32 @@ def test_with_two_nodes_of_equal_weight_the_geometric_median_is_their_mean():
     points = rng.standard_normal((2, 6))
     median, _ = geometric_median(points, [1.0, 1.0])
     np.testing.assert_allclose(median, points.mean(axis=0), rtol=1e-12)
+
+
+def test_centred_clippings_adaptive_radius_refuses_two_replies(task_identity):
+    # with two replies a hostile one sending the centre would set the radius to 0 and freeze v
+    strategy = CentredClipping(fraction_evaluate=0.0)
+    strategy.current_arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    replies = [_reply({"w": np.array([1.0, 0, 0])}, 10, 2), _reply({"w": np.zeros(3)}, 10, 3)]
+    with pytest.raises(ValueError, match="at least 3 replies"):
+        strategy.aggregate_train(1, replies)
+    fixed = CentredClipping(radius=0.5, fraction_evaluate=0.0)  # a fixed radius serves any number
+    fixed.current_arrays = strategy.current_arrays
+    arrays, _ = fixed.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [0.25, 0, 0], rtol=1e-6)
+
+
+def test_a_users_strategy_may_use_the_state_names_for_other_things():
+    class MyStrategy(FedAvg):
+        centred_clip_momentum = 0.9  # not a dict of tensors: not state to save
+        m_t = "adam"
+
+    state = strategy_state(MyStrategy())
+    assert state["arrays"] == {}
+
+
+def test_multikrums_selection_reaches_flowers_class():
+    strategy = strategy_for_run(RunConfig(strategy="multikrum", num_malicious_nodes=1, multikrum_select=2), 5)
+    assert strategy.num_nodes_to_select == 2 and strategy.num_malicious_nodes == 1
+    tau = strategy_for_run(RunConfig(strategy="centred-clipping", centred_clip_tau=0.3), 5)
+    assert tau.radius == 0.3
