@@ -15,6 +15,7 @@ from fedgrow_core.accounting import count_parameters
 from fedgrow_core.run_config import ConfigError, RunConfig
 from fedgrow_core.update_encoding import SCALE_SUFFIX, decode_update, encode_update, encoded_spec
 from server_app.reply_checks import array_spec
+from server_app.robust_aggregation import geometric_median
 from server_app.strategy import build_strategy
 from tests.conftest import make_bert
 
@@ -94,8 +95,8 @@ def _encoded_reply(node, encoding, **replace):
     return _Reply(node, content)
 
 
-def _strategy(encoding):
-    strategy = build_strategy("fedavg", 3, 1.0)
+def _strategy(encoding, name="fedavg"):
+    strategy = build_strategy(name, 3, 1.0)
     strategy.update_encoding, strategy.clip_median = encoding, 2.0
     strategy.record_round(1, ArrayRecord({k: Array(v) for k, v in SENT.items()}), [1, 2, 3])
     return strategy
@@ -128,6 +129,19 @@ def test_malformed_encoded_updates_are_rejected_and_never_aggregated(encoding, r
     assert re.search(reason, entry["rejected"][0]["reason"]), entry["rejected"][0]["reason"]
     for k, v in arrays.items():  # the good reply alone, decoded onto what was sent
         np.testing.assert_allclose(v.numpy(), SENT[k] + 0.02, atol=1e-4)
+
+
+@pytest.mark.parametrize("encoding", ["int8", "float16"])
+def test_the_default_geometric_median_aggregates_the_decoded_values(encoding):
+    strategy = _strategy(encoding, "geometric-median")
+    replies = [_encoded_reply(n, encoding) for n in (1, 2, 3)]
+    decoded = [{k: SENT[k] + 0.01 * (n + 1) for k in SENT} for n in (1, 2, 3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    points = np.stack([np.concatenate([d[k].ravel() for k in sorted(SENT)]) for d in decoded]).astype(np.float64)
+    expected, _ = geometric_median(points, [10, 10, 10])
+    got = np.concatenate([arrays[k].numpy().ravel() for k in sorted(SENT)])
+    np.testing.assert_allclose(got, expected, atol=1e-3)  # the encodings round to within 1e-3 here
+    assert all(arrays[k].numpy().dtype == np.float32 for k in SENT)
 
 
 def test_the_server_aggregates_decoded_values_as_fedavg_of_the_clients_values():
