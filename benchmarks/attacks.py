@@ -36,8 +36,9 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import Error
 from scipy.stats import norm as gaussian
 
+from fedgrow_core.growth.diagnostics import flatten, unflatten
 from fedgrow_core.protocol import Phase
-from server_app.bounded_influence import clip_bound, update_norm
+from server_app.bounded_influence import clip_bound
 
 #: Rows a lying node claims in preflight, and the weight it claims per round.
 CLAIMED_ROWS = 10**12
@@ -85,42 +86,96 @@ def alie_z(num_nodes: int, num_byzantine: int = 1) -> float:
     return float(gaussian.ppf((num_nodes - s) / num_nodes))
 
 
-def _flat(update: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
-    return np.concatenate([update[k].ravel() for k in keys])
-
-
-def _unflat(vector: np.ndarray, sent: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
-    out, start = {}, 0
-    for k in keys:
-        out[k] = (sent[k].astype(np.float64) + vector[start : start + sent[k].size].reshape(sent[k].shape)).astype(
-            np.float32
-        )
-        start += sent[k].size
-    return out
-
-
 def _at_norm(direction: np.ndarray, norm: float) -> np.ndarray:
     length = float(np.linalg.norm(direction))
     return direction * (norm / length) if length > 0 else direction
 
 
 def sign_flip(updates: np.ndarray, own: int, reach: float, rng: np.random.Generator) -> np.ndarray:
-    """The node's own honest update (row ``own``) reversed, at norm ``reach``."""
+    """The node's own honest update (row ``own``) reversed, at norm ``reach``.
+
+    Parameters
+    ----------
+    updates : ndarray, shape (n, d)
+        The round's honest updates (reply minus the arrays sent, flattened, float64), the node's own included.
+    own : int
+        The row of the node's own update.
+    reach : float
+        The L2 norm the clip lets through (:func:`clip_reach`).
+    rng : numpy.random.Generator
+        Randomness (the ``random`` attack's).
+
+    Returns
+    -------
+    ndarray, shape (d,)
+        The hostile update.
+    """
     return _at_norm(-updates[own], reach)
 
 
 def reverse_mean(updates: np.ndarray, own: int, reach: float, rng: np.random.Generator) -> np.ndarray:
-    """The mean honest update reversed, at norm ``reach``."""
+    """The mean honest update reversed, at norm ``reach``.
+
+    Parameters
+    ----------
+    updates : ndarray, shape (n, d)
+        The round's honest updates (reply minus the arrays sent, flattened, float64), the node's own included.
+    own : int
+        The row of the node's own update.
+    reach : float
+        The L2 norm the clip lets through (:func:`clip_reach`).
+    rng : numpy.random.Generator
+        Randomness (the ``random`` attack's).
+
+    Returns
+    -------
+    ndarray, shape (d,)
+        The hostile update.
+    """
     return _at_norm(-updates.mean(axis=0), reach)
 
 
 def random_direction(updates: np.ndarray, own: int, reach: float, rng: np.random.Generator) -> np.ndarray:
-    """A Gaussian direction at norm ``reach``."""
+    """A Gaussian direction at norm ``reach``.
+
+    Parameters
+    ----------
+    updates : ndarray, shape (n, d)
+        The round's honest updates (reply minus the arrays sent, flattened, float64), the node's own included.
+    own : int
+        The row of the node's own update.
+    reach : float
+        The L2 norm the clip lets through (:func:`clip_reach`).
+    rng : numpy.random.Generator
+        Randomness (the ``random`` attack's).
+
+    Returns
+    -------
+    ndarray, shape (d,)
+        The hostile update.
+    """
     return _at_norm(rng.standard_normal(updates.shape[1]), reach)
 
 
 def little_is_enough(updates: np.ndarray, own: int, reach: float, rng: np.random.Generator) -> np.ndarray:
-    """``mean - z_max * std`` per coordinate over the honest updates (Baruch et al. 2019); ``reach`` unused."""
+    """``mean - z_max * std`` per coordinate over the honest updates (Baruch et al. 2019); ``reach`` unused.
+
+    Parameters
+    ----------
+    updates : ndarray, shape (n, d)
+        The round's honest updates (reply minus the arrays sent, flattened, float64), the node's own included.
+    own : int
+        The row of the node's own update.
+    reach : float
+        The L2 norm the clip lets through (:func:`clip_reach`).
+    rng : numpy.random.Generator
+        Randomness (the ``random`` attack's).
+
+    Returns
+    -------
+    ndarray, shape (d,)
+        The hostile update.
+    """
     return updates.mean(axis=0) - alie_z(updates.shape[0]) * updates.std(axis=0)
 
 
@@ -184,22 +239,22 @@ class HostileNode:
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         keys = sorted(arrays)
         honest = [r for r in replies if not r.has_error() and "arrays" in r.content]
-        received = [{k: r.content["arrays"][k].numpy() for k in keys} for r in honest]
-        updates = np.stack([_flat({k: u[k].astype(np.float64) - arrays[k] for k in keys}, keys) for u in received])
-        others = [
-            update_norm(u, arrays)
-            for r, u in zip(honest, received, strict=True)
-            if r.metadata.src_node_id != self.node_id
-        ]
+        sent = flatten(arrays, keys)
+        updates = np.stack([flatten({k: r.content["arrays"][k].numpy() for k in keys}, keys) for r in honest]) - sent
+        senders = [r.metadata.src_node_id for r in honest]
+        others = [float(np.linalg.norm(u)) for node, u in zip(senders, updates, strict=True) if node != self.node_id]
         reach = clip_reach(others, self.clip_median)
         if not math.isfinite(reach):  # no clip: as large as the largest honest update times the usual multiple
             reach = 2.0 * max(others or [1.0])
-        own = [r.metadata.src_node_id for r in honest].index(self.node_id)
+        own = senders.index(self.node_id)
         attack = ATTACKS[self.attack](updates, own, reach, self.rng)
         metrics = dict(reply.content["metrics"])
         if self.attack == "lying-weight":
             metrics["num-examples"] = CLAIMED_WEIGHT
-        poisoned = {k: Array(v) for k, v in _unflat(attack, arrays, keys).items()}
+        poisoned = {
+            k: Array((arrays[k].astype(np.float64) + part).astype(np.float32))
+            for k, part in unflatten(attack, arrays, keys).items()
+        }
         return Message(
             RecordDict(
                 {**dict(reply.content.items()), "arrays": ArrayRecord(poisoned), "metrics": MetricRecord(metrics)}

@@ -133,7 +133,25 @@ def federation(
 ) -> InProcessGrid:
     """A grid of ``num_nodes`` nodes (ids 1001, 1002, ...), partition ``i`` of ``num_nodes`` each, fresh state.
 
-    ``node_config`` is added to each node's ``partition-id`` and ``num-partitions``.
+    Parameters
+    ----------
+    client_app : flwr.clientapp.ClientApp
+        Serves every node.
+    num_nodes : int
+        The federation's size.
+    run_config : dict
+        Every node's ``Context.run_config`` (kebab-case keys).
+    run_id : int
+        The run's id.
+    node_config : dict, optional
+        Added to each node's ``partition-id`` and ``num-partitions``.
+    tamper : callable, optional
+        :data:`Tamper`, applied to every round's replies.
+
+    Returns
+    -------
+    InProcessGrid
+        The grid; node ``1001 + i`` holds partition ``i``.
     """
     nodes = [
         NodeSpec(

@@ -56,6 +56,7 @@ import server_app.app as fedgrow_server
 from benchmarks.attacks import ATTACKS, HostileNode
 from benchmarks.in_process_grid import SERVER_NODE_ID, federation
 from experiments.runner import run_overrides
+from fedgrow_core.growth.diagnostics import flatten
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
 from server_app.checkpoint import read_checkpoint
@@ -163,10 +164,6 @@ def run_federation(
     return run_dir.parent
 
 
-def _flat(arrays: dict, keys: list[str]) -> np.ndarray:
-    return np.concatenate([np.asarray(arrays[k], np.float64).ravel() for k in keys])
-
-
 def drag(attacked: dict, honest: dict, initial: dict) -> tuple[float, float]:
     """``(||attacked - honest|| / ||honest - initial||, cos(attacked - initial, honest - initial))``, in float64.
 
@@ -181,8 +178,8 @@ def drag(attacked: dict, honest: dict, initial: dict) -> tuple[float, float]:
         The drag (``inf`` if the honest run did not move) and the alignment (``nan`` if either did not move).
     """
     keys = sorted(initial)
-    start = _flat(initial, keys)
-    honest_move, attacked_move = _flat(honest, keys) - start, _flat(attacked, keys) - start
+    start = flatten(initial, keys)
+    honest_move, attacked_move = flatten(honest, keys) - start, flatten(attacked, keys) - start
     moved = float(np.linalg.norm(honest_move))
     value = float(np.linalg.norm(attacked_move - honest_move)) / moved if moved > 0 else math.inf
     denominator = moved * float(np.linalg.norm(attacked_move))

@@ -30,6 +30,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedgrow_core.growth.diagnostics import flatten, unflatten
+
 from .bounded_influence import robust_median
 
 
@@ -132,13 +134,11 @@ def centred_clip(updates: np.ndarray, centre: np.ndarray, tau: float, iterations
     return v
 
 
-def _flat(record: ArrayRecord, keys: list[str]) -> np.ndarray:
-    """``record``'s tensors named ``keys``, in order, as one float64 vector."""
-    return np.concatenate([np.asarray(record[k].numpy(), np.float64).ravel() for k in keys])
-
-
 def _stacked(records: list[ArrayRecord], keys: list[str]) -> np.ndarray:
-    """One float64 row per record (:func:`_flat`), written in place: whole models are large."""
+    """One float64 row per record (:func:`~fedgrow_core.growth.diagnostics.flatten`), written in place.
+
+    Whole models are large: flattening each reply first would hold a second copy of every one.
+    """
     size = sum(records[0][k].numpy().size for k in keys)
     out = np.empty((len(records), size), np.float64)
     for row, record in zip(out, records, strict=True):
@@ -150,21 +150,9 @@ def _stacked(records: list[ArrayRecord], keys: list[str]) -> np.ndarray:
     return out
 
 
-def _split(vector: np.ndarray, like: ArrayRecord, keys: list[str]) -> dict[str, np.ndarray]:
-    """``vector`` cut into ``like``'s tensors (names ``keys``, in order), still float64."""
-    out, start = {}, 0
-    for k in keys:
-        shape = like[k].numpy().shape
-        size = math.prod(shape)
-        out[k] = vector[start : start + size].reshape(shape)
-        start += size
-    return out
-
-
-def _unflat(vector: np.ndarray, like: ArrayRecord, keys: list[str]) -> ArrayRecord:
-    """``vector`` as an ``ArrayRecord`` of ``like``'s names, shapes and dtypes."""
-    parts = _split(vector, like, keys)
-    return ArrayRecord({k: Array(v.astype(like[k].numpy().dtype)) for k, v in parts.items()})
+def _as_record(vector: np.ndarray, like: dict[str, np.ndarray], keys: list[str]) -> ArrayRecord:
+    """``vector`` (:func:`~fedgrow_core.growth.diagnostics.unflatten`) as an ``ArrayRecord`` of ``like``'s dtypes."""
+    return ArrayRecord({k: Array(v.astype(like[k].dtype)) for k, v in unflatten(vector, like, keys).items()})
 
 
 class GeometricMedian(FedAvg):
@@ -224,7 +212,7 @@ class GeometricMedian(FedAvg):
         weights = [float(m.content["metrics"][self.weighted_by_key]) for m in valid]
         median, _ = geometric_median(points, weights, self.smoothing, self.max_iter)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        return _unflat(median, first, keys), metrics
+        return _as_record(median, {k: first[k].numpy() for k in keys}, keys), metrics
 
 
 class CentredClipping(FedAvg):
@@ -300,7 +288,8 @@ class CentredClipping(FedAvg):
         if not valid or self.current_arrays is None:
             return None, None
         keys = list(self.current_arrays.keys())
-        sent = _flat(self.current_arrays, keys)
+        sent_arrays = {k: self.current_arrays[k].numpy() for k in keys}
+        sent = flatten(sent_arrays, keys)
         updates = _stacked([m.content[self.arrayrecord_key] for m in valid], keys)
         updates -= sent
         momentum = self.centred_clip_momentum
@@ -310,9 +299,9 @@ class CentredClipping(FedAvg):
         tau = self.radius or self._adaptive_radius(updates, centre)
         # tau is 0 only if the median reply equals the centre: the step below keeps v as it is
         v = centred_clip(updates, centre, tau, self.iterations) if tau > 0 else centre
-        self.centred_clip_momentum = _split(v, self.current_arrays, keys)
+        self.centred_clip_momentum = unflatten(v, sent_arrays, keys)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        return _unflat(sent + v, self.current_arrays, keys), metrics
+        return _as_record(sent + v, sent_arrays, keys), metrics
 
     @staticmethod
     def _adaptive_radius(updates: np.ndarray, centre: np.ndarray) -> float:

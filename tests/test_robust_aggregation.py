@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from scipy.optimize import minimize
 
+from fedgrow_core.growth.diagnostics import flatten, unflatten
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 from server_app.checkpoint import (
@@ -199,3 +200,16 @@ def test_multikrums_selection_reaches_flowers_class():
     assert strategy.num_nodes_to_select == 2 and strategy.num_malicious_nodes == 1
     tau = strategy_for_run(RunConfig(strategy="centred-clipping", centred_clip_tau=0.3), 5)
     assert tau.radius == 0.3
+
+
+def test_flatten_and_unflatten_are_inverse_and_unflatten_checks_the_length():
+    rng = np.random.default_rng(5)
+    tensors = {"a": rng.standard_normal((2, 3)).astype(np.float32), "b": rng.standard_normal(4)}
+    vector = flatten(tensors, ["b", "a"])
+    np.testing.assert_array_equal(vector, np.concatenate([tensors["b"], tensors["a"].ravel().astype(np.float64)]))
+    back = unflatten(vector, tensors, ["b", "a"])
+    assert {k: v.shape for k, v in back.items()} == {"a": (2, 3), "b": (4,)}
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(back[k], v.astype(np.float64))
+    with pytest.raises(ValueError, match="expected \\(10,\\)"):
+        unflatten(vector[:-1], tensors, ["b", "a"])

@@ -42,8 +42,61 @@ def gradient_norms(model: nn.Module, loss: Tensor, prefix: str = "") -> dict[str
     return {n: 0.0 if g is None else float(g.norm()) for (n, _), g in zip(named, grads, strict=True)}
 
 
-def _flat(tensors: Mapping[str, Tensor | np.ndarray], names: Sequence[str]) -> np.ndarray:
+def flatten(tensors: Mapping[str, Tensor | np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """The tensors ``names``, in that order, as one float64 vector.
+
+    Parameters
+    ----------
+    tensors : mapping of str to Tensor or ndarray
+        Any shapes.
+    names : sequence of str
+        Which tensors, in order.
+
+    Returns
+    -------
+    ndarray, shape (sum of the tensors' sizes,)
+        Their values, raveled and concatenated, in float64.
+
+    Raises
+    ------
+    KeyError
+        If a name is not in ``tensors``.
+    """
     return np.concatenate([np.asarray(tensors[k], dtype=np.float64).ravel() for k in names])
+
+
+def unflatten(
+    vector: np.ndarray, like: Mapping[str, Tensor | np.ndarray], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The inverse of :func:`flatten`: ``vector`` cut into tensors of ``like``'s shapes, in ``vector``'s dtype.
+
+    Parameters
+    ----------
+    vector : ndarray, shape (sum of the shapes' sizes,)
+        As :func:`flatten` returns it.
+    like : mapping of str to Tensor or ndarray
+        Gives each name's shape.
+    names : sequence of str
+        The order the tensors were flattened in.
+
+    Returns
+    -------
+    dict of str to ndarray
+        Views of ``vector``, one per name.
+
+    Raises
+    ------
+    ValueError
+        If ``vector``'s length is not the shapes' total size.
+    """
+    shapes = [tuple(like[k].shape) for k in names]
+    sizes = [math.prod(shape) for shape in shapes]
+    if vector.shape != (sum(sizes),):
+        raise ValueError(
+            f"unflatten: vector of shape {vector.shape}, expected ({sum(sizes)},) for {len(names)} tensors"
+        )
+    parts = np.split(vector, np.cumsum(sizes)[:-1])
+    return {k: part.reshape(shape) for k, part, shape in zip(names, parts, shapes, strict=True)}
 
 
 def relative_change(before: Mapping[str, Tensor | np.ndarray], after: Mapping[str, Tensor | np.ndarray]) -> float:
@@ -57,9 +110,9 @@ def relative_change(before: Mapping[str, Tensor | np.ndarray], after: Mapping[st
         If ``after`` lacks a tensor of ``before``.
     """
     names = sorted(before)
-    base = _flat(before, names)
+    base = flatten(before, names)
     norm = float(np.linalg.norm(base))
-    return float(np.linalg.norm(_flat(after, names) - base)) / norm if norm else math.nan
+    return float(np.linalg.norm(flatten(after, names) - base)) / norm if norm else math.nan
 
 
 def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -> float:
@@ -77,7 +130,7 @@ def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -
     if len(updates) < 2:
         return math.nan
     names = sorted(updates[0])
-    flat = [_flat(u, names) for u in updates]
+    flat = [flatten(u, names) for u in updates]
     cosines = []
     for a, b in itertools.combinations(flat, 2):
         na, nb = np.linalg.norm(a), np.linalg.norm(b)
