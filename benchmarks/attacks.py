@@ -38,7 +38,7 @@ from scipy.stats import norm as gaussian
 
 from fedgrow_core.growth.diagnostics import flatten, unflatten
 from fedgrow_core.protocol import Phase
-from server_app.bounded_influence import clip_bound
+from server_app.trust.bounded_influence import clip_bound
 
 #: Rows a lying node claims in preflight, and the weight it claims per round.
 CLAIMED_ROWS = 10**12
@@ -50,7 +50,7 @@ def clip_reach(other_norms: list[float], clip_median: float) -> float:
 
     The attacker's own norm counts in the median; a reply at least as large as
     every other one makes it the largest, so the bound is ``clip_median`` times
-    the median of the others plus one ``inf`` (:func:`server_app.bounded_influence.clip_bound`).
+    the median of the others plus one ``inf`` (:func:`server_app.trust.bounded_influence.clip_bound`).
 
     Parameters
     ----------

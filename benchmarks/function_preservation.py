@@ -39,7 +39,7 @@ from torch import nn
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape
 from fedgrow_core.data.preprocessing import make_dataloader, model_inputs
 from fedgrow_core.data.sources import load_data_source
-from fedgrow_core.growth.preservation import feature_gap, final_features, operator_width_gaps
+from fedgrow_core.growth.preservation import feature_gap, operator_width_gaps
 from fedgrow_core.run_config import RunConfig, parse_shape, pyproject_config
 from fedgrow_core.training import evaluate
 from fedgrow_core.zoo.registry import default_cache_dir, load_small_model
@@ -67,7 +67,7 @@ def _cases(source, inter, target):
 @torch.no_grad()
 def _compare(name, small, inputs, loader, ops, promised) -> list[float]:
     args, kwargs = inputs
-    ref_feat = final_features(small.family.name, small.model, *args, **kwargs)
+    ref_feat = small.family.final_features(small.model, *args, **kwargs)
     ref_logits = small.model(*args, **kwargs)
     ref_logits = getattr(ref_logits, "logits", ref_logits)
     acc = evaluate(small.model, loader, torch.device("cpu")).accuracy
@@ -76,7 +76,7 @@ def _compare(name, small, inputs, loader, ops, promised) -> list[float]:
     for case, op in ops.items():
         grown = GrownModel(small.family, small.model, op, ref_logits.shape[-1]).eval()
         model = grown.to_family_model()
-        feat = feature_gap(ref_feat, final_features(small.family.name, model, *args, **kwargs))
+        feat = feature_gap(ref_feat, small.family.final_features(model, *args, **kwargs))
         logits = float((grown(*args, **kwargs) - ref_logits).abs().max())
         acc = evaluate(model, loader, torch.device("cpu")).accuracy
         note = "promised" if case in promised else "not promised"

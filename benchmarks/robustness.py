@@ -59,7 +59,7 @@ from experiments.runner import run_overrides
 from fedgrow_core.growth.diagnostics import flatten
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig, pyproject_config
-from server_app.checkpoint import read_checkpoint
+from server_app.persistence.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_PRESET = ROOT / "presets" / "image.toml"

@@ -37,13 +37,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import console_handler
 
 from fedgrow_core.clients.growth_client import GrowthClient
@@ -51,9 +50,8 @@ from fedgrow_core.clients.model_client import ModelClient, target_model
 from fedgrow_core.clients.model_export import owner_problem
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.clients.state_store import ClientStateStore
-from fedgrow_core.node_policy import NodePolicy, run_fingerprint
-from fedgrow_core.protocol import MODE_PHASES, Instruction, Phase
-from fedgrow_core.run_config import RunConfig
+from fedgrow_core.modes import GlobalLigo, Handler
+from fedgrow_core.protocol import NUM_EXAMPLES, Instruction, Phase, final_reply, preflight_reply, train_reply
 from fedgrow_core.training import reporting_progress, time_limit
 
 from .egress_audit import audit_reply, egress_audit_mod
@@ -63,11 +61,10 @@ from .guards import (
     check_finite_reply,
     check_instruction,
     check_phase,
-    check_policy,
     check_received,
-    node_policy,
     sanitised_errors_mod,
 )
+from .node_view import NodeView, node_view
 
 # In simulation Flower loads this module in the process that then starts Ray. Ray warns (FutureWarning)
 # that it will stop hiding GPUs from actors given num-gpus = 0; setting its variable to 0 takes that
@@ -100,37 +97,6 @@ _PHASE_CODES = {Phase.GROW: 1, Phase.TRAIN_LOCAL: 2, Phase.TRAIN_SHARED: 3, Phas
 #: and a node's are dropped when one of its messages fails (:func:`_forget`).
 _CLIENTS: dict[tuple, object] = {}
 _MAX_CACHED = 6
-
-
-@dataclass(frozen=True)
-class _Node:
-    """One message's view of the node: the server's run config, the node's policy, the run as the node runs it."""
-
-    run: RunConfig
-    policy: NodePolicy
-    effective: RunConfig
-
-    @property
-    def key(self) -> tuple:
-        return (self.policy.partition_id, self.policy.num_partitions, self.policy.model, self.policy.dataset)
-
-
-def _node(context: Context) -> _Node:
-    """Read the run config and the node's policy and check one against the other, before any work.
-
-    Raises
-    ------
-    ConfigError
-        If the run config is malformed.
-    NodePolicyError
-        If the node config is not a valid policy.
-    RefusedMessage
-        If the run config asks what the policy does not allow.
-    """
-    run = RunConfig.from_flower(context.run_config)
-    policy = node_policy(context.node_config)
-    check_policy(run, policy)
-    return _Node(run, policy, policy.effective_run(run))
 
 
 def _cached(key: tuple, build):
@@ -174,7 +140,7 @@ def _transaction(context: Context) -> Iterator[None]:
         raise
 
 
-def _setup(context: Context, node: _Node) -> tuple[tuple, ClientSetup]:
+def _setup(context: Context, node: NodeView) -> tuple[tuple, ClientSetup]:
     policy = node.policy
     key = (context.run_id, *node.key)
     model, dataset = policy.model or None, policy.dataset or None
@@ -190,15 +156,10 @@ def _setup(context: Context, node: _Node) -> tuple[tuple, ClientSetup]:
     return key, setup
 
 
-def _grows(mode: str) -> bool:
-    """Whether ``mode``'s clients grow their small model (serve :attr:`Phase.GROW`, :data:`MODE_PHASES`)."""
-    return Phase.GROW in MODE_PHASES.get(mode, ())
-
-
-def _growth_client(context: Context, node: _Node) -> GrowthClient:
+def _growth_client(context: Context, node: NodeView) -> GrowthClient:
     key, setup = _setup(context, node)
-    independent = node.run.mode == "independent-ligo"
-    shares = node.run.mode == "fedgrow"
+    independent = node.mode.operator == "single"
+    shares = node.mode.global_ligo is GlobalLigo.SHARED
     client = _cached(
         (*key, "growth", node.run.mode),
         lambda: GrowthClient(
@@ -210,7 +171,7 @@ def _growth_client(context: Context, node: _Node) -> GrowthClient:
     return client
 
 
-def _model_client(context: Context, node: _Node, role: str) -> ModelClient:
+def _model_client(context: Context, node: NodeView, role: str) -> ModelClient:
     """``role``: ``small`` (the small model, private) or ``target`` (target shape, weights received)."""
     key, setup = _setup(context, node)
     lr = node.run.lr_finetune
@@ -235,7 +196,7 @@ def round_seed(seed: int, partition_id: int, phase: Phase, server_round: int) ->
 
 
 @contextlib.contextmanager
-def _seeded(node: _Node, phase: Phase, server_round: int) -> Iterator[None]:
+def _seeded(node: NodeView, phase: Phase, server_round: int) -> Iterator[None]:
     """Run the block under :func:`round_seed` (the torch RNG restored afterwards), reporting progress, time-limited."""
     partition = node.policy.partition_id
     label = f"partition {partition}, {phase.value}" + (f" round {server_round}" if phase is not Phase.FINAL else "")
@@ -244,7 +205,7 @@ def _seeded(node: _Node, phase: Phase, server_round: int) -> Iterator[None]:
         yield
 
 
-def _state_store(context: Context, node: _Node, tag: str) -> ClientStateStore | None:
+def _state_store(context: Context, node: NodeView, tag: str) -> ClientStateStore | None:
     """The node's on-disk state for the server's run ``tag``, this run config and this Flower run (``None``: no tag).
 
     The folder is ``<state folder>/<tag>/<first 16 hex digits of the run fingerprint>/run-<Flower run id>``:
@@ -253,16 +214,16 @@ def _state_store(context: Context, node: _Node, tag: str) -> ClientStateStore | 
     """
     if not tag:
         return None
-    folder = node.policy.state_folder(node.effective) / tag / run_fingerprint(node.run)[:16]
+    folder = node.policy.state_folder(node.effective) / tag / node.fingerprint[:16]
     return ClientStateStore(folder / f"run-{context.run_id}")
 
 
-def _state_metadata(context: Context, node: _Node) -> dict[str, str]:
-    return {"run-id": str(context.run_id), "run-fingerprint": run_fingerprint(node.run)}
+def _state_metadata(context: Context, node: NodeView) -> dict[str, str]:
+    return {"run-id": str(context.run_id), "run-fingerprint": node.fingerprint}
 
 
 def _restore(
-    context: Context, node: _Node, store: ClientStateStore | None, server_round: int, resumed_after: int = 0
+    context: Context, node: NodeView, store: ClientStateStore | None, server_round: int, resumed_after: int = 0
 ) -> None:
     """Put the newest private state saved before ``server_round`` into ``Context.state`` (memory or disk).
 
@@ -308,7 +269,7 @@ def _restore(
         )
 
 
-def _keep(context: Context, node: _Node, store: ClientStateStore | None, server_round: int, state: dict) -> None:
+def _keep(context: Context, node: NodeView, store: ClientStateStore | None, server_round: int, state: dict) -> None:
     """Keep the private state after ``server_round`` on disk (with a store), then in ``Context.state``.
 
     Raises
@@ -323,7 +284,7 @@ def _keep(context: Context, node: _Node, store: ClientStateStore | None, server_
     context.state[ROUND_KEY] = ConfigRecord({"round": server_round})
 
 
-def _check_round(context: Context, node: _Node, order: Instruction) -> None:
+def _check_round(context: Context, node: NodeView, order: Instruction) -> None:
     """Refuse a training round this node already served in this run, or one past the policy's ``max-rounds``.
 
     Rounds only increase within a run (a node that is not sampled skips some); a replayed round would give
@@ -349,17 +310,12 @@ def _served(context: Context, order: Instruction) -> None:
     context.state[SERVED_KEY] = ConfigRecord({"round": order.server_round})
 
 
-def _shared_model_client(context: Context, node: _Node) -> ModelClient:
+def _shared_model_client(context: Context, node: NodeView) -> ModelClient:
     """The target-shaped model client of ``scratch-fedavg``, at this node's batch position."""
     client = _model_client(context, node, "target")
     if DATA_KEY in context.state:
         client.seek_data(int(context.state[DATA_KEY]["steps"]))
     return client
-
-
-def _reply(msg: Message, arrays: dict | None, metrics: dict) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(arrays or {}), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
 
 
 def _received(msg: Message) -> dict:
@@ -369,35 +325,32 @@ def _received(msg: Message) -> dict:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Preflight: check the run config against the policy, load this node's model and data, report row counts."""
-    node = _node(context)
+    node = node_view(context)
     check_phase(node.run.mode, Phase.PREFLIGHT, node.policy)
     with _transaction(context), time_limit(node.policy.max_message_seconds):  # a vit:LxD model pre-trains here
         _, setup = _setup(context, node)
-    metrics = {
-        "partition-id": setup.partition_id,
-        "train-examples": len(setup.train_rows),
-        "test-examples": len(setup.test_rows),
-    }
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = preflight_reply(setup.partition_id, len(setup.train_rows), len(setup.test_rows))
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of the instructed phase (``grow``, ``train-local``, ``train-shared`` or ``collect``)."""
-    node = _node(context)
+    """One round of the instructed phase, served by the handler the run's mode names for it."""
+    node = node_view(context)
     instruction = check_instruction(node.run.mode, msg.content["config"], node.policy)
-    if instruction.phase not in _TRAIN_PHASES:
+    handler = _TRAIN_HANDLERS.get(node.mode.handlers.get(instruction.phase))
+    if handler is None:
         raise RefusedMessage(f"phase {instruction.phase.value!r} does not come in a train message")
     if instruction.phase is not Phase.COLLECT:
         _check_round(context, node, instruction)
     with _transaction(context), _seeded(node, instruction.phase, instruction.server_round):
-        arrays, metrics = _TRAIN_PHASES[instruction.phase](context, node, instruction, _received(msg))
+        arrays, metrics = handler(context, node, instruction, _received(msg))
     if instruction.phase is not Phase.COLLECT:
         _served(context, instruction)
-    return _reply(msg, arrays, metrics)
+    return Message(content=train_reply(arrays, metrics), reply_to=msg)
 
 
-def _grow(context: Context, node: _Node, order: Instruction, received: dict) -> tuple[dict, dict]:
+def _grow(context: Context, node: NodeView, order: Instruction, received: dict) -> tuple[dict, dict]:
     """Train Local-LiGO, Global-LiGO and head; reply with the encoded Global-LiGO update (``update-encoding``)."""
     store = _state_store(context, node, order.run_tag)
     _restore(context, node, store, order.server_round, order.resumed_after)
@@ -414,7 +367,7 @@ def _grow(context: Context, node: _Node, order: Instruction, received: dict) -> 
     return payload, metrics
 
 
-def _train_local(context: Context, node: _Node, order: Instruction, received: dict) -> tuple[None, dict]:
+def _train_small(context: Context, node: NodeView, order: Instruction, received: dict) -> tuple[None, dict]:
     """Train the private small model (``small-only``); reply with metrics only."""
     check_received(received, {}, node.policy.max_received_abs, "message")
     store = _state_store(context, node, order.run_tag)
@@ -426,7 +379,7 @@ def _train_local(context: Context, node: _Node, order: Instruction, received: di
     return None, metrics
 
 
-def _train_shared(context: Context, node: _Node, order: Instruction, received: dict) -> tuple[dict, dict]:
+def _train_target(context: Context, node: NodeView, order: Instruction, received: dict) -> tuple[dict, dict]:
     """Train the received target model; reply with its weights."""
     client = _shared_model_client(context, node)
     check_received(received, client.weights(), node.policy.max_received_abs, "target model")
@@ -438,19 +391,19 @@ def _train_shared(context: Context, node: _Node, order: Instruction, received: d
     return weights, metrics
 
 
-def _collect(context: Context, node: _Node, order: Instruction, received: dict) -> tuple[dict, dict]:
+def _collect_target(context: Context, node: NodeView, order: Instruction, received: dict) -> tuple[dict, dict]:
     """Reply with the target model's starting weights, its seeded random initialisation (``scratch-fedavg``)."""
     check_received(received, {}, node.policy.max_received_abs, "message")
     target = _model_client(context, node, "target")
-    return target.weights(), {"num-examples": len(target.setup.train_rows)}
+    return target.weights(), {NUM_EXAMPLES: len(target.setup.train_rows)}
 
 
-#: The handler of each phase a train message may carry.
-_TRAIN_PHASES = {
-    Phase.GROW: _grow,
-    Phase.TRAIN_LOCAL: _train_local,
-    Phase.TRAIN_SHARED: _train_shared,
-    Phase.COLLECT: _collect,
+#: The train-message handler of each :class:`fedgrow_core.modes.Handler` a mode may name for a round phase.
+_TRAIN_HANDLERS = {
+    Handler.GROW: _grow,
+    Handler.TRAIN_SMALL: _train_small,
+    Handler.TRAIN_TARGET: _train_target,
+    Handler.COLLECT_TARGET: _collect_target,
 }
 
 
@@ -458,11 +411,12 @@ _TRAIN_PHASES = {
 def evaluate(msg: Message, context: Context) -> Message:
     """Final phase: fine-tune the mode's model (``finetune-steps``), evaluate it, save it privately.
 
-    Served at most ``max-final-phases`` times per run (node policy). The received
-    tensors are checked before anything is materialised, and a model whose
-    weights or test loss are not finite is neither saved nor reported.
+    Served at most ``max-final-phases`` times per run (node policy), by the
+    final handler the run's mode names. The received tensors are checked
+    before anything is materialised, and a model whose weights or test loss
+    are not finite is neither saved nor reported.
     """
-    node = _node(context)
+    node = node_view(context)
     config = msg.content["config"] if "config" in msg.content else ConfigRecord()
     order = check_instruction(node.run.mode, config, node.policy, default_phase=Phase.FINAL)
     if order.phase is not Phase.FINAL:
@@ -471,43 +425,69 @@ def evaluate(msg: Message, context: Context) -> Message:
     cap = node.policy.max_final_phases
     if cap and served >= cap:
         raise RefusedMessage(f"this node has served {served} final phase(s) in this run; its max-final-phases = {cap}")
+    prepare = _FINAL_HANDLERS[node.mode.handlers[Phase.FINAL]]
     with _transaction(context):
-        if _grows(node.run.mode) or node.run.mode == "small-only":
-            store = _state_store(context, node, order.run_tag)
-            _restore(context, node, store, order.server_round + 1, order.resumed_after)
+        if prepare in _FINAL_FROM_PRIVATE_STATE:
+            _restore(
+                context, node, _state_store(context, node, order.run_tag), order.server_round + 1, order.resumed_after
+            )
         with _seeded(node, Phase.FINAL, order.server_round):
-            return _finetune_and_evaluate(msg, context, node, order, served)
+            return _finetune_and_evaluate(msg, context, node, order, served, prepare)
 
 
-def _finetune_and_evaluate(msg: Message, context: Context, node: _Node, order: Instruction, served: int) -> Message:
-    received = _received(msg)
+#: A final handler checks what it received and returns the step that fine-tunes, evaluates and saves
+#: (to a folder or ``None``, with the owner record) and gives the final metrics.
+FinalStep = Callable[[Path | None, dict], dict]
+
+
+def _final_grown(context: Context, node: NodeView, received: dict) -> FinalStep:
+    """The grown model: materialised from the private Local-LiGO and the received (or own) Global-LiGO."""
+    client = _growth_client(context, node)
+    check_received(
+        received, client.global_state() if client.share_global else {}, node.policy.max_received_abs, "Global-LiGO"
+    )
+    return lambda save_to, owner: client.finetune_and_evaluate(received, save_to, owner)
+
+
+def _final_small(context: Context, node: NodeView, received: dict) -> FinalStep:
+    """The private small model, fine-tuned further."""
+    check_received(received, {}, node.policy.max_received_abs, "message")
+    client = _model_client(context, node, "small")
+    return lambda save_to, owner: client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner)
+
+
+def _final_target(context: Context, node: NodeView, received: dict) -> FinalStep:
+    """The received (averaged) target model (``scratch-fedavg``)."""
+    client = _shared_model_client(context, node)
+    check_received(received, client.weights(), node.policy.max_received_abs, "target model")
+    client.load_weights(received)
+    return lambda save_to, owner: client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner)
+
+
+#: The final handler of each :class:`fedgrow_core.modes.Handler` a mode may name for :attr:`Phase.FINAL`.
+_FINAL_HANDLERS = {
+    Handler.FINAL_GROWN: _final_grown,
+    Handler.FINAL_SMALL: _final_small,
+    Handler.FINAL_TARGET: _final_target,
+}
+#: Final handlers whose model is built from private state kept between rounds (restored first).
+_FINAL_FROM_PRIVATE_STATE = (_final_grown, _final_small)
+
+
+def _finetune_and_evaluate(
+    msg: Message, context: Context, node: NodeView, order: Instruction, served: int, prepare
+) -> Message:
     _, setup = _setup(context, node)
-    mode, cap = node.run.mode, node.policy.max_received_abs
-    if _grows(mode):
-        client = _growth_client(context, node)
-        check_received(received, client.global_state() if client.share_global else {}, cap, "Global-LiGO")
-    elif mode == "small-only":
-        check_received(received, {}, cap, "message")
-        client = _model_client(context, node, "small")
-    else:  # scratch-fedavg: the final averaged target model
-        client = _shared_model_client(context, node)
-        check_received(received, client.weights(), cap, "target model")
-        client.load_weights(received)
+    step = prepare(context, node, _received(msg))
     run_folder = order.run_tag or f"run-{context.run_id}"
-    kind = "grown_model" if mode != "small-only" else "small_model"
     models = node.policy.node_folder(node.effective) / "models"
     owner = _state_metadata(context, node)
     same_run = ("run-fingerprint",) if order.resumed_after else None  # a resumption is a new Flower run
-    out = models / run_folder / kind
+    out = models / run_folder / node.mode.model_kind
     if owner_problem(out, owner, same_run):  # another run saved a model under this tag: never replaced
-        out = models / f"{run_folder}.run-{context.run_id}" / kind
+        out = models / f"{run_folder}.run-{context.run_id}" / node.mode.model_kind
     context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted
-    save_to = out if node.run.save_models else None
-    if _grows(mode):
-        metrics = client.finetune_and_evaluate(received, save_to, owner)
-    else:
-        metrics = client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner)
+    metrics = step(out if node.run.save_models else None, owner)
     check_finite_reply(None, metrics, "the final phase")
-    metrics["partition-id"] = setup.partition_id
-    info = ConfigRecord({"model": Path(setup.model_name).name})  # never a client's full path
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": info}), reply_to=msg)
+    content = final_reply(metrics, setup.partition_id, Path(setup.model_name).name)  # never a client's full path
+    return Message(content=content, reply_to=msg)

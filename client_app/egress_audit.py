@@ -26,7 +26,8 @@ from flwr.common import serde
 
 from fedgrow_core.node_policy import NodePolicyError
 
-from .guards import node_policy, sanitised_reason
+from .guards import sanitised_reason
+from .node_view import cached_policy
 
 
 def audit_dir(context: Context) -> str:
@@ -39,7 +40,7 @@ def audit_dir(context: Context) -> str:
     if own:
         return own
     try:
-        policy = node_policy(context.node_config)
+        policy = cached_policy(context)
     except NodePolicyError:
         return ""
     return "" if policy.strict else str(context.run_config.get("audit-dir") or "")

@@ -7,7 +7,7 @@ checked before any work, in this order:
    node config; :func:`node_policy`) must allow the run config: the mode, the
    data and model it names, and the work it asks (:func:`check_policy`);
 2. the run's mode must serve the message's phase
-   (:func:`fedgrow_core.protocol.served_phases`), and the ``run-tag``, which
+   (:attr:`fedgrow_core.modes.Mode.phases`), and the ``run-tag``, which
    names a folder on the node's disk, must be one safe path component
    (:func:`check_instruction`);
 3. every received tensor must have the expected name, shape and dtype, be
@@ -37,8 +37,9 @@ from flwr.common.constant import ErrorCode
 from torch import Tensor
 
 from fedgrow_core.clients.model_export import NonFiniteModel, count_non_finite
+from fedgrow_core.modes import get_mode
 from fedgrow_core.node_policy import NodePolicy, NodePolicyError
-from fedgrow_core.protocol import Instruction, Phase, ProtocolError, served_phases
+from fedgrow_core.protocol import Instruction, Phase, ProtocolError
 from fedgrow_core.run_config import ConfigError, RunConfig
 from fedgrow_core.training import WorkLimitExceeded
 
@@ -126,7 +127,7 @@ def check_phase(mode: str, phase: Phase | str, policy: NodePolicy) -> Phase:
     """
     if mode not in policy.modes:
         raise RefusedMessage(f"mode {mode!r} is not among this node's allowed-modes {list(policy.modes)}")
-    served = served_phases(mode)
+    served = get_mode(mode).phases
     if phase not in served:
         raise RefusedMessage(f"phase {str(phase)[:40]!r} is not served in mode {mode!r}; it serves {sorted(served)}")
     return Phase(phase)

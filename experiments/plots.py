@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedgrow_core.run_config import MODES
+from fedgrow_core.modes import mode_names
 
 #: x column of ``rounds.csv`` -> (file name, axis label)
 AXES = {
@@ -70,7 +70,7 @@ def plot_accuracy(rounds: pd.DataFrame, out: Path, title: str = "") -> list[Path
         alphas = sorted(curves)
         fig, axes = plt.subplots(1, len(alphas), figsize=(5.5 * len(alphas), 4), squeeze=False)
         for ax, alpha in zip(axes[0], alphas, strict=True):
-            for mode in MODES:
+            for mode in mode_names():
                 if mode not in curves[alpha]:
                     continue
                 xs, ys, std = curves[alpha][mode]

@@ -122,9 +122,9 @@ def run_records(
     Parameters
     ----------
     summary : dict
-        The run's ``summary.json`` (:func:`server_app.summary.run_summary`).
+        The run's ``summary.json`` (:class:`fedgrow_core.run_summary.RunSummary`).
     rows : list of dict
-        Its ``metrics.jsonl`` rows (:func:`server_app.summary.round_rows`).
+        Its ``metrics.jsonl`` rows (:func:`server_app.reporting.summary.round_rows`).
     config : dict
         The run config it ran with (the sweep's overrides, its mode and seed),
         giving ``dataset``, ``local-steps``, ``num-server-rounds`` and ``finetune-steps``
@@ -148,7 +148,7 @@ def run_records(
         steps after the final fine-tuning), ``eval_accuracy`` (mean over clients),
         ``received_accuracy`` (the received Global-LiGO before training, i.e. the
         previous round's aggregate), ``relative_change`` and ``update_cosine`` (the server's
-        Global-LiGO diagnostics, :func:`server_app.summary.round_rows`),
+        Global-LiGO diagnostics, :func:`server_app.reporting.summary.round_rows`),
         ``train_loss``, ``upload_bytes``, ``cumulative_upload_bytes`` (bytes), ``seconds``.
 
     Raises

@@ -30,7 +30,9 @@ from pathlib import Path
 import pandas as pd
 from flwr.common.config import flatten_dict
 
-from fedgrow_core.run_config import MODES, parse_overrides
+from fedgrow_core.modes import mode_names
+from fedgrow_core.run_config import parse_overrides
+from fedgrow_core.run_summary import read_summary
 
 from . import records
 from .flower_launcher import FEDERATION_CONFIG, ROOT, flwr_run, prepare_flwr_home, run_failure, stop_local_superlink
@@ -83,7 +85,7 @@ def _read_run(folder: Path) -> tuple[dict, list[dict], dict[str, str], dict] | N
     toml = folder / "run.toml"
     config = tomllib.loads(toml.read_text()) if toml.is_file() else {}
     config.pop("output-dir", None)
-    return json.loads(done[-1].read_text()), rows, where, config
+    return read_summary(done[-1]), rows, where, config
 
 
 def read_summaries(work: Path, seeds: list[int] | None = None) -> list[dict]:
@@ -201,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", type=Path, help="TOML file of run-config overrides (e.g. presets/*.toml)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to run (default: all)")
+    parser.add_argument(
+        "--modes", nargs="+", default=list(mode_names()), choices=mode_names(), help="modes to run (default: all)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--alphas", nargs="+", type=float, help="Dirichlet alphas to sweep (default: the preset's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more run-config overrides")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedgrow_core.run_config import MODES
+from fedgrow_core.modes import mode_names
 
 from .records import RUN_KEY
 
@@ -56,7 +56,7 @@ def results_table(clients: pd.DataFrame) -> pd.DataFrame:
         Columns ``task``, ``dirichlet_alpha``, ``mode``, ``seeds`` (number of
         runs), then ``<metric>_mean`` and ``<metric>_std`` (sample std over seeds,
         ``ddof=1``; 0 for a single seed) for every metric of :data:`METRICS`.
-        Rows in :data:`fedgrow_core.run_config.MODES` order within each alpha.
+        Rows in :func:`fedgrow_core.modes.mode_names` order within each alpha.
 
     Raises
     ------
@@ -68,7 +68,7 @@ def results_table(clients: pd.DataFrame) -> pd.DataFrame:
     means = grouped[list(METRICS)].mean().add_suffix("_mean")
     stds = grouped[list(METRICS)].std(ddof=1).fillna(0.0).add_suffix("_std")
     table = pd.concat([grouped.size().rename("seeds"), means, stds], axis=1).reset_index()
-    order = {m: i for i, m in enumerate(MODES)}
+    order = {m: i for i, m in enumerate(mode_names())}
     table = table.sort_values(
         ["task", "dirichlet_alpha", "mode"], key=lambda c: c.map(order) if c.name == "mode" else c
     )
@@ -85,7 +85,7 @@ def per_client_markdown(clients: pd.DataFrame) -> str:
     of that seed for that client (ties count as not beating).
     """
     rows = []
-    modes = [m for m in MODES if m in set(clients["mode"])]
+    modes = [m for m in mode_names() if m in set(clients["mode"])]
     for (alpha, pid), group in clients.groupby(["dirichlet_alpha", "partition_id"], sort=True):
         row = {"alpha": f"{alpha:g}", "client": f"{pid} (`{group['model'].iloc[0]}`)"}
         for mode in modes:

@@ -1,4 +1,8 @@
-"""FedGrow core: LiGO / Dual-LiGO growth of transformers, without Flower.
+"""FedGrow core: LiGO / Dual-LiGO growth of transformers, and the federated protocol around it.
+
+The growth engine (``growth``, ``zoo``) does not use Flower; the protocol, run
+config and data partitions use Flower's records, config parsing and
+``flwr-datasets``, but nothing of a ServerApp, ClientApp or Grid.
 
 Shen et al., "Federating to Grow Transformers with Constrained Resources without
 Model Sharing" (arXiv 2406.13450); Wang et al., "Learning to Grow Pretrained
@@ -10,16 +14,21 @@ from fedgrow_core.data.partitions import FederatedData, federate, label_histogra
 from fedgrow_core.data.preprocessing import ImageTransform, make_dataloader
 from fedgrow_core.data.sources import DataSourceError, load_data_source
 from fedgrow_core.growth.expansion import Expansion
-from fedgrow_core.growth.families import FAMILIES, ModelFamily, get_family
+from fedgrow_core.growth.families import ModelFamily, family_for, family_names, get_family, register_family
 from fedgrow_core.growth.grown_model import GrownModel
 from fedgrow_core.growth.ligo import LAYER_PARAMS, SPACES, DualLiGO, LiGO, apply_growth
 from fedgrow_core.growth.shapes import TransformerShape, validate_growth
-from fedgrow_core.zoo.registry import MODEL_ZOO, MissingAssetError, SmallModel, load_small_model
+from fedgrow_core.zoo.registry import (
+    MissingAssetError,
+    SmallModel,
+    ZooModel,
+    load_small_model,
+    register_zoo_model,
+    zoo_models,
+)
 
 __all__ = [
-    "FAMILIES",
     "LAYER_PARAMS",
-    "MODEL_ZOO",
     "SPACES",
     "DataSourceError",
     "DualLiGO",
@@ -32,9 +41,12 @@ __all__ = [
     "MissingAssetError",
     "ModelFamily",
     "SmallModel",
+    "ZooModel",
     "TransformerShape",
     "apply_growth",
     "count_parameters",
+    "family_for",
+    "family_names",
     "federate",
     "get_family",
     "growth_accounting",
@@ -43,6 +55,9 @@ __all__ = [
     "load_small_model",
     "make_dataloader",
     "print_label_histogram",
+    "register_family",
+    "register_zoo_model",
     "tensor_bytes",
     "validate_growth",
+    "zoo_models",
 ]

@@ -47,8 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedgrow_core.data.sources import BUILTIN_SOURCES
 from fedgrow_core.growth.shapes import TransformerShape
-from fedgrow_core.run_config import MODES, RESUMABLE_CHANGES, RunConfig
-from fedgrow_core.zoo.registry import MODEL_ZOO
+from fedgrow_core.modes import mode_names
+from fedgrow_core.run_config import RESUMABLE_CHANGES, RunConfig
+from fedgrow_core.zoo.registry import zoo_models
 from fedgrow_core.zoo.vit_pretrain import VitSpec
 
 PROFILES = ("strict", "open")
@@ -73,7 +74,7 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "allow_resume": False,
     },
     "open": {
-        "allowed_modes": ",".join(MODES),
+        "allowed_modes": "*",
         "max_local_steps": 0,
         "max_finetune_steps": 0,
         "max_pretrain_steps": 0,
@@ -115,7 +116,7 @@ class NodePolicy(BaseModel):
     partition_id, num_partitions : int
         Which partition of the run's dataset is this node's (Flower's keys).
     allowed_modes : str
-        Comma-separated modes the node serves.
+        Comma-separated modes the node serves; ``*`` (the ``open`` profile's): every registered mode.
     model, dataset : str
         The node's own small model and data file ("" : the run config's, where allowed).
     allowed_datasets : str
@@ -219,9 +220,11 @@ class NodePolicy(BaseModel):
                 for e in err.errors()
             ]
             raise NodePolicyError(problems, "bad node config") from None
-        unknown = [m for m in policy.modes if m not in MODES]
+        unknown = [m for m in policy.modes if m not in mode_names()]
         if unknown:
-            raise NodePolicyError([f"allowed-modes names unknown modes {unknown}; expected some of {list(MODES)}"])
+            raise NodePolicyError(
+                [f"allowed-modes names unknown modes {unknown}; expected some of {list(mode_names())}"]
+            )
         return policy
 
     @property
@@ -231,7 +234,9 @@ class NodePolicy(BaseModel):
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """The modes this node serves (``allowed-modes``)."""
+        """The modes this node serves (``allowed-modes``; ``*``: every registered mode)."""
+        if self.allowed_modes.strip() == "*":
+            return mode_names()
         return tuple(m.strip() for m in self.allowed_modes.split(",") if m.strip())
 
     @property
@@ -284,10 +289,10 @@ class NodePolicy(BaseModel):
                 f"dataset = {run.dataset!r}: this node reads only its own data (node config dataset), a built-in "
                 f"source {sorted(BUILTIN_SOURCES)} or one its node config allowed-datasets names"
             )
-        if self.strict and not self.model and not (model in MODEL_ZOO or model.startswith("vit:")):
+        if self.strict and not self.model and not (model in zoo_models() or model.startswith("vit:")):
             out.append(
                 f"client-models names {model!r} for this node: it loads only its own model (node config model), "
-                f"a zoo model {sorted(MODEL_ZOO)} or a 'vit:LxD' spec"
+                f"a zoo model {sorted(zoo_models())} or a 'vit:LxD' spec"
             )
         return out
 

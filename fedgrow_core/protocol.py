@@ -2,8 +2,8 @@
 
 Both apps build and read messages through this module only. A run is a
 sequence of phases (:class:`Phase`); which phases a mode runs, in which order,
-is :mod:`server_app.modes`, and which ones a client serves in a mode is
-:data:`MODE_PHASES`. Every message the server sends carries
+is the mode's plan, and which ones a client serves in a mode its handlers
+(:class:`fedgrow_core.modes.Mode`). Every message the server sends carries
 
 * ``arrays``: an ``ArrayRecord`` (the Global-LiGO, a target model, or empty);
 * ``config``: a ``ConfigRecord`` read by :meth:`Instruction.from_record`:
@@ -13,7 +13,7 @@ is :mod:`server_app.modes`, and which ones a client serves in a mode is
 
 Every reply carries the records and metrics of :data:`REPLY_METRICS` for its
 phase (their meanings: :data:`METRIC_MEANINGS`); the server checks each reply
-against them (:mod:`server_app.reply_checks`), and nothing else may travel.
+against them (:mod:`server_app.trust.reply_checks`), and nothing else may travel.
 
 Both sides build the same initial Global-LiGO from the run config alone
 (:func:`initial_global_ligo`): the server to start the rounds and check a
@@ -27,11 +27,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgrow_core.growth.ligo import LiGO
-from fedgrow_core.run_config import RunConfig
+
+if TYPE_CHECKING:
+    from fedgrow_core.run_config import RunConfig
 
 
 class Phase(StrEnum):
@@ -51,14 +55,6 @@ class Phase(StrEnum):
     FINAL = "finetune-evaluate"
 
 
-#: Phases each mode's client serves besides :data:`ALWAYS_SERVED`.
-MODE_PHASES: dict[str, frozenset[Phase]] = {
-    "fedgrow": frozenset({Phase.GROW}),
-    "independent-ligo": frozenset({Phase.GROW}),
-    "independent-dual-ligo": frozenset({Phase.GROW}),
-    "small-only": frozenset({Phase.TRAIN_LOCAL}),
-    "scratch-fedavg": frozenset({Phase.COLLECT, Phase.TRAIN_SHARED}),
-}
 #: Phases served in every mode.
 ALWAYS_SERVED = frozenset({Phase.PREFLIGHT, Phase.FINAL})
 
@@ -78,11 +74,6 @@ MAX_PROXIMAL_MU = 1000.0
 
 class ProtocolError(ValueError):
     """Raised when a message does not follow this protocol; the text names the key, the value and what was expected."""
-
-
-def served_phases(mode: str) -> frozenset[Phase]:
-    """The phases a client serves in ``mode`` (:data:`MODE_PHASES` and :data:`ALWAYS_SERVED`)."""
-    return MODE_PHASES.get(mode, frozenset()) | ALWAYS_SERVED
 
 
 @dataclass(frozen=True)
@@ -213,6 +204,14 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+#: Metric keys both apps read by name: a reply's aggregation weight, and the rows and partition of a node.
+NUM_EXAMPLES, PARTITION_ID, TRAIN_EXAMPLES, TEST_EXAMPLES = (
+    "num-examples",
+    "partition-id",
+    "train-examples",
+    "test-examples",
+)
+
 #: Bound on counts (rows, parameters) a client may report.
 MAX_COUNT = 10**12
 #: Bound on seconds a client may report (about 115 days).
@@ -225,7 +224,7 @@ _PARTITION = MetricSpec(int, 0, MAX_COUNT)
 
 #: Metrics of a round's reply (``grow``, ``train-local``, ``train-shared``).
 TRAIN_METRICS: dict[str, MetricSpec] = {
-    "num-examples": _COUNT,
+    NUM_EXAMPLES: _COUNT,
     "train-loss": MetricSpec(float, 0.0, 1e6, averaged=True),
     "train-accuracy": MetricSpec(float, 0.0, 1.0, averaged=True),
     "train-seconds": _SECONDS,
@@ -236,10 +235,10 @@ TRAIN_METRICS: dict[str, MetricSpec] = {
     "eval-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
 }
 #: Metrics of a ``collect`` reply.
-COLLECT_METRICS: dict[str, MetricSpec] = {"num-examples": _COUNT}
+COLLECT_METRICS: dict[str, MetricSpec] = {NUM_EXAMPLES: _COUNT}
 #: Metrics of a final-phase reply (``finetune-evaluate``); it also carries an ``info`` record.
 FINAL_METRICS: dict[str, MetricSpec] = {
-    "num-examples": _COUNT,
+    NUM_EXAMPLES: _COUNT,
     "accuracy": _FRACTION,
     "grown-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
     "precision": _FRACTION,
@@ -249,13 +248,13 @@ FINAL_METRICS: dict[str, MetricSpec] = {
     "finetune-seconds": _SECONDS,
     "eval-seconds": _SECONDS,
     "compute-threads": MetricSpec(int, 1, 1 << 16),
-    "partition-id": _PARTITION,
+    PARTITION_ID: _PARTITION,
 }
 #: Metrics of a preflight reply.
 PREFLIGHT_METRICS: dict[str, MetricSpec] = {
-    "partition-id": _PARTITION,
-    "train-examples": MetricSpec(int, 0, MAX_COUNT),
-    "test-examples": MetricSpec(int, 0, MAX_COUNT),
+    PARTITION_ID: _PARTITION,
+    TRAIN_EXAMPLES: MetricSpec(int, 0, MAX_COUNT),
+    TEST_EXAMPLES: MetricSpec(int, 0, MAX_COUNT),
 }
 #: The metrics a reply to each phase carries.
 REPLY_METRICS: dict[Phase, dict[str, MetricSpec]] = {
@@ -296,6 +295,47 @@ METRIC_MEANINGS = {
 }
 #: What the final reply's ``info`` record holds.
 INFO_MEANINGS = {INFO_KEY: "the small model's name (a folder's last path component, never a full path)"}
+
+
+def round_metrics(
+    num_examples: int, train_loss: float, train_accuracy: float, train_seconds: float, trainable_params: int
+) -> dict[str, int | float]:
+    """The required :data:`TRAIN_METRICS` of a training round's reply (``compute-threads`` read from torch).
+
+    Units: rows, mean loss, fraction, seconds, parameters.
+    """
+    return {
+        NUM_EXAMPLES: num_examples,
+        "train-loss": train_loss,
+        "train-accuracy": train_accuracy,
+        "train-seconds": train_seconds,
+        "trainable-params": trainable_params,
+        "compute-threads": torch.get_num_threads(),
+    }
+
+
+def preflight_reply(partition_id: int, train_examples: int, test_examples: int) -> RecordDict:
+    """A preflight reply's content: the :data:`PREFLIGHT_METRICS` of a node's partition and row counts."""
+    metrics = {PARTITION_ID: partition_id, TRAIN_EXAMPLES: train_examples, TEST_EXAMPLES: test_examples}
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def train_reply(arrays: Mapping[str, object] | None, metrics: Mapping[str, int | float]) -> RecordDict:
+    """A round's reply content: ``arrays`` (torch tensors or numpy arrays; empty if ``None``) and ``metrics``.
+
+    The metrics are those of :data:`REPLY_METRICS` for the round's phase
+    (``fedgrow_core.clients.round_metrics`` builds a training round's).
+    """
+    return RecordDict({"arrays": ArrayRecord(dict(arrays or {})), "metrics": MetricRecord(dict(metrics))})
+
+
+def final_reply(metrics: Mapping[str, int | float], partition_id: int, model_name: str) -> RecordDict:
+    """A final-phase reply's content: :data:`FINAL_METRICS` with the node's partition, and the ``info`` record.
+
+    ``model_name`` is the small model's folder name (:data:`INFO_KEY`), never a path.
+    """
+    content = {"metrics": MetricRecord({**metrics, PARTITION_ID: partition_id})}
+    return RecordDict({**content, "info": ConfigRecord({INFO_KEY: model_name})})
 
 
 def initial_global_ligo(run: RunConfig) -> LiGO:

@@ -28,22 +28,15 @@ from pydantic import (
     Field,
     PlainValidator,
     ValidationError,
-    ValidationInfo,
-    field_validator,
 )
 from pydantic.fields import FieldInfo
 
 from fedgrow_core.data.partitions import PARTITIONERS
 from fedgrow_core.growth.shapes import TransformerShape
+from fedgrow_core.modes import get_mode, mode_names
 from fedgrow_core.update_encoding import ENCODINGS
 
 TASKS = ("text", "image")
-#: What the app runs (the comparison of docs/results.md): Fed-Grow and its baselines. See
-#: ``server_app/modes.py``; docs/method.md says why no mode fine-tunes the grown models federatedly.
-MODES = ("fedgrow", "scratch-fedavg", "independent-ligo", "independent-dual-ligo", "small-only")
-#: The modes whose clients train and send a Global-LiGO.
-GLOBAL_LIGO_MODES = ("fedgrow", "independent-dual-ligo")
-_GLOBAL_LIGO_MODES_MD = " or ".join(f"`{m}`" for m in GLOBAL_LIGO_MODES)
 DP_CLIPPING = ("off", "fixed", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -102,7 +95,14 @@ def _trackers(value: Any) -> tuple[str, ...]:
     return tuple(n for n in names if n != "none")
 
 
+def _mode_name(value: Any) -> str:
+    if not isinstance(value, str) or value not in mode_names():
+        raise ValueError(f"expected one of {list(mode_names())} (the registered modes)")
+    return value
+
+
 Shape = Annotated[TransformerShape, PlainValidator(_shape)]
+ModeName = Annotated[str, PlainValidator(_mode_name)]
 ModelNames = Annotated[tuple[str, ...], PlainValidator(_model_names)]
 Trackers = Annotated[tuple[str, ...], PlainValidator(_trackers)]
 
@@ -139,7 +139,7 @@ class RunConfig(BaseModel):
         validate_by_alias=True,
     )
 
-    mode: Literal[MODES] = _key(
+    mode: ModeName = _key(
         "fedgrow",
         "Fed-Grow or a baseline it is compared with; every mode gives each client "
         "`num-server-rounds * local-steps + finetune-steps` optimiser steps on the same rows",
@@ -308,7 +308,7 @@ class RunConfig(BaseModel):
         "off",
         "Central DP on the shared tensors with Flower's server-side `fixed` or `adaptive` clipping wrappers "
         "(strategy `fedavg` or `fedprox`)",
-        requires="`off` unless mode is `fedgrow`",
+        requires="`off` unless the mode allows central DP (`fedgrow`)",
     )
     dp_noise_multiplier: float = _key(0.0, "Gaussian noise std as a multiple of the clipping norm", ge=0)
     dp_clipping_norm: float = _key(
@@ -318,13 +318,13 @@ class RunConfig(BaseModel):
         False,
         "Share the Global-LiGO's q/k/v/FFN width matrices across the target's layers (about `L_target` times fewer "
         "width parameters to train and send)",
-        requires=f"`false` unless mode is {_GLOBAL_LIGO_MODES_MD}",
+        requires="`false` unless the mode has a Global-LiGO",
     )
     global_rank: int = _key(
         0,
         "0: full Global-LiGO width matrices; `r > 0`: each is `E = S + U V^T` with `S` (the initial selection) "
         "and `V` seeded, frozen and never sent; only `U` is trained and sent",
-        requires=f"[0, hidden of `intermediate-shape`]; 0 unless mode is {_GLOBAL_LIGO_MODES_MD}",
+        requires="[0, hidden of `intermediate-shape`]; 0 unless the mode has a Global-LiGO",
     )
     update_encoding: Literal[ENCODINGS] = _key(
         "int8",
@@ -341,7 +341,7 @@ class RunConfig(BaseModel):
         "",
         "A run folder to continue from its `checkpoint.safetensors`; every other key but `num-server-rounds`, "
         "`round-timeout` and `audit-dir` must equal the checkpoint's",
-        requires="empty unless mode is `fedgrow`",
+        requires="empty unless the mode is checkpointed (`fedgrow`)",
     )
     seed: int = _key(0, "Seeds partitions, operators and data order")
     output_dir: str = _key(
@@ -369,8 +369,20 @@ class RunConfig(BaseModel):
 
     def __init__(self, **values: Any) -> None:
         """Check ``values`` (by attribute name or key); raises :class:`ConfigError` listing every bad value."""
-        with _as_config_error():
+        try:
             super().__init__(**values)
+        except ValidationError as err:
+            # every bad key at once: the checks between keys still run on the keys that are good
+            failed = {_field_name(e["loc"][0]) for e in err.errors()}
+            problems = [_problem(e) for e in err.errors()]
+            try:
+                super().__init__(**{k: v for k, v in values.items() if _field_name(k) not in failed})
+            except ValidationError:
+                raise ConfigError(problems) from None
+            raise ConfigError(problems + self._cross_key_problems(skip=failed)) from None
+        problems = self._cross_key_problems()
+        if problems:
+            raise ConfigError(problems)
 
     @classmethod
     def from_flower(cls, config: Mapping[str, Any]) -> RunConfig:
@@ -421,86 +433,42 @@ class RunConfig(BaseModel):
         """
         type(self)(**dict(self))
 
-    @field_validator("target_shape")
-    @classmethod
-    def _fits_intermediate(cls, target: TransformerShape, info: ValidationInfo) -> TransformerShape:
-        inter = info.data.get("intermediate_shape")
-        if inter is None:
-            return target
+    def _cross_key_problems(self, skip: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Problems between keys, each ``key = value: why``; read after every key is checked on its own.
+
+        So no check depends on the order in which the keys are declared. A check
+        that reads a key in ``skip`` (attribute names of keys that failed their
+        own check, replaced by defaults) is left out.
+        """
+        problems = []
+        reads = lambda *names: not skip.intersection(names)  # noqa: E731
+        inter, target = self.intermediate_shape, self.target_shape
         names = ("layers", "hidden", "ffn", "heads", "head_dim")
         shrink = [
             f"{n} {getattr(inter, n)} > {getattr(target, n)}" for n in names if getattr(inter, n) > getattr(target, n)
         ]
-        if shrink:
-            raise ValueError(
-                f"intermediate-shape {_flower_value(inter)} does not fit in target-shape: {', '.join(shrink)}"
+        if shrink and reads("intermediate_shape", "target_shape"):
+            problems.append(
+                f"target-shape = {_flower_value(target)!r}: intermediate-shape {_flower_value(inter)} does not fit "
+                f"in target-shape: {', '.join(shrink)}"
             )
-        return target
-
-    @field_validator("head_warmup_steps")
-    @classmethod
-    def _warmup_within_growth(cls, steps: int, info: ValidationInfo) -> int:
-        rounds, local = info.data.get("num_server_rounds"), info.data.get("local_steps")
-        if rounds is not None and local is not None and steps > rounds * local:
-            raise ValueError(
-                f"{steps} head warm-up steps, but the growth phase has num-server-rounds * local-steps = "
-                f"{rounds * local} steps"
+        growth_steps = self.num_server_rounds * self.local_steps
+        if self.head_warmup_steps > growth_steps and reads("head_warmup_steps", "num_server_rounds", "local_steps"):
+            problems.append(
+                f"head-warmup-steps = {self.head_warmup_steps}: the growth phase has num-server-rounds * "
+                f"local-steps = {growth_steps} steps"
             )
-        return steps
-
-    @field_validator("proximal_mu")
-    @classmethod
-    def _fedprox_needs_mu(cls, mu: float, info: ValidationInfo) -> float:
-        if info.data.get("strategy") == "fedprox" and not mu > 0:
-            raise ValueError("strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)")
-        return mu
-
-    @field_validator("dp_clipping")
-    @classmethod
-    def _dp_in_fedgrow_only(cls, clipping: str, info: ValidationInfo) -> str:
-        mode = info.data.get("mode", "fedgrow")
-        if clipping != "off" and mode != "fedgrow":
-            raise ValueError(
-                f"central DP is available in mode 'fedgrow' only, not {mode!r} (the local baselines aggregate "
-                "nothing; the collect phase of 'scratch-fedavg' averages whole models with no "
-                "shared reference to clip updates against)"
+        if self.strategy == "fedprox" and not self.proximal_mu > 0 and reads("strategy", "proximal_mu"):
+            problems.append(
+                f"proximal-mu = {self.proximal_mu!r}: strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)"
             )
-        return clipping
-
-    @field_validator("global_tie_layers")
-    @classmethod
-    def _tie_needs_global_ligo(cls, tie: bool, info: ValidationInfo) -> bool:
-        if tie:
-            _needs_global_ligo(info.data.get("mode", "fedgrow"))
-        return tie
-
-    @field_validator("global_rank")
-    @classmethod
-    def _rank_fits(cls, rank: int, info: ValidationInfo) -> int:
-        inter = info.data.get("intermediate_shape")
-        if inter is not None and not 0 <= rank <= inter.hidden:
-            raise ValueError(
-                f"expected an integer in [0, {inter.hidden}] (0: full width matrices; at most the intermediate "
-                "hidden width)"
+        if not 0 <= self.global_rank <= inter.hidden and reads("global_rank", "intermediate_shape"):
+            problems.append(
+                f"global-rank = {self.global_rank}: expected an integer in [0, {inter.hidden}] (0: full width "
+                "matrices; at most the intermediate hidden width)"
             )
-        if rank:
-            _needs_global_ligo(info.data.get("mode", "fedgrow"))
-        return rank
-
-    @field_validator("resume_from")
-    @classmethod
-    def _resume_fedgrow_only(cls, folder: str, info: ValidationInfo) -> str:
-        mode = info.data.get("mode", "fedgrow")
-        if folder and mode != "fedgrow":
-            raise ValueError(f"resuming is supported for mode 'fedgrow', not {mode!r}")
-        return folder
-
-
-def _needs_global_ligo(mode: str) -> None:
-    if mode not in GLOBAL_LIGO_MODES:
-        raise ValueError(
-            f"this shapes the Global-LiGO, which mode {mode!r} does not have (modes {list(GLOBAL_LIGO_MODES)})"
-        )
+        mode_reads = ("mode", "dp_clipping", "resume_from", "global_tie_layers", "global_rank")
+        return problems + (get_mode(self.mode).config_problems(self) if reads(*mode_reads) else [])
 
 
 @contextmanager
@@ -510,6 +478,13 @@ def _as_config_error() -> Iterator[None]:
         yield
     except ValidationError as err:
         raise ConfigError([_problem(error) for error in err.errors()]) from None
+
+
+def _field_name(key: Any) -> Any:
+    """The attribute name of a key given by attribute name or in Flower's kebab case (unknown keys unchanged)."""
+    if key in RunConfig.model_fields:
+        return key
+    return next((name for name, f in RunConfig.model_fields.items() if f.alias == key), key)
 
 
 def _unknown(key: str) -> str:
@@ -655,9 +630,11 @@ def config_reference_markdown() -> str:
     """
     kinds = {bool: "boolean", int: "integer", float: "number", str: "string", TransformerShape: "shape"}
     rows = ["| key | type | default | allowed | description |", "| --- | --- | --- | --- | --- |"]
-    for field in RunConfig.model_fields.values():
+    for name, field in RunConfig.model_fields.items():
         kind = field.annotation
-        if get_origin(kind) is Literal:
+        if name == "mode":  # the registry's modes, not a fixed list
+            kind, allowed = "string", ", ".join(f"`{m}`" for m in mode_names())
+        elif get_origin(kind) is Literal:
             kind, allowed = "string", ", ".join(f"`{c}`" for c in get_args(kind))
         else:
             kind = kinds.get(kind, "string (comma-separated)")

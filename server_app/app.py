@@ -4,8 +4,9 @@ In the default mode ``fedgrow`` the server builds the initial Global-LiGO from t
 run config alone (it never sees a client model or a row of data), runs the
 configured strategy over it for ``num-server-rounds`` rounds, then asks every
 client to materialise, fine-tune, evaluate and save its grown model. The
-baselines of the comparison (``mode``) are in :mod:`server_app.modes`. The run
-folder is written by :mod:`server_app.outputs` and :mod:`server_app.summary`.
+modes (``mode``: Fed-Grow and the baselines of the comparison) are in
+:mod:`fedgrow_core.modes`, and :mod:`server_app.orchestration.plan` runs them. The run
+folder is written by :mod:`server_app.reporting.outputs` and :mod:`server_app.reporting.summary`.
 """
 
 from __future__ import annotations
@@ -21,24 +22,25 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedgrow_core.growth.diagnostics import relative_change
+from fedgrow_core.modes import get_mode
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import ConfigError, RunConfig
 
-from .checkpoint import Checkpoint, check_resumable, read_checkpoint
-from .modes import ModeResult, run_mode
-from .outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
-from .quiet_log import quiet_strategy_log
-from .strategy import strategy_for_run
-from .summary import build_summary, final_clients, round_rows
-from .tracking import RunTrackers
+from .orchestration.plan import ModeResult, run_mode
+from .orchestration.strategy import check_strategy
+from .persistence.checkpoint import Checkpoint, check_resumable, read_checkpoint
+from .reporting.outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
+from .reporting.quiet_log import quiet_strategy_log
+from .reporting.summary import build_summary, final_clients, round_rows
+from .reporting.tracking import RunTrackers
 
 app = ServerApp()
 
 
 def run_folder(run: RunConfig) -> Path:
-    """``<output-dir>/<UTC stamp>-<task>-<mode>-<strategy>/`` (``fedgrow`` mode omits the mode)."""
+    """``<output-dir>/<UTC stamp>-<task>-<mode>-<strategy>/`` (the default mode, ``fedgrow``, omits the mode)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    mode = "" if run.mode == "fedgrow" else f"-{run.mode}"
+    mode = f"-{run.mode}" if get_mode(run.mode).in_folder_name else ""
     return Path(run.output_dir) / f"{stamp}-{run.task}{mode}-{run.strategy.replace(':', '.')}"
 
 
@@ -69,8 +71,8 @@ def _main(grid: Grid, context: Context) -> None:
     start = time.perf_counter()
     run = RunConfig.from_flower(context.run_config)
     num_nodes = len(list(grid.get_node_ids()))
-    # the strategy is built once now, so an unknown or unconstructible one fails before any client trains
-    strategy_for_run(run, max(num_nodes, run.min_train_nodes))
+    # an unknown or unconstructible strategy fails before any node sets up; it is built once, for the rounds
+    check_strategy(run, max(num_nodes, run.min_train_nodes))
     check_writable(Path(run.output_dir))  # and so does an output-dir the results could not be written to
     resume = None
     if run.resume_from:  # a missing or mismatched checkpoint fails here too
@@ -107,12 +109,13 @@ def _write_results(
     if result.global_ligo is not None:
         write_global_ligo(run_dir, result.global_ligo.to_torch_state_dict())
     resumed_after = resume.server_round if resume is not None else 0
-    summary = build_summary(run, result.entries, clients, rows, time.perf_counter() - start, resumed_after)
-    summary["final_rejected"] = result.final_rejected
+    extra = {"final_rejected": result.final_rejected}
     if result.global_ligo is not None:  # how far the whole run moved the shared operator
         initial = {k: v.numpy() for k, v in ArrayRecord(initial_global_ligo(run).state_dict()).items()}
         final = {k: v.numpy() for k, v in result.global_ligo.items()}
-        summary["global_ligo_relative_change"] = relative_change(initial, final)
+        extra["global_ligo_relative_change"] = relative_change(initial, final)
+    wall = time.perf_counter() - start
+    summary = build_summary(run, result.entries, clients, rows, wall, resumed_after, **extra)
     write_summary(run_dir, summary)
     for client in clients:
         log(
@@ -124,7 +127,7 @@ def _write_results(
             client["test_examples"],
         )
     mean = summary["mean_accuracy"]
-    if "global_ligo_relative_change" in summary:
+    if summary.get("global_ligo_relative_change") is not None:
         log(INFO, "the Global-LiGO moved %.4g of its norm over the run", summary["global_ligo_relative_change"])
     log(
         INFO,

@@ -3,7 +3,7 @@
 ``simulate`` runs ``flwr.simulation.run_simulation`` (Ray backend, one CPU per
 ClientApp) with a ServerApp that first sends a ``warmup`` message to every node
 (so Ray actor start-up does not count against ``round-timeout``; each node
-answers with its ``partition-id``), then runs :func:`server_app.phases.shared_rounds`
+answers with its ``partition-id``), then runs :func:`server_app.orchestration.phases.shared_rounds`
 exactly as the Fed-Grow ServerApp does.
 """
 
@@ -21,8 +21,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from fedgrow_core.protocol import Phase
 from fedgrow_core.run_config import RunConfig
-from server_app.phases import shared_rounds
+from server_app.orchestration.phases import shared_rounds
+from server_app.orchestration.strategy import run_checks, strategy_for_run
 
 WARMUP = "warmup"
 
@@ -120,7 +122,10 @@ def simulate(
         replies = list(grid.send_and_receive(warm, timeout=600))
         out["partitions"] = {m.metadata.src_node_id: int(m.content["metrics"]["partition-id"]) for m in replies}
         record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
-        final, entries = shared_rounds(grid, run, record, rounds, "grow", 1)
+        grown = run.model_copy(update={"num_server_rounds": rounds})
+        checks = run_checks(grown, encoded=True, diagnostics=True)
+        strategy = strategy_for_run(grown, len(list(grid.get_node_ids())), checks)
+        final, entries = shared_rounds(grid, grown, strategy, record, Phase.GROW)
         out["final"] = {k: v.numpy() for k, v in final.items()}
         out["entries"] = entries
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import norm
 
 from benchmarks.attacks import alie_z, clip_reach, little_is_enough, random_direction, reverse_mean, sign_flip
-from server_app.bounded_influence import clip_bound, clipped, update_norm
+from server_app.trust.bounded_influence import clip_bound, clipped, update_norm
 
 
 def test_clip_reach_is_the_largest_update_the_median_clip_lets_through():

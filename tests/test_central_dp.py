@@ -15,8 +15,8 @@ from simulated_federation import WARMUP, phase_of, simulate, train_metrics, warm
 
 from fedgrow_core.run_config import ConfigError, RunConfig
 from fedgrow_core.update_encoding import encode_update
-from server_app.checked_round import ReplyChecks
-from server_app.strategy import strategy_for_run
+from server_app.orchestration.strategy import strategy_for_run
+from server_app.trust.checked_round import ReplyChecks
 
 SENT = {"width.res": np.zeros((200, 50), np.float32), "depth.attn_q_weight": np.zeros((100, 50), np.float32)}
 CLIP, NOISE, UPDATE_NORM = 0.5, 2.0, 300.0

@@ -10,8 +10,9 @@ from simulated_federation import train_metrics
 from test_strategy import SENT, SPEC, _Reply
 
 from fedgrow_core.run_config import RunConfig
-from server_app.checkpoint import load_strategy_state, read_checkpoint, strategy_state, write_checkpoint
-from server_app.strategy import build_strategy, strategy_for_run
+from server_app.orchestration.strategy import build_strategy, strategy_for_run
+from server_app.persistence.checkpoint import load_strategy_state, read_checkpoint, strategy_state, write_checkpoint
+from server_app.trust.checked_round import RoundChecks
 
 
 def _update(round_number, node):
@@ -22,10 +23,9 @@ def _update(round_number, node):
 
 
 def _round(strategy, round_number, current):
-    """One aggregation of the clients' replies to run round ``round_number + strategy.round_offset``."""
-    strategy.expected_spec = SPEC
+    """One aggregation of the clients' replies to run round ``round_number + strategy.checks.round_offset``."""
     strategy.current_arrays = {k: v.numpy() for k, v in current.items()}  # what FedOpt's configure_train sets
-    updates = [_update(round_number + strategy.round_offset, n) for n in (1, 2)]
+    updates = [_update(round_number + strategy.checks.round_offset, n) for n in (1, 2)]
     arrays, _ = strategy.aggregate_train(round_number, updates)
     return arrays
 
@@ -33,26 +33,25 @@ def _round(strategy, round_number, current):
 def test_fedadam_resumed_from_a_checkpoint_takes_the_uninterrupted_third_step(tmp_path):
     run = RunConfig(strategy="fedadam")
     start = ArrayRecord({k: Array(v) for k, v in SENT.items()})
-    uninterrupted = build_strategy("fedadam", 2, 1.0)
+    uninterrupted = build_strategy("fedadam", 2, 1.0, checks=RoundChecks(expected_spec=SPEC))
     arrays = start
     for r in (1, 2, 3):
         arrays = _round(uninterrupted, r, arrays)
 
-    first = build_strategy("fedadam", 2, 1.0)
+    first = build_strategy("fedadam", 2, 1.0, checks=RoundChecks(expected_spec=SPEC))
     after_two = _round(first, 2, _round(first, 1, start))
     write_checkpoint(tmp_path, run, 2, after_two, first, first.round_log)
     checkpoint = read_checkpoint(tmp_path)
     assert checkpoint.server_round == 2 and [e["round"] for e in checkpoint.entries] == [1, 2]
 
-    resumed = build_strategy("fedadam", 2, 1.0)
+    resumed = build_strategy("fedadam", 2, 1.0, checks=RoundChecks(expected_spec=SPEC, round_offset=2))
     load_strategy_state(resumed, checkpoint.strategy)
-    resumed.round_offset = 2
     third = _round(resumed, 1, checkpoint.global_ligo)  # Strategy.start counts from 1 again
     for key, value in arrays.items():
         np.testing.assert_allclose(third[key].numpy(), value.numpy(), rtol=1e-6)
 
-    forgetful = build_strategy("fedadam", 2, 1.0)  # the same round without the moments
-    forgetful.round_offset = 2
+    # the same round without the moments
+    forgetful = build_strategy("fedadam", 2, 1.0, checks=RoundChecks(expected_spec=SPEC, round_offset=2))
     other = _round(forgetful, 1, checkpoint.global_ligo)
     assert not all(np.allclose(other[k].numpy(), v.numpy(), rtol=1e-6) for k, v in arrays.items())
 

@@ -14,7 +14,7 @@ from experiments.plots import accuracy_curves, plot_accuracy
 from experiments.significance import paired_differences, t_interval, verdict
 from experiments.tables import markdown, paper_comparison, results_table, write_tables
 from fedgrow_core.run_config import RunConfig
-from server_app.summary import build_summary, round_rows
+from server_app.reporting.summary import build_summary, round_rows
 
 WHERE = {
     "commit": "abc1234",

@@ -16,7 +16,8 @@ from test_flower_app import _local_superlink_running
 from experiments import runner
 from fedgrow_core.accounting import encoded_bytes
 from fedgrow_core.growth.ligo import LiGO
-from fedgrow_core.run_config import MODES, parse_shape
+from fedgrow_core.modes import mode_names
+from fedgrow_core.run_config import parse_shape
 
 VOCAB, POSITIONS, LABELS = 30522, 64, 2
 ROUNDS, LOCAL_STEPS, FINETUNE_STEPS = 2, 2, 2
@@ -72,13 +73,13 @@ def results(tmp_path_factory):
 
 def test_every_mode_has_a_filled_row(results):
     table, summaries, out, _ = results
-    assert list(table["mode"]) == list(MODES)
+    assert list(table["mode"]) == list(mode_names())
     assert not table.isna().any().any(), table.to_string()
     assert (table["seeds"] == 1).all()
     assert table["accuracy_mean"].between(0, 1).all() and table["precision_mean"].between(0, 1).all()
     assert (table["wall_time_s_mean"] > 0).all()
     md = (out / "results.md").read_text()
-    assert all(f"| {m} " in md for m in MODES)
+    assert all(f"| {m} " in md for m in mode_names())
     for name in ("accuracy_vs_steps.png", "accuracy_vs_bytes.png"):
         assert (out / name).stat().st_size > 5000
 
@@ -86,7 +87,7 @@ def test_every_mode_has_a_filled_row(results):
 def test_records_hold_every_client_of_every_run_and_a_second_call_runs_nothing(results, capsys):
     _, summaries, out, _ = results
     clients, rounds = pd.read_csv(out / "clients.csv"), pd.read_csv(out / "rounds.csv")
-    assert sorted(clients["mode"].unique()) == sorted(MODES)
+    assert sorted(clients["mode"].unique()) == sorted(mode_names())
     for mode, summary in summaries.items():
         rows = clients[clients["mode"] == mode].sort_values("partition_id")
         assert list(rows["accuracy"]) == pytest.approx([c["accuracy"] for c in summary["clients"]]), mode
@@ -166,7 +167,7 @@ def test_trainable_parameters_match_the_shapes(results):
 def test_curves_cover_the_same_step_budget(results):
     _, summaries, out, _ = results
     last = ROUNDS + math.ceil(FINETUNE_STEPS / LOCAL_STEPS)  # ROUNDS * LOCAL_STEPS + FINETUNE_STEPS steps
-    for mode in MODES:
+    for mode in mode_names():
         (metrics,) = out.glob(f"runs/*-{mode}-seed0/output/*/metrics.jsonl")
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         trained = [r for r in rows if r["phase"] != "collect"]

@@ -1,7 +1,7 @@
 """Hostile, failing and slow ClientApps in Flower's simulation runtime: the Global-LiGO is never harmed.
 
 Each test runs real ``run_simulation`` rounds of the server's
-:func:`server_app.phases.shared_rounds` (the configured, checked strategy)
+:func:`server_app.orchestration.phases.shared_rounds` (the configured, checked strategy)
 against ClientApps that misbehave by partition id, and compares the final shared
 tensors with an independent computation from the honest replies alone.
 """

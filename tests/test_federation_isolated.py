@@ -5,6 +5,7 @@ between the clients' updates), checked against direct computations.
 """
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,9 +21,9 @@ from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.growth.diagnostics import mean_pairwise_cosine, relative_change
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
-from server_app.strategy import strategy_for_run
-from server_app.summary import round_rows
-from server_app.tracking import round_scalars
+from server_app.orchestration.strategy import run_checks, strategy_for_run
+from server_app.reporting.summary import round_rows
+from server_app.reporting.tracking import round_scalars
 
 KEYS = TINY_GROWTH_KEYS
 
@@ -96,8 +97,7 @@ def test_diagnostics_against_direct_computations():
 
 
 def test_each_round_logs_the_global_ligos_change_and_the_updates_agreement():
-    strategy = strategy_for_run(RunConfig(), 3, None)
-    strategy.expected_spec = SPEC
+    strategy = strategy_for_run(RunConfig(), 3, replace(run_checks(RunConfig()), expected_spec=SPEC))
     strategy.record_round(1, _record(SENT), [1, 2, 3])
     ups = [{k: v + s * np.ones_like(v) for k, v in SENT.items()} for s in (1.0, 1.0, -0.5)]
     replies = [_Reply(n + 1, _content(u, 10)) for n, u in enumerate(ups)]

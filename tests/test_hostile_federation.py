@@ -36,7 +36,7 @@ from simulated_federation import simulate_fedgrow_server, with_run_config
 import client_app.app as fedgrow_client
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
-from server_app.checkpoint import read_checkpoint
+from server_app.persistence.checkpoint import read_checkpoint
 
 NODES = 4
 HOSTILE = 3

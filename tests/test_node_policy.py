@@ -22,9 +22,10 @@ from client_app.guards import in_simulation
 from fedgrow_core.clients.model_export import NonFiniteModel, save_model, write_folder_atomically
 from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.growth.families import get_family
+from fedgrow_core.modes import mode_names
 from fedgrow_core.node_policy import NodePolicy, NodePolicyError, run_fingerprint
 from fedgrow_core.protocol import initial_global_ligo
-from fedgrow_core.run_config import MODES, RunConfig
+from fedgrow_core.run_config import RunConfig
 
 #: The server's run config: tiny shapes; the node's own model and data are named in its node config.
 RUN = {
@@ -109,7 +110,7 @@ def test_profiles_set_the_defaults_and_the_node_config_overrides_them():
     assert strict.strict and strict.modes == ("fedgrow",)
     assert (strict.max_local_steps, strict.max_finetune_steps, strict.max_final_phases) == (1000, 1000, 1)
     simulated = NodePolicy.from_node_config({"partition-id": 0, "num-partitions": 2}, simulation=True)
-    assert not simulated.strict and simulated.modes == MODES and simulated.max_local_steps == 0
+    assert not simulated.strict and simulated.modes == mode_names() and simulated.max_local_steps == 0
     own = NodePolicy.from_node_config(
         {"node-policy": "strict", "allowed-modes": "fedgrow,small-only", "max-local-steps": 5}, simulation=True
     )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
 from fedgrow_core.growth.expansion import Expansion, residual_selection
 from fedgrow_core.growth.ligo import RESIDUAL_OUTPUT_KINDS
-from fedgrow_core.growth.preservation import depth_gaps, feature_gap, final_features, width_gaps
+from fedgrow_core.growth.preservation import depth_gaps, feature_gap, width_gaps
 from tests.conftest import make_bert, make_vit
 
 
@@ -32,7 +32,7 @@ def _gaps(family, small, op, inputs):
     big = grown.to_family_model()
     args, kwargs = ((), inputs) if family == "bert" else ((inputs,), {})
     with torch.no_grad():
-        feat = feature_gap(final_features(family, small, *args, **kwargs), final_features(family, big, *args, **kwargs))
+        feat = feature_gap(fam.final_features(small, *args, **kwargs), fam.final_features(big, *args, **kwargs))
         ref = small(*args, **kwargs)
         logits = float((grown(*args, **kwargs) - getattr(ref, "logits", ref)).abs().max())
     return feat, logits
@@ -93,7 +93,10 @@ def test_post_ln_bert_at_an_indivisible_width_is_not_exact_and_says_so(token_bat
 
     (stated,) = (float(m) for m in re.findall(r"measured: max \|diff\| (\S+) of the final", caplog.text))
     grown = GrownModel(get_family("bert"), small, LiGO(s, target, depth_noise=0.0), 3)
-    assert stated == pytest.approx(probe_gap("bert", small, grown.to_family_model()), rel=1e-2) and stated > 1e-3
+    assert (
+        stated == pytest.approx(probe_gap(get_family("bert"), small, grown.to_family_model()), rel=1e-2)
+        and stated > 1e-3
+    )
 
 
 def test_every_width_gap_of_both_legs_is_named_in_one_warning(caplog):

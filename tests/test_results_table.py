@@ -5,7 +5,7 @@ import statistics
 import pytest
 
 from fedgrow_core.run_config import RunConfig
-from server_app.summary import build_summary, final_clients, round_rows
+from server_app.reporting.summary import build_summary, final_clients, round_rows
 
 
 def _summary(mode, seed, alpha, acc, upload):
@@ -45,7 +45,7 @@ def test_rows_average_clients_and_accumulate_bytes():
 
 
 def test_compute_floor_sums_every_phase_over_the_cores_used(monkeypatch):
-    import server_app.summary as summary
+    import server_app.reporting.summary as summary
 
     run = RunConfig()
     entries = [

@@ -21,9 +21,9 @@ from safetensors.numpy import load_file
 from simulated_federation import simulate_fedgrow_server, with_run_config
 
 import client_app.app as fedgrow_client
-import server_app.phases
+import server_app.orchestration.phases
 from fedgrow_core.run_config import ConfigError, RunConfig
-from server_app.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint
+from server_app.persistence.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint
 
 NODES = 2
 #: Set by the fixture before each simulation; shipped to the Ray workers with this module (by value).
@@ -84,7 +84,7 @@ def runs(tmp_path_factory):
     _simulate({**base, "output-dir": str(tmp / "uninterrupted")})
     (full,) = (tmp / "uninterrupted").glob("*-text-fedadam")
 
-    real_write = server_app.phases.write_checkpoint
+    real_write = server_app.orchestration.phases.write_checkpoint
 
     def write_then_die(run_dir, run, server_round, *args):
         path = real_write(run_dir, run, server_round, *args)
@@ -92,12 +92,12 @@ def runs(tmp_path_factory):
             raise ServerStopped("stopped after round 2")
         return path
 
-    server_app.phases.write_checkpoint = write_then_die
+    server_app.orchestration.phases.write_checkpoint = write_then_die
     try:
         with pytest.raises(ServerStopped):  # run_simulation re-raises the ServerApp's exception
             _simulate({**base, "output-dir": str(tmp / "interrupted")})
     finally:
-        server_app.phases.write_checkpoint = real_write
+        server_app.orchestration.phases.write_checkpoint = real_write
     (stopped,) = (tmp / "interrupted").glob("*-text-fedadam")
     stopped_round = read_checkpoint(stopped).server_round
     _simulate({**base, "output-dir": str(tmp / "interrupted"), "resume-from": str(stopped)})
@@ -152,5 +152,5 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(runs, tmp_path):
         check_resumable(read_checkpoint(resumed), run)
     with pytest.raises(ConfigError, match=f"no {CHECKPOINT_FILE}"):
         read_checkpoint(tmp_path)
-    with pytest.raises(ConfigError, match="resuming is supported for mode 'fedgrow'"):
+    with pytest.raises(ConfigError, match="is not checkpointed, so not resumed"):
         RunConfig.from_flower({**config, "mode": "small-only"})

@@ -11,15 +11,15 @@ from scipy.optimize import minimize
 from fedgrow_core.growth.diagnostics import flatten, unflatten
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
-from server_app.checkpoint import (
+from server_app.orchestration.strategy import build_strategy, strategy_for_run
+from server_app.persistence.checkpoint import (
     content_problems,
     load_strategy_state,
     read_checkpoint,
     strategy_state,
     write_checkpoint,
 )
-from server_app.robust_aggregation import CentredClipping, GeometricMedian, centred_clip, geometric_median
-from server_app.strategy import build_strategy, strategy_for_run
+from server_app.trust.robust_aggregation import CentredClipping, GeometricMedian, centred_clip, geometric_median
 
 
 def _objective(z, points, weights):
@@ -138,7 +138,7 @@ def test_centred_clipping_strategy_keeps_its_momentum_and_ignores_claimed_weight
 
 @pytest.mark.parametrize("name", ["geometric-median", "centred-clipping", "multikrum", "bulyan"])
 def test_the_robust_strategies_are_built_by_name_with_the_reply_checks(name):
-    from server_app.checked_round import ReplyChecks
+    from server_app.trust.checked_round import ReplyChecks
 
     strategy = build_strategy(name, num_nodes=3, fraction_train=1.0)
     assert isinstance(strategy, ReplyChecks)

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from benchmarks.robustness import drag, run_federation, small_vit_config
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
-from server_app.checkpoint import read_checkpoint
+from server_app.persistence.checkpoint import read_checkpoint
 
 #: Regression bound on the default's drag under a sign flip at N = 3 (measured: 1.15; the goal of 0.5 is not met).
 DEFAULT_BOUND = 1.25

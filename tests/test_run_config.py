@@ -172,20 +172,21 @@ def test_bad_values_name_key_value_and_expectation_all_at_once():
         RunConfig.from_flower(bad)
     assert info.value.problems == [
         "mode = 'fedsgd': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', "
-        "'independent-dual-ligo', 'small-only']",
+        "'independent-dual-ligo', 'small-only'] (the registered modes)",
         "client-models = 'a,,b': expected comma-separated model names",
         "intermediate-shape = '6x384x1536': expected 'LxDxFxH' (layers x hidden x ffn x heads, e.g. "
         "'12x512x2048x16'), got '6x384x1536'",
         "fraction-train = 0: expected a number in (0, 1]",
-        "proximal-mu = 0.0: strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)",
         "fedopt-beta-1 = -0.1: expected a number in [0, 1)",
         "trimmed-beta = 0.5: expected a number in [0, 0.5)",
         "dp-clipping-norm = nan: expected a finite number",
         "seed = 1.5: expected an integer",
         "save-models = 'yes': expected true or false",
+        # the checks between keys, after every key's own check, on the keys that passed theirs
+        "proximal-mu = 0.0: strategy 'fedprox' needs proximal-mu > 0 (with 0 it is FedAvg)",
     ]
     # checks against another key run once that key is valid
-    with pytest.raises(ConfigError, match="resuming is supported for mode 'fedgrow', not 'small-only'"):
+    with pytest.raises(ConfigError, match="resume-from = 'outputs/run': mode 'small-only' is not checkpointed"):
         RunConfig.from_flower({"mode": "small-only", "resume-from": "outputs/run"})
     with pytest.raises(ConfigError, match="global-rank = 500: expected an integer in \\[0, 480\\]"):
         RunConfig(global_rank=500)  # the constructor checks too
@@ -197,7 +198,7 @@ def test_no_mode_averages_the_grown_models():
         RunConfig.from_flower({"mode": "fedgrow-fedft"})
     assert info.value.problems == [
         "mode = 'fedgrow-fedft': expected one of ['fedgrow', 'scratch-fedavg', 'independent-ligo', "
-        "'independent-dual-ligo', 'small-only']"
+        "'independent-dual-ligo', 'small-only'] (the registered modes)"
     ]
     assert "mode = 'fedgrow-fedft'" in str(info.value)
 

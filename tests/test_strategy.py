@@ -10,9 +10,9 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from simulated_federation import train_metrics
 
-from server_app.checked_round import ReplyChecks
-from server_app.reply_checks import array_spec, reply_problem
-from server_app.strategy import BUILTIN_STRATEGIES, FedGrow, build_strategy, resolve_strategy
+from server_app.orchestration.strategy import BUILTIN_STRATEGIES, FedGrow, build_strategy, resolve_strategy
+from server_app.trust.checked_round import ReplyChecks, RoundChecks
+from server_app.trust.reply_checks import array_spec, reply_problem
 
 SENT = {"width.res": np.zeros((2, 3), np.float32), "depth.attn_q_weight": np.ones((4, 2), np.float32)}
 
@@ -92,8 +92,7 @@ class _Reply:
 
 @pytest.mark.parametrize("name", ["fedavg", "fedadam"])
 def test_bad_replies_never_reach_aggregation(name, caplog):
-    strategy = build_strategy(name, 3, 1.0)
-    strategy.expected_spec = SPEC
+    strategy = build_strategy(name, 3, 1.0, checks=RoundChecks(expected_spec=SPEC))
     if name == "fedadam":
         strategy.current_arrays = {k: v.copy() for k, v in SENT.items()}
     good = {k: v + 1.0 for k, v in SENT.items()}
@@ -152,8 +151,7 @@ def test_bad_strategy_names(name, match):
 
 def test_fedadam_aggregate_keeps_the_sent_dtype():
     # Flower's FedOpt family returns float64 for float32 input; the Global-LiGO must stay float32 on the wire
-    strategy = build_strategy("fedadam", 1, 1.0)
-    strategy.expected_spec = SPEC
+    strategy = build_strategy("fedadam", 1, 1.0, checks=RoundChecks(expected_spec=SPEC))
     strategy.current_arrays = {k: v.copy() for k, v in SENT.items()}
     arrays, _ = strategy.aggregate_train(1, [_Reply(1, _content({k: v + 1.0 for k, v in SENT.items()}, 10))])
     assert {k: str(a.dtype) for k, a in arrays.items()} == {k: "float32" for k in SENT}

@@ -7,7 +7,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedgrow_core.run_config import ConfigError, RunConfig
-from server_app.tracking import RunTrackers, round_scalars
+from server_app.reporting.tracking import RunTrackers, round_scalars
 
 
 def _entry(server_round, losses, evals=None):

@@ -6,6 +6,7 @@ The end-to-end attacks through the real apps are in ``test_hostile_federation.py
 import math
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,26 +20,26 @@ from test_strategy import SENT, SPEC, _record, _Reply
 import client_app.app as fedgrow_client
 from client_app.guards import check_phase, check_run_tag, sanitised_errors_mod, sanitised_reason
 from fedgrow_core.clients.state_store import ClientStateStore
+from fedgrow_core.modes import get_mode, mode_names
 from fedgrow_core.node_policy import NodePolicy
 from fedgrow_core.protocol import (
     COLLECT_METRICS,
     FINAL_METRICS,
     METRIC_MEANINGS,
-    MODE_PHASES,
     PREFLIGHT_METRICS,
     TRAIN_METRICS,
     Instruction,
     Phase,
     initial_global_ligo,
 )
-from fedgrow_core.run_config import MODES, ConfigError, RunConfig
-from server_app.bounded_influence import clip_bound, clipped, update_norm
-from server_app.central_dp import secure_gaussian
-from server_app.checked_round import wait_for_nodes
-from server_app.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint, write_checkpoint
-from server_app.phases import FINAL_SCHEMA, collect_average, final_phase
-from server_app.reply_checks import reply_problem
-from server_app.strategy import build_strategy, strategy_for_run
+from fedgrow_core.run_config import ConfigError, RunConfig
+from server_app.orchestration.phases import FINAL_SCHEMA, collect_average, final_phase
+from server_app.orchestration.strategy import build_strategy, run_checks, strategy_for_run
+from server_app.persistence.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint, write_checkpoint
+from server_app.trust.bounded_influence import clip_bound, clipped, update_norm
+from server_app.trust.central_dp import secure_gaussian
+from server_app.trust.checked_round import wait_for_nodes
+from server_app.trust.reply_checks import reply_problem
 
 
 def _content(arrays=None, metrics=None, **records):
@@ -143,8 +144,11 @@ def test_update_norm_and_clipping_against_a_direct_computation():
 
 
 def _strategy(name="fedavg", caps=None, **run):
-    strategy = strategy_for_run(RunConfig(strategy=name, **run), 3, caps)
-    strategy.expected_spec = SPEC
+    strategy = strategy_for_run(
+        RunConfig(strategy=name, **run),
+        3,
+        replace(run_checks(RunConfig(strategy=name, **run), example_caps=caps), expected_spec=SPEC),
+    )
     strategy.record_round(1, _record(SENT), [1, 2, 3])
     if hasattr(strategy, "current_arrays"):
         strategy.current_arrays = {k: v.copy() for k, v in SENT.items()}
@@ -227,7 +231,11 @@ def test_waiting_for_nodes_is_bounded():
     start = time.monotonic()
     assert wait_for_nodes(_Grid([1]), 3, timeout=1.5, poll=0.2) == [1]
     assert 1.4 < time.monotonic() - start < 5
-    strategy = strategy_for_run(RunConfig(min_train_nodes=2, round_timeout=1.0), 3, {1: 5, 2: 5, 3: 5})
+    strategy = strategy_for_run(
+        RunConfig(min_train_nodes=2, round_timeout=1.0),
+        3,
+        run_checks(RunConfig(min_train_nodes=2, round_timeout=1.0), example_caps={1: 5, 2: 5, 3: 5}),
+    )
     start = time.monotonic()
     messages = strategy.configure_train(1, _record(SENT), ConfigRecord(), _Grid([1]))
     assert messages == [] and time.monotonic() - start < 5
@@ -297,7 +305,7 @@ def test_float_keys_reject_nan_and_inf_and_do_nothing_keys_fail():
     assert "lr-width = inf: expected a finite number" in str(err.value)
     with pytest.raises(ConfigError, match="strategy 'fedprox' needs proximal-mu > 0"):
         RunConfig.from_flower({"strategy": "fedprox"})
-    with pytest.raises(ConfigError, match="central DP is available in mode 'fedgrow' only"):
+    with pytest.raises(ConfigError, match="dp-clipping = 'fixed': mode 'scratch-fedavg' has no central DP"):
         RunConfig.from_flower({"mode": "scratch-fedavg", "dp-clipping": "fixed"})
 
 
@@ -392,7 +400,7 @@ def _context(tmp_path, mode="fedgrow", **node):
         "partition-id": 0,
         "num-partitions": 3,
         "state-dir": str(tmp_path / "state"),
-        "allowed-modes": ",".join(MODES),
+        "allowed-modes": ",".join(mode_names()),
         **node,
     }
     return Context(1, 1, node_config, RecordDict(), {"mode": mode, "output-dir": str(tmp_path)})
@@ -425,7 +433,10 @@ def test_the_client_refuses_an_instruction_outside_the_protocol(tmp_path, task_i
 
 
 def test_every_mode_names_the_phases_its_client_serves_and_an_instruction_round_trips():
-    assert set(MODE_PHASES) == set(MODES)
+    for name in mode_names():  # every phase a mode's plan sends is one its client serves
+        mode = get_mode(name)
+        sent = {Phase.COLLECT if type(step).__name__ == "Collect" else step.phase for step in mode.plan}
+        assert sent | {Phase.PREFLIGHT, Phase.FINAL} <= mode.phases, name
     order = Instruction(Phase.GROW, server_round=3, run_tag="run-1", resumed_after=2, proximal_mu=0.1)
     assert Instruction.from_record(order.to_record()) == order
     assert dict(Instruction(Phase.COLLECT).to_record()) == {"phase": "collect"}
@@ -495,9 +506,9 @@ def test_state_writes_are_synced(tmp_path, monkeypatch):
 
 def test_a_dp_round_with_fewer_nodes_online_than_the_noise_assumes_is_skipped():
     run = RunConfig(strategy="fedavg", dp_clipping="fixed", dp_noise_multiplier=1.0, round_timeout=0.5)
-    strategy = strategy_for_run(run, 3, {1: 5, 2: 5, 3: 5})  # noise calibrated for 3 sampled clients
+    # noise calibrated for 3 sampled clients
+    strategy = strategy_for_run(run, 3, replace(run_checks(run, example_caps={1: 5, 2: 5, 3: 5}), expected_spec=SPEC))
     assert strategy.num_sampled_clients == 3
-    strategy.expected_spec = SPEC
     strategy.current_arrays = _record(SENT)
     strategy.record_round(1, _record(SENT), [1, 2])  # node 3 was offline: only two were sent the round
     honest = {k: v + 0.1 for k, v in SENT.items()}
@@ -550,8 +561,7 @@ def test_weight_is_capped_by_the_median_of_preflight_counts_too(multiple, expect
 
 
 def test_two_nodes_clip_against_the_smaller_norm():
-    strategy = strategy_for_run(RunConfig(), 2, None)
-    strategy.expected_spec = SPEC
+    strategy = strategy_for_run(RunConfig(), 2, replace(run_checks(RunConfig()), expected_spec=SPEC))
     strategy.record_round(1, _record(SENT), [1, 2])
     honest = {k: v + 1.0 for k, v in SENT.items()}
     poison = {k: v - 1000.0 for k, v in SENT.items()}

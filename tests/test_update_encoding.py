@@ -14,9 +14,10 @@ from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_famil
 from fedgrow_core.accounting import count_parameters
 from fedgrow_core.run_config import ConfigError, RunConfig
 from fedgrow_core.update_encoding import SCALE_SUFFIX, decode_update, encode_update, encoded_spec
-from server_app.reply_checks import array_spec
-from server_app.robust_aggregation import geometric_median
-from server_app.strategy import build_strategy
+from server_app.orchestration.strategy import build_strategy
+from server_app.trust.checked_round import RoundChecks
+from server_app.trust.reply_checks import array_spec
+from server_app.trust.robust_aggregation import geometric_median
 from tests.conftest import make_bert
 
 INTER, TARGET = TransformerShape(2, 32, 64, 4), TransformerShape(3, 48, 96, 6)
@@ -96,8 +97,7 @@ def _encoded_reply(node, encoding, **replace):
 
 
 def _strategy(encoding, name="fedavg"):
-    strategy = build_strategy(name, 3, 1.0)
-    strategy.update_encoding, strategy.clip_median = encoding, 2.0
+    strategy = build_strategy(name, 3, 1.0, checks=RoundChecks(update_encoding=encoding, clip_median=2.0))
     strategy.record_round(1, ArrayRecord({k: Array(v) for k, v in SENT.items()}), [1, 2, 3])
     return strategy
 
@@ -177,8 +177,7 @@ def test_fedavg_of_u_is_exactly_fedavg_of_e():
                 p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
     averaged = LiGO(INTER, TARGET, seed=5, rank=4)
     sent = {k: v.numpy() for k, v in averaged.state_dict().items()}
-    strategy = build_strategy("fedavg", 3, 1.0)
-    strategy.clip_median = 0.0  # no clipping: the plain example-weighted average
+    strategy = build_strategy("fedavg", 3, 1.0, checks=RoundChecks(clip_median=0.0))  # the plain weighted average
     strategy.record_round(1, ArrayRecord({k: Array(v) for k, v in sent.items()}), [1, 2, 3])
     replies = [
         _Reply(

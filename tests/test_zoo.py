@@ -9,7 +9,13 @@ from transformers import BertModel
 
 from fedgrow_core.growth.shapes import TransformerShape
 from fedgrow_core.zoo.onnx_conversion import max_abs_difference_to_onnx
-from fedgrow_core.zoo.registry import MODEL_ZOO, MissingAssetError, load_small_model, minilm_l3_onnx_path, resolve_model
+from fedgrow_core.zoo.registry import (
+    MissingAssetError,
+    load_small_model,
+    minilm_l3_onnx_path,
+    resolve_model,
+    zoo_models,
+)
 
 SENTENCES = [
     "A gripping, beautifully acted film that earns every one of its tears.",
@@ -71,7 +77,7 @@ def test_missing_asset_names_its_package(monkeypatch, tmp_path):
 
 
 def test_zoo_lists_three_text_models():
-    assert set(MODEL_ZOO) == {"minilm-l6", "minilm-l6-sre", "minilm-l3"}
+    assert set(zoo_models()) == {"minilm-l6", "minilm-l6-sre", "minilm-l3"}
 
 
 def test_local_folder_is_loaded_as_is(tmp_path, tiny_bert):

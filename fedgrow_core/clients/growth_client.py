@@ -36,7 +36,7 @@ from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.growth.grown_model import GrownModel
 from fedgrow_core.growth.ligo import DualLiGO, LiGO
 from fedgrow_core.growth.shapes import TransformerShape
-from fedgrow_core.protocol import initial_global_ligo
+from fedgrow_core.protocol import initial_global_ligo, round_metrics
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.training import EvalResult, evaluate, train_steps
 from fedgrow_core.update_encoding import encode_update
@@ -384,14 +384,7 @@ class GrowthClient:
             penalty=penalty,
         )
         seconds = time.perf_counter() - start
-        metrics = {
-            "num-examples": len(self.train_rows),
-            "train-loss": stats.mean_loss,
-            "train-accuracy": stats.accuracy,
-            "train-seconds": seconds,
-            "trainable-params": self.trainable_params,
-            "compute-threads": torch.get_num_threads(),
-        }
+        metrics = round_metrics(len(self.train_rows), stats.mean_loss, stats.accuracy, seconds, self.trainable_params)
         if with_eval:
             start = time.perf_counter()
             # through the operators in factored form: no materialisation, same logits as grown_model()

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from fedgrow_core.clients.model_export import NonFiniteModel, check_finite, save_model
 from fedgrow_core.clients.private_state import load_training_state, model_tensors, training_state
 from fedgrow_core.clients.setup import ClientSetup
+from fedgrow_core.protocol import round_metrics
 from fedgrow_core.training import EvalResult, evaluate, train_steps
 
 
@@ -163,14 +164,9 @@ class ModelClient:
         start = time.perf_counter()
         stats = train_steps(self.model, self._batches, self.optimizer, steps, self.device)
         seconds = time.perf_counter() - start
-        metrics = {
-            "num-examples": len(self.setup.train_rows),
-            "train-loss": stats.mean_loss,
-            "train-accuracy": stats.accuracy,
-            "train-seconds": seconds,
-            "trainable-params": self.trainable_params,
-            "compute-threads": torch.get_num_threads(),
-        }
+        metrics = round_metrics(
+            len(self.setup.train_rows), stats.mean_loss, stats.accuracy, seconds, self.trainable_params
+        )
         if with_eval:
             start = time.perf_counter()
             metrics["eval-accuracy"] = evaluate(self.model, self._round_test, self.device).accuracy

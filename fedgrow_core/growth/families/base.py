@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from fedgrow_core.growth.ligo import AxisSpec
@@ -26,6 +27,39 @@ class ModelFamily(ABC):
     #: timm ViT) or ``"post"`` (LayerNorm after each residual sum: BERT). Decides
     #: what width and depth growth can preserve (:mod:`fedgrow_core.growth.preservation`).
     norm_position: str
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        """Whether this family grows ``model`` (:func:`~fedgrow_core.growth.families.family_for` asks each in turn).
+
+        The default, ``False``, leaves the family to be named explicitly (:func:`get_family`).
+        """
+        return False
+
+    def probe_inputs(self, model: nn.Module, generator: torch.Generator) -> tuple[tuple, dict]:
+        """A small random batch of ``model``'s inputs, to measure what growth preserves.
+
+        Returns
+        -------
+        tuple of (tuple, dict)
+            Positional and keyword inputs of the model's forward.
+
+        Raises
+        ------
+        NotImplementedError
+            The default: the family measures nothing (growth then only logs why it is not exact).
+        """
+        raise NotImplementedError(f"model family {self.name!r} has no probe inputs")
+
+    def final_features(self, model: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        """Final token features ``(batch, tokens, D)`` of ``model`` (after its final LayerNorm) on an input batch.
+
+        Raises
+        ------
+        NotImplementedError
+            The default (see :meth:`probe_inputs`).
+        """
+        raise NotImplementedError(f"model family {self.name!r} has no final features")
 
     @abstractmethod
     def shape(self, model: nn.Module) -> TransformerShape:

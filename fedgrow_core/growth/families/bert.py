@@ -18,6 +18,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fedgrow_core.growth.families.base import ModelFamily
+from fedgrow_core.growth.families.registry import register_family
 from fedgrow_core.growth.ligo import LAYER_PARAMS, AxisSpec
 from fedgrow_core.growth.shapes import TransformerShape
 
@@ -62,6 +63,7 @@ def _encoder(model: nn.Module) -> BertModel:
     )
 
 
+@register_family
 class BertFamily(ModelFamily):
     """BERT via ``transformers``.
 
@@ -74,6 +76,22 @@ class BertFamily(ModelFamily):
 
     name = "bert"
     norm_position = "post"
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        """A ``transformers`` ``BertModel``, or a model holding one as ``.bert``."""
+        return isinstance(model, BertModel) or isinstance(getattr(model, "bert", None), BertModel)
+
+    def probe_inputs(self, model: nn.Module, generator: torch.Generator) -> tuple[tuple, dict]:
+        """2 sequences of 16 token ids from ``[1000, vocab)``, past the special ids (``[1, vocab)`` if tiny)."""
+        vocab = _encoder(model).config.vocab_size
+        low = 1000 if vocab > 2000 else 1
+        ids = torch.randint(low, vocab, (2, 16), generator=generator)
+        return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def final_features(self, model: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        """The encoder's ``last_hidden_state``."""
+        return _encoder(model)(*args, **kwargs).last_hidden_state
 
     def shape(self, model: nn.Module) -> TransformerShape:
         """Shape from the ``BertConfig``: layers, hidden, intermediate, heads."""

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from fedgrow_core.growth.families.base import ModelFamily
+from fedgrow_core.growth.families.registry import register_family
 from fedgrow_core.growth.ligo import LAYER_PARAMS, AxisSpec
 from fedgrow_core.growth.shapes import TransformerShape
 
@@ -76,6 +77,7 @@ def _check_supported(model: nn.Module) -> VisionTransformer:
     return model
 
 
+@register_family
 class VitFamily(ModelFamily):
     """Plain ViT classifiers via ``timm``.
 
@@ -90,6 +92,20 @@ class VitFamily(ModelFamily):
 
     name = "vit"
     norm_position = "pre"
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        """A timm ``VisionTransformer`` (unsupported variants are refused by :meth:`shape` with the reason)."""
+        return isinstance(model, VisionTransformer)
+
+    def probe_inputs(self, model: nn.Module, generator: torch.Generator) -> tuple[tuple, dict]:
+        """2 standard-normal images at the model's input size."""
+        size = tuple(model.patch_embed.img_size)
+        return (torch.randn(2, model.patch_embed.proj.in_channels, *size, generator=generator),), {}
+
+    def final_features(self, model: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        """Timm's ``forward_features`` (tokens after the final norm)."""
+        return model.forward_features(*args, **kwargs)
 
     def shape(self, model: nn.Module) -> TransformerShape:
         """Shape from the blocks: depth, ``embed_dim``, ``fc1`` width, heads."""

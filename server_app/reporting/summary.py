@@ -2,7 +2,7 @@
 
 Per-client quantities are averaged over the clients that replied; bytes are
 those of one client's messages as Flower serialises them
-(:func:`server_app.round_log.message_bytes`): its reply (upload) and the
+(:func:`server_app.reporting.round_log.message_bytes`): its reply (upload) and the
 instruction it was sent (download).
 """
 
@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from typing import Any
 
 from flwr.app import Message
 
-from fedgrow_core.protocol import Phase
+from fedgrow_core.protocol import INFO_KEY, NUM_EXAMPLES, PARTITION_ID, Phase
 from fedgrow_core.run_config import RunConfig
+from fedgrow_core.run_summary import RunSummary
 
 
 def _mean(values: list[float]) -> float | None:
@@ -114,15 +116,15 @@ def final_clients(replies: list[Message], entries: list[dict]) -> list[dict]:
         m = msg.content["metrics"]
         clients.append(
             {
-                "partition_id": int(m["partition-id"]),
+                "partition_id": int(m[PARTITION_ID]),
                 "node_id": msg.metadata.src_node_id,
-                "model": str(msg.content["info"]["model"]),
+                "model": str(msg.content["info"][INFO_KEY]),
                 "accuracy": float(m["accuracy"]),
                 "grown_accuracy": float(m["grown-accuracy"]) if "grown-accuracy" in m else None,
                 "precision": float(m["precision"]),
                 "trainable_params": trained.get(str(msg.metadata.src_node_id), int(m["model-params"])),
                 "model_params": int(m["model-params"]),
-                "test_examples": int(m["num-examples"]),
+                "test_examples": int(m[NUM_EXAMPLES]),
                 "final_compute_s": _core_seconds(m, "finetune-seconds"),
             }
         )
@@ -179,9 +181,18 @@ def compute_cores() -> int:
 
 
 def build_summary(
-    run: RunConfig, entries: list[dict], clients: list[dict], rows: list[dict], wall: float, resumed_after: int = 0
+    run: RunConfig,
+    entries: list[dict],
+    clients: list[dict],
+    rows: list[dict],
+    wall: float,
+    resumed_after: int = 0,
+    **extra: Any,
 ) -> dict:
-    """The run's ``summary.json`` content.
+    """The run's ``summary.json`` content, checked against :class:`fedgrow_core.run_summary.RunSummary`.
+
+    ``extra`` holds the keys the ServerApp adds (``final_rejected``,
+    ``global_ligo_relative_change``).
 
     Keys: ``mode``, ``strategy``, ``seed``, ``dirichlet_alpha``, ``rounds``
     (rounds run, collection included), ``intermediate_shape``, ``target_shape``,
@@ -216,7 +227,7 @@ def build_summary(
     compute = compute_seconds(entries, clients, after_round=resumed_after)
     cores = compute_cores()
     floor = compute / cores
-    return {
+    summary = {
         "mode": run.mode,
         "strategy": run.strategy,
         "seed": run.seed,
@@ -246,7 +257,10 @@ def build_summary(
         "compute_cores": cores,
         "compute_floor_s": floor,
         "wall_over_floor": wall / floor if floor > 0 else None,
+        **extra,
     }
+    RunSummary.model_validate(summary)  # a key this side renames or drops fails here, not in the reader
+    return summary
 
 
 def participation(entries: list[dict]) -> list[dict]:

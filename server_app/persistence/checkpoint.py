@@ -8,7 +8,7 @@ round's checkpoint intact. It holds
 * ``strategy/<name>``: the strategy's own state (:func:`strategy_state`), e.g.
   FedAdam's first and second moments;
 * ``rng/numpy``: NumPy's global Mersenne-Twister key (central DP's noise does
-  not draw from it: :func:`server_app.central_dp.secure_gaussian`);
+  not draw from it: :func:`server_app.trust.central_dp.secure_gaussian`);
 
 and, as ``safetensors`` string metadata, JSON of the round number, the round-log
 entries so far, the run config (to refuse a resume with different settings),

@@ -1,9 +1,9 @@
 """The server's building blocks for every mode: shared rounds, local rounds, collection, final phase.
 
 Each function sends messages through the ``Grid`` and returns the round-log
-entries (:func:`server_app.round_log.round_entry`) with the round number and the
+entries (:func:`server_app.reporting.round_log.round_entry`) with the round number and the
 phase (``grow``, ``train-local``, ``train-shared``, ``collect``) added, so
-:mod:`server_app.modes` can chain them and the summary can count rounds and bytes
+:mod:`server_app.orchestration.plan` can chain them and the summary can count rounds and bytes
 uniformly.
 """
 
@@ -19,20 +19,22 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedgrow_core.protocol import REPLY_METRICS, Instruction, Phase
+from fedgrow_core.protocol import NUM_EXAMPLES, PARTITION_ID, REPLY_METRICS, TEST_EXAMPLES, Instruction, Phase
 from fedgrow_core.run_config import RunConfig
 
-from .checkpoint import Checkpoint, load_strategy_state, write_checkpoint
-from .reply_checks import (
+from ..persistence.checkpoint import Checkpoint, load_strategy_state, write_checkpoint
+from ..reporting.round_log import content_bytes, last_line, round_entry, round_summary
+from ..trust.checked_round import RoundChecks
+from ..trust.reply_checks import (
     ReplySchema,
     array_spec,
     decode_arrays,
     reply_problem,
     train_schema,
 )
-from .round_log import content_bytes, last_line, round_entry, round_summary
-from .strategy import build_strategy, strategy_for_run
+from .strategy import build_strategy
 
 #: The schema of a preflight reply (metrics only) and of a final-phase reply (metrics and ``info``).
 PREFLIGHT_SCHEMA = ReplySchema(REPLY_METRICS[Phase.PREFLIGHT], arrays=None)
@@ -93,31 +95,28 @@ def preflight(grid: Grid, timeout: float) -> dict[int, dict]:
 def shared_rounds(
     grid: Grid,
     run: RunConfig,
+    strategy: Strategy,
     arrays: ArrayRecord,
-    num_rounds: int,
-    phase: str,
-    first_round: int,
+    phase: Phase,
     *,
     run_dir: Path | None = None,
     resume: Checkpoint | None = None,
-    example_caps: dict[int, int] | None = None,
     on_round: Callable[[dict], None] | None = None,
 ) -> tuple[ArrayRecord, list[dict]]:
-    """``num_rounds`` rounds of the configured (checked) strategy over ``arrays``.
+    """``num-server-rounds`` rounds of the run's checked ``strategy`` (built once, whole) over ``arrays``.
 
     Clients receive ``config["phase"] = phase`` and, with ``run_dir``, the run's
     tag (``run-tag``, the folder's name) under which they keep their private state
-    on disk. Rounds are numbered from ``first_round`` in the returned log.
+    on disk.
 
     With ``run_dir`` the server writes a checkpoint there after every round
-    (:func:`server_app.checkpoint.write_checkpoint`, through ``Strategy.start``'s
+    (:func:`server_app.persistence.checkpoint.write_checkpoint`, through ``Strategy.start``'s
     ``evaluate_fn`` hook). With ``resume`` the Global-LiGO, the strategy's state,
     the RNGs and the log of the checkpoint's rounds are restored and only the
-    rounds after ``resume.server_round`` run, and clients are told so
-    (``resumed-after``), so a client that finds no private state refuses.
-    ``example_caps`` (node id -> preflight training rows) caps each reply's
-    ``num-examples`` (:class:`server_app.strategy.ReplyChecks`). ``on_round``
-    is called with each round's log entry as the round ends.
+    rounds after ``resume.server_round`` run (the strategy was built with that
+    ``round_offset``), and clients are told so (``resumed-after``), so a client
+    that finds no private state refuses. ``on_round`` is called with each
+    round's log entry as the round ends.
 
     Returns
     -------
@@ -125,25 +124,16 @@ def shared_rounds(
         The aggregated arrays after the last round (``arrays`` if no round
         aggregated anything) and one log entry per round.
     """
-    num_nodes = len(list(grid.get_node_ids()))
-    strategy = strategy_for_run(run, num_nodes, example_caps)
-    # Global-LiGO rounds carry encoded updates; whole target models travel as float32 values
-    strategy.update_encoding = run.update_encoding if phase == Phase.GROW else "float32"
-    strategy.log_diagnostics = phase == Phase.GROW
+    num_rounds = run.num_server_rounds
     done, before = 0, []
     if resume is not None:
         done, arrays, before = resume.server_round, resume.global_ligo, resume.entries
         load_strategy_state(strategy, resume.strategy)
         resume.restore_rng()
-        strategy.round_offset = done
         log(INFO, "resuming after round %d from %s", done, run_dir)
 
     def entries() -> list[dict]:
-        new = [
-            {**entry, "round": entry["round"] + first_round - 1, "phase": Phase(phase).value}
-            for entry in strategy.round_log
-        ]
-        return [*before, *new]
+        return [*before, *({**entry, "phase": Phase(phase).value} for entry in strategy.round_log)]
 
     def checkpoint(server_round: int, current: ArrayRecord) -> None:  # Strategy.start's evaluate_fn: after a round
         if server_round == 0:
@@ -253,14 +243,16 @@ def collect_average(
     spec = majority_spec(replies)
     if spec is None:
         raise RuntimeError(f"collect: no strict majority of the {len(replies)} replies agrees on the tensors sent")
-    strategy = build_strategy("fedavg", len(sent), 1.0)
-    strategy.clip_median = run.clip_update_median
-    strategy.clip_norm = run.clip_update_norm
-    strategy.cap_weight_median = run.cap_weight_median
-    strategy.example_caps = example_caps
-    strategy.expected_spec = spec
-    strategy.reply_metrics = REPLY_METRICS[Phase.COLLECT]
-    strategy.log_diagnostics = False
+    checks = RoundChecks(
+        example_caps=example_caps,
+        clip_norm=run.clip_update_norm,
+        clip_median=run.clip_update_median,
+        cap_weight_median=run.cap_weight_median,
+        reply_metrics=REPLY_METRICS[Phase.COLLECT],
+        log_diagnostics=False,
+        expected_spec=spec,
+    )
+    strategy = build_strategy("fedavg", len(sent), 1.0, checks=checks)
     # Clipping needs a reference: the majority's coordinate-wise median, an estimate no single reply controls.
     reference = _median_arrays(replies, spec)
     if reference is None:
@@ -321,10 +313,10 @@ def _preflight_mismatch(msg: Message, preflight_rows: dict[int, dict] | None) ->
     if before is None:
         return "node did not take part in preflight"
     metrics = msg.content["metrics"]
-    if metrics["partition-id"] != before["partition-id"]:
-        return f"partition-id {metrics['partition-id']}, but preflight said {before['partition-id']}"
-    if metrics["num-examples"] > before["test-examples"]:
-        return f"num-examples {metrics['num-examples']} > the {before['test-examples']} test rows of preflight"
+    if metrics[PARTITION_ID] != before[PARTITION_ID]:
+        return f"{PARTITION_ID} {metrics[PARTITION_ID]}, but preflight said {before[PARTITION_ID]}"
+    if metrics[NUM_EXAMPLES] > before[TEST_EXAMPLES]:
+        return f"{NUM_EXAMPLES} {metrics[NUM_EXAMPLES]} > the {before[TEST_EXAMPLES]} test rows of preflight"
     return None
 
 

@@ -16,7 +16,7 @@ Two bounds apply to every accepted training reply before the strategy sees it:
   node of two, it is bounded by honest norms, so a hostile reply
   moves an example-weighted average by at most its weight share times the bound.
 
-Both are pure functions of numpy arrays; :class:`server_app.strategy.ReplyChecks`
+Both are pure functions of numpy arrays; :class:`server_app.orchestration.strategy.ReplyChecks`
 applies them.
 """
 

@@ -281,8 +281,8 @@ class CentredClipping(FedAvg):
         Raises
         ------
         ValueError
-            With the adaptive radius and fewer than 3 replies (a round :class:`server_app.checked_round.ReplyChecks`
-            then refuses, keeping the Global-LiGO).
+            With the adaptive radius and fewer than 3 replies (a round
+            :class:`~server_app.trust.checked_round.ReplyChecks` then refuses, keeping the Global-LiGO).
         """
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid or self.current_arrays is None:

@@ -30,7 +30,7 @@ PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 
 def round_scalars(entry: dict) -> dict[str, float]:
-    """Scalars of one round-log entry (:func:`server_app.round_log.round_entry`).
+    """Scalars of one round-log entry (:func:`server_app.reporting.round_log.round_entry`).
 
     Returns
     -------

@@ -23,6 +23,7 @@ import math
 import secrets
 from collections.abc import Callable
 from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -99,6 +100,7 @@ def with_central_dp(
     run: RunConfig,
     num_sampled_clients: int,
     wrap: Callable[[type[Strategy]], type[Strategy]] = lambda cls: cls,
+    **extra: Any,
 ) -> Strategy:
     """``strategy`` inside the central-DP wrapper that ``run.dp_clipping`` names.
 
@@ -113,12 +115,14 @@ def with_central_dp(
         Nodes sampled per round; the noise std divides by it.
     wrap : callable
         Applied to the wrapper class before instantiation (the server passes
-        :func:`server_app.strategy.checked`, so replies are checked before clipping).
+        :func:`server_app.orchestration.strategy.checked`, so replies are checked before clipping).
+    **extra
+        Further constructor arguments of the wrapped class (the reply checks' ``checks``).
 
     Returns
     -------
     Strategy
-        The wrapped strategy; its ``min_train_nodes`` is ``run.min_train_nodes``.
+        The wrapped strategy.
 
     Raises
     ------
@@ -128,7 +132,7 @@ def with_central_dp(
     """
     if run.dp_clipping == "fixed":
         cls = wrap(SecureFixedClipping)
-        dp = cls(strategy, run.dp_noise_multiplier, run.dp_clipping_norm, num_sampled_clients)
+        dp = cls(strategy, run.dp_noise_multiplier, run.dp_clipping_norm, num_sampled_clients, **extra)
     elif run.dp_clipping == "adaptive":
         cls = wrap(SecureAdaptiveClipping)
         dp = cls(
@@ -137,10 +141,10 @@ def with_central_dp(
             num_sampled_clients,
             initial_clipping_norm=run.dp_clipping_norm,
             clipped_count_stddev=clipped_count_stddev(run.dp_noise_multiplier, num_sampled_clients),
+            **extra,
         )
     else:
         raise ValueError(f"dp-clipping = {run.dp_clipping!r}: expected 'fixed' or 'adaptive'")
-    dp.min_train_nodes = run.min_train_nodes
     log(
         INFO,
         "central DP: %s clipping, norm %g, noise multiplier %g, %d sampled clients",

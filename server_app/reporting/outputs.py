@@ -3,7 +3,7 @@
 Files (all under ``<output-dir>/<run name>/``):
 
 * ``metrics.jsonl`` and ``metrics.csv``: one row per round
-  (:func:`server_app.summary.round_rows`);
+  (:func:`server_app.reporting.summary.round_rows`);
 * ``global_ligo.safetensors``: the final Global-LiGO (``safetensors``), in the
   modes that train one;
 * ``metrics.png``: training loss and test accuracy per round (``matplotlib``);

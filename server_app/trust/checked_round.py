@@ -1,7 +1,7 @@
 """Fed-Grow's checked training round: a mixin that validates and bounds every reply before a Flower strategy sees it.
 
 :class:`ReplyChecks` goes in front of any ``flwr.serverapp.strategy.Strategy``
-(:func:`server_app.strategy.checked`). It overrides the two hooks Flower's
+(:func:`server_app.orchestration.strategy.checked`). It overrides the two hooks Flower's
 ``Strategy.start`` calls each round: ``configure_train`` (a bounded wait for
 nodes, and what the round sent) and ``aggregate_train`` (per-phase reply schema,
 weight caps, update-norm clipping, then the wrapped strategy's aggregate, refused
@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -25,8 +26,9 @@ from fedgrow_core.growth.diagnostics import mean_pairwise_cosine, relative_chang
 from fedgrow_core.protocol import TRAIN_METRICS, MetricSpec
 from fedgrow_core.update_encoding import decode_update, encoded_spec
 
+from ..persistence.checkpoint import restore_state, snapshot_state, state_is_finite
+from ..reporting.round_log import message_bytes, round_entry, round_summary
 from .bounded_influence import capped_weight, clip_bound, clipped, update_norm, weight_bound
-from .checkpoint import restore_state, snapshot_state, state_is_finite
 from .reply_checks import (
     ArraySpec,
     ReplySchema,
@@ -34,7 +36,6 @@ from .reply_checks import (
     decode_arrays,
     reply_problem,
 )
-from .round_log import message_bytes, round_entry, round_summary
 
 
 @dataclass
@@ -62,6 +63,54 @@ class SentRound:
     started: float = field(default_factory=time.perf_counter)
 
 
+@dataclass(frozen=True)
+class RoundChecks:
+    """The settings of :class:`ReplyChecks`, given whole at construction.
+
+    Attributes
+    ----------
+    min_replies : int
+        Usable replies a round needs to aggregate, and online nodes a round waits
+        for (``min-train-nodes``).
+    node_wait : float
+        Seconds ``configure_train`` waits for ``min_replies`` online nodes.
+    example_caps : mapping of int to int, optional
+        Node id -> training rows from preflight; caps each reply's weight
+        (``None``: no cap, no preflight).
+    clip_norm, clip_median : float
+        Fixed update-norm bound (0: off) and multiple of the round's median norm (0: off).
+    cap_weight_median : float
+        Cap on a weight as a multiple of the median of the round's preflight row counts (0: off).
+    requires_all_replies : bool
+        The wrapped strategy is a central-DP wrapper: every sampled reply must be usable.
+    reply_metrics : mapping of str to MetricSpec
+        The metrics a reply must carry (:data:`fedgrow_core.protocol.TRAIN_METRICS`; the collect phase's are fewer).
+    update_encoding : str
+        How replies carry the shared tensors (:data:`fedgrow_core.update_encoding.ENCODINGS`).
+    log_diagnostics : bool
+        Log each round's ``relative_change`` and ``update_cosine`` (Global-LiGO rounds; whole models would cost
+        a float64 copy of every reply).
+    round_offset : int
+        Rounds done before a resume, added to the round Flower's ``Strategy.start`` counts from 1.
+    expected_spec : dict, optional
+        Names, shapes and dtypes every reply must carry, fixed for a round this strategy does not configure
+        (the collection); ``None``: those of the arrays each round sends.
+    """
+
+    min_replies: int = 1
+    node_wait: float = 600.0
+    example_caps: Mapping[int, int] | None = None
+    clip_norm: float = 0.0
+    clip_median: float = 0.0
+    cap_weight_median: float = 0.0
+    requires_all_replies: bool = False
+    reply_metrics: Mapping[str, MetricSpec] = field(default_factory=lambda: TRAIN_METRICS)
+    update_encoding: str = "float32"
+    log_diagnostics: bool = True
+    round_offset: int = 0
+    expected_spec: ArraySpec | None = None
+
+
 class ReplyChecks:
     """Mixin for a Flower strategy: check, bound and then aggregate training replies.
 
@@ -69,7 +118,7 @@ class ReplyChecks:
     calls), before the wrapped strategy reads anything:
 
     1. every reply is checked against the round's schema
-       (:func:`server_app.reply_checks.train_schema` of the arrays sent, in
+       (:func:`server_app.trust.reply_checks.train_schema` of the arrays sent, in
        the run's ``update_encoding``: exact tensor names, shapes, dtypes,
        finite values; exact metric keys, types and ranges; no other record),
        then an encoded update is decoded against what was sent
@@ -79,7 +128,7 @@ class ReplyChecks:
        and missing ones (timed out, gone) are recorded too;
     2. each accepted reply's ``num-examples`` is capped at the node's preflight
        training rows (``example_caps``) and its update norm clipped
-       (:mod:`server_app.bounded_influence`, ``clip_norm`` and
+       (:mod:`server_app.trust.bounded_influence`, ``clip_norm`` and
        ``clip_median``); its metrics are reduced to the required keys, so
        Flower's reply-consistency check always holds;
     3. the wrapped strategy aggregates the bounded replies if at least
@@ -88,64 +137,53 @@ class ReplyChecks:
        a non-finite aggregate, the round is refused: the strategy's state is
        restored and the arrays stay as they were.
 
+    Every setting comes whole at construction, as ``checks``
+    (:class:`RoundChecks`); every other argument goes to the wrapped strategy.
+
     Waiting for nodes is bounded: ``configure_train`` waits at most
-    ``node_wait`` seconds for ``min_train_nodes`` online nodes, then samples
+    ``checks.node_wait`` seconds for ``checks.min_replies`` online nodes, then samples
     from those online (expected nodes that are not are logged as
     ``offline_nodes``). ``sent_round`` (:class:`SentRound`) is what the current
     round sent, set by ``configure_train`` or, for a round this strategy did not
     configure, by :meth:`record_round`; ``round_log`` keeps one
-    :func:`server_app.round_log.round_entry` per round.
+    :func:`server_app.reporting.round_log.round_entry` per round.
 
-    ``round_offset`` (rounds done before a resume) is added to the round number
+    ``checks.round_offset`` (rounds done before a resume) is added to the round number
     Flower's ``Strategy.start`` counts from 1, so the wrapped strategy (FedAdam's
     bias correction, the clients' ``server-round``) sees the run's real round.
     """
 
-    expected_spec: ArraySpec | None = None
-    round_offset: int = 0
-    #: node id -> training rows from preflight; ``None``: no cap (no preflight).
-    example_caps: dict[int, int] | None = None
-    #: Fixed update-norm bound (0: off) and multiple of the round's median norm (0: off).
-    clip_norm: float = 0.0
-    clip_median: float = 0.0
-    #: Cap on a weight as a multiple of the median (the smaller of two) of the round's preflight row counts (0: off).
-    cap_weight_median: float = 0.0
-    #: Seconds ``configure_train`` waits for ``min_train_nodes`` online nodes.
-    node_wait: float = 600.0
-    #: Whether the wrapped strategy is a central-DP wrapper (every sampled reply must be usable).
-    requires_all_replies: bool = False
-    #: The metrics a reply must carry (:data:`fedgrow_core.protocol.TRAIN_METRICS`; the collect phase's are fewer).
-    reply_metrics: Mapping[str, MetricSpec] = TRAIN_METRICS
-    #: How replies carry the shared tensors (:data:`fedgrow_core.update_encoding.ENCODINGS`).
-    update_encoding: str = "float32"
-    #: What the current round sent (``None`` before the first round).
-    sent_round: SentRound | None = None
-    #: Log each round's ``relative_change`` and ``update_cosine`` (Global-LiGO rounds; whole models would cost
-    #: a float64 copy of every reply).
-    log_diagnostics: bool = True
+    def __init__(self, *args: Any, checks: RoundChecks | None = None, **kwargs: Any) -> None:
+        """Take the checks' settings (``checks``), pass every other argument to the wrapped strategy."""
+        self.checks = checks if checks is not None else RoundChecks()
+        #: The names, shapes and dtypes replies must carry: fixed by ``checks`` or set by each round's arrays.
+        self.expected_spec: ArraySpec | None = self.checks.expected_spec
+        #: What the current round sent (``None`` before the first round).
+        self.sent_round: SentRound | None = None
+        super().__init__(*args, **kwargs)
 
     @property
     def round_log(self) -> list[dict]:
-        """One log entry per round this strategy checked (:func:`server_app.round_log.round_entry`), in order."""
+        """One log entry per round this strategy checked (:func:`~server_app.reporting.round_log.round_entry`)."""
         return self.__dict__.setdefault("_round_log", [])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Remember the sent arrays, wait (bounded) for enough nodes, then delegate."""
-        server_round += self.round_offset
+        server_round += self.checks.round_offset
         self.expected_spec = array_spec(arrays)
         sent = {k: v.numpy() for k, v in arrays.items()}
         started = time.perf_counter()
-        online = wait_for_nodes(grid, getattr(self, "min_train_nodes", 1), self.node_wait)
-        offline = sorted(set(self.example_caps or ()) - set(online))
+        online = wait_for_nodes(grid, self.checks.min_replies, self.checks.node_wait)
+        offline = sorted(set(self.checks.example_caps or ()) - set(online))
         self.sent_round = SentRound(sent, [], {}, offline, started)
-        if len(online) < getattr(self, "min_train_nodes", 1):
+        if len(online) < self.checks.min_replies:
             log(
                 WARNING,
                 "round %d: %d nodes online < min-train-nodes = %d after %.0f s; nothing sent",
                 server_round,
                 len(online),
-                self.min_train_nodes,
-                self.node_wait,
+                self.checks.min_replies,
+                self.checks.node_wait,
             )
             return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -171,9 +209,11 @@ class ReplyChecks:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Reject malformed replies, bound the rest, aggregate them with the wrapped strategy."""
-        server_round += self.round_offset
+        server_round += self.checks.round_offset
         replies = list(replies)
-        schema = ReplySchema(self.reply_metrics, encoded_spec(self.expected_spec or {}, self.update_encoding))
+        schema = ReplySchema(
+            self.checks.reply_metrics, encoded_spec(self.expected_spec or {}, self.checks.update_encoding)
+        )
         accepted, rejected, values = [], [], []
         for msg in replies:
             problem, value = (None, None) if msg.has_error() else self._problem(msg, schema)
@@ -197,12 +237,12 @@ class ReplyChecks:
         entry["download_bytes"] = {str(n): b for n, b in sent_round.bytes_per_node.items()}
         entry["offline_nodes"] = list(sent_round.offline_nodes)
         entry["clipped"] = self._bound(ok, values, schema)
-        entry["update_cosine"] = _update_cosine(ok, sent_round.arrays) if self.log_diagnostics else None
+        entry["update_cosine"] = _update_cosine(ok, sent_round.arrays) if self.checks.log_diagnostics else None
         arrays, metrics = None, None
-        needed = getattr(self, "min_train_nodes", 1)
+        needed = self.checks.min_replies
         # inside central DP the noise is calibrated for num_sampled_clients: every one of them must reply usably
         sent = max(len(sent_round.nodes), getattr(self, "num_sampled_clients", 0))
-        if self.requires_all_replies and len(ok) < sent:
+        if self.checks.requires_all_replies and len(ok) < sent:
             log(
                 WARNING,
                 "round %d: central DP needs every sampled reply (%d of %d usable): round skipped, arrays unchanged",
@@ -222,7 +262,7 @@ class ReplyChecks:
             )
         entry["aggregated"] = arrays is not None
         change = None
-        if self.log_diagnostics and arrays is not None and sent_round.arrays:
+        if self.checks.log_diagnostics and arrays is not None and sent_round.arrays:
             change = relative_change(sent_round.arrays, {k: v.numpy() for k, v in arrays.items()})
         entry["relative_change"] = change if change is not None and math.isfinite(change) else None
         self.round_log.append(entry)
@@ -237,8 +277,8 @@ class ReplyChecks:
     def _problem(self, msg: Message, schema: ReplySchema) -> tuple[str | None, dict | None]:
         """``(reason, None)`` for a reply to reject, else ``(None, its decoded float32 tensors)``."""
         problem = reply_problem(msg.content, schema)
-        if problem is None and self.example_caps is not None:
-            cap = self.example_caps.get(msg.metadata.src_node_id)
+        if problem is None and self.checks.example_caps is not None:
+            cap = self.checks.example_caps.get(msg.metadata.src_node_id)
             if cap is None:
                 problem = "node did not take part in preflight"
             elif cap < 1:
@@ -249,11 +289,11 @@ class ReplyChecks:
         # downstream reads a sender's own shape or dtype metadata
         arrays = decode_arrays(msg.content["arrays"], schema.arrays or {})[0] or {}
         sent = self.sent_round.arrays if self.sent_round is not None else None
-        if self.update_encoding == "float32" or not arrays:
+        if self.checks.update_encoding == "float32" or not arrays:
             return None, arrays
         if sent is None:
             return "an encoded update, but no arrays were sent this round", None
-        values, problem = decode_update(arrays, sent, self.update_encoding)
+        values, problem = decode_update(arrays, sent, self.checks.update_encoding)
         return problem, values
 
     def _bound(self, ok: list[Message], values: list[dict], schema: ReplySchema) -> list[dict]:
@@ -266,9 +306,11 @@ class ReplyChecks:
             norms, bound = [0.0] * len(ok), math.inf
         else:
             norms = [update_norm(v, sent) for v in values]
-            bound = clip_bound(norms, self.clip_norm, self.clip_median)
-        preflight = [self.example_caps.get(m.metadata.src_node_id) for m in ok] if self.example_caps else []
-        weight_cap = weight_bound([c for c in preflight if c is not None], self.cap_weight_median)
+            bound = clip_bound(norms, self.checks.clip_norm, self.checks.clip_median)
+        preflight = (
+            [self.checks.example_caps.get(m.metadata.src_node_id) for m in ok] if self.checks.example_caps else []
+        )
+        weight_cap = weight_bound([c for c in preflight if c is not None], self.checks.cap_weight_median)
         clipped_nodes = []
         for msg, value, norm in zip(ok, values, norms, strict=True):
             node = msg.metadata.src_node_id
@@ -278,7 +320,7 @@ class ReplyChecks:
                 log(INFO, "update of node %d clipped: norm %.4g -> %.4g", node, norm, bound)
             msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in value.items()})
             weight = int(msg.content["metrics"]["num-examples"])
-            cap = None if self.example_caps is None else self.example_caps.get(node)
+            cap = None if self.checks.example_caps is None else self.checks.example_caps.get(node)
             # only what a weighted mean means something for; each client's own metrics are in the round log
             required = {k: msg.content["metrics"][k] for k, s in schema.metrics.items() if s.required and s.averaged}
             required["num-examples"] = max(1, min(capped_weight(weight, cap), weight_cap))

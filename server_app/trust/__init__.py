@@ -1,0 +1,1 @@
+"""The trust boundary: every reply checked, bounded and aggregated robustly; central DP on the shared tensors."""
