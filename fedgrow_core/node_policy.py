@@ -220,6 +220,10 @@ class NodePolicy(BaseModel):
                 for e in err.errors()
             ]
             raise NodePolicyError(problems, "bad node config") from None
+        if policy.strict and policy.allowed_modes.strip() == "*":
+            raise NodePolicyError(
+                ["allowed-modes = '*': every registered mode is the open profile's; a strict node names its modes"]
+            )
         unknown = [m for m in policy.modes if m not in mode_names()]
         if unknown:
             raise NodePolicyError(

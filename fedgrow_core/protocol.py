@@ -27,15 +27,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgrow_core.growth.ligo import LiGO
-
-if TYPE_CHECKING:
-    from fedgrow_core.run_config import RunConfig
+from fedgrow_core.growth.shapes import TransformerShape
 
 
 class Phase(StrEnum):
@@ -338,7 +336,19 @@ def final_reply(metrics: Mapping[str, int | float], partition_id: int, model_nam
     return RecordDict({**content, "info": ConfigRecord({INFO_KEY: model_name})})
 
 
-def initial_global_ligo(run: RunConfig) -> LiGO:
+class GlobalLigoKeys(Protocol):
+    """The run-config keys that shape the initial Global-LiGO (a :class:`~fedgrow_core.run_config.RunConfig`)."""
+
+    intermediate_shape: TransformerShape
+    target_shape: TransformerShape
+    global_tie_layers: bool
+    global_rank: int
+    depth_init: str
+    depth_noise: float
+    seed: int
+
+
+def initial_global_ligo(run: GlobalLigoKeys) -> LiGO:
     """The initial Global-LiGO (intermediate -> target shape) from the run config alone, seeded by ``run.seed``.
 
     Server and clients build the same operator from the same config, so the

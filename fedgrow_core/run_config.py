@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -469,15 +468,6 @@ class RunConfig(BaseModel):
             )
         mode_reads = ("mode", "dp_clipping", "resume_from", "global_tie_layers", "global_rank")
         return problems + (get_mode(self.mode).config_problems(self) if reads(*mode_reads) else [])
-
-
-@contextmanager
-def _as_config_error() -> Iterator[None]:
-    """Turn pydantic's ``ValidationError`` into a :class:`ConfigError` with one message per bad key."""
-    try:
-        yield
-    except ValidationError as err:
-        raise ConfigError([_problem(error) for error in err.errors()]) from None
 
 
 def _field_name(key: Any) -> Any:

@@ -23,7 +23,9 @@ class ClientSummary(BaseModel):
     node_id: int = Field(description="the node's Flower id")
     model: str = Field(description="the small model's folder name (never a path)")
     accuracy: float = Field(description="final test accuracy on the client's own test rows")
-    grown_accuracy: float | None = Field(description="the grown model's accuracy before fine-tuning (growth modes)")
+    grown_accuracy: float | None = Field(
+        default=None, description="the grown model's accuracy before fine-tuning (growth modes)"
+    )
     precision: float = Field(description="final macro precision")
     trainable_params: int = Field(description="parameters the client trained in the rounds")
     model_params: int = Field(description="parameters of the final model")
@@ -50,7 +52,7 @@ class RunSummary(BaseModel):
     target_shape: str
     clients: list[ClientSummary]
     mean_accuracy: float | None
-    mean_grown_accuracy: float | None
+    mean_grown_accuracy: float | None = None
     std_accuracy: float | None = Field(description="population std over clients: the spread")
     mean_precision: float | None
     trainable_params_per_client: float | None = Field(description="mean over clients")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 import time
 from datetime import UTC, datetime
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
@@ -31,7 +31,7 @@ from .orchestration.strategy import check_strategy
 from .persistence.checkpoint import Checkpoint, check_resumable, read_checkpoint
 from .reporting.outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
 from .reporting.quiet_log import quiet_strategy_log
-from .reporting.summary import build_summary, final_clients, round_rows
+from .reporting.summary import build_summary, final_clients, round_rows, summary_problems
 from .reporting.tracking import RunTrackers
 
 app = ServerApp()
@@ -109,7 +109,7 @@ def _write_results(
     if result.global_ligo is not None:
         write_global_ligo(run_dir, result.global_ligo.to_torch_state_dict())
     resumed_after = resume.server_round if resume is not None else 0
-    extra = {"final_rejected": result.final_rejected}
+    extra = {"final_rejected": result.final_rejected, "global_ligo_relative_change": None}
     if result.global_ligo is not None:  # how far the whole run moved the shared operator
         initial = {k: v.numpy() for k, v in ArrayRecord(initial_global_ligo(run).state_dict()).items()}
         final = {k: v.numpy() for k, v in result.global_ligo.items()}
@@ -117,6 +117,8 @@ def _write_results(
     wall = time.perf_counter() - start
     summary = build_summary(run, result.entries, clients, rows, wall, resumed_after, **extra)
     write_summary(run_dir, summary)
+    for problem in summary_problems(summary):  # written first: a schema slip never loses a finished run's results
+        log(ERROR, "summary.json departs from fedgrow_core.run_summary.RunSummary: %s", problem)
     for client in clients:
         log(
             INFO,

@@ -128,7 +128,8 @@ def test_config_picks_flowers_wrapper_with_checks_outside(clipping, cls):
         assert strategy.clipped_count_stddev == 1.0
         assert strategy.noise_multiplier == pytest.approx((1.0 - 0.25) ** -0.5)
     assert strategy.num_sampled_clients == 4
-    assert strategy.min_train_nodes == 2 and not isinstance(strategy.strategy, ReplyChecks)
+    assert strategy.checks.min_replies == 2 and strategy.checks.requires_all_replies
+    assert not isinstance(strategy.strategy, ReplyChecks)
     assert strategy.clipping_norm == 0.3
 
 

@@ -67,7 +67,8 @@ def test_the_toy_family_grows_through_a_dual_ligo_and_its_grown_model_is_an_ordi
 def test_depth_growth_with_identity_init_preserves_the_toy_models_function():
     small, family = _small(), get_family("toy")
     deeper = TransformerShape(4, 16, 32, 2)  # depth only: the new pre-LN layers start as identities
-    grown = GrownModel(family, small, LiGO(family.shape(small), deeper, depth_init="identity", depth_noise=0.0), num_labels=3)
+    operator = LiGO(family.shape(small), deeper, depth_init="identity", depth_noise=0.0)
+    grown = GrownModel(family, small, operator, num_labels=3)
     ids = torch.randint(0, SMALL["vocab"], (2, 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(
@@ -115,3 +116,22 @@ def test_the_architecture_doc_names_every_method_a_family_must_implement():
     missing = [name for name in required if not re.search(rf"`{name}`", section)]
     assert not missing, f"docs/architecture.md, 'Adding a model family', does not name {missing}"
     assert "register_family" in section and "tests/toy_family.py" in section
+
+
+def test_a_family_of_an_installed_package_registers_through_its_entry_point(monkeypatch):
+    import sys
+    from importlib.metadata import EntryPoint
+
+    import fedgrow_core.growth.families.registry as registry
+
+    point = EntryPoint(name="toy", value="tests.toy_family", group=registry.PLUGIN_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.delitem(sys.modules, "tests.toy_family")  # restored afterwards, with the class this module holds
+    registry.unregister_family("toy")
+    try:
+        assert "toy" in family_names()  # the first lookup imported the plugin, which registered its family
+        assert get_family("toy").name == "toy" and type(get_family("toy")) is not ToyFamily  # a fresh import
+    finally:
+        registry.unregister_family("toy")
+        register_family(ToyFamily)

@@ -110,3 +110,33 @@ def test_no_code_outside_the_mode_registry_dispatches_on_a_mode_name():
         if dispatch.search(line)
     ]
     assert sources and not found, found
+
+
+def test_a_mode_of_an_installed_package_registers_through_its_entry_point(monkeypatch):
+    import sys
+    from importlib.metadata import EntryPoint
+
+    import fedgrow_core.modes.registry as registry
+
+    point = EntryPoint(name="plugin", value="tests.mode_plugin", group=registry.PLUGIN_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.delitem(sys.modules, "tests.mode_plugin", raising=False)
+    try:
+        assert get_mode("plugin-small-only").model_kind == "small_model"  # the first lookup imports the plugin
+        assert RunConfig(mode="plugin-small-only").mode == "plugin-small-only"
+    finally:
+        unregister_mode("plugin-small-only")
+    broken = EntryPoint(name="broken", value="tests.no_such_module", group=registry.PLUGIN_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [broken])
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    with pytest.raises(ImportError, match=r"mode plugin 'broken' \(tests.no_such_module\) failed to import"):
+        mode_names()
+
+
+def test_every_registered_mode_is_the_open_profiles_alone():
+    from fedgrow_core.node_policy import NodePolicy, NodePolicyError
+
+    assert NodePolicy.from_node_config({"partition-id": 0}, simulation=True).modes == mode_names()
+    with pytest.raises(NodePolicyError, match="allowed-modes = '\\*': every registered mode is the open profile's"):
+        NodePolicy.from_node_config({"allowed-modes": "*", "partition-id": 0}, simulation=False)

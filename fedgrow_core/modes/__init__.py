@@ -5,7 +5,6 @@ own package registers the same way, from a module the ServerApp and ClientApp
 import (docs/architecture.md, "Adding a mode").
 """
 
-
 from fedgrow_core.modes.base import Collect, GlobalLigo, Handler, LocalRounds, Mode, SharedRounds, Step
 from fedgrow_core.modes.registry import get_mode, mode_names, register_mode, unregister_mode
 

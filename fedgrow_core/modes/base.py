@@ -14,12 +14,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import Protocol
 
 from fedgrow_core.protocol import ALWAYS_SERVED, Phase
 
-if TYPE_CHECKING:
-    from fedgrow_core.run_config import RunConfig
+
+class ModeKeys(Protocol):
+    """The run-config keys a mode's constraints read (a :class:`fedgrow_core.run_config.RunConfig` has them)."""
+
+    dp_clipping: str
+    resume_from: str
+    global_tie_layers: bool
+    global_rank: int
 
 
 class Handler(StrEnum):
@@ -145,9 +152,17 @@ class Mode:
         missing = sorted(p.value for p in round_phases - set(self.handlers))
         if missing:
             raise ValueError(f"mode {self.name!r}: its plan sends phases {missing} that no handler serves")
+        if sum(isinstance(s, SharedRounds) for s in self.plan) > 1:
+            raise ValueError(f"mode {self.name!r}: at most one SharedRounds step (one strategy per run)")
+        if self.checkpointed and self.shared_rounds is None:
+            raise ValueError(f"mode {self.name!r}: only strategy rounds (SharedRounds) are checkpointed")
         if self.operator not in ("dual", "single"):
             raise ValueError(f"mode {self.name!r}: operator = {self.operator!r}, expected 'dual' or 'single'")
+        object.__setattr__(self, "handlers", MappingProxyType(dict(self.handlers)))  # read-only once declared
         object.__setattr__(self, "_phases", frozenset(self.handlers) | ALWAYS_SERVED)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
     @property
     def phases(self) -> frozenset[Phase]:
@@ -159,7 +174,7 @@ class Mode:
         """The plan's strategy rounds, or ``None`` (a mode has at most one such step)."""
         return next((s for s in self.plan if isinstance(s, SharedRounds)), None)
 
-    def config_problems(self, run: RunConfig) -> list[str]:
+    def config_problems(self, run: ModeKeys) -> list[str]:
         """What of ``run`` this mode cannot serve, one ``key = value: why`` per problem.
 
         Central DP needs :attr:`central_dp`; ``resume-from`` needs

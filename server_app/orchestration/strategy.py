@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from flwr.serverapp.strategy import (
@@ -227,7 +228,8 @@ def strategy_for_run(run: RunConfig, num_nodes: int, checks: RoundChecks | None 
     checks go on the outside, so a malformed reply is dropped before it is
     clipped, and a round in which a sampled reply is unusable is skipped.
     ``checks`` are the reply checks' settings (:func:`run_checks`; default:
-    ``run_checks(run)``).
+    ``run_checks(run)``); their ``min_replies`` and ``requires_all_replies``
+    are always the run's (``min-train-nodes``; central DP needs every sampled reply).
 
     Raises
     ------
@@ -241,7 +243,9 @@ def strategy_for_run(run: RunConfig, num_nodes: int, checks: RoundChecks | None 
         declare ``dp_compatible = True`` to be allowed.
     """
     cls = check_strategy(run, num_nodes)
-    checks = checks if checks is not None else run_checks(run)
+    # what the run decides is never left to the caller: inside central DP every sampled reply must be usable
+    settings = {"min_replies": run.min_train_nodes, "requires_all_replies": run.dp_clipping != "off"}
+    checks = replace(checks, **settings) if checks is not None else run_checks(run)
     kwargs = strategy_kwargs(cls, run)
     if run.dp_clipping == "off":
         return _construct(

@@ -14,6 +14,7 @@ import statistics
 from typing import Any
 
 from flwr.app import Message
+from pydantic import ValidationError
 
 from fedgrow_core.protocol import INFO_KEY, NUM_EXAMPLES, PARTITION_ID, Phase
 from fedgrow_core.run_config import RunConfig
@@ -189,7 +190,7 @@ def build_summary(
     resumed_after: int = 0,
     **extra: Any,
 ) -> dict:
-    """The run's ``summary.json`` content, checked against :class:`fedgrow_core.run_summary.RunSummary`.
+    """The run's ``summary.json`` content, of the schema :class:`fedgrow_core.run_summary.RunSummary` declares.
 
     ``extra`` holds the keys the ServerApp adds (``final_rejected``,
     ``global_ligo_relative_change``).
@@ -259,8 +260,16 @@ def build_summary(
         "wall_over_floor": wall / floor if floor > 0 else None,
         **extra,
     }
-    RunSummary.model_validate(summary)  # a key this side renames or drops fails here, not in the reader
     return summary
+
+
+def summary_problems(summary: dict) -> list[str]:
+    """Where ``summary`` departs from :class:`fedgrow_core.run_summary.RunSummary`: one line per key (empty: none)."""
+    try:
+        RunSummary.model_validate(summary)
+    except ValidationError as err:
+        return [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    return []
 
 
 def participation(entries: list[dict]) -> list[dict]:

@@ -1,0 +1,26 @@
+"""Only ``fedgrow_core`` is installed: the Flower apps load from the project folder, never from the environment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_only_the_library_is_a_package_of_the_distribution():
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert find["include"] == ["fedgrow_core*"]
+
+
+def test_the_apps_are_not_importable_outside_the_project_folder(tmp_path):
+    probe = (
+        "import importlib.util as u; "
+        "print([n for n in ('server_app', 'client_app', 'fedgrow_core') if u.find_spec(n) is not None])"
+    )
+    env = {"PATH": "", "HOME": str(tmp_path)}
+    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "['fedgrow_core']"
