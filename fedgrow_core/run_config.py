@@ -454,8 +454,8 @@ class RunConfig(BaseModel):
         growth_steps = self.num_server_rounds * self.local_steps
         if self.head_warmup_steps > growth_steps and reads("head_warmup_steps", "num_server_rounds", "local_steps"):
             problems.append(
-                f"head-warmup-steps = {self.head_warmup_steps}: the growth phase has num-server-rounds * "
-                f"local-steps = {growth_steps} steps"
+                f"head-warmup-steps = {self.head_warmup_steps}: {self.head_warmup_steps} head warm-up steps, but the "
+                f"growth phase has num-server-rounds * local-steps = {growth_steps} steps"
             )
         if self.strategy == "fedprox" and not self.proximal_mu > 0 and reads("strategy", "proximal_mu"):
             problems.append(

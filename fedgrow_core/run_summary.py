@@ -20,7 +20,7 @@ class ClientSummary(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     partition_id: int = Field(description="the node's partition id")
-    node_id: int = Field(description="the node's Flower id")
+    node_id: int | None = Field(default=None, description="the node's Flower id")
     model: str = Field(description="the small model's folder name (never a path)")
     accuracy: float = Field(description="final test accuracy on the client's own test rows")
     grown_accuracy: float | None = Field(
@@ -30,7 +30,7 @@ class ClientSummary(BaseModel):
     trainable_params: int = Field(description="parameters the client trained in the rounds")
     model_params: int = Field(description="parameters of the final model")
     test_examples: int = Field(description="test rows of the final evaluation")
-    final_compute_s: float = Field(description="core-seconds of final fine-tuning and evaluation")
+    final_compute_s: float = Field(default=0.0, description="core-seconds of final fine-tuning and evaluation")
 
 
 class RunSummary(BaseModel):

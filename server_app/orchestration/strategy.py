@@ -195,7 +195,7 @@ def run_checks(
     *,
     example_caps: Mapping[int, int] | None = None,
     encoded: bool = False,
-    diagnostics: bool = False,
+    diagnostics: bool = True,
     round_offset: int = 0,
 ) -> RoundChecks:
     """The reply checks' settings of a run's strategy rounds (:class:`~server_app.trust.checked_round.RoundChecks`).
