@@ -123,10 +123,11 @@ def test_a_family_of_an_installed_package_registers_through_its_entry_point(monk
     from importlib.metadata import EntryPoint
 
     import fedgrow_core.growth.families.registry as registry
+    import fedgrow_core.plugins as plugins
 
     point = EntryPoint(name="toy", value="tests.toy_family", group=registry.PLUGIN_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.PLUGIN_GROUP else [])
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [point] if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(plugins, "_LOADED", set())
     monkeypatch.delitem(sys.modules, "tests.toy_family")  # restored afterwards, with the class this module holds
     registry.unregister_family("toy")
     try:

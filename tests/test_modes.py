@@ -117,10 +117,11 @@ def test_a_mode_of_an_installed_package_registers_through_its_entry_point(monkey
     from importlib.metadata import EntryPoint
 
     import fedgrow_core.modes.registry as registry
+    import fedgrow_core.plugins as plugins
 
     point = EntryPoint(name="plugin", value="tests.mode_plugin", group=registry.PLUGIN_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.PLUGIN_GROUP else [])
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [point] if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(plugins, "_LOADED", set())
     monkeypatch.delitem(sys.modules, "tests.mode_plugin", raising=False)
     try:
         assert get_mode("plugin-small-only").model_kind == "small_model"  # the first lookup imports the plugin
@@ -128,9 +129,9 @@ def test_a_mode_of_an_installed_package_registers_through_its_entry_point(monkey
     finally:
         unregister_mode("plugin-small-only")
     broken = EntryPoint(name="broken", value="tests.no_such_module", group=registry.PLUGIN_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [broken])
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
-    with pytest.raises(ImportError, match=r"mode plugin 'broken' \(tests.no_such_module\) failed to import"):
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [broken])
+    monkeypatch.setattr(plugins, "_LOADED", set())
+    with pytest.raises(ImportError, match=r"fedgrow.modes plugin 'broken' \(tests.no_such_module\) failed to import"):
         mode_names()
 
 

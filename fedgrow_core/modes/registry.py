@@ -11,34 +11,13 @@ first lookup::
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
 from fedgrow_core.modes.base import Mode
+from fedgrow_core.plugins import load_plugins
 
 #: The entry-point group whose modules register modes when imported.
 PLUGIN_GROUP = "fedgrow.modes"
 
 _MODES: dict[str, Mode] = {}
-_plugins_loaded = False
-
-
-def load_mode_plugins() -> None:
-    """Import every module of the :data:`PLUGIN_GROUP` entry points once per process (each registers its modes).
-
-    Raises
-    ------
-    ImportError
-        Naming the entry point whose module failed to import.
-    """
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for point in entry_points(group=PLUGIN_GROUP):
-        try:
-            point.load()
-        except Exception as err:  # noqa: BLE001 - any failure of a plugin's import is reported as one
-            raise ImportError(f"mode plugin {point.name!r} ({point.value}) failed to import: {err}") from err
 
 
 def register_mode(mode: Mode, *, replace: bool = False) -> Mode:
@@ -69,7 +48,7 @@ def get_mode(name: str) -> Mode:
     ValueError
         For an unknown name, listing the registered modes.
     """
-    load_mode_plugins()
+    load_plugins(PLUGIN_GROUP)
     try:
         return _MODES[name]
     except (KeyError, TypeError):
@@ -78,5 +57,5 @@ def get_mode(name: str) -> Mode:
 
 def mode_names() -> tuple[str, ...]:
     """The registered modes' names, in registration order (Fed-Grow first, then the baselines, then plugins')."""
-    load_mode_plugins()
+    load_plugins(PLUGIN_GROUP)
     return tuple(_MODES)

@@ -9,36 +9,15 @@ entry-point group so that every process of a run imports it on the first lookup.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
 from torch import nn
 
 from fedgrow_core.growth.families.base import ModelFamily
+from fedgrow_core.plugins import load_plugins
 
 #: The entry-point group whose modules register model families when imported.
 PLUGIN_GROUP = "fedgrow.families"
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}
-_plugins_loaded = False
-
-
-def load_family_plugins() -> None:
-    """Import every module of the :data:`PLUGIN_GROUP` entry points once per process (each registers its families).
-
-    Raises
-    ------
-    ImportError
-        Naming the entry point whose module failed to import.
-    """
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for point in entry_points(group=PLUGIN_GROUP):
-        try:
-            point.load()
-        except Exception as err:  # noqa: BLE001 - any failure of a plugin's import is reported as one
-            raise ImportError(f"model-family plugin {point.name!r} ({point.value}) failed to import: {err}") from err
 
 
 class UnknownModelFamilyError(ValueError):
@@ -71,7 +50,7 @@ def unregister_family(name: str) -> None:
 
 def family_names() -> tuple[str, ...]:
     """The registered families' names, in registration order."""
-    load_family_plugins()
+    load_plugins(PLUGIN_GROUP)
     return tuple(_FAMILIES)
 
 
@@ -83,7 +62,7 @@ def get_family(name: str) -> ModelFamily:
     UnknownModelFamilyError
         For an unknown name, listing the registered families.
     """
-    load_family_plugins()
+    load_plugins(PLUGIN_GROUP)
     if name not in _FAMILIES:
         raise UnknownModelFamilyError(f"unknown model family {name!r}; registered families: {list(_FAMILIES)}")
     return _FAMILIES[name]()
@@ -100,7 +79,7 @@ def family_for(model: nn.Module) -> ModelFamily:
         If no registered family handles ``model``; the message names the model's
         class and the registered families.
     """
-    load_family_plugins()
+    load_plugins(PLUGIN_GROUP)
     for cls in reversed(_FAMILIES.values()):
         if cls.handles(model):
             return cls()
