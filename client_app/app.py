@@ -453,7 +453,11 @@ def _final_small(context: Context, node: NodeView, received: dict) -> FinalStep:
     """The private small model, fine-tuned further."""
     check_received(received, {}, node.policy.max_received_abs, "message")
     client = _model_client(context, node, "small")
-    return lambda save_to, owner: client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner)
+    origin = (
+        f"the small model `{Path(client.setup.model_name).name}`, trained alone {node.run.num_server_rounds} rounds x "
+        f"{node.run.local_steps} steps, then fine-tuned {node.run.finetune_steps} steps"
+    )
+    return lambda save_to, owner: client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner, origin)
 
 
 def _final_target(context: Context, node: NodeView, received: dict) -> FinalStep:
@@ -461,7 +465,12 @@ def _final_target(context: Context, node: NodeView, received: dict) -> FinalStep
     client = _shared_model_client(context, node)
     check_received(received, client.weights(), node.policy.max_received_abs, "target model")
     client.load_weights(received)
-    return lambda save_to, owner: client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner)
+    origin = (
+        f"a target-shaped model from a seeded random initialisation, trained with the run's strategy over "
+        f"{node.run.num_server_rounds} rounds x {node.run.local_steps} steps, then fine-tuned "
+        f"{node.run.finetune_steps} steps by this client"
+    )
+    return lambda save_to, owner: client.finetune_and_evaluate(node.run.finetune_steps, save_to, owner, origin)
 
 
 #: The final handler of each :class:`fedgrow_core.modes.Handler` a mode may name for :attr:`Phase.FINAL`.
@@ -480,12 +489,11 @@ def _finetune_and_evaluate(
     _, setup = _setup(context, node)
     step = prepare(context, node, _received(msg))
     run_folder = order.run_tag or f"run-{context.run_id}"
-    models = node.policy.node_folder(node.effective) / "models"
     owner = _state_metadata(context, node)
     same_run = ("run-fingerprint",) if order.resumed_after else None  # a resumption is a new Flower run
-    out = models / run_folder / node.mode.model_kind
+    out = node.policy.model_folder(node.effective, run_folder) / node.mode.model_kind
     if owner_problem(out, owner, same_run):  # another run saved a model under this tag: never replaced
-        out = models / f"{run_folder}.run-{context.run_id}" / node.mode.model_kind
+        out = node.policy.model_folder(node.effective, f"{run_folder}.run-{context.run_id}") / node.mode.model_kind
     context.state[FINAL_KEY] = ConfigRecord({"served": served + 1})  # counted once the message is accepted
     metrics = step(out if node.run.save_models else None, owner)
     check_finite_reply(None, metrics, "the final phase")

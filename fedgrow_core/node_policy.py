@@ -315,6 +315,19 @@ class NodePolicy(BaseModel):
         base = self.output_dir or (DEFAULT_NODE_FOLDER if self.strict else run.output_dir)
         return Path(base) / "clients" / f"partition-{self.partition_id}"
 
+    def model_folder(self, run: RunConfig, run_folder: str) -> Path:
+        """Where the node saves its final model of the run whose folder is named ``run_folder``.
+
+        In Flower's simulation (``open``, no ``output-dir`` of the node's own)
+        inside the run's own folder, beside its ``summary.json``:
+        ``<output-dir>/<run folder>/clients/partition-<id>``; otherwise in the
+        node's folder: ``<node folder>/models/<run folder>``. ``run_folder`` is
+        one path component (the run tag, checked by the client's guards).
+        """
+        if not self.strict and not self.output_dir:
+            return Path(run.output_dir) / run_folder / "clients" / f"partition-{self.partition_id}"
+        return self.node_folder(run) / "models" / run_folder
+
     def state_folder(self, run: RunConfig) -> Path:
         """Where the node keeps private state: its ``state-dir``, else ``<node folder>/state``."""
         return Path(self.state_dir) if self.state_dir else self.node_folder(run) / "state"

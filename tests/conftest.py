@@ -8,6 +8,8 @@ import torch
 from flwr.supercore.task_identity import TaskIdentity
 from transformers import BertConfig, BertForSequenceClassification
 
+from fedgrow_core.data.sources import fashion_mnist_dir
+
 
 def make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, seed=0, vocab_size=100, max_positions=32):
     torch.manual_seed(seed)
@@ -116,3 +118,11 @@ TINY_GROWTH_KEYS = {
     "finetune-steps": 1,
     "max-length": 32,
 }
+
+
+#: Fashion-MNIST's files are Debian's dataset-fashion-mnist package (root to install; `make setup` says how
+#: else); the tests that read them skip, with the reason, where they are missing. CI runs as root and has them.
+needs_fashion_mnist = pytest.mark.skipif(
+    not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist, or FEDGROW_FASHION_MNIST_DIR)",
+)

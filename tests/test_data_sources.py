@@ -13,6 +13,7 @@ from fedgrow_core.data.sources import (
     load_data_source,
     task_of,
 )
+from tests.conftest import needs_fashion_mnist
 
 
 def test_rotten_tomatoes_counts():
@@ -50,6 +51,7 @@ def _idx(path):
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+@needs_fashion_mnist
 def test_fashion_mnist_matches_the_idx_files_read_by_hand():
     from fedgrow_core.data.sources import fashion_mnist_dir
 

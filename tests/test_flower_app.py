@@ -7,6 +7,7 @@ stops it afterwards, even on failure.
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -196,9 +197,13 @@ def test_each_client_saved_an_ordinary_grown_model(flwr_run):
     run_dir, cfg, _, _ = flwr_run
     target = parse_shape(cfg["target-shape"])
     for pid in range(3):
-        folder = Path(cfg["output-dir"]) / "clients" / f"partition-{pid}" / "models" / run_dir.name / "grown_model"
+        folder = run_dir / "clients" / f"partition-{pid}" / "grown_model"  # inside the run's own folder
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         assert model.config.num_hidden_layers == target.layers and model.config.hidden_size == target.hidden
+        assert model.config.id2label == {0: "0", 1: "1"}  # the CSV's verdicts, named by their values
+        card = (folder / "README.md").read_text()
+        assert f"partition {pid}," in card and "AutoModelForSequenceClassification.from_pretrained" in card
+        assert re.search(r"accuracy\s+0\.\d{4}, macro precision 0\.\d{4}", card)
         batch = AutoTokenizer.from_pretrained(folder)(["a fine film"], return_tensors="pt")
         assert model(**batch).logits.shape == (1, 2)
 

@@ -18,6 +18,7 @@ from fedgrow_core.growth.diagnostics import gradient_norms
 from fedgrow_core.growth.ligo import LiGO
 from fedgrow_core.run_config import RunConfig
 from fedgrow_core.zoo.vit_pretrain import VitSpec, build_vit
+from tests.conftest import needs_fashion_mnist
 
 
 def _batch(rows: Dataset, preprocessor, n: int = 16) -> dict:
@@ -70,6 +71,7 @@ def test_every_operator_tensor_of_a_real_minilm_gets_a_gradient(sentences, model
         ("4x256x8x256", "4x320x320x10", "6x384x384x12", "identity"),
     ],
 )
+@needs_fashion_mnist
 def test_every_operator_tensor_of_a_vit_gets_a_gradient(images, spec, intermediate, target, depth_init):
     small = build_vit(VitSpec.parse(spec), 28, 7, 1, 10, seed=1).eval()
     with torch.no_grad():  # timm starts biases at 0 and LayerNorms at (1, 0); pre-training moves them

@@ -109,3 +109,18 @@ def test_bad_fraction_and_partition_id(digits):
         federate(digits, 2, client_test_fraction=1.5)
     with pytest.raises(ValueError, match="partition_id must be in \\[0, 2\\), got 2"):
         federate(digits, 2, "iid").client(2)
+
+
+def test_shards_per_partition_reaches_the_partitioner():
+    """The run config's ``shards-per-partition`` decides how many label shards each client gets."""
+    from fedgrow_core.clients.setup import client_rows
+    from fedgrow_core.run_config import RunConfig
+
+    def partition_0(shards: int):
+        run = RunConfig(task="image", dataset="digits", partitioner="shards", shards_per_partition=shards)
+        return client_rows(run, 0, 4)[0]
+
+    one, two, eight = partition_0(1), partition_0(2), partition_0(8)
+    assert one["image"] != two["image"]  # another shard count, other rows
+    # more, smaller shards of the label-sorted rows: more of the 10 classes per client
+    assert len(set(eight["label"])) > len(set(one["label"]))

@@ -30,6 +30,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from fedgrow_core.clients.model_card import client_model_card
 from fedgrow_core.clients.model_export import NonFiniteModel, check_finite, save_model
 from fedgrow_core.clients.private_state import RESIDUAL_PREFIX, load_training_state, model_tensors, training_state
 from fedgrow_core.clients.setup import ClientSetup
@@ -459,8 +460,23 @@ class GrowthClient:
         eval_seconds = time.perf_counter() - start
         if not math.isfinite(result.loss):
             raise NonFiniteModel(f"the fine-tuned grown model's test loss is {result.loss}; not saved or reported")
+        metrics = {"num-examples": result.num_examples, "accuracy": result.accuracy, "precision": result.precision}
         if out_dir is not None:
-            save_model(self.small.family, grown, self.model.target_config, self.small.preprocessor, out_dir, owner)
+            target, small = self.run.target_shape, self.small.family.shape(self.small.model)
+            path = (
+                f"one private LiGO {small} -> {target}"
+                if self.independent
+                else f"a Dual-LiGO: Local-LiGO {small} -> {self.run.intermediate_shape}, Global-LiGO -> {target}"
+            )
+            origin = (
+                f"grown from `{Path(self.setup.model_name).name}` through {path}, trained "
+                f"{self.run.num_server_rounds} rounds x {self.run.local_steps} steps, then fine-tuned "
+                f"{self.run.finetune_steps} steps"
+            )
+            card = client_model_card(self.setup, f"Grown {target} {self.small.family.name} classifier", origin, metrics)
+            config = self.model.target_config
+            names = self.setup.label_names
+            save_model(self.small.family, grown, config, self.small.preprocessor, out_dir, owner, names, card)
         return {
             "num-examples": result.num_examples,
             "accuracy": result.accuracy,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fedgrow_core.clients.model_card import client_model_card
 from fedgrow_core.clients.model_export import NonFiniteModel, check_finite, save_model
 from fedgrow_core.clients.private_state import load_training_state, model_tensors, training_state
 from fedgrow_core.clients.setup import ClientSetup
@@ -182,9 +183,11 @@ class ModelClient:
         return evaluate(self.model, self._test, self.device)
 
     def finetune_and_evaluate(
-        self, steps: int, out_dir: str | Path | None, owner: Mapping[str, str] | None = None
+        self, steps: int, out_dir: str | Path | None, owner: Mapping[str, str] | None = None, origin: str = ""
     ) -> dict:
         """Train ``steps`` more steps, evaluate, save atomically (unless ``out_dir`` is ``None``), recording ``owner``.
+
+        The saved folder has the class names and a model card (``README.md``) whose origin line is ``origin``.
 
         Returns
         -------
@@ -209,7 +212,11 @@ class ModelClient:
         if not math.isfinite(result.loss):
             raise NonFiniteModel(f"the fine-tuned model's test loss is {result.loss}; it is not saved or reported")
         if out_dir is not None:
-            save_model(self.setup.small.family, self.model, self.config, self.setup.small.preprocessor, out_dir, owner)
+            metrics = {"num-examples": result.num_examples, "accuracy": result.accuracy, "precision": result.precision}
+            family, shape = self.setup.small.family, self.setup.small.family.shape(self.model)
+            card = client_model_card(self.setup, f"{shape} {family.name} classifier", origin or "trained", metrics)
+            preprocessor, names = self.setup.small.preprocessor, self.setup.label_names
+            save_model(family, self.model, self.config, preprocessor, out_dir, owner, names, card)
             self.model.to(self.device)
         return {
             "num-examples": result.num_examples,

@@ -17,12 +17,14 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from fedgrow_core.clients.model_card import CARD_FILE
 
 #: The file in a saved model's folder that names the run that wrote it (JSON of strings).
 OWNER_FILE = "fedgrow_run.json"
@@ -113,6 +115,8 @@ def save_model(
     preprocessor: Any,
     folder: str | Path,
     owner: Mapping[str, str] | None = None,
+    label_names: Sequence[str] = (),
+    card: str | None = None,
 ) -> Path:
     """Save ``model`` (its family's format) and its tokenizer, if it has one, atomically into ``folder``.
 
@@ -130,6 +134,11 @@ def save_model(
         The model's folder.
     owner : mapping of str to str, optional
         The run that saves it, written to :data:`OWNER_FILE` in the folder.
+    label_names : sequence of str
+        The class names by index, saved in the family's config (``id2label``, timm's ``label_names``).
+    card : str, optional
+        The model card's Markdown, written as ``README.md``
+        (:func:`fedgrow_core.clients.model_card.model_card`).
 
     Raises
     ------
@@ -138,11 +147,44 @@ def save_model(
     """
     check_finite(model)
 
+    if label_names:
+        config = family.with_labels(config, list(label_names))
+
     def write(tmp: Path) -> None:
         family.save(model.cpu(), config, tmp)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card)
         if hasattr(preprocessor, "save_pretrained"):
             preprocessor.save_pretrained(tmp)
         if owner is not None:
             (tmp / OWNER_FILE).write_text(json.dumps(dict(owner), sort_keys=True))
 
     return write_folder_atomically(folder, write)
+
+
+def class_names(folder: str | Path) -> list[str]:
+    """The class names, by class index, that a saved model's ``config.json`` holds.
+
+    ``id2label`` (``transformers``) or ``label_names`` (timm), as :func:`save_model` writes them.
+
+    Raises
+    ------
+    ValueError
+        Naming the folder, if it has no ``config.json`` or the config holds no
+        class names (``transformers``' placeholders ``LABEL_0``, ... are none).
+    """
+    config_file = Path(folder) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: no readable config.json, so no saved model with class names ({err})") from err
+    if config.get("label_names"):
+        return [str(name) for name in config["label_names"]]
+    id2label = config.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        raise ValueError(
+            f"{config_file} holds no class names (id2label or label_names): a model saved without them; "
+            "save it with fedgrow_core.clients.model_export.save_model(..., label_names=...)"
+        )
+    return names

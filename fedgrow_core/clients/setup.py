@@ -41,14 +41,21 @@ def _federated(data_run: RunConfig, num_partitions: int) -> FederatedData:
     run = data_run
     with without_progress_bars():
         data = _load(run, run.dataset)
-        return federate(data, num_partitions, run.partitioner, alpha=run.dirichlet_alpha, seed=run.seed)
+        return federate(
+            data,
+            num_partitions,
+            run.partitioner,
+            alpha=run.dirichlet_alpha,
+            shards_per_partition=run.shards_per_partition,
+            seed=run.seed,
+        )
 
 
 def federated_data(run: RunConfig, num_partitions: int) -> FederatedData:
     """The run's dataset split among ``num_partitions`` clients (cached per process).
 
     The cache key holds only what the split depends on (source, columns, task,
-    partitioner, alpha, seed), so every mode of a comparison reuses one split.
+    partitioner, alpha, shards per partition, seed), so every mode of a comparison reuses one split.
     """
     data_run = RunConfig(
         task=run.task,
@@ -58,6 +65,7 @@ def federated_data(run: RunConfig, num_partitions: int) -> FederatedData:
         image_column=run.image_column,
         partitioner=run.partitioner,
         dirichlet_alpha=run.dirichlet_alpha,
+        shards_per_partition=run.shards_per_partition,
         seed=run.seed,
     )
     return _federated(data_run, num_partitions)
@@ -143,7 +151,10 @@ class ClientSetup:
         if model_name.startswith("vit:"):
             spec = VitSpec.parse(model_name[len("vit:") :])
             cache = Path(run.cache_dir) if run.cache_dir else default_cache_dir()
-            tag = f"{dataset or run.dataset}/{run.partitioner}-{run.dirichlet_alpha}/{num_partitions}/p{partition_id}"
+            split = f"{run.partitioner}-" + (
+                f"{run.shards_per_partition}" if run.partitioner == "shards" else f"{run.dirichlet_alpha}"
+            )
+            tag = f"{dataset or run.dataset}/{split}/{num_partitions}/p{partition_id}"
             (result,) = pretrain_small_vits(
                 [spec],
                 train,

@@ -103,7 +103,7 @@ def run_mode(
         else:
             raise ValueError(f"mode {mode.name!r}: unknown plan step {step!r}")
     resumed = resume.server_round if resume is not None else 0
-    tag = keep_dir.name if keep_dir is not None else ""
+    tag = run_dir.name if run_dir is not None else ""  # every mode's clients save their models under it
     last_round = run.num_server_rounds if mode.checkpointed else 0
     replies, rejected = final_phase(grid, arrays, t, last_round, tag, preflight_rows=rows, resumed_after=resumed)
     global_ligo = arrays if mode.global_ligo is GlobalLigo.SHARED else None

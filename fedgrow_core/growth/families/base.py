@@ -23,6 +23,9 @@ class ModelFamily(ABC):
     """
 
     name: str
+    #: Python lines that load a folder :meth:`save` wrote with the family's library alone (``{path}``: the folder);
+    #: a saved model's card shows them.
+    load_example: str = "# a {name} model: load it with the library that saved it (ModelFamily.load)"
     #: ``"pre"`` (LayerNorm before each sublayer, residual stream never normalised:
     #: timm ViT) or ``"post"`` (LayerNorm after each residual sum: BERT). Decides
     #: what width and depth growth can preserve (:mod:`fedgrow_core.growth.preservation`).
@@ -167,6 +170,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def logits(self, output: Any) -> Tensor:
         """Logits ``(batch, num_labels)`` from the model's forward output."""
+
+    def with_labels(self, config: Any, label_names: list[str]) -> Any:
+        """``config`` carrying the class names, by class index, so that :meth:`save` writes them.
+
+        The default returns ``config`` unchanged (the family saves no names).
+        """
+        return config
 
     @abstractmethod
     def save(self, model: nn.Module, config: Any, path: str | Path) -> None:

@@ -76,6 +76,12 @@ class BertFamily(ModelFamily):
 
     name = "bert"
     norm_position = "post"
+    load_example = (
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+        'model = AutoModelForSequenceClassification.from_pretrained("{path}")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("{path}")\n'
+        "labels = model.config.id2label  # class index -> name"
+    )
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
@@ -193,8 +199,17 @@ class BertFamily(ModelFamily):
         """``output.logits``."""
         return output.logits
 
+    def with_labels(self, config: BertConfig, label_names: list[str]) -> BertConfig:
+        """A copy of ``config`` with ``id2label`` and ``label2id`` from the class names."""
+        cfg = copy.deepcopy(config)
+        cfg.id2label = dict(enumerate(label_names))
+        cfg.label2id = {name: i for i, name in enumerate(label_names)}
+        return cfg
+
     def save(self, model: nn.Module, config: Any, path: str | Path) -> None:
         """``save_pretrained`` (config.json + model.safetensors), without its per-shard progress bar."""
+        if config is not None and getattr(config, "id2label", None):  # the class names travel in config.json
+            model.config.id2label, model.config.label2id = dict(config.id2label), dict(config.label2id)
         with quiet_transformers(report=True):
             model.save_pretrained(path)
 

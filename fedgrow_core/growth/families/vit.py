@@ -92,6 +92,12 @@ class VitFamily(ModelFamily):
 
     name = "vit"
     norm_position = "pre"
+    load_example = (
+        "import timm\n\n"
+        'model = timm.create_model("local-dir:{path}", pretrained=True).eval()\n'
+        "transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))\n"
+        'labels = model.pretrained_cfg["label_names"]  # class index -> name'
+    )
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
@@ -250,6 +256,10 @@ class VitFamily(ModelFamily):
         """The model output itself (timm returns logits)."""
         return output
 
+    def with_labels(self, config: dict, label_names: list[str]) -> dict:
+        """``config`` with ``label_names`` (timm's ``pretrained_cfg["label_names"]`` once saved)."""
+        return {**config, "label_names": list(label_names)}
+
     def save(self, model: nn.Module, config: Any, path: str | Path) -> None:
         """Save with ``timm.models.save_for_hf``: ``config.json`` and ``model.safetensors``.
 
@@ -295,7 +305,10 @@ class VitFamily(ModelFamily):
             safe_serialization=True,
             data_config=config.get("data_config") or None,
             # the architecture's default pretrained_cfg names a pre-training these weights did not have
-            model_config={"pretrained_cfg": {"tag": None, "license": None}},
+            model_config={
+                "pretrained_cfg": {"tag": None, "license": None},
+                **({"label_names": list(config["label_names"])} if config.get("label_names") else {}),
+            },
         )
 
     def load(self, path: str | Path) -> nn.Module:
