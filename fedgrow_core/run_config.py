@@ -594,9 +594,11 @@ Every key of `[tool.flwr.app.config]` in `pyproject.toml`, with the value a run
 uses when it does not set the key. Override keys for one run with
 
 ```sh
-flwr run . --run-config 'strategy="fedadam" lr-width=1e-3 seed=3'
-flwr run . --run-config presets/image.toml     # a TOML file of keys
 make run RUN_CONFIG='num-server-rounds=5'
+make run RUN_CONFIG=presets/image.toml          # a TOML file of keys
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1   # flwr run itself: use this environment's packages
+flwr run . --stream --federation-config flwr_home/federation.toml --run-config 'strategy="fedadam" seed=3'
+flwr run . --stream --federation-config flwr_home/federation.toml --run-config presets/image.toml
 ```
 
 Values are TOML literals: strings in double quotes (`strategy="fedadam"`),

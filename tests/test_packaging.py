@@ -24,3 +24,11 @@ def test_the_apps_are_not_importable_outside_the_project_folder(tmp_path):
     found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "['fedgrow_core']"
+
+
+def test_every_package_the_code_imports_is_declared():
+    """deptry: no import of an undeclared package, and no declared package left unused (pyproject's exceptions)."""
+    deptry = Path(sys.executable).parent / "deptry"
+    assert deptry.is_file(), "deptry is a dev dependency: make setup installs it"
+    found = subprocess.run([str(deptry), "."], cwd=ROOT, capture_output=True, text=True)
+    assert found.returncode == 0, found.stdout + found.stderr
