@@ -83,7 +83,8 @@ run: setup
 	set -o pipefail; $(FLWR_ENV) flwr run . --stream --federation-config flwr_home/federation.toml \
 		$(if $(RUN_CONFIG),--run-config '$(RUN_CONFIG)') 2>&1 | tee $(FLWR_HOME_DIR)/last-run.log; \
 	status=$$?; \
-	$(FLWR_ENV) $(PY) -m experiments.flower_launcher --check $(FLWR_HOME_DIR)/last-run.log $(FLWR_HOME_DIR) || status=1; \
+	$(FLWR_ENV) $(PY) -m experiments.flower_launcher --check $(FLWR_HOME_DIR)/last-run.log $(FLWR_HOME_DIR) \
+		--run-config '$(RUN_CONFIG)' || status=1; \
 	$(PY) -m experiments.flower_launcher --stop $(FLWR_HOME_DIR) || true; exit $$status
 
 run-image:

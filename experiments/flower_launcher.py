@@ -132,7 +132,34 @@ def stop_local_superlink(home: Path) -> None:
             pass
 
 
-def run_failure(log_text: str, home: Path) -> str | None:
+def flower_error(text: str) -> str:
+    """The text of the last error box Flower's CLI printed (rich's ``╭─ Error ─╮ │ ... │ ╰─╯``), else its last line.
+
+    Parameters
+    ----------
+    text : str
+        What ``flwr`` printed, without ANSI colours.
+
+    Returns
+    -------
+    str
+        The box's lines joined by spaces, without its borders; ``(no output)`` for empty text.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    box: list[str] = []
+    for line in lines:
+        if line.startswith("╭"):
+            box = []
+        elif line.startswith("│"):
+            box.append(line.strip("│").strip())
+    inside = " ".join(part for part in box if part)
+    if inside:
+        return inside
+    plain = [line for line in lines if not line.startswith(("╭", "╰", "│"))]
+    return (plain or ["(no output)"])[-1]
+
+
+def run_failure(log_text: str, home: Path, source: str = "") -> str | None:
     """Why the run that ``flwr run --stream`` logged did not finish with a summary, or ``None`` if it did.
 
     Parameters
@@ -142,19 +169,22 @@ def run_failure(log_text: str, home: Path) -> str | None:
     home : Path
         The ``FLWR_HOME`` it ran under; its local SuperLink must still be up,
         since the run's status comes from ``flwr list --run-id``.
+    source : str
+        The ``--run-config`` it was given (a TOML file or ``key=value`` pairs), named
+        in the message when no run started.
 
     Returns
     -------
     str or None
         ``None`` if Flower reports ``finished:completed`` and the
         ``summary.json`` the ServerApp named exists; otherwise one line: no run
-        started, Flower's status and its details, or no summary written.
+        started (with Flower's own error text, :func:`flower_error`, and ``source``),
+        Flower's status and its details, or no summary written.
     """
     text = _ANSI.sub("", log_text)
     started = _STARTED.search(text)
     if started is None:
-        tail = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
-        return f"flwr run started no run: {tail[0][:300]}"
+        return f"flwr run started no run: {flower_error(text)[:300]}{f' (in {source})' if source else ''}"
     run_id = started.group(1)
     listed = subprocess.run(
         [str(BIN / "flwr"), "list", "--run-id", run_id, "--format", "json"],
@@ -181,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--check", nargs=2, metavar=("LOG", "FLWR_HOME"), help="exit 1, naming why, if the run failed")
     group.add_argument("--stop", metavar="FLWR_HOME", help="stop the local SuperLink started under FLWR_HOME")
+    parser.add_argument("--run-config", default="", help="the run's --run-config, named when no run started")
     args = parser.parse_args(argv)
     if args.stop:
         stop_local_superlink(Path(args.stop).resolve())
         return 0
     log_file, home = Path(args.check[0]), Path(args.check[1]).resolve()
-    failure = run_failure(log_file.read_text(errors="replace") if log_file.is_file() else "", home)
+    failure = run_failure(log_file.read_text(errors="replace") if log_file.is_file() else "", home, args.run_config)
     if failure:
         print(f"FAILED: {failure}", file=sys.stderr)
         return 1

@@ -175,3 +175,20 @@ def test_curves_cover_the_same_step_budget(results):
         assert trained[-1]["phase"] == "finetune-evaluate" and trained[-1]["round"] == last, mode
         assert trained[-1]["eval-accuracy"] == pytest.approx(summaries[mode]["mean_accuracy"])
         assert rows[-1]["cumulative-upload-bytes"] == summaries[mode]["upload_bytes_total"]
+
+
+def test_a_run_that_never_started_names_flowers_own_error_and_its_run_config(tmp_path):
+    from experiments.flower_launcher import run_failure
+
+    # what `flwr run --run-config dup.toml` prints for a TOML file that sets `seed` twice (flwr 1.41)
+    log = (
+        "Starting local SuperLink on 127.0.0.1:39091...\n"
+        "Using SuperLink: local-simulation (127.0.0.1:39091)\n"
+        "\x1b[31m╭─ Error ──────────────────────────────────────────────────────────────────────╮\x1b[0m\n"
+        "│ Cannot overwrite a value (at line 2, column 9)                               │\n"
+        "╰──────────────────────────────────────────────────────────────────────────────╯\n"
+    )
+    assert run_failure(log, tmp_path, "presets/dup.toml") == (
+        "flwr run started no run: Cannot overwrite a value (at line 2, column 9) (in presets/dup.toml)"
+    )
+    assert run_failure("Traceback ...\nValueError: bad\n", tmp_path) == "flwr run started no run: ValueError: bad"

@@ -215,3 +215,19 @@ def test_a_pretrained_vit_grows_to_the_image_presets_widths_within_1e4(tmp_path)
         )
         feat, logits = _gaps("vit", small.model.eval(), op, images)
         assert feat <= 1e-4 and logits <= 1e-4, (depth_init, feat, logits)
+
+
+def test_a_one_channel_vits_target_config_takes_timms_values_without_its_warning(caplog):
+    """timm warns, for mean and std, when a 1-channel ViT carries ImageNet's 3-channel defaults; growth must not."""
+    import timm
+
+    small = make_vit(layers=2, hidden=32, heads=2, ffn=64)
+    small.pretrained_cfg = {**small.pretrained_cfg, "mean": timm.data.IMAGENET_DEFAULT_MEAN}
+    small.pretrained_cfg.pop("std", None)
+    with caplog.at_level(logging.WARNING, logger="timm"):
+        config = get_family("vit").target_config(small, get_family("vit").shape(small), 10)
+    assert not [r for r in caplog.records if r.name.startswith("timm")]
+    with caplog.at_level(logging.WARNING, logger="timm"):
+        expected = timm.data.resolve_input_data_config(small)  # timm's own values, with its warning
+    assert config["data_config"] == {"mean": list(expected["mean"]), "std": list(expected["std"])}
+    assert len([r for r in caplog.records if "does not match 1 channels" in r.getMessage()]) == 2

@@ -1,5 +1,6 @@
 """Run config: the pyproject defaults parse, and every bad value is reported before training."""
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -224,3 +225,23 @@ def test_the_config_reference_is_current():
         check=True,
     )
     assert printed.stdout == config_reference_markdown()
+
+
+def test_every_run_config_key_is_read_by_the_code_that_runs():
+    """A key no code reads would be silently ignored: each one is read outside its own declaration.
+
+    Read means an attribute access ``.<name>`` (or the name as a string, for the strategy knobs that
+    ``server_app/orchestration/strategy.py`` maps to Flower's arguments) in the library or the apps.
+    """
+    root = Path(__file__).resolve().parents[1]
+    sources = [
+        path.read_text()
+        for folder in ("fedgrow_core", "server_app", "client_app")
+        for path in (root / folder).rglob("*.py")
+        if path.name != "run_config.py"
+    ]
+    run_config = (root / "fedgrow_core" / "run_config.py").read_text()
+    methods = run_config.split("    def __init__(self, **values", 1)[1]  # RunConfig's methods read keys too
+    code = "\n".join([*sources, methods])
+    unread = [name for name in RunConfig.model_fields if not re.search(rf"\.{name}\b|[\"']{name}[\"']", code)]
+    assert not unread, f"run-config keys no code reads: {unread}"

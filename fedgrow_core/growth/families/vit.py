@@ -190,7 +190,7 @@ class VitFamily(ModelFamily):
         """
         vit = _check_supported(model)
         pe = vit.patch_embed
-        source = timm.data.resolve_input_data_config(vit)
+        source = timm.data.resolve_input_data_config(vit, args=_channel_stats(vit))
         return {
             "architecture": ARCHITECTURE,
             "norm_eps": vit.norm.eps * norm_scale**2,
@@ -322,6 +322,21 @@ class VitFamily(ModelFamily):
             If the weights do not fit the configured model (from timm's strict load).
         """
         return timm.create_model(f"local-dir:{path}", pretrained=True)
+
+
+def _channel_stats(vit: VisionTransformer) -> dict[str, tuple[float, ...]]:
+    """The model's per-channel ``mean`` and ``std``, averaged over channels where they do not match its inputs.
+
+    The value timm's ``resolve_input_data_config`` takes then, computed here so that timm does not
+    warn (twice per model) about a 3-channel ImageNet default on a 1-channel ViT.
+    """
+    cfg, channels = vit.pretrained_cfg or {}, vit.patch_embed.proj.in_channels
+    stats = {}
+    for key, default in (("mean", timm.data.IMAGENET_DEFAULT_MEAN), ("std", timm.data.IMAGENET_DEFAULT_STD)):
+        value = cfg.get(key) or default
+        value = (value,) if isinstance(value, (int, float)) else tuple(value)
+        stats[key] = value if len(value) in (1, channels) else (sum(value) / len(value),)
+    return stats
 
 
 def _with_timm_norm_eps(model: VisionTransformer) -> VisionTransformer:
