@@ -10,6 +10,7 @@ The images themselves are not built here: no container engine runs on these mach
 their base images and wheels come from registries a build would need to reach.
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -119,7 +120,10 @@ def test_hadolint_passes_every_dockerfile(name):
 @pytest.mark.parametrize("files", [["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]])
 def test_docker_compose_validates_the_compose_files(files):
     args = [arg for f in files for arg in ("-f", str(DOCKER / f))]
-    found = subprocess.run(["docker-compose", *args, "config", "-q"], capture_output=True, text=True, cwd=ROOT)
+    # Debian's docker-compose runs on the system Python: keep this venv's packages off its path (Flower's
+    # in-process Ray backend exports PYTHONPATH=sys.path into os.environ, and earlier tests run it).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    found = subprocess.run(["docker-compose", *args, "config", "-q"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert found.returncode == 0, found.stderr
 
 
