@@ -9,6 +9,7 @@ message, what the run config may choose:
 * its data (``dataset`` and its columns, or the shared sources the run may
   name, ``allowed-datasets``) and its small model (``model``);
 * its folders (``output-dir``, ``state-dir``, ``audit-dir``, ``cache-dir``);
+* its hardware (``device``: ``cpu``, ``cuda`` or ``cuda:N``, over the run config's default);
 * caps on the work one message may ask (``max-local-steps``,
   ``max-finetune-steps``, ``max-pretrain-steps``, ``max-batch-size``,
   ``max-sequence-length``, ``max-model-params``, ``max-message-seconds``);
@@ -48,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedgrow_core.data.sources import BUILTIN_SOURCES
 from fedgrow_core.growth.shapes import TransformerShape
 from fedgrow_core.modes import mode_names
-from fedgrow_core.run_config import RESUMABLE_CHANGES, RunConfig
+from fedgrow_core.run_config import DEVICE_PATTERN, RESUMABLE_CHANGES, RunConfig
 from fedgrow_core.zoo.registry import zoo_models
 from fedgrow_core.zoo.vit_pretrain import VitSpec
 
@@ -127,6 +128,9 @@ class NodePolicy(BaseModel):
         canonical ``text``/``label``/``image`` in ``strict``).
     output_dir, state_dir, audit_dir, cache_dir : str
         The node's folders ("" : its profile's default, see :meth:`node_folder`).
+    device : str
+        The node's torch device (``auto``, ``cpu``, ``cuda``, ``cuda:N``); it wins over the run config's
+        ``device``, the server's default for every node ("" : that default).
     max_local_steps, max_finetune_steps, max_pretrain_steps : int
         Optimiser steps one message may ask (steps).
     max_batch_size, max_sequence_length : int
@@ -177,6 +181,7 @@ class NodePolicy(BaseModel):
     state_dir: str = ""
     audit_dir: str = ""
     cache_dir: str = ""
+    device: str = Field("", pattern=r"^$|" + DEVICE_PATTERN)
     max_local_steps: int = _cap("optimiser steps of one round")
     max_finetune_steps: int = _cap("optimiser steps of the final fine-tuning")
     max_pretrain_steps: int = _cap("pre-training steps of a `vit:LxD` small model")
@@ -339,7 +344,8 @@ class NodePolicy(BaseModel):
         used (the node's own, or none); the node's own data, and a shared
         source of ``allowed-datasets``, are read with the node's columns
         (``text``/``label``/``image`` unless it names others). In ``open`` a
-        key the node sets wins over the run config's.
+        key the node sets wins over the run config's. In both, the node's
+        ``device`` wins over the run config's.
         """
         columns = {"text_column": "text", "label_column": "label", "image_column": "image"} if self.strict else {}
         update: dict[str, Any] = {}
@@ -350,6 +356,8 @@ class NodePolicy(BaseModel):
             update["cache_dir"] = self.cache_dir
         if self.strict or self.audit_dir:
             update["audit_dir"] = self.audit_dir
+        if self.device:
+            update["device"] = self.device
         return run.model_copy(update=update) if update else run
 
 

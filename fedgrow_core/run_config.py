@@ -37,11 +37,12 @@ from fedgrow_core.update_encoding import ENCODINGS
 
 TASKS = ("text", "image")
 DP_CLIPPING = ("off", "fixed", "adaptive")
-DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DEPTH_INITS = ("stackbert", "interlace", "identity")
 #: Run-config keys (attribute names) that may differ between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"num_server_rounds", "resume_from", "round_timeout", "audit_dir"})
+#: A device name: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 SHAPE_FORMAT = "'LxDxFxH' (layers x hidden x ffn x heads, e.g. '12x512x2048x16')"
 
 
@@ -359,7 +360,12 @@ class RunConfig(BaseModel):
         "files in the run folder's `tensorboard/`), `mlflow` (the MLflow tracking URI in `MLFLOW_TRACKING_URI`, "
         "else `./mlruns`; needs `pip install mlflow`) or `none`",
     )
-    device: Literal[DEVICES] = _key("auto", "`auto` (CUDA when available), `cpu` or `cuda` (bf16 autocast)")
+    device: str = _key(
+        "auto",
+        "`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N` (bf16 autocast on CUDA); the default of every "
+        "node: a SuperNode's node config `device` wins",
+        pattern=DEVICE_PATTERN,
+    )
     cache_dir: str = _key(
         "",
         "Cache of converted and pre-trained small models (empty: `~/.cache/fedgrow`); a node's own `cache-dir` "
@@ -491,6 +497,8 @@ def _problem(error: Any) -> str:
         why = str(error["ctx"]["error"])
     elif error["type"] == "finite_number":
         why = "expected a finite number"
+    elif error["type"] == "string_pattern_mismatch" and field.alias == "device":
+        why = "expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
     else:
         why = f"expected {_expected(field)}"
     return f"{field.alias} = {_flower_value(error['input'])!r}: {why}"

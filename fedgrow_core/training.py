@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedgrow_core.data.preprocessing import model_inputs
+from fedgrow_core.run_config import DEVICE_PATTERN
 
 _LOG = logging.getLogger(__name__)
 #: The label of :func:`train_steps`' progress lines in this context (``None``: no lines).
@@ -75,13 +77,23 @@ def reporting_progress(label: str) -> Iterator[None]:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``; raises ``ValueError`` otherwise."""
+    """The torch device of ``device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is none of these, or names a CUDA device this machine does not have
+        (the text names the value and the devices torch sees).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise ValueError(f"device = {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise ValueError(f"device = {device!r}, but this machine has {count} CUDA device(s) torch can use")
     return torch.device(device)
 
 

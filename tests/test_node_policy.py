@@ -26,6 +26,7 @@ from fedgrow_core.modes import mode_names
 from fedgrow_core.node_policy import NodePolicy, NodePolicyError, run_fingerprint
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
+from fedgrow_core.training import resolve_device
 
 #: The server's run config: tiny shapes; the node's own model and data are named in its node config.
 RUN = {
@@ -439,3 +440,33 @@ def test_every_policy_key_is_documented_for_node_operators():
     text = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
     missing = [f.alias for f in NodePolicy.model_fields.values() if f"`{f.alias}`" not in text]
     assert not missing, missing
+
+
+# --- each organisation picks its own hardware ----------------------------------------------------------------------
+
+
+def test_the_nodes_device_wins_over_the_run_configs(files, tmp_path, task_identity):
+    # the server's default names a GPU this machine does not have: a node without its own device fails preflight
+    # (the server gets the sanitised error; the node's log names the value); a node that sets device = "cpu"
+    # serves the same run on its CPU
+    gpu_run = {"device": "cuda:99"}  # more GPUs than any machine here has
+    assert _refusal(_preflight(_context(_node(files, tmp_path), gpu_run))).startswith("ValueError")
+    with pytest.raises(ValueError, match=r"device = 'cuda:99', but this machine has [0-9]+ CUDA device"):
+        resolve_device("cuda:99")
+    fedgrow_client._CLIENTS.clear()
+    context = _context(_node(files, tmp_path, device="cpu"), gpu_run)
+    reply = _preflight(context)
+    assert not reply.has_error(), reply.error.reason
+    ((key, setup),) = [(k, v) for k, v in fedgrow_client._CLIENTS.items() if k[-1] == "setup"]
+    assert setup.device == torch.device("cpu")
+    policy = NodePolicy.from_node_config({"device": "cuda:3"})
+    assert policy.effective_run(RunConfig(device="cpu")).device == "cuda:3"
+    assert NodePolicy.from_node_config({}).effective_run(RunConfig(device="cuda")).device == "cuda"
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:-1", "CPU"])
+def test_a_device_name_that_is_none_is_refused_by_name(device):
+    with pytest.raises(NodePolicyError, match=f"device = '{device}'"):
+        NodePolicy.from_node_config({"device": device})
+    with pytest.raises(ValueError, match=f"device = '{device}': expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"):
+        RunConfig(device=device)
