@@ -54,6 +54,7 @@ from fedgrow_core.modes import GlobalLigo, Handler
 from fedgrow_core.protocol import NUM_EXAMPLES, Instruction, Phase, final_reply, preflight_reply, train_reply
 from fedgrow_core.training import reporting_progress, time_limit
 
+from .client_cache import ClientCache
 from .egress_audit import audit_reply, egress_audit_mod
 from .guards import (
     GuardedClientApp,
@@ -90,21 +91,16 @@ FINAL_KEY = "fedgrow-final-phases"
 #: ``Context.state`` key of the last training round this node served in the run (``{"round": int}``).
 SERVED_KEY = "fedgrow-served-round"
 _PHASE_CODES = {Phase.GROW: 1, Phase.TRAIN_LOCAL: 2, Phase.TRAIN_SHARED: 3, Phase.COLLECT: 4, Phase.FINAL: 5}
-#: Clients built in this process, most recent last. A simulation actor serves
-#: several nodes in turn; rebuilding a client (model, data, tokenisation) costs
-#: seconds, so a few are kept. Their private state is always reloaded from
-#: ``Context.state``, so a cached object never carries state across nodes or runs,
-#: and a node's are dropped when one of its messages fails (:func:`_forget`).
-_CLIENTS: dict[tuple, object] = {}
-_MAX_CACHED = 6
+#: Clients built in this process (:class:`client_app.client_cache.ClientCache`: least recently used dropped
+#: first, within ``FEDGROW_CLIENT_CACHE_MB``). A simulation actor serves several nodes in turn; rebuilding a
+#: client (model, data, tokenisation) costs far more than a message's bookkeeping. Private state is always
+#: reloaded from ``Context.state``, so a cached object never carries state across nodes or runs, and a run's
+#: clients are dropped when one of its messages fails (:func:`_forget`).
+_CLIENTS = ClientCache()
 
 
 def _cached(key: tuple, build):
-    client = _CLIENTS.pop(key, None) or build()
-    _CLIENTS[key] = client
-    while len(_CLIENTS) > _MAX_CACHED:
-        _CLIENTS.pop(next(iter(_CLIENTS)))
-    return client
+    return _CLIENTS.get(key, build)
 
 
 def _forget(context: Context) -> None:
@@ -113,8 +109,7 @@ def _forget(context: Context) -> None:
     A deployed SuperNode's process serves one node; a simulation worker that serves several nodes of the
     run rebuilds theirs too, from their ``Context.state``.
     """
-    for key in [k for k in _CLIENTS if k[0] == context.run_id]:
-        del _CLIENTS[key]
+    _CLIENTS.drop(lambda key: key[0] == context.run_id)
 
 
 #: ``Context.state`` keys of private state, rolled back when a message is refused or fails.

@@ -27,6 +27,7 @@ from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import ConfigError, RunConfig
 
 from .orchestration.plan import ModeResult, run_mode
+from .orchestration.prompt_grid import PromptGrid
 from .orchestration.strategy import check_strategy
 from .persistence.checkpoint import Checkpoint, check_resumable, read_checkpoint
 from .reporting.outputs import plot_rounds, write_global_ligo, write_round_metrics, write_summary
@@ -64,7 +65,7 @@ def check_writable(folder: Path) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run the configured mode and write the run folder."""
     with quiet_strategy_log():
-        _main(grid, context)
+        _main(PromptGrid(grid), context)  # a round's replies are collected as they arrive, not every 3 s
 
 
 def _main(grid: Grid, context: Context) -> None:

@@ -94,6 +94,17 @@ def test_diagnostics_against_direct_computations():
     want = np.mean([float(cos(torch.tensor(flat(p)), torch.tensor(flat(q)), dim=0)) for p, q in pairs])
     assert mean_pairwise_cosine([a, b, c]) == pytest.approx(want)
     assert math.isnan(mean_pairwise_cosine([a]))
+    # many updates, one of them zero (its pairs count 0), against the pairwise loop
+    many = [{"x": g.normal(size=(3, 4)) + 0.5, "y": g.normal(size=5)} for _ in range(6)]
+    many.append({"x": np.zeros((3, 4)), "y": np.zeros(5)})
+    loop = []
+    for i in range(len(many)):
+        for j in range(i + 1, len(many)):
+            p, q = flat(many[i]), flat(many[j])
+            n = np.linalg.norm(p) * np.linalg.norm(q)
+            loop.append(p @ q / n if n else 0.0)
+    assert mean_pairwise_cosine(many) == pytest.approx(np.mean(loop), rel=1e-12)
+    assert mean_pairwise_cosine([many[-1], many[-1]]) == 0.0
 
 
 def test_each_round_logs_the_global_ligos_change_and_the_updates_agreement():

@@ -11,7 +11,6 @@ Global-LiGO round (``relative-change``, ``update-cosine``; TensorBoard
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -122,6 +121,11 @@ def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -
     client moved the shared operator the same way; near 0: unrelated
     directions, which averaging mostly cancels.
 
+    Computed in one pass, in time and memory linear in the number of updates:
+    with ``u_i`` the unit updates and ``k`` the non-zero ones, the sum over
+    pairs of ``u_i . u_j`` is ``(|sum_i u_i|^2 - k) / 2``, and there are
+    ``n (n - 1) / 2`` pairs.
+
     Returns
     -------
     float
@@ -130,9 +134,15 @@ def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -
     if len(updates) < 2:
         return math.nan
     names = sorted(updates[0])
-    flat = [flatten(u, names) for u in updates]
-    cosines = []
-    for a, b in itertools.combinations(flat, 2):
-        na, nb = np.linalg.norm(a), np.linalg.norm(b)
-        cosines.append(float(a @ b / (na * nb)) if na and nb else 0.0)
-    return float(np.mean(cosines))
+    total, nonzero = None, 0
+    for update in updates:  # one flattened update in memory at a time
+        flat = flatten(update, names)
+        norm = np.linalg.norm(flat)
+        if norm:
+            flat /= norm
+            nonzero += 1
+            total = flat if total is None else np.add(total, flat, out=total)
+    if total is None:
+        return 0.0
+    n = len(updates)
+    return float((total @ total - nonzero) / (n * (n - 1)))

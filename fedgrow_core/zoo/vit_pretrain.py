@@ -105,7 +105,8 @@ def build_vit(spec: VitSpec, img_size: int, patch_size: int, in_chans: int, num_
 
 def channel_stats(dataset: Dataset, max_rows: int = 10_000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the images in [0, 1] (uint8 scaled by 1/255), from up to ``max_rows`` rows."""
-    images = np.asarray(dataset.select(range(min(len(dataset), max_rows))).with_format("numpy")[IMAGE])
+    # one batch read of the column (``[:]``), not an iteration over rows
+    images = np.asarray(dataset.select(range(min(len(dataset), max_rows))).with_format("numpy")[:][IMAGE])
     x = images.astype(np.float32) / (255.0 if dataset.features[IMAGE].dtype == "uint8" else 1.0)
     return x.mean(axis=(0, 2, 3)).tolist(), (x.std(axis=(0, 2, 3)) + 1e-6).tolist()
 
@@ -181,9 +182,8 @@ def pretrain_small_vits(
     if height != width or height % patch_size:
         raise ValueError(f"patch_size {patch_size} must divide the square image side, got images {height}x{width}")
     num_classes = len(label_names(train))
-    mean, std = channel_stats(train)
-    transform = ImageTransform((height, width), in_chans, mean, std)
     run_device = resolve_device(device)
+    transform = None  # computed for the first model not in the cache
     results = []
     for spec in specs:
         key = {
@@ -204,6 +204,8 @@ def pretrain_small_vits(
             metrics = json.loads((folder / METRICS_FILE).read_text())
             results.append(PretrainResult(str(spec), str(folder), metrics["test_accuracy"], steps, 0.0, True))
             continue
+        if transform is None:
+            transform = ImageTransform((height, width), in_chans, *channel_stats(train))
         model = build_vit(spec, height, patch_size, in_chans, num_classes, seed).to(run_device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)

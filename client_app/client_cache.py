@@ -1,0 +1,138 @@
+"""Client objects kept between messages in one process, within a byte budget.
+
+A deployed SuperNode's ClientApp process serves one node; a simulation worker
+(a Ray actor) serves many nodes in turn. Building a node's client (its rows,
+its small model, its grown model and optimiser) costs far more than a
+message's bookkeeping, so each process keeps the clients it built, most
+recently used last, for as long as their tensors fit in
+:data:`BUDGET_ENV` megabytes (default :data:`DEFAULT_BUDGET_MB`); the least
+recently used are dropped first. A kept client never carries private state
+across nodes or runs: the ClientApp reloads that from ``Context.state`` on
+every message, and drops a run's clients when one of its messages fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import Tensor, nn
+
+#: Environment variable: megabytes of client objects one process keeps (0: keep only the one in use).
+BUDGET_ENV = "FEDGROW_CLIENT_CACHE_MB"
+#: Its default: about 25 clients of the image preset (each about 80 MB: rows, small and grown model, optimiser).
+DEFAULT_BUDGET_MB = 2048
+
+
+def budget_bytes() -> int:
+    """The byte budget from :data:`BUDGET_ENV` (default :data:`DEFAULT_BUDGET_MB`).
+
+    Raises
+    ------
+    ValueError
+        If the variable is set to anything but a whole number of megabytes >= 0 (naming the value).
+    """
+    raw = os.environ.get(BUDGET_ENV, str(DEFAULT_BUDGET_MB))
+    if not raw.strip().isdigit():
+        raise ValueError(f"{BUDGET_ENV} = {raw!r}: expected a whole number of megabytes >= 0")
+    return int(raw) * 2**20
+
+
+def footprint(obj: Any, depth: int = 2) -> int:
+    """Bytes of the tensors and rows an object holds: its modules, optimiser state, tensors and datasets.
+
+    Walks the object's attributes ``depth`` levels down (a client's setup and
+    its small model); a tensor storage or a dataset reached twice counts once.
+    A dataset counts its share of its Arrow table (``nbytes`` times its rows
+    over the table's: a partition of a shared, memory-mapped table is a view).
+    An upper bound where two kept objects share tensors (each counts them).
+    """
+    seen: set[int] = set()
+
+    def first(key: int) -> bool:
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    def tensor(t: Tensor) -> int:
+        storage = t.untyped_storage()
+        return storage.nbytes() if first(storage.data_ptr()) else 0
+
+    def walk(value: Any, level: int) -> int:
+        if isinstance(value, Tensor):
+            return tensor(value)
+        if not first(id(value)):
+            return 0
+        if isinstance(value, nn.Module):
+            return sum(tensor(t) for t in (*value.parameters(), *value.buffers()))
+        if isinstance(value, torch.optim.Optimizer):
+            return sum(tensor(t) for state in value.state.values() for t in state.values() if isinstance(t, Tensor))
+        if isinstance(value, Dataset):
+            return value.data.nbytes * len(value) // max(1, value.data.num_rows)
+        if level <= 0 or not hasattr(value, "__dict__"):
+            return 0
+        return sum(walk(v, level - 1) for v in vars(value).values())
+
+    return walk(obj, depth)
+
+
+class ClientCache:
+    """Built objects by key, least recently used first, within a byte budget.
+
+    Parameters
+    ----------
+    budget : int, optional
+        Bytes of :func:`footprint` kept; ``None``: :func:`budget_bytes`. The
+        object just used is always kept, whatever its size.
+    """
+
+    def __init__(self, budget: int | None = None):
+        self._budget = budget
+        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+
+    @property
+    def budget(self) -> int:
+        """The byte budget."""
+        return budget_bytes() if self._budget is None else self._budget
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The object kept under ``key`` (now the most recently used), else ``build()``, kept."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key][0]
+        value = build()
+        self._entries[key] = (value, footprint(value))
+        self._trim()
+        return value
+
+    def drop(self, where: Callable[[Hashable], bool]) -> None:
+        """Drop every object whose key satisfies ``where``."""
+        for key in [k for k in self._entries if where(k)]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        """Drop everything."""
+        self._entries.clear()
+
+    def keys(self) -> list[Hashable]:
+        """The keys kept, least recently used first."""
+        return list(self._entries)
+
+    def items(self) -> list[tuple[Hashable, Any]]:
+        """``(key, object)`` pairs kept, least recently used first."""
+        return [(k, v) for k, (v, _) in self._entries.items()]
+
+    @property
+    def nbytes(self) -> int:
+        """The summed :func:`footprint` of what is kept (bytes)."""
+        return sum(size for _, size in self._entries.values())
+
+    def _trim(self) -> None:
+        budget = self.budget
+        while len(self._entries) > 1 and self.nbytes > budget:
+            self._entries.popitem(last=False)

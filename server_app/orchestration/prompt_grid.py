@@ -1,0 +1,88 @@
+"""A Flower ``Grid`` that collects a round's replies as they arrive.
+
+Flower's deployed and simulated grids (``flwr.superlink.grid.HttpGrid``) wait
+for replies in ``send_and_receive`` by pulling from the SuperLink, then
+sleeping 3 s between pulls: a round whose last reply arrives just after a pull
+waits up to 3 s more, in every round. :class:`PromptGrid` wraps the grid Flower
+gives the ServerApp and pulls every :data:`POLL_SECONDS` instead; everything
+else (pushing, pulling, node ids, the run) is the wrapped grid's own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+#: Seconds between two pulls of a round's replies.
+POLL_SECONDS = 0.2
+
+
+class PromptGrid(Grid):
+    """Flower's ``grid`` with a shorter wait between pulls of replies (:data:`POLL_SECONDS`).
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        The grid Flower gives the ServerApp; every call but ``send_and_receive`` goes to it.
+    poll : float
+        Seconds between two pulls.
+    """
+
+    def __init__(self, grid: Grid, poll: float = POLL_SECONDS):
+        self.grid = grid
+        self.poll = poll
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's signature
+        """Set the wrapped grid's run."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - Flower's signature
+        """The wrapped grid's run."""
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        """The wrapped grid's (deprecated) message factory."""
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The ids of the connected nodes (the wrapped grid's)."""
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201 - Flower's signature
+        """The connected nodes (the wrapped grid's)."""
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push messages through the wrapped grid; returns their ids."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull the replies to ``message_ids`` that have arrived (the wrapped grid's)."""
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages`` and return their replies, pulled every :attr:`poll` seconds.
+
+        Returns when every message has a reply or ``timeout`` seconds have passed
+        (``None``: no limit), as Flower's own ``send_and_receive`` does.
+        """
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            arrived = list(self.pull_messages(pending))
+            replies.extend(arrived)
+            pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll if deadline is None else max(0.0, min(self.poll, deadline - time.monotonic())))
+        return replies
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - anything else Flower adds (``close``, ...)
+        if name == "grid":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.grid, name)

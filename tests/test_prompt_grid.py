@@ -1,0 +1,76 @@
+"""The ServerApp's grid collects a round's replies as they arrive (every 0.2 s, not Flower's 3 s)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import server_app.orchestration.prompt_grid as prompt_grid
+from server_app.orchestration.prompt_grid import POLL_SECONDS, PromptGrid
+
+
+class SlowNodes:
+    """A grid whose node ``i``'s reply arrives at the ``i``-th pull; records every call."""
+
+    def __init__(self, arrive_at: dict[str, int]):
+        self.arrive_at, self.pulls, self.closed = arrive_at, 0, False
+
+    def push_messages(self, messages):
+        return [m.id for m in messages]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        ids = set(ids)
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+            for i, at in self.arrive_at.items()
+            if at == self.pulls and i in ids
+        ]
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake monotonic clock that ``time.sleep`` advances; records the sleeps."""
+    state = SimpleNamespace(now=0.0, sleeps=[])
+
+    def sleep(seconds):
+        state.sleeps.append(seconds)
+        state.now += seconds
+
+    monkeypatch.setattr(prompt_grid.time, "sleep", sleep)
+    monkeypatch.setattr(prompt_grid.time, "monotonic", lambda: state.now)
+    return state
+
+
+def _messages(*ids):
+    return [SimpleNamespace(id=i) for i in ids]
+
+
+def test_replies_are_pulled_every_poll_until_all_arrived(clock):
+    nodes = SlowNodes({"a": 1, "b": 3, "c": 4})
+    grid = PromptGrid(nodes)
+    replies = grid.send_and_receive(_messages("a", "b", "c"), timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
+    assert nodes.pulls == 4 and clock.sleeps == [POLL_SECONDS] * 3  # Flower's own grid sleeps 3 s each time
+
+
+def test_the_wait_ends_at_the_timeout_with_the_replies_that_came(clock):
+    nodes = SlowNodes({"a": 1, "b": 10_000})
+    replies = PromptGrid(nodes, poll=0.5).send_and_receive(_messages("a", "b"), timeout=2.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert clock.now == pytest.approx(2.0) and all(s <= 0.5 for s in clock.sleeps)
+
+
+def test_everything_else_is_the_wrapped_grids():
+    nodes = SlowNodes({})
+    grid = PromptGrid(nodes)
+    assert list(grid.get_node_ids()) == [1, 2, 3]
+    grid.close()
+    assert nodes.closed
