@@ -26,7 +26,7 @@ import test_resume
 from conftest import reviews_csv, tiny_bert_folder
 from safetensors.numpy import load_file
 
-from deploy.commands import superlink_command, supernode_command
+from deploy.commands import COMMAND_ENV, superlink_command, supernode_command
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 
@@ -112,6 +112,7 @@ def deployment(tmp_path_factory):
     )
     env = {
         **os.environ,
+        **COMMAND_ENV,  # the ServerApp runs in this environment: no per-run `uv sync` from the package index
         "FLWR_HOME": str(home),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",  # as Ray gives each simulated ClientApp (one CPU): the same float reductions
