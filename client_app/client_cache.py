@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset
 from torch import Tensor, nn
 
-#: Environment variable: megabytes of client objects one process keeps (0: keep only the one in use).
+#: Environment variable: megabytes of client objects one process keeps (0: only the node in use).
 BUDGET_ENV = "FEDGROW_CLIENT_CACHE_MB"
 #: Its default: about 25 clients of the image preset (each about 80 MB: rows, small and grown model, optimiser).
 DEFAULT_BUDGET_MB = 2048
@@ -87,13 +87,21 @@ class ClientCache:
     Parameters
     ----------
     budget : int, optional
-        Bytes of :func:`footprint` kept; ``None``: :func:`budget_bytes`. The
-        object just used is always kept, whatever its size.
+        Bytes of :func:`footprint` kept; ``None``: :func:`budget_bytes`.
+    group : callable, optional
+        ``group(key)``: the objects of one node (its setup, its client). The
+        group of the object used last is always kept, whatever its size, so a
+        node's client never loses the setup it was built from.
+
+    Footprints are measured whenever the cache is trimmed (after every
+    :meth:`get`), so an object that grew after it was built (optimiser moments
+    appear at the first step) counts at its current size.
     """
 
-    def __init__(self, budget: int | None = None):
+    def __init__(self, budget: int | None = None, group: Callable[[Hashable], Hashable] | None = None):
         self._budget = budget
-        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._group = group or (lambda key: key)
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
 
     @property
     def budget(self) -> int:
@@ -104,10 +112,10 @@ class ClientCache:
         """The object kept under ``key`` (now the most recently used), else ``build()``, kept."""
         if key in self._entries:
             self._entries.move_to_end(key)
-            return self._entries[key][0]
-        value = build()
-        self._entries[key] = (value, footprint(value))
-        self._trim()
+            value = self._entries[key]
+        else:
+            value = self._entries[key] = build()
+        self._trim(self._group(key))
         return value
 
     def drop(self, where: Callable[[Hashable], bool]) -> None:
@@ -125,14 +133,19 @@ class ClientCache:
 
     def items(self) -> list[tuple[Hashable, Any]]:
         """``(key, object)`` pairs kept, least recently used first."""
-        return [(k, v) for k, (v, _) in self._entries.items()]
+        return list(self._entries.items())
 
     @property
     def nbytes(self) -> int:
-        """The summed :func:`footprint` of what is kept (bytes)."""
-        return sum(size for _, size in self._entries.values())
+        """The summed :func:`footprint` of what is kept, measured now (bytes)."""
+        return sum(footprint(v) for v in self._entries.values())
 
-    def _trim(self) -> None:
+    def _trim(self, keep: Hashable) -> None:
         budget = self.budget
-        while len(self._entries) > 1 and self.nbytes > budget:
-            self._entries.popitem(last=False)
+        sizes = {k: footprint(v) for k, v in self._entries.items()}
+        total = sum(sizes.values())
+        for key in [k for k in self._entries if self._group(k) != keep]:  # least recently used first
+            if total <= budget:
+                break
+            total -= sizes[key]
+            del self._entries[key]

@@ -9,7 +9,7 @@ message, what the run config may choose:
 * its data (``dataset`` and its columns, or the shared sources the run may
   name, ``allowed-datasets``) and its small model (``model``);
 * its folders (``output-dir``, ``state-dir``, ``audit-dir``, ``cache-dir``);
-* its hardware (``device``: ``cpu``, ``cuda`` or ``cuda:N``, over the run config's default);
+* its hardware (``device``: ``cpu``, ``cuda`` or ``cuda:N``; a strict node never takes the run config's);
 * caps on the work one message may ask (``max-local-steps``,
   ``max-finetune-steps``, ``max-pretrain-steps``, ``max-batch-size``,
   ``max-sequence-length``, ``max-model-params``, ``max-message-seconds``);
@@ -129,8 +129,9 @@ class NodePolicy(BaseModel):
     output_dir, state_dir, audit_dir, cache_dir : str
         The node's folders ("" : its profile's default, see :meth:`node_folder`).
     device : str
-        The node's torch device (``auto``, ``cpu``, ``cuda``, ``cuda:N``); it wins over the run config's
-        ``device``, the server's default for every node ("" : that default).
+        The node's torch device (``auto``, ``cpu``, ``cuda``, ``cuda:N``, counting the GPUs its process
+        sees). "" : ``auto`` in ``strict`` (the node's hardware is not the server's to pick), the run
+        config's ``device`` in ``open``.
     max_local_steps, max_finetune_steps, max_pretrain_steps : int
         Optimiser steps one message may ask (steps).
     max_batch_size, max_sequence_length : int
@@ -344,8 +345,9 @@ class NodePolicy(BaseModel):
         used (the node's own, or none); the node's own data, and a shared
         source of ``allowed-datasets``, are read with the node's columns
         (``text``/``label``/``image`` unless it names others). In ``open`` a
-        key the node sets wins over the run config's. In both, the node's
-        ``device`` wins over the run config's.
+        key the node sets wins over the run config's. The device is the
+        node's ``device``; without one, ``auto`` in ``strict`` and the run
+        config's in ``open``.
         """
         columns = {"text_column": "text", "label_column": "label", "image_column": "image"} if self.strict else {}
         update: dict[str, Any] = {}
@@ -356,8 +358,8 @@ class NodePolicy(BaseModel):
             update["cache_dir"] = self.cache_dir
         if self.strict or self.audit_dir:
             update["audit_dir"] = self.audit_dir
-        if self.device:
-            update["device"] = self.device
+        if self.device or self.strict:
+            update["device"] = self.device or "auto"
         return run.model_copy(update=update) if update else run
 
 

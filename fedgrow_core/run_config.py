@@ -40,7 +40,7 @@ DP_CLIPPING = ("off", "fixed", "adaptive")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DEPTH_INITS = ("stackbert", "interlace", "identity")
 #: Run-config keys (attribute names) that may differ between a run and its resumption.
-RESUMABLE_CHANGES = frozenset({"num_server_rounds", "resume_from", "round_timeout", "audit_dir"})
+RESUMABLE_CHANGES = frozenset({"num_server_rounds", "resume_from", "round_timeout", "audit_dir", "device"})
 #: A device name: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 SHAPE_FORMAT = "'LxDxFxH' (layers x hidden x ffn x heads, e.g. '12x512x2048x16')"
@@ -340,7 +340,7 @@ class RunConfig(BaseModel):
     resume_from: str = _key(
         "",
         "A run folder to continue from its `checkpoint.safetensors`; every other key but `num-server-rounds`, "
-        "`round-timeout` and `audit-dir` must equal the checkpoint's",
+        "`round-timeout`, `audit-dir` and `device` must equal the checkpoint's",
         requires="empty unless the mode is checkpointed (`fedgrow`)",
     )
     seed: int = _key(0, "Seeds partitions, operators and data order")

@@ -72,6 +72,9 @@ class RunSummary(BaseModel):
     compute_floor_s: float = Field(description="compute_s / compute_cores")
     wall_over_floor: float | None
     final_rejected: list[dict[str, Any]] = Field(default_factory=list, description="final replies that failed checks")
+    preflight_refused: list[dict[str, Any]] = Field(
+        default_factory=list, description="nodes that refused the run at preflight (left out), with their reasons"
+    )
     global_ligo_relative_change: float | None = Field(
         default=None, description="how far the run moved the shared Global-LiGO (modes that share one)"
     )

@@ -110,7 +110,11 @@ def _write_results(
     if result.global_ligo is not None:
         write_global_ligo(run_dir, result.global_ligo.to_torch_state_dict())
     resumed_after = resume.server_round if resume is not None else 0
-    extra = {"final_rejected": result.final_rejected, "global_ligo_relative_change": None}
+    extra = {
+        "final_rejected": result.final_rejected,
+        "preflight_refused": result.preflight_refused,
+        "global_ligo_relative_change": None,
+    }
     if result.global_ligo is not None:  # how far the whole run moved the shared operator
         initial = {k: v.numpy() for k, v in ArrayRecord(initial_global_ligo(run).state_dict()).items()}
         final = {k: v.numpy() for k, v in result.global_ligo.items()}

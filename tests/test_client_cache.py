@@ -39,7 +39,7 @@ def test_footprint_counts_modules_optimiser_state_rows_and_nested_objects_once()
     assert footprint(h, depth=1) == _independent_bytes(h) - sum(p.numel() * 4 for p in h.setup.small.parameters())
 
 
-def test_the_least_recently_used_go_first_and_the_one_in_use_always_stays():
+def test_the_least_recently_used_go_first_and_the_node_in_use_always_stays():
     one = footprint(Holder(32))
     cache = ClientCache(budget=int(2.5 * one))
     built = []
@@ -59,6 +59,34 @@ def test_the_least_recently_used_go_first_and_the_one_in_use_always_stays():
     assert tiny.keys() == ["x"]  # over the budget on its own, but in use
     cache.drop(lambda key: key == "b")
     assert cache.keys() == ["d"]
+
+
+def test_a_nodes_objects_stay_together_while_it_is_served():
+    # a node's setup and client: (node, "setup") then (node, "client"); with a budget of 0 both stay while the
+    # node is in use, and both go when another node is served
+    cache = ClientCache(budget=0, group=lambda key: key[0])
+    cache.get(("n1", "setup"), lambda: Holder(16))
+    cache.get(("n1", "client"), lambda: Holder(16))
+    assert cache.keys() == [("n1", "setup"), ("n1", "client")]
+    cache.get(("n2", "setup"), lambda: Holder(16))
+    assert cache.keys() == [("n2", "setup")]
+
+
+def test_an_object_is_counted_at_its_current_size_when_the_cache_is_trimmed():
+    small = Holder(32)
+    fresh = nn.Linear(64, 64)
+    grows = type("Client", (), {})()
+    grows.model, grows.optimizer = fresh, torch.optim.AdamW(fresh.parameters())  # no moments yet
+    before = footprint(grows)
+    cache = ClientCache(budget=footprint(small) + before + 1000)
+    cache.get("grows", lambda: grows)
+    cache.get("small", lambda: small)
+    assert cache.keys() == ["grows", "small"]  # both fit
+    fresh(torch.ones(1, 64)).sum().backward()
+    grows.optimizer.step()  # the moments appear after the object was built and kept
+    assert footprint(grows) > 2 * before
+    cache.get("small", lambda: small)  # any use trims, at the sizes of now
+    assert cache.keys() == ["small"]
 
 
 def test_the_budget_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch):

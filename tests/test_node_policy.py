@@ -445,28 +445,38 @@ def test_every_policy_key_is_documented_for_node_operators():
 # --- each organisation picks its own hardware ----------------------------------------------------------------------
 
 
-def test_the_nodes_device_wins_over_the_run_configs(files, tmp_path, task_identity):
-    # the server's default names a GPU this machine does not have: a node without its own device fails preflight
-    # (the server gets the sanitised error; the node's log names the value); a node that sets device = "cpu"
-    # serves the same run on its CPU
+def test_the_node_picks_its_device_and_refuses_hardware_it_lacks_with_the_reason(files, tmp_path, task_identity):
     gpu_run = {"device": "cuda:99"}  # more GPUs than any machine here has
-    assert _refusal(_preflight(_context(_node(files, tmp_path), gpu_run))).startswith("ValueError")
-    with pytest.raises(ValueError, match=r"device = 'cuda:99', but this machine has [0-9]+ CUDA device"):
-        resolve_device("cuda:99")
+    # a strict node never takes the server's device: without its own it runs on `auto` (the CPU here)
+    assert not _preflight(_context(_node(files, tmp_path), gpu_run)).has_error()
     fedgrow_client._CLIENTS.clear()
-    context = _context(_node(files, tmp_path, device="cpu"), gpu_run)
+    # an open node takes the run config's as its default, and refuses a GPU it lacks, naming it
+    reason = _refusal(_preflight(_context(_node(files, tmp_path, **{"node-policy": "open"}), gpu_run)))
+    assert reason.startswith("RefusedMessage: device = 'cuda:99', but this machine has") and "CUDA device" in reason
+    fedgrow_client._CLIENTS.clear()
+    # the node's own device wins over the run config's, both ways
+    reason = _refusal(_preflight(_context(_node(files, tmp_path, device="cuda:99"), {"device": "cpu"})))
+    assert reason.startswith("RefusedMessage: device = 'cuda:99'")
+    fedgrow_client._CLIENTS.clear()
+    context = _context(_node(files, tmp_path, **{"node-policy": "open", "device": "cpu"}), gpu_run)
     reply = _preflight(context)
     assert not reply.has_error(), reply.error.reason
     ((key, setup),) = [(k, v) for k, v in fedgrow_client._CLIENTS.items() if k[-1] == "setup"]
     assert setup.device == torch.device("cpu")
-    policy = NodePolicy.from_node_config({"device": "cuda:3"})
-    assert policy.effective_run(RunConfig(device="cpu")).device == "cuda:3"
-    assert NodePolicy.from_node_config({}).effective_run(RunConfig(device="cuda")).device == "cuda"
+    with pytest.raises(ValueError, match=r"device = 'cuda:99', but this machine has [0-9]+ CUDA device"):
+        resolve_device("cuda:99")
+    assert NodePolicy.from_node_config({"device": "cuda:3"}).effective_run(RunConfig(device="cpu")).device == "cuda:3"
+    assert NodePolicy.from_node_config({}).effective_run(RunConfig(device="cuda")).device == "auto"
+    open_policy = NodePolicy.from_node_config({}, simulation=True)
+    assert open_policy.effective_run(RunConfig(device="cuda")).device == "cuda"
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:-1", "CPU"])
-def test_a_device_name_that_is_none_is_refused_by_name(device):
+def test_a_device_name_that_is_none_is_refused_by_name(device, files, tmp_path, task_identity):
     with pytest.raises(NodePolicyError, match=f"device = '{device}'"):
         NodePolicy.from_node_config({"device": device})
+    # at preflight too: the server gets the reason
+    reason = _refusal(_preflight(_context(_node(files, tmp_path, device=device))))
+    assert reason.startswith("NodePolicyError: bad node config") and f"device = '{device}'" in reason
     with pytest.raises(ValueError, match=f"device = '{device}': expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"):
         RunConfig(device=device)

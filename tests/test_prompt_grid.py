@@ -14,18 +14,18 @@ class SlowNodes:
     """A grid whose node ``i``'s reply arrives at the ``i``-th pull; records every call."""
 
     def __init__(self, arrive_at: dict[str, int]):
-        self.arrive_at, self.pulls, self.closed = arrive_at, 0, False
+        self.arrive_at, self.pulls, self.closed, self.asked = arrive_at, 0, False, []
 
     def push_messages(self, messages):
         return [m.id for m in messages]
 
     def pull_messages(self, ids):
         self.pulls += 1
-        ids = set(ids)
+        self.asked.append(list(ids))
         return [
             SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
-            for i, at in self.arrive_at.items()
-            if at == self.pulls and i in ids
+            for i in ids
+            if self.arrive_at.get(i) == self.pulls
         ]
 
     def get_node_ids(self):
@@ -59,6 +59,9 @@ def test_replies_are_pulled_every_poll_until_all_arrived(clock):
     replies = grid.send_and_receive(_messages("a", "b", "c"), timeout=60)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
     assert nodes.pulls == 4 and clock.sleeps == [POLL_SECONDS] * 3  # Flower's own grid sleeps 3 s each time
+    # each pull asks for the replies still missing, in the order the messages were pushed (an in-process grid
+    # serves them in that order, so a run does not depend on the iteration order of a set of ids)
+    assert nodes.asked == [["a", "b", "c"], ["b", "c"], ["b", "c"], ["c"]]
 
 
 def test_the_wait_ends_at_the_timeout_with_the_replies_that_came(clock):

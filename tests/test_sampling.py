@@ -7,7 +7,8 @@ the schedule is fixed. The grid records, round by round, which nodes were sent
 what and what each node's ``Context.state`` held. A node that is not sampled
 keeps its private state untouched and rejoins from it; a node whose first
 round is not round 1 starts from the Global-LiGO of that round, the one every
-sampled node receives, which the earlier rounds moved.
+sampled node receives and the server's own checkpoint holds, which the earlier
+rounds moved.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from benchmarks.in_process_grid import federation
 from benchmarks.robustness import small_vit_config
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
+from server_app.persistence.checkpoint import CHECKPOINT_FILE, read_checkpoint
 
 NODES, ROUNDS, LOCAL_STEPS = 5, 4, 2
 SAMPLING = {
@@ -59,13 +61,18 @@ def sampled_run(tmp_path_factory):
     def record(sent, replies):
         grow = [m for m in sent if m.content["config"].get("phase") == "grow"]
         if grow:
+            # the server's checkpoint now is the one after the previous round (this round's is written after
+            # its aggregation): the Global-LiGO the server holds, read from its own file
+            written = list(Path(config["output-dir"]).glob(f"*/{CHECKPOINT_FILE}"))
+            held = read_checkpoint(written[0].parent) if written else None
             # what every node held right after this round, and what the sampled ones were sent and replied
             rounds.append(
                 {
                     "sampled": sorted(m.metadata.dst_node_id for m in grow),
-                    "sent": {m.metadata.dst_node_id: m.content["arrays"].to_numpy_ndarrays() for m in grow},
+                    "sent": {m.metadata.dst_node_id: dict(m.content["arrays"].items()) for m in grow},
                     "replied": {r.metadata.src_node_id: not r.has_error() for r in replies},
                     "state": {n: _private(spec.context) for n, spec in grid.nodes.items()},
+                    "server_held": None if held is None else (held.server_round, dict(held.global_ligo.items())),
                 }
             )
         return replies
@@ -116,11 +123,13 @@ def test_a_node_not_sampled_keeps_its_private_state_and_rejoins_from_it(sampled_
                     assert after["round"] == before["round"]
                     assert after["arrays"].keys() == before["arrays"].keys()
                     assert all(np.array_equal(after["arrays"][k], before["arrays"][k]) for k in before["arrays"])
-            else:  # sampled: it went on from its own last round (its step count continues)
+            else:  # sampled: it went on from its own last round (its batch position and AdamW moments continue)
                 last = [s for s in served if s < r]
                 assert after["round"] == r
                 steps = int(after["arrays"]["data.steps"])
                 assert steps == LOCAL_STEPS * (len(last) + 1), (node, r, served, steps)
+                adam = [int(v) for k, v in after["arrays"].items() if k.startswith("optimizer.") and k.endswith("step")]
+                assert adam and set(adam) == {steps}, (node, r, set(adam))
                 if last and r - last[-1] > 1:  # a rejoin after a gap
                     checked += 1
     assert checked >= 1
@@ -128,16 +137,20 @@ def test_a_node_not_sampled_keeps_its_private_state_and_rejoins_from_it(sampled_
 
 def test_a_node_that_joins_after_round_one_starts_from_the_current_global_ligo(sampled_run):
     rounds, initial = sampled_run["rounds"], sampled_run["initial"]
-    initial_flat = np.concatenate([v.numpy().ravel() for v in initial.values()])
+    names = sorted(initial)
+    initial_flat = np.concatenate([initial[k].numpy().ravel() for k in names])
     late = [(node, served[0]) for node, served in _schedule(sampled_run).items() if served[0] > 1]
     assert late
     for node, first in late:
         entry = rounds[first - 1]
-        received = np.concatenate([a.ravel() for a in entry["sent"][node]])
-        # the same Global-LiGO every node sampled in that round receives ...
+        received = np.concatenate([entry["sent"][node][k].numpy().ravel() for k in names])
+        # exactly the Global-LiGO the server held after the round before (its checkpoint) ...
+        held_round, held = entry["server_held"]
+        assert held_round == first - 1
+        assert np.array_equal(received, np.concatenate([held[k].numpy().ravel() for k in names]))
+        # ... which every node sampled in that round receives, and which the earlier rounds moved
         for other, arrays in entry["sent"].items():
-            assert np.array_equal(received, np.concatenate([a.ravel() for a in arrays])), (node, other)
-        # ... which the earlier rounds moved away from the initial operator
+            assert np.array_equal(received, np.concatenate([arrays[k].numpy().ravel() for k in names])), other
         assert np.linalg.norm(received - initial_flat) > 1e-6 * np.linalg.norm(initial_flat)
         # and the node had no private state before: its Local-LiGO starts fresh, its step count at 0
         assert rounds[first - 2]["state"][node] is None

@@ -58,38 +58,72 @@ class PreflightError(RuntimeError):
     """Raised when a node cannot set up its model and data; names every failing node and why."""
 
 
-def preflight(grid: Grid, timeout: float) -> dict[int, dict]:
+#: Error types whose reply means the node refuses the run (its own policy or hardware), not that the run is broken.
+NODE_REFUSALS = ("RefusedMessage", "NodePolicyError")
+
+
+def preflight(grid: Grid, timeout: float, min_nodes: int = 1) -> tuple[dict[int, dict], list[dict]]:
     """Before any training, ask every node to load its model and data (a ``query`` message).
 
     Each client builds its setup (the run config checked, its small model and
     data partition loaded, its paths resolved) and replies with its partition
     id and row counts; building it now also warms the client's cache for round 1.
 
+    A node that refuses the run (an error reply of a type in
+    :data:`NODE_REFUSALS`: its policy, or hardware it lacks) is left out of the
+    run: it is logged with its reason, and a :class:`PromptGrid` stops listing
+    it, so it is sent nothing more. The others go on.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        The run's grid; every node it lists is asked.
+    timeout : float
+        Seconds to wait for the replies.
+    min_nodes : int
+        The fewest nodes that must accept the run (``min-train-nodes``).
+
     Returns
     -------
-    dict of int to dict
+    tuple of (dict of int to dict, list of dict)
         Node id -> the reply's metrics (``partition-id``, ``train-examples``,
-        ``test-examples``); the counts cap the node's later replies.
+        ``test-examples``; the counts cap the node's later replies), and one
+        ``{"node_id", "reason"}`` per node that refused.
 
     Raises
     ------
     PreflightError
-        If any node replied with an error, with a reply that does not match
-        :data:`PREFLIGHT_SCHEMA`, or did not reply within ``timeout`` seconds;
-        the message lists every such node with its reason.
+        If any node replied with another error, with a reply that does not match
+        :data:`PREFLIGHT_SCHEMA`, or did not reply within ``timeout`` seconds, or
+        if fewer than ``min_nodes`` nodes accepted; the message lists every
+        such node with its reason.
     """
     sent = list(grid.get_node_ids())
     replies = _send(grid, ArrayRecord(), Instruction(Phase.PREFLIGHT), MessageType.QUERY, timeout)
-    problems = [f"node {m.metadata.src_node_id}: {last_line(m.error.reason)}" for m in replies if m.has_error()]
+    problems, refused = [], []
     for m in replies:
-        problem = None if m.has_error() else reply_problem(m.content, PREFLIGHT_SCHEMA)
-        if problem:
-            problems.append(f"node {m.metadata.src_node_id}: malformed preflight reply: {problem}")
+        node = m.metadata.src_node_id
+        if m.has_error():
+            reason = last_line(m.error.reason)
+            if reason.split(":", 1)[0] in NODE_REFUSALS:
+                refused.append({"node_id": node, "reason": reason})
+            else:
+                problems.append(f"node {node}: {reason}")
+        elif problem := reply_problem(m.content, PREFLIGHT_SCHEMA):
+            problems.append(f"node {node}: malformed preflight reply: {problem}")
     replied = {m.metadata.src_node_id for m in replies}
     problems += [f"node {n}: no reply within {timeout:g} s" for n in sent if n not in replied]
+    accepted = {m.metadata.src_node_id: dict(m.content["metrics"]) for m in replies if not m.has_error()}
+    if not problems and len(accepted) < min_nodes:
+        problems = [f"node {r['node_id']} refused: {r['reason']}" for r in refused]
+        problems.append(f"{len(accepted)} node(s) accepted the run, fewer than min-train-nodes = {min_nodes}")
     if problems:
         raise PreflightError("preflight failed, no training started:\n  " + "\n  ".join(problems))
-    return {m.metadata.src_node_id: dict(m.content["metrics"]) for m in replies}
+    for r in refused:
+        log(WARNING, "preflight: node %d refused the run and is left out: %s", r["node_id"], r["reason"])
+    if refused and hasattr(grid, "exclude"):
+        grid.exclude(r["node_id"] for r in refused)
+    return accepted, refused
 
 
 def shared_rounds(

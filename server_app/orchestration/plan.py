@@ -10,7 +10,7 @@ runs are in :mod:`fedgrow_core.modes` (docs/method.md, "Modes").
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Message
@@ -40,12 +40,15 @@ class ModeResult:
         ``{"node_id", "reason"}`` per final reply that failed its checks.
     global_ligo : ArrayRecord or None
         The final Global-LiGO, for modes that train one.
+    preflight_refused : list of dict
+        ``{"node_id", "reason"}`` per node that refused the run at preflight (left out of it).
     """
 
     entries: list[dict]
     final_replies: list[Message]
     final_rejected: list[dict]
     global_ligo: ArrayRecord | None = None
+    preflight_refused: list[dict] = field(default_factory=list)
 
 
 def run_mode(
@@ -69,12 +72,13 @@ def run_mode(
     ValueError
         For a mode that is not registered (``RunConfig`` rejects it earlier).
     server_app.orchestration.phases.PreflightError
-        If a node cannot set up; nothing has been trained then.
+        If a node cannot set up, or fewer than ``min-train-nodes`` accept the run; nothing has been trained
+        then. Nodes that refuse the run are left out (``preflight_refused``).
     """
     mode = get_mode(run.mode)
     t = run.round_timeout  # seconds per exchange
     report = on_round or (lambda entry: None)
-    rows = preflight(grid, t)
+    rows, refused = preflight(grid, t, run.min_train_nodes)
     caps = {node: int(m[TRAIN_EXAMPLES]) for node, m in rows.items()}
     keep_dir = run_dir if mode.checkpointed else None
     arrays, entries = ArrayRecord(), []
@@ -107,4 +111,4 @@ def run_mode(
     last_round = run.num_server_rounds if mode.checkpointed else 0
     replies, rejected = final_phase(grid, arrays, t, last_round, tag, preflight_rows=rows, resumed_after=resumed)
     global_ligo = arrays if mode.global_ligo is GlobalLigo.SHARED else None
-    return ModeResult(entries, replies, rejected, global_ligo)
+    return ModeResult(entries, replies, rejected, global_ligo, refused)

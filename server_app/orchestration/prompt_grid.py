@@ -4,8 +4,9 @@ Flower's deployed and simulated grids (``flwr.superlink.grid.HttpGrid``) wait
 for replies in ``send_and_receive`` by pulling from the SuperLink, then
 sleeping 3 s between pulls: a round whose last reply arrives just after a pull
 waits up to 3 s more, in every round. :class:`PromptGrid` wraps the grid Flower
-gives the ServerApp and pulls every :data:`POLL_SECONDS` instead; everything
-else (pushing, pulling, node ids, the run) is the wrapped grid's own.
+gives the ServerApp and pulls every :data:`POLL_SECONDS` instead, and leaves
+out the nodes that refused the run at preflight (:meth:`PromptGrid.exclude`);
+everything else (pushing, pulling, the run) is the wrapped grid's own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class PromptGrid(Grid):
     def __init__(self, grid: Grid, poll: float = POLL_SECONDS):
         self.grid = grid
         self.poll = poll
+        #: Nodes left out of the run (:meth:`exclude`): never listed, so never sampled or sent anything.
+        self.excluded: set[int] = set()
+
+    def exclude(self, node_ids: Iterable[int]) -> None:
+        """Leave ``node_ids`` out of the run: :meth:`get_node_ids` no longer lists them."""
+        self.excluded.update(node_ids)
 
     def set_run(self, run) -> None:  # noqa: ANN001 - Flower's signature
         """Set the wrapped grid's run."""
@@ -49,8 +56,8 @@ class PromptGrid(Grid):
         return self.grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
-        """The ids of the connected nodes (the wrapped grid's)."""
-        return self.grid.get_node_ids()
+        """The ids of the connected nodes (the wrapped grid's), less the excluded ones."""
+        return [n for n in self.grid.get_node_ids() if n not in self.excluded]
 
     def get_nodes(self):  # noqa: ANN201 - Flower's signature
         """The connected nodes (the wrapped grid's)."""
@@ -70,13 +77,14 @@ class PromptGrid(Grid):
         Returns when every message has a reply or ``timeout`` seconds have passed
         (``None``: no limit), as Flower's own ``send_and_receive`` does.
         """
-        pending = set(self.push_messages(messages))
+        pending = dict.fromkeys(self.push_messages(messages))  # in the order pushed: pulls ask in that order
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
-            arrived = list(self.pull_messages(pending))
+            arrived = list(self.pull_messages(list(pending)))
             replies.extend(arrived)
-            pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            for m in arrived:
+                pending.pop(m.metadata.reply_to_message_id, None)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll if deadline is None else max(0.0, min(self.poll, deadline - time.monotonic())))

@@ -193,7 +193,7 @@ def build_summary(
     """The run's ``summary.json`` content, of the schema :class:`fedgrow_core.run_summary.RunSummary` declares.
 
     ``extra`` holds the keys the ServerApp adds (``final_rejected``,
-    ``global_ligo_relative_change``).
+    ``preflight_refused``, ``global_ligo_relative_change``).
 
     Keys: ``mode``, ``strategy``, ``seed``, ``dirichlet_alpha``, ``rounds``
     (rounds run, collection included), ``intermediate_shape``, ``target_shape``,
