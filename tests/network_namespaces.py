@@ -6,7 +6,10 @@ other end is a port of a bridge. The bridge lives in a namespace of its own
 (the switch), so the machine's own interfaces, routes and firewall rules are
 never touched, and deleting the namespaces removes every veth and the bridge
 with them. Namespace names carry a per-run tag (the test's pid), so parallel
-runs cannot collide; interface names are private to their namespace.
+runs cannot collide; interface names are private to their namespace. Before the
+namespaces are deleted, every process still inside one of them (``ip netns
+pids``) is stopped, SIGTERM then SIGKILL, so none outlives its host, not even
+one reparented away from the processes this module started.
 
 :class:`HostProcesses` starts every process inside its host's namespace
 (``ip netns exec``), in its own session, with its output in a log file, and
@@ -50,6 +53,31 @@ def namespaces_unavailable() -> str | None:
     return None
 
 
+def namespace_pids(netns: str) -> list[int]:
+    """The pids of the processes inside network namespace ``netns`` (``ip netns pids``); [] if it is gone."""
+    done = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
+
+
+def stop_processes_in(namespaces: list[str], grace: float = 5.0) -> list[int]:
+    """SIGTERM to every process inside ``namespaces``, SIGKILL to those still there after ``grace`` s.
+
+    Every process inside these namespaces was started by the test that made them,
+    so none is spared. Returns the pids found there at first.
+    """
+    found = [p for ns in namespaces for p in namespace_pids(ns)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in (p for ns in namespaces for p in namespace_pids(ns)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while any(namespace_pids(ns) for ns in namespaces) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return found
+
+
 def namespace_names() -> set[str]:
     """The names of this machine's named network namespaces (``ip netns list``)."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -87,6 +115,7 @@ class Network:
         self.switch = f"{tag}-switch"
         self.hosts: dict[str, Host] = {}
         self.namespaces: list[str] = []
+        self.stray_pids: list[int] = []
         try:
             self._add_namespace(self.switch)
             _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
@@ -122,7 +151,12 @@ class Network:
         _ip("-n", self.switch, "link", "set", host.port, "up")
 
     def close(self) -> list[str]:
-        """Delete every namespace (their veths and the bridge go with them); returns those still listed."""
+        """Stop every process inside the namespaces, then delete them (their veths and the bridge go with them).
+
+        Returns the namespaces still listed afterwards. The pids that were still
+        inside a namespace are kept in :attr:`stray_pids`.
+        """
+        self.stray_pids = stop_processes_in(self.namespaces)
         for name in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
         return sorted(namespace_names() & set(self.namespaces))

@@ -31,8 +31,19 @@ meets the faults, then is resumed:
   disk: the restarted SuperNode 2's step count goes on from round 1's, not from
   zero.
 
-Every process is stopped by its own pid or process group and every namespace
-deleted afterwards, even on failure. The module is skipped where network
+Before the run, two strangers try to join, each from a host of its own
+(10.77.0.6 and 10.77.0.7) with the SuperNode command: one with a key pair that
+was never registered, one with the right key but a second CA's certificate
+(another ``generate_certs.sh``) as its root certificate. Both are refused: the
+process exits non-zero and is never listed. The SuperLink logs the first (an
+``ERROR`` naming the public key, and the request's address with status 412);
+the second never reaches it (the node cannot verify the SuperLink's certificate
+and aborts the TLS handshake, which Flower 1.41's SuperLink logs at no log
+level), so its log names no request from that address.
+
+Every process is stopped by its own pid or process group, every process still
+inside a namespace is stopped, and every namespace deleted afterwards, even on
+failure. The module is skipped where network
 namespaces cannot be made (it needs root or CAP_NET_ADMIN, and ``ip``).
 """
 
@@ -49,6 +60,7 @@ from pathlib import Path
 
 import pytest
 from conftest import reviews_csv, tiny_bert_folder
+from cryptography.hazmat.primitives import serialization
 from network_namespaces import HostProcesses, Network, namespace_names, namespaces_unavailable
 from safetensors.numpy import load_file
 
@@ -70,9 +82,11 @@ ROUNDS = 3
 #: heartbeats, every 17.5 to 22.5 s, counts as gone 60 s after its last one), so a round that misses a node
 #: ends at this timeout.
 ROUND_TIMEOUT = 35
-#: Seconds a round may take beyond ROUND_TIMEOUT (the server polls for replies every 3 s, then aggregates).
+#: Seconds a round may take beyond ROUND_TIMEOUT: the server pulls replies every 0.2 s
+#: (``server_app/orchestration/prompt_grid.py``), then aggregates and writes its checkpoint.
 MARGIN = 10
 KILLED, UNPLUGGED = 2, 1  # in round 2, SuperNode 2 is killed and SuperNode 1's cable is cut
+STRANGERS = ("unregistered", "wrong-ca")  # at 10.77.0.6 and 10.77.0.7
 
 
 def _wait(what: str, condition, timeout: float, logs=lambda: "", every: float = 0.2) -> float:
@@ -118,6 +132,12 @@ def federation(tmp_path_factory):
         capture_output=True,
     )
     certs, keys = tmp / "secrets/certificates", tmp / "secrets/keys"
+    # the strangers': another CA (its certificate) and a key pair that is never registered
+    subprocess.run(
+        ["bash", str(ROOT / "deploy/generate_certs.sh"), str(tmp / "stranger"), "1", "IP:10.77.0.1"],
+        check=True,
+        capture_output=True,
+    )
     models = [tiny_bert_folder(tmp / f"bert-{i}", 1 + i % 2, 32, 2, 64, i) for i in range(NODES)]
     reviews_csv(tmp / "reviews.csv", 240)
     base_env = {
@@ -139,7 +159,7 @@ def federation(tmp_path_factory):
     net = Network(f"fg{os.getpid()}")
     procs = HostProcesses(base_env, tmp)
     result: dict = {"tmp": tmp, "net_tag": net.tag, "logs": {}}
-    names = ("run-1", "run-2", "superlink", *(f"supernode-{i}" for i in range(NODES)))
+    names = ("run-1", "run-2", "superlink", *(f"supernode-{i}" for i in range(NODES)), *STRANGERS)
 
     def logs() -> str:
         return "".join(f"--- {n}\n{procs.log(n)[-2500:]}\n" for n in names if procs.log(n))
@@ -148,6 +168,7 @@ def federation(tmp_path_factory):
         link = net.add_host("superlink")
         hosts = [net.add_host(f"node{i}") for i in range(NODES)]
         cli = net.add_host("cli")
+        stranger_hosts = {name: net.add_host(f"stranger{k}") for k, name in enumerate(STRANGERS)}
         assert link.address == "10.77.0.1"  # the certificate's subjectAltName
         superlink = f"{link.address}:{SUPERLINK_PORT}"
         cli_env = env("cli")
@@ -217,6 +238,33 @@ def federation(tmp_path_factory):
 
         _wait("every SuperNode online", all_online, 90, logs, every=2)
         result["node_ids"] = {i: node_id(i) for i in range(NODES)}
+
+        # two strangers try to join with the SuperNode command: a key that was never registered, and
+        # SuperNode 0's registered key with another CA's certificate (so it cannot verify the SuperLink's)
+        stranger_config = {"partition-id": 0, "num-partitions": NODES}
+        stranger_cmds = {
+            "unregistered": supernode_command(
+                superlink, str(certs / "ca.crt"), str(tmp / "stranger/keys/supernode_0"), stranger_config
+            ),
+            "wrong-ca": supernode_command(
+                superlink, str(tmp / "stranger/certificates/ca.crt"), str(keys / "supernode_0"), stranger_config
+            ),
+        }
+        strangers_from = time.monotonic()
+        tried = {n: procs.start(n, stranger_hosts[n], stranger_cmds[n], env=env(n)) for n in STRANGERS}
+        deadline = time.monotonic() + 60
+        for proc in tried.values():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        procs.remember_children()
+        result["strangers"] = {n: tried[n].poll() for n in STRANGERS}  # None: still running, let in
+        result["stranger_addresses"] = {n: h.address for n, h in stranger_hosts.items()}
+        for n in STRANGERS:
+            procs.kill(n)
+        result["listed_with_strangers"] = set(nodes_listed())
+        result["strangers_s"] = time.monotonic() - strangers_from
 
         out = tmp / "server-out"
         config = {
@@ -328,6 +376,7 @@ def federation(tmp_path_factory):
         procs.stop_all()
         result["logs"] = {n: procs.log(n) for n in names}
         result["namespaces_left"] = net.close()
+        result["stray_pids"] = net.stray_pids
     return result
 
 
@@ -418,6 +467,37 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_run_resumes_from_its_chec
     assert sorted(summary["rounds_log"][2]["accepted_nodes"]) == sorted(ids)  # round 3: everyone back
     # the node that never stopped: its round 3 went on from its round 2, written before the restart
     assert _steps(federation, 0, ROUNDS, f"run-{federation['run2_id']}") == ROUNDS * LOCAL_STEPS
+
+
+def _public_key_pem(private_key: Path) -> bytes:
+    """The PEM public key of an OpenSSH private key file, as the SuperLink logs it (``SubjectPublicKeyInfo``)."""
+    key = serialization.load_ssh_private_key(private_key.read_bytes(), password=None)
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_a_stranger_with_an_unregistered_key_is_refused_and_logged_on_the_superlink(federation):
+    assert federation["strangers"]["unregistered"] not in (None, 0)  # exited by itself, refused
+    assert "Failed to activate SuperNode" in federation["logs"]["unregistered"]
+    assert federation["listed_with_strangers"] == set(federation["node_ids"].values())
+    superlink = federation["logs"]["superlink"]
+    # the SuperLink logs the refusal (an ERROR at its default level) with the key, and the request with its address
+    key = _public_key_pem(federation["tmp"] / "stranger/keys/supernode_0")
+    assert (
+        f"[/v1/fleet/activate-node][ApiError:2004] Attempted to register SuperNode with public key: {key!r}, "
+        "exception: No SuperNode found with the given public key." in superlink
+    )
+    address = re.escape(federation["stranger_addresses"]["unregistered"])
+    assert re.search(rf'{address}:\d+ - "POST /v1/fleet/activate-node HTTP/1\.1" 412', superlink)
+
+
+def test_a_stranger_with_another_ca_is_refused_before_it_reaches_the_superlink(federation):
+    assert federation["strangers"]["wrong-ca"] not in (None, 0)  # exited by itself, refused
+    log = federation["logs"]["wrong-ca"]
+    assert "SSL/TLS handshake error detected." in log and "CERTIFICATE_VERIFY_FAILED" in log
+    # The node cannot verify the SuperLink's certificate and aborts the TLS handshake, so no request ever
+    # reaches the SuperLink; Flower 1.41's SuperLink (uvicorn on uvloop) logs no failed handshake at any
+    # log level, so its log names no request from that address, though the key is registered and online.
+    assert f"{federation['stranger_addresses']['wrong-ca']}:" not in federation["logs"]["superlink"]
 
 
 def test_nothing_is_left_running_or_configured(federation):
