@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def _ip(*args: str) -> None:
+def ip(*args: str) -> None:
+    """Run ``ip <args>``; raises ``RuntimeError`` with its stderr if it fails."""
     done = subprocess.run(["ip", *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
@@ -118,37 +119,37 @@ class Network:
         self.stray_pids: list[int] = []
         try:
             self._add_namespace(self.switch)
-            _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-            _ip("-n", self.switch, "link", "set", "br0", "up")
+            ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            ip("-n", self.switch, "link", "set", "br0", "up")
         except Exception:
             self.close()
             raise
 
     def _add_namespace(self, name: str) -> None:
-        _ip("netns", "add", name)
+        ip("netns", "add", name)
         self.namespaces.append(name)  # ours from here: close() deletes it, even if what follows fails
-        _ip("-n", name, "link", "set", "lo", "up")  # a fresh namespace's loopback is down
+        ip("-n", name, "link", "set", "lo", "up")  # a fresh namespace's loopback is down
 
     def add_host(self, role: str) -> Host:
         """A new host named ``role``: its namespace, a veth pair to the bridge, its address, all links up."""
         index = len(self.hosts) + 1
         host = Host(role, f"{self.tag}-{role}", f"{self.prefix}.{index}", f"port{index}")
         self._add_namespace(host.netns)
-        _ip("-n", self.switch, "link", "add", host.port, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
-        _ip("-n", self.switch, "link", "set", host.port, "master", "br0")
-        _ip("-n", self.switch, "link", "set", host.port, "up")
-        _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
-        _ip("-n", host.netns, "link", "set", "eth0", "up")
+        ip("-n", self.switch, "link", "add", host.port, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+        ip("-n", self.switch, "link", "set", host.port, "master", "br0")
+        ip("-n", self.switch, "link", "set", host.port, "up")
+        ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
+        ip("-n", host.netns, "link", "set", "eth0", "up")
         self.hosts[role] = host
         return host
 
     def cut(self, host: Host) -> None:
         """Unplug ``host``'s cable: its bridge port down (the host's own ``eth0`` loses its carrier)."""
-        _ip("-n", self.switch, "link", "set", host.port, "down")
+        ip("-n", self.switch, "link", "set", host.port, "down")
 
     def reconnect(self, host: Host) -> None:
         """Plug ``host``'s cable back in."""
-        _ip("-n", self.switch, "link", "set", host.port, "up")
+        ip("-n", self.switch, "link", "set", host.port, "up")
 
     def close(self) -> list[str]:
         """Stop every process inside the namespaces, then delete them (their veths and the bridge go with them).

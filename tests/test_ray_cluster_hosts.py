@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from network_namespaces import ip, namespaces_unavailable, stop_processes_in
 
 VENV_BIN = Path(sys.executable).parent
 HEAD_IP, WORKER_IP, GCS_PORT = "10.78.0.1", "10.78.0.2", 6379
@@ -105,52 +106,10 @@ def _run(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
 
 
-def _ip(*args: str) -> None:
-    done = _run("ip", *args)
-    if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-
-
-def _namespaces_unavailable() -> str | None:
-    """Why network namespaces with a veth pair cannot be made here, or ``None`` (makes and deletes a probe)."""
-    if shutil.which("ip") is None:
-        return "no `ip` command (iproute2)"
-    probe = f"fgrprobe{os.getpid()}"
-    made = _run("ip", "netns", "add", probe)
-    if made.returncode != 0:
-        return f"cannot create a network namespace (needs root or CAP_NET_ADMIN): {made.stderr.strip()}"
-    try:
-        veth = _run("ip", "-n", probe, "link", "add", "pa", "type", "veth", "peer", "name", "pb")
-        if veth.returncode != 0:
-            return f"cannot create a veth pair in a network namespace: {veth.stderr.strip()}"
-    finally:
-        _run("ip", "netns", "delete", probe)
-    return None
-
-
-def _namespace_pids(netns: str) -> list[int]:
-    done = _run("ip", "netns", "pids", netns)
-    return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
-
-
-def _stop_everything_in(namespaces: list[str]) -> None:
-    """SIGTERM, then SIGKILL, to every process inside ``namespaces`` (all of them started by this test)."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        pids = [p for ns in namespaces for p in _namespace_pids(ns)]
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while any(_namespace_pids(ns) for ns in namespaces) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def hosts():
     """Two namespaces ``(head, worker)`` joined by a veth pair: 10.78.0.1 and 10.78.0.2, ``lo`` up in each."""
-    reason = _namespaces_unavailable()
+    reason = namespaces_unavailable()
     if reason:
         pytest.skip(reason)
     tag = os.getpid()
@@ -158,19 +117,19 @@ def hosts():
     made: list[str] = []
     try:
         for ns in (head, worker):
-            _ip("netns", "add", ns)
+            ip("netns", "add", ns)
             made.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", head, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", worker)
-        for ns, ip in ((head, HEAD_IP), (worker, WORKER_IP)):
-            _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", head, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", worker)
+        for ns, address in ((head, HEAD_IP), (worker, WORKER_IP)):
+            ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
             # A default route, so that Ray's own address detection (a UDP "connect" to a public
             # address; nothing is sent) finds this host's address and not 127.0.0.1.
-            _ip("-n", ns, "route", "add", "default", "dev", "eth0")
+            ip("-n", ns, "route", "add", "default", "dev", "eth0")
         yield head, worker
     finally:
-        _stop_everything_in(made)
+        stop_processes_in(made)
         for ns in made:
             _run("ip", "netns", "delete", ns)
 
@@ -239,7 +198,7 @@ def ray_cluster(hosts):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
-        _stop_everything_in(list(hosts))  # workers the raylets started in sessions of their own
+        stop_processes_in(list(hosts))  # workers the raylets started in sessions of their own
         for log in logs:
             log.close()
         shutil.rmtree(root, ignore_errors=True)
