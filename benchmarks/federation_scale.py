@@ -48,7 +48,7 @@ import tomllib
 from pathlib import Path
 
 from experiments.flower_launcher import flwr_run, prepare_flwr_home, processes_started_for, stop_local_superlink
-from experiments.runner import run_overrides
+from experiments.runner import run_overrides, toml_text
 from fedgrow_core.protocol import Phase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def federation_config(work: Path, num_nodes: int) -> Path:
     base = tomllib.loads((ROOT / "flwr_home" / "federation.toml").read_text())
     base["num-supernodes"] = num_nodes
     path = work / "federation.toml"
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in base.items()))
+    path.write_text(toml_text(base))
     return path
 
 
@@ -161,14 +161,20 @@ def state_bytes_per_node(output: Path) -> float:
 
 
 def run_size(num_nodes: int, overrides: list[str], work: Path) -> dict:
-    """One ``flwr run`` of ``num_nodes`` SuperNodes; returns the size's measurements."""
+    """One ``flwr run`` of ``num_nodes`` SuperNodes; returns the size's measurements (the keys of the module doc).
+
+    Raises
+    ------
+    RuntimeError
+        If the run was served by a local SuperLink this benchmark did not start, or failed (naming its log).
+    """
     home = prepare_flwr_home(work / "flwr-home")
     federation = federation_config(work, num_nodes)
     fraction = SAMPLED.get(num_nodes, 1.0)
     config = work / "run.toml"
     keys = run_overrides(PRESET, [*SCALE_RUN, f"fraction-train={fraction}", *overrides])
     keys["output-dir"] = str(work / "output")
-    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    config.write_text(toml_text(keys))
     sampler = MemorySampler(home)
     sampler.start()
     start = time.perf_counter()
@@ -187,12 +193,13 @@ def run_size(num_nodes: int, overrides: list[str], work: Path) -> dict:
     if status != 0 or not summaries:
         raise RuntimeError(f"flwr run with {num_nodes} SuperNodes failed (exit {status}); see {work / 'flwr.log'}")
     summary = json.loads(summaries[-1].read_text())
-    rounds = round_costs(summary, parallel_clients(federation))
+    parallel = parallel_clients(federation)
+    rounds = round_costs(summary, parallel)
     round_wall, round_compute = sum(w for w, _ in rounds), sum(c for _, c in rounds)
     return {
         "supernodes": num_nodes,
         "fraction_train": fraction,
-        "parallel": parallel_clients(federation),
+        "parallel": parallel,
         "round_wall_s": [round(w, 2) for w, _ in rounds],
         "round_compute_s": [round(c, 2) for _, c in rounds],
         "overhead_ratio": round_wall / round_compute if round_compute > 0 else None,

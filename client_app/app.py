@@ -52,7 +52,7 @@ from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.modes import GlobalLigo, Handler
 from fedgrow_core.protocol import NUM_EXAMPLES, Instruction, Phase, final_reply, preflight_reply, train_reply
-from fedgrow_core.training import reporting_progress, resolve_device, time_limit
+from fedgrow_core.training import reporting_progress, time_limit
 
 from .client_cache import ClientCache
 from .egress_audit import audit_reply, egress_audit_mod
@@ -137,10 +137,6 @@ def _transaction(context: Context) -> Iterator[None]:
 
 def _setup(context: Context, node: NodeView) -> tuple[tuple, ClientSetup]:
     policy = node.policy
-    try:  # hardware this node lacks is its refusal, with the reason (the run goes on without it)
-        resolve_device(node.effective.device)
-    except ValueError as err:
-        raise RefusedMessage(f"{err} (node config `device` sets this node's own)") from None
     key = (context.run_id, *node.key)
     model, dataset = policy.model or None, policy.dataset or None
     setup = _cached(

@@ -18,8 +18,9 @@ from flwr.app import Context
 from fedgrow_core.modes import Mode, get_mode
 from fedgrow_core.node_policy import NodePolicy, run_fingerprint
 from fedgrow_core.run_config import RunConfig
+from fedgrow_core.training import resolve_device
 
-from .guards import check_policy, node_policy
+from .guards import RefusedMessage, check_policy, node_policy
 
 #: Views kept per process: a simulation actor serves several nodes in turn.
 _MAX_VIEWS = 64
@@ -97,7 +98,8 @@ def node_view(context: Context) -> NodeView:
     NodePolicyError
         If the node config is not a valid policy.
     RefusedMessage
-        If the run config asks what the policy does not allow.
+        If the run config asks what the policy does not allow, or the node's device
+        (:meth:`NodePolicy.effective_run`) is one this machine lacks.
     """
     key = (context.run_id, context.node_id)
     run_config, node_config = dict(context.run_config), dict(context.node_config)
@@ -108,5 +110,9 @@ def node_view(context: Context) -> NodeView:
     policy = cached_policy(context)
     check_policy(run, policy)
     view = NodeView(run, policy, policy.effective_run(run))
+    try:  # hardware this node lacks is its refusal, with the reason (the run goes on without it)
+        resolve_device(view.effective.device)
+    except ValueError as err:
+        raise RefusedMessage(f"{err} (node config `device` sets this node's own)") from None
     _remember(_VIEWS, key, (run_config, node_config, view))
     return view

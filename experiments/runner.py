@@ -56,7 +56,8 @@ def run_overrides(preset: Path | None, extra: list[str]) -> dict:
     return overrides
 
 
-def _toml(config: dict) -> str:
+def toml_text(config: dict) -> str:
+    """Flat ``key = value`` TOML of ``config`` (scalar values, as a run config or a federation config holds)."""
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
 
 
@@ -160,7 +161,7 @@ def run_grid(
                     if finished is None:
                         folder.mkdir(parents=True, exist_ok=True)
                         config["output-dir"] = str(folder / "output")
-                        (folder / "run.toml").write_text(_toml(config))
+                        (folder / "run.toml").write_text(toml_text(config))
                         where = records.provenance(ROOT) | {"num-supernodes": supernodes}
                         (folder / PROVENANCE).write_text(json.dumps(where))
                         start = time.perf_counter()

@@ -107,9 +107,13 @@ ModelNames = Annotated[tuple[str, ...], PlainValidator(_model_names)]
 Trackers = Annotated[tuple[str, ...], PlainValidator(_trackers)]
 
 
-def _key(default: Any, description: str, requires: str = "", **bounds: float) -> Any:
-    """One run-config key: its default, one-line description, bounds, and checks against other keys."""
-    return Field(default, description=description, json_schema_extra={"requires": requires}, **bounds)
+def _key(default: Any, description: str, requires: str = "", expected: str = "", **bounds: Any) -> Any:
+    """One run-config key: its default, one-line description, bounds, and checks against other keys.
+
+    ``expected`` words what a key accepts where its type and bounds do not (a ``pattern``).
+    """
+    extra = {"requires": requires, "expected": expected}
+    return Field(default, description=description, json_schema_extra=extra, **bounds)
 
 
 class RunConfig(BaseModel):
@@ -362,8 +366,9 @@ class RunConfig(BaseModel):
     )
     device: str = _key(
         "auto",
-        "`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N` (bf16 autocast on CUDA); the default of every "
-        "node: a SuperNode's node config `device` wins",
+        "`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N` (bf16 autocast on CUDA) of simulated nodes; "
+        "a node config's `device` wins, and a strict (deployed) node without one uses `auto`",
+        expected="'auto', 'cpu', 'cuda' or 'cuda:<index>'",
         pattern=DEVICE_PATTERN,
     )
     cache_dir: str = _key(
@@ -497,8 +502,6 @@ def _problem(error: Any) -> str:
         why = str(error["ctx"]["error"])
     elif error["type"] == "finite_number":
         why = "expected a finite number"
-    elif error["type"] == "string_pattern_mismatch" and field.alias == "device":
-        why = "expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
     else:
         why = f"expected {_expected(field)}"
     return f"{field.alias} = {_flower_value(error['input'])!r}: {why}"
@@ -507,6 +510,8 @@ def _problem(error: Any) -> str:
 def _expected(field: FieldInfo) -> str:
     """What a key accepts in words: ``an integer >= 1``, ``one of [...]``, ..."""
     kind = field.annotation
+    if field.json_schema_extra["expected"]:
+        return field.json_schema_extra["expected"]
     if get_origin(kind) is Literal:
         return f"one of {list(get_args(kind))}"
     nouns = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -638,7 +643,7 @@ def config_reference_markdown() -> str:
             kind, allowed = "string", ", ".join(f"`{c}`" for c in get_args(kind))
         else:
             kind = kinds.get(kind, "string (comma-separated)")
-            allowed = _bounds(field).removeprefix("in ")
+            allowed = field.json_schema_extra["expected"] or _bounds(field).removeprefix("in ")
         allowed = "; ".join(filter(None, [allowed, field.json_schema_extra["requires"]]))
         default = _toml(_flower_value(field.default))
         rows.append(f"| `{field.alias}` | {kind} | `{default}` | {allowed} | {field.description} |")
