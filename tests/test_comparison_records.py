@@ -179,7 +179,7 @@ def _run_folder(work, tag, config, mode, accs):
     summary, rows = _run(mode, config.get("seed", 0), accs)
     (out / "summary.json").write_text(json.dumps(summary))
     (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (folder / "run.toml").write_text(runner._toml({**config, "output-dir": str(out.parent)}))
+    (folder / "run.toml").write_text(runner.toml_text({**config, "output-dir": str(out.parent)}))
     return folder
 
 
