@@ -3,8 +3,9 @@
 For each size the benchmark runs ``flwr run .`` in local simulation, exactly as
 ``make run`` does (project-local ``FLWR_HOME``, a fresh local SuperLink, Ray),
 with a federation of that many SuperNodes (``--federation-config``:
-``num-supernodes``, and ``flwr_home/federation.toml``'s client resources) and a
-small image run (:data:`SCALE_RUN`: the image preset's small ViTs, a small
+``num-supernodes``, ``client-resources-num-cpus`` :data:`CLIENT_CPUS` unless
+``--client-cpus`` says otherwise, and ``flwr_home/federation.toml``'s other
+client resources) and a small image run (:data:`SCALE_RUN`: the image preset's small ViTs, a small
 target). At 30 and 50 nodes it samples a fraction of the nodes per round
 (``fraction-train``, :data:`SAMPLED`), as a user with that many clients would.
 
@@ -12,9 +13,11 @@ It reports, per size (one JSON line each):
 
 * ``round_wall_s`` and ``round_compute_s``: each growth round's wall time (the
   ServerApp's, ``rounds_log``'s ``seconds``) and the sum of the replying
-  clients' compute seconds (``train-seconds`` + ``eval-seconds``), divided by
-  the ClientApps that can run at once (``parallel``: cores over
-  ``client-resources-num-cpus``);
+  clients' compute seconds (``train-seconds`` + ``eval-seconds`` +
+  ``received-eval-seconds``: training, and evaluating the trained and the
+  received Global-LiGO), divided by the ClientApps that can run at once
+  (``parallel``: cores over ``client-resources-num-cpus``);
+  ``round_received_eval_s``: the received Global-LiGO's evaluation, its part;
 * ``overhead_ratio``: the sum over growth rounds of the wall time over the sum
   of that compute (1.0: every second of a round is client compute);
 * ``peak_rss_gib``: the peak over the run of the proportional set size (PSS,
@@ -32,7 +35,7 @@ Its last line is ``scale_overhead_ratio=<at the largest size> peak_rss_gib=<at
 the largest size>`` (goals at 50 nodes: at most 1.15, and at most 16 GiB on a
 24 GiB machine).
 
-    python -m benchmarks.federation_scale [--sizes 3,10,30,50] [key=value ...]
+    python -m benchmarks.federation_scale [--sizes 3,10,30,50] [--client-cpus N] [key=value ...]
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ SCALE_RUN = [
 ]
 #: ``fraction-train`` by federation size: every node up to 10, then a sample, as a user would.
 SAMPLED = {30: 0.34, 50: 0.2}
+#: ``client-resources-num-cpus`` of the benchmark's federation: one core per ClientApp, so a 2-core machine runs
+#: two at once and one client's loading, saving and messaging overlaps the other's training (``make run``'s
+#: federation gives each ClientApp 2 cores, one at a time).
+CLIENT_CPUS = 1
 #: Seconds between two memory samples.
 SAMPLE_SECONDS = 0.5
 
@@ -123,10 +130,15 @@ def _is_superlink(pid: int) -> bool:
         return False
 
 
-def federation_config(work: Path, num_nodes: int) -> Path:
-    """``flwr_home/federation.toml`` with ``num-supernodes = num_nodes``, written under ``work``."""
+def federation_config(work: Path, num_nodes: int, client_cpus: int | None = None) -> Path:
+    """``flwr_home/federation.toml`` with ``num-supernodes = num_nodes``, written under ``work``.
+
+    ``client_cpus``, if given, replaces its ``client-resources-num-cpus``.
+    """
     base = tomllib.loads((ROOT / "flwr_home" / "federation.toml").read_text())
     base["num-supernodes"] = num_nodes
+    if client_cpus is not None:
+        base["client-resources-num-cpus"] = client_cpus
     path = work / "federation.toml"
     path.write_text(toml_text(base))
     return path
@@ -138,15 +150,25 @@ def parallel_clients(federation: Path) -> int:
     return max(1, int((os.cpu_count() or 1) // cpus))
 
 
-def round_costs(summary: dict, parallel: int) -> list[tuple[float, float]]:
-    """``(wall seconds, compute seconds / parallel)`` of each growth round in ``summary.json``'s ``rounds_log``."""
+#: A client's compute seconds in a round's metrics: training, evaluating the trained Global-LiGO, and evaluating
+#: the received one (``received-accuracy``).
+COMPUTE_METRICS = ("train-seconds", "eval-seconds", "received-eval-seconds")
+
+
+def round_costs(summary: dict, parallel: int) -> list[tuple[float, float, float]]:
+    """``(wall s, compute s / parallel, received-eval s / parallel)`` of each growth round in ``rounds_log``.
+
+    Compute is the sum over the replying clients of :data:`COMPUTE_METRICS`; the
+    last item is its ``received-eval-seconds`` part.
+    """
     out = []
     for entry in summary["rounds_log"]:
         if entry.get("phase") == Phase.FINAL or not entry.get("client_metrics"):
             continue
         metrics = entry["client_metrics"].values()
-        compute = sum(m.get("train-seconds", 0.0) + m.get("eval-seconds", 0.0) for m in metrics)
-        out.append((float(entry["seconds"]), compute / parallel))
+        compute = sum(m.get(key, 0.0) for m in metrics for key in COMPUTE_METRICS)
+        received = sum(m.get("received-eval-seconds", 0.0) for m in metrics)
+        out.append((float(entry["seconds"]), compute / parallel, received / parallel))
     return out
 
 
@@ -160,16 +182,16 @@ def state_bytes_per_node(output: Path) -> float:
     return statistics.mean(sizes) if sizes else 0.0
 
 
-def run_size(num_nodes: int, overrides: list[str], work: Path) -> dict:
+def run_size(num_nodes: int, overrides: list[str], work: Path, client_cpus: int | None = None) -> dict:
     """One ``flwr run`` of ``num_nodes`` SuperNodes; returns the size's measurements (the keys of the module doc).
 
     Raises
     ------
     RuntimeError
-        If the run was served by a local SuperLink this benchmark did not start, or failed (naming its log).
+        If the run was served by a local SuperLink this benchmark did not start, or failed (with its log's end).
     """
     home = prepare_flwr_home(work / "flwr-home")
-    federation = federation_config(work, num_nodes)
+    federation = federation_config(work, num_nodes, client_cpus)
     fraction = SAMPLED.get(num_nodes, 1.0)
     config = work / "run.toml"
     keys = run_overrides(PRESET, [*SCALE_RUN, f"fraction-train={fraction}", *overrides])
@@ -191,17 +213,20 @@ def run_size(num_nodes: int, overrides: list[str], work: Path) -> dict:
         )
     summaries = sorted((work / "output").glob("*/summary.json"))
     if status != 0 or not summaries:
-        raise RuntimeError(f"flwr run with {num_nodes} SuperNodes failed (exit {status}); see {work / 'flwr.log'}")
+        log = (work / "flwr.log").read_text(errors="replace") if (work / "flwr.log").is_file() else ""
+        tail = "\n".join(log.splitlines()[-30:])  # the work folder is removed after the size
+        raise RuntimeError(f"flwr run with {num_nodes} SuperNodes failed (exit {status}); its log ends:\n{tail}")
     summary = json.loads(summaries[-1].read_text())
     parallel = parallel_clients(federation)
     rounds = round_costs(summary, parallel)
-    round_wall, round_compute = sum(w for w, _ in rounds), sum(c for _, c in rounds)
+    round_wall, round_compute = sum(w for w, _, _ in rounds), sum(c for _, c, _ in rounds)
     return {
         "supernodes": num_nodes,
         "fraction_train": fraction,
         "parallel": parallel,
-        "round_wall_s": [round(w, 2) for w, _ in rounds],
-        "round_compute_s": [round(c, 2) for _, c in rounds],
+        "round_wall_s": [round(w, 2) for w, _, _ in rounds],
+        "round_compute_s": [round(c, 2) for _, c, _ in rounds],
+        "round_received_eval_s": [round(e, 2) for _, _, e in rounds],
         "overhead_ratio": round_wall / round_compute if round_compute > 0 else None,
         "peak_rss_gib": peak / 2**30,
         "state_bytes_per_node": state_bytes_per_node(work / "output"),
@@ -214,13 +239,19 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every size; returns the largest size's measurements (its ratio and memory are printed last)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="3,10,30,50", help="comma-separated numbers of SuperNodes")
+    parser.add_argument(
+        "--client-cpus",
+        type=int,
+        default=CLIENT_CPUS,
+        help=f"client-resources-num-cpus (default {CLIENT_CPUS}; 0: flwr_home/federation.toml's)",
+    )
     parser.add_argument("overrides", nargs="*", help="run-config key=value, over SCALE_RUN")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     last = {}
     for num_nodes in sizes:
         with tempfile.TemporaryDirectory(prefix=f"federation-scale-{num_nodes}-") as tmp:
-            last = run_size(num_nodes, args.overrides, Path(tmp))
+            last = run_size(num_nodes, args.overrides, Path(tmp), args.client_cpus or None)
         print(json.dumps(last), flush=True)
     print(f"scale_overhead_ratio={last['overhead_ratio']:.3f} peak_rss_gib={last['peak_rss_gib']:.2f}")
     return last

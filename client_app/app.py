@@ -12,19 +12,22 @@ shapes, dtypes and bounds before any work (:mod:`client_app.guards`).
 
 What a client does depends on the run's ``mode`` and the message's phase
 (:class:`fedgrow_core.protocol.Phase`); one handler serves each phase. Private
-state (Local-LiGO, head, optimiser moments; or the small model's weights in
-``small-only``) lives in ``Context.state`` between rounds, so it persists in
-simulation and deployment alike; only what the mode shares is replied. A
-message that is refused or fails changes no private state: ``Context.state`` is
-written only after a round succeeds, and the node's cached client objects are
-dropped, so the next message starts from the last good state. When the server
-names its run (``run-tag`` in the message config), the private state is also
-written after every round to the node's state folder, under that tag, the run
-config's fingerprint and the Flower run id
-(:class:`fedgrow_core.clients.state_store.ClientStateStore`); a client without
-it in memory (a restarted node) picks up only state its own run wrote, and a
-resumed run (if the node's policy allows resuming) only state a run of the same
-tag and configuration wrote.
+state (Local-LiGO, head, optimiser moments, update residual; or the small
+model's weights in ``small-only``) persists between rounds in simulation and
+deployment alike; only what the mode shares is replied. When the server names
+its run (``run-tag`` in the message config), the state is written after every
+round to the node's state folder, under that tag, the run config's fingerprint
+and the Flower run id (:class:`fedgrow_core.clients.state_store.ClientStateStore`),
+and ``Context.state`` keeps only the round and the file's name
+(:func:`kept_private_state`), so Flower does not carry the tensors with every
+message; without a tag the tensors stay in ``Context.state``. A cached client
+that trained the round ``Context.state`` names holds that state already and
+does not load it again. A message that is refused or fails changes no private
+state: ``Context.state`` is written only after a round succeeds, and the node's
+cached client objects are dropped, so the next message starts from the last
+good state. A client without state in ``Context.state`` (a restarted node)
+picks up only state its own run wrote, and a resumed run (if the node's policy
+allows resuming) only state a run of the same tag and configuration wrote.
 
 Every round runs under its own torch seed, derived from ``seed``, the partition,
 the phase and the round (:func:`round_seed`), and the batch order is a function
@@ -37,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -81,8 +85,11 @@ _LIBRARY_LOG.propagate = False
 if console_handler not in _LIBRARY_LOG.handlers:
     _LIBRARY_LOG.addHandler(console_handler)
 
+#: ``Context.state`` key of the private state itself (an ArrayRecord), when the node keeps no state folder for
+#: the run (the server named no ``run-tag``).
 STATE_KEY = "fedgrow-private"
-#: ``Context.state`` key of the round ``STATE_KEY`` was saved after (a ConfigRecord ``{"round": int}``).
+#: ``Context.state`` key of the round the private state was kept after: a ConfigRecord ``{"round": int}``, plus
+#: ``"file"`` (str) when the state is kept in the node's state folder (:func:`kept_private_state`).
 ROUND_KEY = "fedgrow-private-round"
 #: ``Context.state`` key of a shared-model client's batch position (``{"steps": int}``).
 DATA_KEY = "fedgrow-data"
@@ -99,8 +106,61 @@ _PHASE_CODES = {Phase.GROW: 1, Phase.TRAIN_LOCAL: 2, Phase.TRAIN_SHARED: 3, Phas
 _CLIENTS = ClientCache(group=lambda key: key[:5])  # a node's objects: (run, partition, partitions, model, data)
 
 
+#: The kept round (:func:`_kept_mark`) each cached client holds exactly, set after it trained that round: such a
+#: client need not load its private state again. A failed message drops the run's clients (:func:`_forget`), and
+#: a final phase, which fine-tunes, clears the mark.
+_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _cached(key: tuple, build):
     return _CLIENTS.get(key, build)
+
+
+def _kept_mark(context: Context) -> tuple | None:
+    """Which private state ``Context.state`` names: ``(round, file)``, file ``""`` when held in memory; or ``None``."""
+    if ROUND_KEY not in context.state or (STATE_KEY not in context.state and "file" not in context.state[ROUND_KEY]):
+        return None
+    record = context.state[ROUND_KEY]
+    return int(record["round"]), str(record["file"]) if "file" in record else ""
+
+
+def kept_private_state(context: Context) -> dict[str, torch.Tensor] | None:
+    """The node's private state after the last round it served: from ``Context.state`` or the file it names.
+
+    Returns
+    -------
+    dict of str to Tensor, or None
+        The tensors :meth:`GrowthClient.private_state` (or ``ModelClient``'s)
+        gave; ``None`` before the node's first kept round.
+
+    Raises
+    ------
+    RuntimeError
+        If the state folder's file that ``Context.state`` names cannot be read
+        (removed or damaged on this node's disk since).
+    """
+    if STATE_KEY in context.state:
+        return context.state[STATE_KEY].to_torch_state_dict()
+    mark = _kept_mark(context)
+    if mark is None:
+        return None
+    server_round, file = mark
+    try:
+        return ClientStateStore(Path(file).parent).load(server_round)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own type for a damaged file
+        raise RuntimeError(
+            f"this node's private state of round {server_round} in {file} cannot be read: {err}"
+        ) from err
+
+
+def _load_kept(context: Context, client: GrowthClient | ModelClient) -> None:
+    """Put the node's kept private state onto ``client``, unless the client holds exactly that state already."""
+    mark = _kept_mark(context)
+    if mark is None or _HOLDS.get(client) == mark:
+        return
+    _HOLDS.pop(client, None)
+    client.load_private_state(kept_private_state(context))
+    _HOLDS[client] = mark
 
 
 def _forget(context: Context) -> None:
@@ -110,6 +170,7 @@ def _forget(context: Context) -> None:
     run rebuilds theirs too, from their ``Context.state``.
     """
     _CLIENTS.drop(lambda key: key[0] == context.run_id)
+    _HOLDS.clear()
 
 
 #: ``Context.state`` keys of private state, rolled back when a message is refused or fails.
@@ -161,8 +222,7 @@ def _growth_client(context: Context, node: NodeView) -> GrowthClient:
             node.effective, setup.partition_id, key[2], independent=independent, share_global=shares, setup=setup
         ),
     )
-    if STATE_KEY in context.state:
-        client.load_private_state(context.state[STATE_KEY].to_torch_state_dict())
+    _load_kept(context, client)
     return client
 
 
@@ -174,8 +234,7 @@ def _model_client(context: Context, node: NodeView, role: str) -> ModelClient:
         small, family = setup.small.model, setup.small.family
         config = family.target_config(small, family.shape(small), setup.num_labels)  # its own config
         client = _cached((*key, role), lambda: ModelClient(setup, small, config, lr))
-        if STATE_KEY in context.state:
-            client.load_private_state(context.state[STATE_KEY].to_torch_state_dict())
+        _load_kept(context, client)
         return client
 
     def target() -> ModelClient:  # scratch-fedavg trains it from a random initialisation, at its own rate
@@ -248,14 +307,14 @@ def _restore(
             del require["run-id"]
             siblings = store.folder.parent.iterdir() if store.folder.parent.is_dir() else []
             stores = [ClientStateStore(p) for p in sorted(siblings) if p.is_dir()]
-        found = max(
-            (f for s in stores if (f := s.load_latest(at_most=server_round - 1, require=require)) is not None),
-            key=lambda f: f[0],
-            default=None,
-        )
+        found = None  # (round, file) of the newest readable state, the first store's on a tie
+        for candidate in stores:
+            newest = candidate.load_latest(at_most=server_round - 1, require=require, above=have)
+            if newest is not None and (found is None or newest[0] > found[0]):
+                found = newest[0], candidate.file(newest[0])
         if found is not None and found[0] > have:
-            context.state[STATE_KEY] = ArrayRecord(found[1])
-            context.state[ROUND_KEY] = ConfigRecord({"round": found[0]})
+            context.state.pop(STATE_KEY, None)
+            context.state[ROUND_KEY] = ConfigRecord({"round": found[0], "file": str(found[1])})
             have = found[0]
     if resumed_after > 0 and have == 0 and node.run.fraction_train >= 1:
         raise RefusedMessage(
@@ -264,19 +323,36 @@ def _restore(
         )
 
 
-def _keep(context: Context, node: NodeView, store: ClientStateStore | None, server_round: int, state: dict) -> None:
-    """Keep the private state after ``server_round`` on disk (with a store), then in ``Context.state``.
+def _keep(
+    context: Context,
+    node: NodeView,
+    store: ClientStateStore | None,
+    server_round: int,
+    client: GrowthClient | ModelClient,
+) -> None:
+    """Keep ``client``'s private state after ``server_round``: in the node's state folder, or in ``Context.state``.
+
+    With a store (the server named its run), the state is written there and
+    ``Context.state`` names the file (:data:`ROUND_KEY`); without one, the
+    tensors go into ``Context.state`` (:data:`STATE_KEY`). Either way
+    ``client`` is marked as holding that state, so the node's next round
+    need not load it again.
 
     Raises
     ------
     RefusedMessage
-        If a tensor of ``state`` is not finite (nothing is kept).
+        If a tensor of the state is not finite (nothing is kept).
     """
+    state = client.private_state()
     check_finite_reply(state, {}, "training on the received message")
     if store is not None:
-        store.save(server_round, state, _state_metadata(context, node))
-    context.state[STATE_KEY] = ArrayRecord(state)
-    context.state[ROUND_KEY] = ConfigRecord({"round": server_round})
+        path = store.save(server_round, state, _state_metadata(context, node))
+        context.state.pop(STATE_KEY, None)
+        context.state[ROUND_KEY] = ConfigRecord({"round": server_round, "file": str(path)})
+    else:
+        context.state[STATE_KEY] = ArrayRecord(state)
+        context.state[ROUND_KEY] = ConfigRecord({"round": server_round})
+    _HOLDS[client] = _kept_mark(context)
 
 
 def _check_round(context: Context, node: NodeView, order: Instruction) -> None:
@@ -358,7 +434,7 @@ def _grow(context: Context, node: NodeView, order: Instruction, received: dict) 
     check_finite_reply(shared, metrics, "training on the received Global-LiGO")
     # the rounding residual is private state; the independent baselines keep their operators and send nothing
     payload = client.encoded_update(received, shared) if client.share_global else {}
-    _keep(context, node, store, order.server_round, client.private_state())
+    _keep(context, node, store, order.server_round, client)
     return payload, metrics
 
 
@@ -370,7 +446,7 @@ def _train_small(context: Context, node: NodeView, order: Instruction, received:
     client = _model_client(context, node, "small")
     metrics = client.train_round(node.run.local_steps, with_eval=node.run.evaluates_round(order.server_round))
     check_finite_reply(None, metrics, "training the small model")
-    _keep(context, node, store, order.server_round, client.private_state())
+    _keep(context, node, store, order.server_round, client)
     return None, metrics
 
 
@@ -438,6 +514,7 @@ FinalStep = Callable[[Path | None, dict], dict]
 def _final_grown(context: Context, node: NodeView, received: dict) -> FinalStep:
     """The grown model: materialised from the private Local-LiGO and the received (or own) Global-LiGO."""
     client = _growth_client(context, node)
+    _HOLDS.pop(client, None)  # fine-tuning follows: the client no longer holds the kept state
     check_received(
         received, client.global_state() if client.share_global else {}, node.policy.max_received_abs, "Global-LiGO"
     )
@@ -448,6 +525,7 @@ def _final_small(context: Context, node: NodeView, received: dict) -> FinalStep:
     """The private small model, fine-tuned further."""
     check_received(received, {}, node.policy.max_received_abs, "message")
     client = _model_client(context, node, "small")
+    _HOLDS.pop(client, None)  # fine-tuning follows: the client no longer holds the kept state
     origin = (
         f"the small model `{Path(client.setup.model_name).name}`, trained alone {node.run.num_server_rounds} rounds x "
         f"{node.run.local_steps} steps, then fine-tuned {node.run.finetune_steps} steps"

@@ -93,15 +93,18 @@ class ClientCache:
         group of the object used last is always kept, whatever its size, so a
         node's client never loses the setup it was built from.
 
-    Footprints are measured whenever the cache is trimmed (after every
-    :meth:`get`), so an object that grew after it was built (optimiser moments
-    appear at the first step) counts at its current size.
+    An object's footprint is measured when it is kept, and again at every
+    trim (after every :meth:`get`) for the objects of the groups handed out
+    since the last trim, the only ones a caller can have grown (optimiser
+    moments appear at the first step); the others keep their last measure.
     """
 
     def __init__(self, budget: int | None = None, group: Callable[[Hashable], Hashable] | None = None):
         self._budget = budget
         self._group = group or (lambda key: key)
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}
+        self._in_use: set[Hashable] = set()  # groups handed out since the last trim
 
     @property
     def budget(self) -> int:
@@ -115,17 +118,22 @@ class ClientCache:
             value = self._entries[key]
         else:
             value = self._entries[key] = build()
-        self._trim(self._group(key))
+        group = self._group(key)
+        self._in_use.add(group)
+        self._trim(group)
+        self._in_use = {group}  # the caller may still grow what it was just handed
         return value
 
     def drop(self, where: Callable[[Hashable], bool]) -> None:
         """Drop every object whose key satisfies ``where``."""
         for key in [k for k in self._entries if where(k)]:
             del self._entries[key]
+            self._sizes.pop(key, None)
 
     def clear(self) -> None:
         """Drop everything."""
         self._entries.clear()
+        self._sizes.clear()
 
     def keys(self) -> list[Hashable]:
         """The keys kept, least recently used first."""
@@ -142,10 +150,12 @@ class ClientCache:
 
     def _trim(self, keep: Hashable) -> None:
         budget = self.budget
-        sizes = {k: footprint(v) for k, v in self._entries.items()}
-        total = sum(sizes.values())
+        for key, value in self._entries.items():
+            if key not in self._sizes or self._group(key) in self._in_use:
+                self._sizes[key] = footprint(value)
+        total = sum(self._sizes.values())
         for key in [k for k in self._entries if self._group(k) != keep]:  # least recently used first
             if total <= budget:
                 break
-            total -= sizes[key]
+            total -= self._sizes.pop(key)
             del self._entries[key]

@@ -231,6 +231,7 @@ TRAIN_METRICS: dict[str, MetricSpec] = {
     "eval-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
     "received-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
     "eval-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
+    "received-eval-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
 }
 #: Metrics of a ``collect`` reply.
 COLLECT_METRICS: dict[str, MetricSpec] = {NUM_EXAMPLES: _COUNT}
@@ -279,6 +280,7 @@ METRIC_MEANINGS = {
     "received-accuracy": "accuracy of the client's grown model with the Global-LiGO it received this round, "
     "before training on it (the previous round's aggregate, at most eval-max-examples rows)",
     "eval-seconds": "seconds spent on the round's (or the final) evaluation",
+    "received-eval-seconds": "seconds spent evaluating the received Global-LiGO before training (received-accuracy)",
     "trainable-params": "parameters the client trains in the rounds",
     "compute-threads": "torch threads the client computes with",
     "accuracy": "final test accuracy on the client's own test rows",

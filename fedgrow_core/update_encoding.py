@@ -183,18 +183,27 @@ def decode_update(
         return {k: np.asarray(arrays[k], dtype=np.float32) for k in sent}, None
     values = {}
     for name, base in sent.items():
-        q = np.asarray(arrays[name], dtype=np.float32)
+        raw = np.asarray(arrays[name])
+        q = raw.astype(np.float32)  # a new array, written in place below
         if encoding == "int8":
-            if (np.asarray(arrays[name]) == -_INT8_MAX - 1).any():
+            if raw.size and raw.min() == -_INT8_MAX - 1:
                 return None, f"tensor {name!r}: int8 value -128, outside the encoding's [-127, 127]"
             scale = np.asarray(arrays[name + SCALE_SUFFIX], dtype=np.float32)
-            if (scale < 0).any():
+            if scale.size and scale.min() < 0:
                 return None, f"tensor {name!r}: negative int8 scale ({float(scale.min()):.3g})"
             with np.errstate(over="ignore", invalid="ignore"):
-                q = q * scale[..., None]
+                np.multiply(q, scale[..., None], out=q)
         with np.errstate(over="ignore", invalid="ignore"):
-            value = (np.asarray(base, dtype=np.float32) + q).astype(np.float32)
-        if not np.isfinite(value).all():
+            value = np.add(np.asarray(base, dtype=np.float32), q, out=q)
+        if not _all_finite(value):
             return None, f"tensor {name!r} decodes to NaN or Inf ({encoding} update on the values sent)"
         values[name] = value
     return values, None
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """Whether every entry of a float array is finite: one sum (non-finite whenever an entry is), exact on overflow."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(array.sum(dtype=np.float64)):
+            return True
+    return bool(np.isfinite(array).all())

@@ -79,14 +79,35 @@ def test_an_object_is_counted_at_its_current_size_when_the_cache_is_trimmed():
     grows.model, grows.optimizer = fresh, torch.optim.AdamW(fresh.parameters())  # no moments yet
     before = footprint(grows)
     cache = ClientCache(budget=footprint(small) + before + 1000)
-    cache.get("grows", lambda: grows)
     cache.get("small", lambda: small)
-    assert cache.keys() == ["grows", "small"]  # both fit
+    cache.get("grows", lambda: grows)
+    assert cache.keys() == ["small", "grows"]  # both fit
     fresh(torch.ones(1, 64)).sum().backward()
-    grows.optimizer.step()  # the moments appear after the object was built and kept
+    grows.optimizer.step()  # the moments appear after the object was handed out and kept
     assert footprint(grows) > 2 * before
-    cache.get("small", lambda: small)  # any use trims, at the sizes of now
+    cache.get("small", lambda: small)  # the next use trims, at the grown size
     assert cache.keys() == ["small"]
+
+
+def test_only_the_objects_handed_out_since_the_last_trim_are_measured_again(monkeypatch):
+    import client_app.client_cache as module
+
+    measured = []
+    real = module.footprint
+    monkeypatch.setattr(module, "footprint", lambda obj, depth=2: measured.append(obj.name) or real(obj, depth))
+    holders = {}
+    for name in "abcd":
+        holders[name] = Holder(8)
+        holders[name].name = name
+    cache = ClientCache(budget=10 * footprint(holders["a"]), group=lambda key: key[0])
+    for key in ("a1", "b1", "c1"):
+        cache.get(key, lambda k=key: holders[k[0]])
+    measured.clear()
+    cache.get("d1", lambda: holders["d"])
+    assert sorted(measured) == ["c", "d"]  # the new object, and the one handed out before it; not a, b
+    measured.clear()
+    cache.get("a1", lambda: holders["a"])
+    assert sorted(measured) == ["a", "d"]
 
 
 def test_the_budget_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch):

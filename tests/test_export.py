@@ -85,3 +85,23 @@ def test_vit_with_mixed_layernorm_eps_is_refused(tmp_path):
     model.blocks[0].norm1.eps = 1e-3
     with pytest.raises(ValueError, match="LayerNorm eps"):
         fam.save(model, fam.target_config(model, fam.shape(model), 10), tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_count_non_finite_agrees_with_an_elementwise_count(dtype):
+    from fedgrow_core.clients.model_export import count_non_finite
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        tensor = torch.randn(int(torch.randint(0, 5000, (1,), generator=gen)), generator=gen).to(dtype)
+        if tensor.numel() and trial % 4:
+            spots = torch.randint(0, tensor.numel(), (trial % 5 + 1,), generator=gen)
+            values = torch.tensor([float("nan"), float("inf"), float("-inf")])[torch.arange(len(spots)) % 3]
+            tensor[spots] = values.to(dtype)
+        expected = sum(1 for v in tensor.double().tolist() if v != v or v in (float("inf"), float("-inf")))
+        assert count_non_finite(tensor) == expected
+    big = torch.finfo(dtype).max
+    overflowing = torch.full((4,), big, dtype=dtype)  # finite entries whose sum overflows
+    assert count_non_finite(overflowing) == 0
+    assert count_non_finite(torch.tensor([float("inf"), float("-inf")], dtype=dtype)) == 2
+    assert count_non_finite(torch.tensor([1, 2, 3])) == 0

@@ -107,6 +107,29 @@ def test_diagnostics_against_direct_computations():
     assert mean_pairwise_cosine([many[-1], many[-1]]) == 0.0
 
 
+def test_the_logged_cosine_and_norms_of_clipped_replies_match_a_direct_computation():
+    run = RunConfig(clip_update_norm=1.0)
+    strategy = strategy_for_run(run, 4, replace(run_checks(run), expected_spec=SPEC))
+    strategy.record_round(1, _record(SENT), [1, 2, 3, 4])
+    g = np.random.default_rng(3)
+    ups = [{k: v + g.normal(scale=s, size=v.shape).astype(v.dtype) for k, v in SENT.items()} for s in (0.01, 2, 5)]
+    ups.append(dict(SENT))  # a zero update: cosine 0 with every other
+    replies = [_Reply(n + 1, _content(u, 10)) for n, u in enumerate(ups)]
+    strategy.aggregate_train(1, replies)
+    (entry,) = strategy.round_log
+    flat = [np.concatenate([(u[k].astype(np.float64) - SENT[k]).ravel() for k in sorted(SENT)]) for u in ups]
+    norms = [np.linalg.norm(f) for f in flat]
+    pairs = [
+        flat[i] @ flat[j] / (norms[i] * norms[j]) if norms[i] * norms[j] else 0.0
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
+    assert entry["update_cosine"] == pytest.approx(np.mean(pairs), rel=1e-9)
+    clipped = {c["node_id"]: c["norm"] for c in entry["clipped"]}
+    assert set(clipped) == {2, 3}  # the two over the bound of 1.0
+    assert clipped[2] == pytest.approx(norms[1], rel=1e-12) and clipped[3] == pytest.approx(norms[2], rel=1e-12)
+
+
 def test_each_round_logs_the_global_ligos_change_and_the_updates_agreement():
     strategy = strategy_for_run(RunConfig(), 3, replace(run_checks(RunConfig()), expected_spec=SPEC))
     strategy.record_round(1, _record(SENT), [1, 2, 3])

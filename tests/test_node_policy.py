@@ -230,6 +230,52 @@ def _assert_same(got, expected):
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+def test_the_private_state_lives_in_the_state_folder_and_a_held_client_is_not_reloaded(
+    files, tmp_path, monkeypatch, caplog, task_identity
+):
+    loads = []
+    real_load = growth_client.GrowthClient.load_private_state
+    monkeypatch.setattr(
+        growth_client.GrowthClient, "load_private_state", lambda self, state: loads.append(1) or real_load(self, state)
+    )
+
+    def two_rounds(folder, tag, rebuild):
+        fedgrow_client._CLIENTS.clear()
+        context = _context(_node(files, folder))
+        first = _send(context, "grow", _global_ligo(), **{"server-round": 1, "run-tag": tag})
+        if rebuild:  # another process, or the cache let the client go: it is built again and loads the state
+            fedgrow_client._CLIENTS.clear()
+        second = _send(context, "grow", _global_ligo(), **{"server-round": 2, "run-tag": tag})
+        return context, [_arrays(first), _arrays(second)]
+
+    held, held_replies = two_rounds(tmp_path / "held", TAG, rebuild=False)
+    assert loads == []  # the client that trained round 1 holds its state: nothing is read back
+    mark = dict(held.state[fedgrow_client.ROUND_KEY])
+    assert fedgrow_client.STATE_KEY not in held.state  # Context.state names the file, holds no tensors
+    assert mark["round"] == 2 and Path(mark["file"]) == ClientStateStore(Path(mark["file"]).parent).file(2)
+    assert Path(mark["file"]).is_relative_to(tmp_path / "held" / "node")
+    (client,) = [v for k, v in fedgrow_client._CLIENTS.items() if "growth" in k]
+    kept = fedgrow_client.kept_private_state(held)
+    _assert_same({k: v.numpy() for k, v in kept.items()}, {k: v.numpy() for k, v in client.private_state().items()})
+
+    rebuilt, rebuilt_replies = two_rounds(tmp_path / "rebuilt", TAG, rebuild=True)
+    assert loads == [1]  # read back from the file Context.state names
+    in_memory, memory_replies = two_rounds(tmp_path / "memory", "", rebuild=True)  # no run tag: no state folder
+    assert fedgrow_client.STATE_KEY in in_memory.state and "file" not in in_memory.state[fedgrow_client.ROUND_KEY]
+    assert not (tmp_path / "memory" / "node").exists()
+    for replies in (rebuilt_replies, memory_replies):  # the same rounds, wherever the state was kept
+        for got, expected in zip(replies, held_replies, strict=True):
+            _assert_same(got, expected)
+
+    Path(mark["file"]).write_bytes(b"damaged")
+    fedgrow_client._CLIENTS.clear()
+    caplog.clear()
+    reply = _send(held, "grow", _global_ligo(), **{"server-round": 3, "run-tag": TAG})  # a failure; never stale state
+    assert _refusal(reply) == "RuntimeError (details are in the node's own log)"
+    assert "private state of round 2 in " in caplog.text and "round-2.safetensors cannot be read" in caplog.text
+    assert dict(held.state[fedgrow_client.ROUND_KEY]) == mark  # nothing changed
+
+
 def test_a_bad_global_ligo_is_refused_before_it_touches_private_state(files, tmp_path, clean):
     context = _context(_node(files, tmp_path))
     honest = _global_ligo()

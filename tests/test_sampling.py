@@ -44,11 +44,14 @@ SAMPLING = {
 
 
 def _private(context: Context) -> dict | None:
-    """A copy of a node's private state (``Context.state``) as numpy arrays, with the round it was kept after."""
-    if fedgrow_client.STATE_KEY not in context.state:
+    """A copy of a node's private state as numpy arrays (read where ``Context.state`` says it is kept), with the
+    round it was kept after and what ``Context.state`` holds about it."""
+    state = fedgrow_client.kept_private_state(context)
+    if state is None:
         return None
-    arrays = {k: v.numpy().copy() for k, v in context.state[fedgrow_client.STATE_KEY].items()}
-    return {"round": int(context.state[fedgrow_client.ROUND_KEY]["round"]), "arrays": arrays}
+    arrays = {k: v.numpy().copy() for k, v in state.items()}
+    mark = dict(context.state[fedgrow_client.ROUND_KEY])
+    return {"round": int(mark["round"]), "mark": mark, "arrays": arrays}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +123,7 @@ def test_a_node_not_sampled_keeps_its_private_state_and_rejoins_from_it(sampled_
                 if before is None:
                     assert after is None
                 else:
-                    assert after["round"] == before["round"]
+                    assert after["round"] == before["round"] and after["mark"] == before["mark"]
                     assert after["arrays"].keys() == before["arrays"].keys()
                     assert all(np.array_equal(after["arrays"][k], before["arrays"][k]) for k in before["arrays"])
             else:  # sampled: it went on from its own last round (its batch position and AdamW moments continue)

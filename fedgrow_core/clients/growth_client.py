@@ -359,12 +359,15 @@ class GrowthClient:
             and ``eval-seconds`` (seconds), and, when the Global-LiGO is
             shared, ``received-accuracy``: the same rows with the received
             Global-LiGO before training, the previous round's aggregate
-            evaluated with this client's own Local-LiGO and head.
+            evaluated with this client's own Local-LiGO and head, and
+            ``received-eval-seconds``, the seconds that evaluation took.
         """
         self.load_global_state(global_state)
-        received = None
+        received, received_seconds = None, 0.0
         if with_eval and self.share_global:  # the aggregate as it arrived, before this client trains on it
+            start = time.perf_counter()
             received = self.evaluate_round()
+            received_seconds = time.perf_counter() - start
         start = time.perf_counter()
         penalty = None
         if proximal_mu > 0:
@@ -393,6 +396,7 @@ class GrowthClient:
             metrics["eval-seconds"] = time.perf_counter() - start
             if received is not None:
                 metrics["received-accuracy"] = received
+                metrics["received-eval-seconds"] = received_seconds
         return self.global_state(), metrics
 
     def freeze_global(self) -> None:

@@ -69,7 +69,7 @@ class ClientStateStore:
             The round's file.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"round-{server_round}.safetensors"
+        path = self.file(server_round)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=dict(metadata or {}))
         with open(tmp, "rb+") as f:
@@ -84,8 +84,12 @@ class ClientStateStore:
         eligible = [r for r in self.rounds() if r <= at_most]
         return eligible[-1] if eligible else None
 
+    def file(self, server_round: int) -> Path:
+        """The path of round ``server_round``'s state (whether or not it exists)."""
+        return self.folder / f"round-{server_round}.safetensors"
+
     def _saved(self, server_round: int) -> str:
-        path = self.folder / f"round-{server_round}.safetensors"
+        path = self.file(server_round)
         if not path.is_file():
             raise FileNotFoundError(f"no client state for round {server_round} in {self.folder}")
         return str(path)
@@ -112,15 +116,16 @@ class ClientStateStore:
             return dict(f.metadata() or {})
 
     def load_latest(
-        self, at_most: int, require: Mapping[str, str] | None = None
+        self, at_most: int, require: Mapping[str, str] | None = None, above: int = 0
     ) -> tuple[int, dict[str, Tensor]] | None:
-        """The newest readable state saved for a round ``<= at_most``, as ``(round, state)``, or ``None``.
+        """The newest readable state saved for a round in ``(above, at_most]``, as ``(round, state)``, or ``None``.
 
         A newest file that cannot be read (truncated, damaged), or whose
         metadata lacks an item of ``require``, is logged and skipped for the one
-        before it.
+        before it. Rounds ``<= above`` (state the caller already holds) are not
+        read at all.
         """
-        for server_round in reversed([r for r in self.rounds() if r <= at_most]):
+        for server_round in reversed([r for r in self.rounds() if above < r <= at_most]):
             try:
                 found = self.metadata(server_round)
                 if any(found.get(k) != v for k, v in (require or {}).items()):

@@ -114,6 +114,49 @@ def relative_change(before: Mapping[str, Tensor | np.ndarray], after: Mapping[st
     return float(np.linalg.norm(flatten(after, names) - base)) / norm if norm else math.nan
 
 
+class PairwiseCosine:
+    """The mean pairwise cosine of flattened updates, added one at a time (:func:`mean_pairwise_cosine`).
+
+    Keeps one float64 vector, the sum of the unit updates, and counts: with
+    ``u_i`` the unit updates and ``k`` the non-zero ones, the sum over pairs of
+    ``u_i . u_j`` is ``(|sum_i u_i|^2 - k) / 2``, and there are ``n (n - 1) / 2``
+    pairs. A zero update counts as cosine 0 with every other.
+    """
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.count = 0
+        self.nonzero = 0
+
+    def add(self, flat: np.ndarray, norm: float | None = None) -> None:
+        """Add one flattened update (shape ``(d,)``, the same ``d`` every time); ``norm``: its L2 norm, if known.
+
+        Raises
+        ------
+        ValueError
+            If ``flat`` is not 1-D or its length differs from the updates added before.
+        """
+        if flat.ndim != 1 or (self.total is not None and flat.shape != self.total.shape):
+            expected = "(d,)" if self.total is None else str(self.total.shape)
+            raise ValueError(f"PairwiseCosine.add: update of shape {flat.shape}, expected {expected}")
+        self.count += 1
+        norm = float(np.linalg.norm(flat)) if norm is None else norm
+        if not norm:
+            return
+        self.nonzero += 1
+        unit = np.divide(flat, norm, dtype=np.float64)
+        self.total = unit if self.total is None else np.add(self.total, unit, out=self.total)
+
+    def value(self) -> float:
+        """The mean over pairs; NaN with fewer than two updates added."""
+        n = self.count
+        if n < 2:
+            return math.nan
+        if self.total is None:
+            return 0.0
+        return float((self.total @ self.total - self.nonzero) / (n * (n - 1)))
+
+
 def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -> float:
     """Mean cosine similarity over all pairs of the clients' updates (each flattened over its tensors).
 
@@ -121,10 +164,8 @@ def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -
     client moved the shared operator the same way; near 0: unrelated
     directions, which averaging mostly cancels.
 
-    Computed in one pass, in time and memory linear in the number of updates:
-    with ``u_i`` the unit updates and ``k`` the non-zero ones, the sum over
-    pairs of ``u_i . u_j`` is ``(|sum_i u_i|^2 - k) / 2``, and there are
-    ``n (n - 1) / 2`` pairs.
+    Computed in one pass (:class:`PairwiseCosine`), in time and memory linear
+    in the number of updates: one flattened update in memory at a time.
 
     Returns
     -------
@@ -134,15 +175,7 @@ def mean_pairwise_cosine(updates: Sequence[Mapping[str, Tensor | np.ndarray]]) -
     if len(updates) < 2:
         return math.nan
     names = sorted(updates[0])
-    total, nonzero = None, 0
-    for update in updates:  # one flattened update in memory at a time
-        flat = flatten(update, names)
-        norm = np.linalg.norm(flat)
-        if norm:
-            flat /= norm
-            nonzero += 1
-            total = flat if total is None else np.add(total, flat, out=total)
-    if total is None:
-        return 0.0
-    n = len(updates)
-    return float((total @ total - nonzero) / (n * (n - 1)))
+    cosine = PairwiseCosine()
+    for update in updates:
+        cosine.add(flatten(update, names))
+    return cosine.value()

@@ -21,6 +21,7 @@ LOGGED_METRICS = (
     "train-accuracy",
     "train-seconds",
     "eval-seconds",
+    "received-eval-seconds",
     "compute-threads",
     "trainable-params",
 )

@@ -22,13 +22,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedgrow_core.growth.diagnostics import mean_pairwise_cosine, relative_change
+from fedgrow_core.growth.diagnostics import PairwiseCosine, flatten, relative_change
 from fedgrow_core.protocol import TRAIN_METRICS, MetricSpec
 from fedgrow_core.update_encoding import decode_update, encoded_spec
 
 from ..persistence.checkpoint import restore_state, snapshot_state, state_is_finite
 from ..reporting.round_log import message_bytes, round_entry, round_summary
-from .bounded_influence import capped_weight, clip_bound, clipped, update_norm, weight_bound
+from .bounded_influence import capped_weight, clip_bound, clipped, weight_bound
 from .reply_checks import (
     ArraySpec,
     ReplySchema,
@@ -236,8 +236,8 @@ class ReplyChecks:
         entry = round_entry(server_round, replies, accepted, rejected, seconds, sent_round.nodes)
         entry["download_bytes"] = {str(n): b for n, b in sent_round.bytes_per_node.items()}
         entry["offline_nodes"] = list(sent_round.offline_nodes)
-        entry["clipped"] = self._bound(ok, values, schema)
-        entry["update_cosine"] = _update_cosine(ok, sent_round.arrays) if self.checks.log_diagnostics else None
+        entry["clipped"], cosine = self._bound(ok, values, schema)
+        entry["update_cosine"] = cosine
         arrays, metrics = None, None
         needed = self.checks.min_replies
         # inside central DP the noise is calibrated for num_sampled_clients: every one of them must reply usably
@@ -296,16 +296,34 @@ class ReplyChecks:
         values, problem = decode_update(arrays, sent, self.checks.update_encoding)
         return problem, values
 
-    def _bound(self, ok: list[Message], values: list[dict], schema: ReplySchema) -> list[dict]:
-        """Cap weights, clip update norms and keep only the averaged metrics, in place; returns the clipped replies.
+    def _bound(self, ok: list[Message], values: list[dict], schema: ReplySchema) -> tuple[list[dict], float | None]:
+        """Cap weights, clip update norms and keep only the averaged metrics, in place.
 
         ``values`` are the decoded float32 tensors of ``ok``, in order; they replace each reply's arrays.
+        Each update (reply minus the arrays sent) is flattened once, in float64, for its norm and, with
+        diagnostics, the round's mean pairwise cosine (:class:`~fedgrow_core.growth.diagnostics.PairwiseCosine`;
+        clipping scales an update, so the cosine of the bounded updates is that of the replies).
+
+        Returns
+        -------
+        tuple of (list of dict, float or None)
+            The clipped replies (node, norm, bound), and the mean pairwise update
+            cosine (``None`` without diagnostics, or with fewer than two replies).
         """
         sent = self.sent_round.arrays if self.sent_round is not None else None
+        cosine = PairwiseCosine() if self.checks.log_diagnostics and sent and len(ok) >= 2 else None
         if sent is None or not ok:
             norms, bound = [0.0] * len(ok), math.inf
         else:
-            norms = [update_norm(v, sent) for v in values]
+            names = sorted(sent)
+            base = flatten(sent, names)
+            norms = []
+            for value in values:
+                update = flatten(value, names)
+                update -= base
+                norms.append(float(np.linalg.norm(update)))
+                if cosine is not None:
+                    cosine.add(update, norms[-1])
             bound = clip_bound(norms, self.checks.clip_norm, self.checks.clip_median)
         preflight = (
             [self.checks.example_caps.get(m.metadata.src_node_id) for m in ok] if self.checks.example_caps else []
@@ -325,7 +343,7 @@ class ReplyChecks:
             required = {k: msg.content["metrics"][k] for k, s in schema.metrics.items() if s.required and s.averaged}
             required["num-examples"] = max(1, min(capped_weight(weight, cap), weight_cap))
             msg.content["metrics"] = MetricRecord(required)
-        return clipped_nodes
+        return clipped_nodes, (cosine.value() if cosine is not None else None)
 
     def _aggregate(self, server_round: int, ok: list[Message]):
         """The wrapped strategy's aggregate; ``(None, None)``, state restored, if it fails or is not finite."""
@@ -347,14 +365,6 @@ class ReplyChecks:
             )
             return None, None
         return arrays, metrics
-
-
-def _update_cosine(ok: list[Message], sent: dict[str, np.ndarray]) -> float | None:
-    """Mean pairwise cosine of the bounded updates (reply minus sent arrays); ``None`` with fewer than two."""
-    if len(ok) < 2 or not sent:
-        return None
-    updates = [{k: m.content["arrays"][k].numpy() - v for k, v in sent.items()} for m in ok]
-    return mean_pairwise_cosine(updates)
 
 
 def _as_sent(arrays: ArrayRecord | None, spec: ArraySpec) -> ArrayRecord | None:

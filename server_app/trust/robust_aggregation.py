@@ -78,9 +78,15 @@ def geometric_median(
     alpha = alpha / alpha.sum()
     median = alpha @ points
 
+    scratch = np.empty(points.shape[1], np.float64)
+
+    def distance(row: np.ndarray, z: np.ndarray) -> float:
+        np.subtract(row, z, out=scratch)
+        return math.sqrt(scratch @ scratch)  # what np.linalg.norm computes for a real vector, without a new one
+
     def objective(z: np.ndarray) -> tuple[float, np.ndarray]:
-        # row by row: no (n, d) temporary beside the points (whole models in scratch-fedavg are large)
-        dist = np.maximum(smoothing, np.array([np.linalg.norm(row - z) for row in points]))
+        # row by row into one scratch vector: no (n, d) temporary beside the points (whole models are large)
+        dist = np.maximum(smoothing, np.array([distance(row, z) for row in points]))
         return float(alpha @ dist), dist
 
     value, dist = objective(median)

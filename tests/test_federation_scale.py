@@ -1,0 +1,42 @@
+"""The fifty-client benchmark's accounting: what counts as a round's client compute, and a node's state size."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.federation_scale import federation_config, parallel_clients, round_costs, state_bytes_per_node
+
+
+def _metrics(train, evaluation=None, received=None):
+    out = {"train-seconds": train}
+    if evaluation is not None:
+        out["eval-seconds"] = evaluation
+    if received is not None:
+        out["received-eval-seconds"] = received
+    return out
+
+
+def test_a_rounds_compute_is_training_and_both_evaluations_over_the_clients_that_run_at_once():
+    summary = {
+        "rounds_log": [
+            {"round": 1, "phase": "grow", "seconds": 10.0, "client_metrics": {"1": _metrics(2.0, 0.5, 0.25)}},
+            {"round": 2, "phase": "grow", "seconds": 9.0, "client_metrics": {"1": _metrics(1.0), "2": _metrics(3, 1)}},
+            {"round": 3, "phase": "grow", "seconds": 4.0, "client_metrics": {}},  # no reply: no compute to compare
+            {"round": 3, "phase": "finetune-evaluate", "seconds": 7.0, "client_metrics": {"1": _metrics(9.0)}},
+        ]
+    }
+    assert round_costs(summary, 1) == [(10.0, 2.75, 0.25), (9.0, 5.0, 0.0)]
+    assert round_costs(summary, 2) == [(10.0, 1.375, 0.125), (9.0, 2.5, 0.0)]
+
+
+def test_the_parallel_clients_follow_the_federation_config_and_the_state_size_is_the_newest_file(tmp_path):
+    federation = federation_config(tmp_path, 50)
+    assert "num-supernodes = 50" in federation.read_text()
+    assert parallel_clients(federation) >= 1
+    for node, sizes in {0: (10, 30), 1: (50,)}.items():
+        folder = tmp_path / "out" / "clients" / f"partition-{node}" / "state" / "tag" / "fp" / "run-1"
+        folder.mkdir(parents=True)
+        for r, size in enumerate(sizes, start=1):
+            (folder / f"round-{r}.safetensors").write_bytes(b"x" * size)
+    assert state_bytes_per_node(tmp_path / "out") == pytest.approx((30 + 50) / 2)
+    assert state_bytes_per_node(tmp_path / "nothing") == 0.0
