@@ -14,20 +14,14 @@ What a client does depends on the run's ``mode`` and the message's phase
 (:class:`fedgrow_core.protocol.Phase`); one handler serves each phase. Private
 state (Local-LiGO, head, optimiser moments, update residual; or the small
 model's weights in ``small-only``) persists between rounds in simulation and
-deployment alike; only what the mode shares is replied. When the server names
-its run (``run-tag`` in the message config), the state is written after every
-round to the node's state folder, under that tag, the run config's fingerprint
-and the Flower run id (:class:`fedgrow_core.clients.state_store.ClientStateStore`),
-and ``Context.state`` keeps only the round and the file's name
-(:func:`kept_private_state`), so Flower does not carry the tensors with every
-message; without a tag the tensors stay in ``Context.state``. A cached client
-that trained the round ``Context.state`` names holds that state already and
-does not load it again. A message that is refused or fails changes no private
-state: ``Context.state`` is written only after a round succeeds, and the node's
-cached client objects are dropped, so the next message starts from the last
-good state. A client without state in ``Context.state`` (a restarted node)
-picks up only state its own run wrote, and a resumed run (if the node's policy
-allows resuming) only state a run of the same tag and configuration wrote.
+deployment alike, in the node's state folder with ``Context.state`` naming the
+file (:mod:`client_app.kept_state`); only what the mode shares is replied. A
+message that is refused or fails changes no private state: ``Context.state`` is
+written only after a round succeeds, and the node's cached client objects are
+dropped, so the next message starts from the last good state. A client without
+state in ``Context.state`` (a restarted node) picks up only state its own run
+wrote, and a resumed run (if the node's policy allows resuming) only state a
+run of the same tag and configuration wrote.
 
 Every round runs under its own torch seed, derived from ``seed``, the partition,
 the phase and the round (:func:`round_seed`), and the batch order is a function
@@ -40,20 +34,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.common.logger import console_handler
 
 from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient, target_model
 from fedgrow_core.clients.model_export import owner_problem
 from fedgrow_core.clients.setup import ClientSetup
-from fedgrow_core.clients.state_store import ClientStateStore
 from fedgrow_core.modes import GlobalLigo, Handler
 from fedgrow_core.protocol import NUM_EXAMPLES, Instruction, Phase, final_reply, preflight_reply, train_reply
 from fedgrow_core.training import reporting_progress, time_limit
@@ -68,6 +60,17 @@ from .guards import (
     check_phase,
     check_received,
     sanitised_errors_mod,
+)
+from .kept_state import (
+    ROUND_KEY,
+    STATE_KEY,
+    clear_marks,
+    keep,
+    load_kept,
+    release,
+    restore,
+    state_metadata,
+    state_store,
 )
 from .node_view import NodeView, node_view
 
@@ -85,12 +88,6 @@ _LIBRARY_LOG.propagate = False
 if console_handler not in _LIBRARY_LOG.handlers:
     _LIBRARY_LOG.addHandler(console_handler)
 
-#: ``Context.state`` key of the private state itself (an ArrayRecord), when the node keeps no state folder for
-#: the run (the server named no ``run-tag``).
-STATE_KEY = "fedgrow-private"
-#: ``Context.state`` key of the round the private state was kept after: a ConfigRecord ``{"round": int}``, plus
-#: ``"file"`` (str) when the state is kept in the node's state folder (:func:`kept_private_state`).
-ROUND_KEY = "fedgrow-private-round"
 #: ``Context.state`` key of a shared-model client's batch position (``{"steps": int}``).
 DATA_KEY = "fedgrow-data"
 #: ``Context.state`` key of the final phases this node has served in the run (``{"served": int}``).
@@ -100,67 +97,15 @@ SERVED_KEY = "fedgrow-served-round"
 _PHASE_CODES = {Phase.GROW: 1, Phase.TRAIN_LOCAL: 2, Phase.TRAIN_SHARED: 3, Phase.COLLECT: 4, Phase.FINAL: 5}
 #: Clients built in this process (:class:`client_app.client_cache.ClientCache`: least recently used dropped
 #: first, within ``FEDGROW_CLIENT_CACHE_MB``). A simulation actor serves several nodes in turn; rebuilding a
-#: client (model, data, tokenisation) costs far more than a message's bookkeeping. Private state is always
-#: reloaded from ``Context.state``, so a cached object never carries state across nodes or runs, and a run's
-#: clients are dropped when one of its messages fails (:func:`_forget`).
+#: client (model, data, tokenisation) costs far more than a message's bookkeeping. A cached client is keyed by
+#: run and node, and loads the state ``Context.state`` names unless it holds exactly that state already
+#: (:func:`client_app.kept_state.load_kept`); a run's clients are dropped when one of its messages fails
+#: (:func:`_forget`).
 _CLIENTS = ClientCache(group=lambda key: key[:5])  # a node's objects: (run, partition, partitions, model, data)
-
-
-#: The kept round (:func:`_kept_mark`) each cached client holds exactly, set after it trained that round: such a
-#: client need not load its private state again. A failed message drops the run's clients (:func:`_forget`), and
-#: a final phase, which fine-tunes, clears the mark.
-_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cached(key: tuple, build):
     return _CLIENTS.get(key, build)
-
-
-def _kept_mark(context: Context) -> tuple | None:
-    """Which private state ``Context.state`` names: ``(round, file)``, file ``""`` when held in memory; or ``None``."""
-    if ROUND_KEY not in context.state or (STATE_KEY not in context.state and "file" not in context.state[ROUND_KEY]):
-        return None
-    record = context.state[ROUND_KEY]
-    return int(record["round"]), str(record["file"]) if "file" in record else ""
-
-
-def kept_private_state(context: Context) -> dict[str, torch.Tensor] | None:
-    """The node's private state after the last round it served: from ``Context.state`` or the file it names.
-
-    Returns
-    -------
-    dict of str to Tensor, or None
-        The tensors :meth:`GrowthClient.private_state` (or ``ModelClient``'s)
-        gave; ``None`` before the node's first kept round.
-
-    Raises
-    ------
-    RuntimeError
-        If the state folder's file that ``Context.state`` names cannot be read
-        (removed or damaged on this node's disk since).
-    """
-    if STATE_KEY in context.state:
-        return context.state[STATE_KEY].to_torch_state_dict()
-    mark = _kept_mark(context)
-    if mark is None:
-        return None
-    server_round, file = mark
-    try:
-        return ClientStateStore(Path(file).parent).load(server_round)
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own type for a damaged file
-        raise RuntimeError(
-            f"this node's private state of round {server_round} in {file} cannot be read: {err}"
-        ) from err
-
-
-def _load_kept(context: Context, client: GrowthClient | ModelClient) -> None:
-    """Put the node's kept private state onto ``client``, unless the client holds exactly that state already."""
-    mark = _kept_mark(context)
-    if mark is None or _HOLDS.get(client) == mark:
-        return
-    _HOLDS.pop(client, None)
-    client.load_private_state(kept_private_state(context))
-    _HOLDS[client] = mark
 
 
 def _forget(context: Context) -> None:
@@ -170,7 +115,7 @@ def _forget(context: Context) -> None:
     run rebuilds theirs too, from their ``Context.state``.
     """
     _CLIENTS.drop(lambda key: key[0] == context.run_id)
-    _HOLDS.clear()
+    clear_marks()
 
 
 #: ``Context.state`` keys of private state, rolled back when a message is refused or fails.
@@ -222,7 +167,7 @@ def _growth_client(context: Context, node: NodeView) -> GrowthClient:
             node.effective, setup.partition_id, key[2], independent=independent, share_global=shares, setup=setup
         ),
     )
-    _load_kept(context, client)
+    load_kept(context, client)
     return client
 
 
@@ -234,7 +179,7 @@ def _model_client(context: Context, node: NodeView, role: str) -> ModelClient:
         small, family = setup.small.model, setup.small.family
         config = family.target_config(small, family.shape(small), setup.num_labels)  # its own config
         client = _cached((*key, role), lambda: ModelClient(setup, small, config, lr))
-        _load_kept(context, client)
+        load_kept(context, client)
         return client
 
     def target() -> ModelClient:  # scratch-fedavg trains it from a random initialisation, at its own rate
@@ -257,102 +202,6 @@ def _seeded(node: NodeView, phase: Phase, server_round: int) -> Iterator[None]:
     with torch.random.fork_rng(), reporting_progress(label), time_limit(node.policy.max_message_seconds):
         torch.manual_seed(round_seed(node.run.seed, partition, phase, server_round))
         yield
-
-
-def _state_store(context: Context, node: NodeView, tag: str) -> ClientStateStore | None:
-    """The node's on-disk state for the server's run ``tag``, this run config and this Flower run (``None``: no tag).
-
-    The folder is ``<state folder>/<tag>/<first 16 hex digits of the run fingerprint>/run-<Flower run id>``:
-    a run writes only its own folder, and a run config other than the one that wrote a state folder never
-    finds it.
-    """
-    if not tag:
-        return None
-    folder = node.policy.state_folder(node.effective) / tag / node.fingerprint[:16]
-    return ClientStateStore(folder / f"run-{context.run_id}")
-
-
-def _state_metadata(context: Context, node: NodeView) -> dict[str, str]:
-    return {"run-id": str(context.run_id), "run-fingerprint": node.fingerprint}
-
-
-def _restore(
-    context: Context, node: NodeView, store: ClientStateStore | None, server_round: int, resumed_after: int = 0
-) -> None:
-    """Put the newest private state saved before ``server_round`` into ``Context.state`` (memory or disk).
-
-    From disk, only state this Flower run wrote is taken or, in a resumed run (``resumed_after`` > 0, if
-    the node's policy allows resuming), state that a run of the same tag and run fingerprint wrote.
-
-    Raises
-    ------
-    RefusedMessage
-        If the server resumes a run and the node's policy does not allow it
-        (``allow-resume``); or if it resumes a run in which every node trains
-        every round and this node has no private state from it: a fresh start
-        would silently train new operators. The text is the same whether no
-        state exists or another run's does.
-    """
-    if resumed_after > 0 and not node.policy.allow_resume:
-        raise RefusedMessage(
-            f"resumed-after = {resumed_after}: this node does not resume runs (node config allow-resume)"
-        )
-    if store is None:
-        return
-    have = int(context.state[ROUND_KEY]["round"]) if ROUND_KEY in context.state else 0
-    if have < server_round - 1:
-        require = _state_metadata(context, node)
-        stores = [store]
-        if resumed_after > 0:  # a resumed run is a new Flower run of the same tag and configuration
-            del require["run-id"]
-            siblings = store.folder.parent.iterdir() if store.folder.parent.is_dir() else []
-            stores = [ClientStateStore(p) for p in sorted(siblings) if p.is_dir()]
-        found = None  # (round, file) of the newest readable state, the first store's on a tie
-        for candidate in stores:
-            newest = candidate.load_latest(at_most=server_round - 1, require=require, above=have)
-            if newest is not None and (found is None or newest[0] > found[0]):
-                found = newest[0], candidate.file(newest[0])
-        if found is not None and found[0] > have:
-            context.state.pop(STATE_KEY, None)
-            context.state[ROUND_KEY] = ConfigRecord({"round": found[0], "file": str(found[1])})
-            have = found[0]
-    if resumed_after > 0 and have == 0 and node.run.fraction_train >= 1:
-        raise RefusedMessage(
-            f"resumed after round {resumed_after}: this node holds no private state of this run; "
-            "refusing to start from fresh operators"
-        )
-
-
-def _keep(
-    context: Context,
-    node: NodeView,
-    store: ClientStateStore | None,
-    server_round: int,
-    client: GrowthClient | ModelClient,
-) -> None:
-    """Keep ``client``'s private state after ``server_round``: in the node's state folder, or in ``Context.state``.
-
-    With a store (the server named its run), the state is written there and
-    ``Context.state`` names the file (:data:`ROUND_KEY`); without one, the
-    tensors go into ``Context.state`` (:data:`STATE_KEY`). Either way
-    ``client`` is marked as holding that state, so the node's next round
-    need not load it again.
-
-    Raises
-    ------
-    RefusedMessage
-        If a tensor of the state is not finite (nothing is kept).
-    """
-    state = client.private_state()
-    check_finite_reply(state, {}, "training on the received message")
-    if store is not None:
-        path = store.save(server_round, state, _state_metadata(context, node))
-        context.state.pop(STATE_KEY, None)
-        context.state[ROUND_KEY] = ConfigRecord({"round": server_round, "file": str(path)})
-    else:
-        context.state[STATE_KEY] = ArrayRecord(state)
-        context.state[ROUND_KEY] = ConfigRecord({"round": server_round})
-    _HOLDS[client] = _kept_mark(context)
 
 
 def _check_round(context: Context, node: NodeView, order: Instruction) -> None:
@@ -423,8 +272,8 @@ def train(msg: Message, context: Context) -> Message:
 
 def _grow(context: Context, node: NodeView, order: Instruction, received: dict) -> tuple[dict, dict]:
     """Train Local-LiGO, Global-LiGO and head; reply with the encoded Global-LiGO update (``update-encoding``)."""
-    store = _state_store(context, node, order.run_tag)
-    _restore(context, node, store, order.server_round, order.resumed_after)
+    store = state_store(context, node, order.run_tag)
+    restore(context, node, store, order.server_round, order.resumed_after)
     client = _growth_client(context, node)
     expected = client.global_state() if client.share_global else {}
     check_received(received, expected, node.policy.max_received_abs, "Global-LiGO")
@@ -434,19 +283,19 @@ def _grow(context: Context, node: NodeView, order: Instruction, received: dict) 
     check_finite_reply(shared, metrics, "training on the received Global-LiGO")
     # the rounding residual is private state; the independent baselines keep their operators and send nothing
     payload = client.encoded_update(received, shared) if client.share_global else {}
-    _keep(context, node, store, order.server_round, client)
+    keep(context, node, store, order.server_round, client)
     return payload, metrics
 
 
 def _train_small(context: Context, node: NodeView, order: Instruction, received: dict) -> tuple[None, dict]:
     """Train the private small model (``small-only``); reply with metrics only."""
     check_received(received, {}, node.policy.max_received_abs, "message")
-    store = _state_store(context, node, order.run_tag)
-    _restore(context, node, store, order.server_round, order.resumed_after)
+    store = state_store(context, node, order.run_tag)
+    restore(context, node, store, order.server_round, order.resumed_after)
     client = _model_client(context, node, "small")
     metrics = client.train_round(node.run.local_steps, with_eval=node.run.evaluates_round(order.server_round))
     check_finite_reply(None, metrics, "training the small model")
-    _keep(context, node, store, order.server_round, client)
+    keep(context, node, store, order.server_round, client)
     return None, metrics
 
 
@@ -499,8 +348,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     prepare = _FINAL_HANDLERS[node.mode.handlers[Phase.FINAL]]
     with _transaction(context):
         if prepare in _FINAL_FROM_PRIVATE_STATE:
-            _restore(
-                context, node, _state_store(context, node, order.run_tag), order.server_round + 1, order.resumed_after
+            restore(
+                context, node, state_store(context, node, order.run_tag), order.server_round + 1, order.resumed_after
             )
         with _seeded(node, Phase.FINAL, order.server_round):
             return _finetune_and_evaluate(msg, context, node, order, served, prepare)
@@ -514,7 +363,7 @@ FinalStep = Callable[[Path | None, dict], dict]
 def _final_grown(context: Context, node: NodeView, received: dict) -> FinalStep:
     """The grown model: materialised from the private Local-LiGO and the received (or own) Global-LiGO."""
     client = _growth_client(context, node)
-    _HOLDS.pop(client, None)  # fine-tuning follows: the client no longer holds the kept state
+    release(client)  # fine-tuning follows: the client no longer holds the kept state
     check_received(
         received, client.global_state() if client.share_global else {}, node.policy.max_received_abs, "Global-LiGO"
     )
@@ -525,7 +374,7 @@ def _final_small(context: Context, node: NodeView, received: dict) -> FinalStep:
     """The private small model, fine-tuned further."""
     check_received(received, {}, node.policy.max_received_abs, "message")
     client = _model_client(context, node, "small")
-    _HOLDS.pop(client, None)  # fine-tuning follows: the client no longer holds the kept state
+    release(client)  # fine-tuning follows: the client no longer holds the kept state
     origin = (
         f"the small model `{Path(client.setup.model_name).name}`, trained alone {node.run.num_server_rounds} rounds x "
         f"{node.run.local_steps} steps, then fine-tuned {node.run.finetune_steps} steps"
@@ -562,7 +411,7 @@ def _finetune_and_evaluate(
     _, setup = _setup(context, node)
     step = prepare(context, node, _received(msg))
     run_folder = order.run_tag or f"run-{context.run_id}"
-    owner = _state_metadata(context, node)
+    owner = state_metadata(context, node)
     same_run = ("run-fingerprint",) if order.resumed_after else None  # a resumption is a new Flower run
     out = node.policy.model_folder(node.effective, run_folder) / node.mode.model_kind
     if owner_problem(out, owner, same_run):  # another run saved a model under this tag: never replaced

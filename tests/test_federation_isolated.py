@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from test_strategy import SENT, SPEC, _content, _record, _Reply
 
 import client_app.app as fedgrow_client
+from client_app import kept_state
 from client_app.guards import sanitised_errors_mod
 from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.setup import ClientSetup
@@ -69,12 +70,12 @@ def test_the_independent_dual_ligo_client_keeps_its_global_ligo_and_sends_nothin
     first = sanitised_errors_mod(_message("grow", **{"server-round": 1}), context, fedgrow_client.train)
     assert not first.has_error(), first.error.reason if first.has_error() else ""
     assert len(first.content["arrays"]) == 0  # nothing leaves the node
-    kept = context.state[fedgrow_client.STATE_KEY].to_torch_state_dict()
+    kept = context.state[kept_state.STATE_KEY].to_torch_state_dict()
     g1 = {k: v.clone() for k, v in kept.items() if k.startswith("operator.global_.")}
     assert g1
     second = sanitised_errors_mod(_message("grow", **{"server-round": 2}), context, fedgrow_client.train)
     assert not second.has_error()
-    g2 = {k: v for k, v in context.state[fedgrow_client.STATE_KEY].to_torch_state_dict().items() if k in g1}
+    g2 = {k: v for k, v in context.state[kept_state.STATE_KEY].to_torch_state_dict().items() if k in g1}
     assert relative_change(g1, g2) > 0  # round 2 went on from round 1's private Global-LiGO
     sent = ArrayRecord(initial_global_ligo(RunConfig.from_flower(run)).state_dict())
     refused = sanitised_errors_mod(_message("grow", sent, **{"server-round": 3}), context, fedgrow_client.train)

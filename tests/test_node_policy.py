@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 import client_app.app as fedgrow_client
 import fedgrow_core.clients.growth_client as growth_client
+from client_app import kept_state
 from client_app.guards import in_simulation
 from fedgrow_core.clients.model_export import NonFiniteModel, save_model, write_folder_atomically
 from fedgrow_core.clients.state_store import ClientStateStore
@@ -250,30 +251,55 @@ def test_the_private_state_lives_in_the_state_folder_and_a_held_client_is_not_re
 
     held, held_replies = two_rounds(tmp_path / "held", TAG, rebuild=False)
     assert loads == []  # the client that trained round 1 holds its state: nothing is read back
-    mark = dict(held.state[fedgrow_client.ROUND_KEY])
-    assert fedgrow_client.STATE_KEY not in held.state  # Context.state names the file, holds no tensors
+    mark = dict(held.state[kept_state.ROUND_KEY])
+    assert kept_state.STATE_KEY not in held.state  # Context.state names the file, holds no tensors
     assert mark["round"] == 2 and Path(mark["file"]) == ClientStateStore(Path(mark["file"]).parent).file(2)
     assert Path(mark["file"]).is_relative_to(tmp_path / "held" / "node")
     (client,) = [v for k, v in fedgrow_client._CLIENTS.items() if "growth" in k]
-    kept = fedgrow_client.kept_private_state(held)
+    kept = kept_state.kept_private_state(held)
     _assert_same({k: v.numpy() for k, v in kept.items()}, {k: v.numpy() for k, v in client.private_state().items()})
 
     rebuilt, rebuilt_replies = two_rounds(tmp_path / "rebuilt", TAG, rebuild=True)
     assert loads == [1]  # read back from the file Context.state names
     in_memory, memory_replies = two_rounds(tmp_path / "memory", "", rebuild=True)  # no run tag: no state folder
-    assert fedgrow_client.STATE_KEY in in_memory.state and "file" not in in_memory.state[fedgrow_client.ROUND_KEY]
+    assert kept_state.STATE_KEY in in_memory.state and "file" not in in_memory.state[kept_state.ROUND_KEY]
     assert not (tmp_path / "memory" / "node").exists()
-    for replies in (rebuilt_replies, memory_replies):  # the same rounds, wherever the state was kept
+    # on a Ray cluster of several hosts the next message may be served elsewhere: the tensors stay in Context
+    monkeypatch.setattr(kept_state, "on_one_host", lambda: False)
+    spread, spread_replies = two_rounds(tmp_path / "hosts", TAG, rebuild=True)
+    monkeypatch.undo()
+    assert kept_state.STATE_KEY in spread.state and "file" not in spread.state[kept_state.ROUND_KEY]
+    assert list((tmp_path / "hosts" / "node").rglob("round-2.safetensors"))  # and the state folder has it too
+    for replies in (rebuilt_replies, memory_replies, spread_replies):  # the same rounds, wherever the state was kept
         for got, expected in zip(replies, held_replies, strict=True):
             _assert_same(got, expected)
 
     Path(mark["file"]).write_bytes(b"damaged")
     fedgrow_client._CLIENTS.clear()
+    monkeypatch.setattr(growth_client.GrowthClient, "load_private_state", real_load)
     caplog.clear()
     reply = _send(held, "grow", _global_ligo(), **{"server-round": 3, "run-tag": TAG})  # a failure; never stale state
     assert _refusal(reply) == "RuntimeError (details are in the node's own log)"
     assert "private state of round 2 in " in caplog.text and "round-2.safetensors cannot be read" in caplog.text
-    assert dict(held.state[fedgrow_client.ROUND_KEY]) == mark  # nothing changed
+    assert dict(held.state[kept_state.ROUND_KEY]) == mark  # nothing changed
+
+
+def test_one_host_means_outside_ray_or_a_ray_cluster_whose_live_nodes_share_one_address(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert kept_state.on_one_host()  # a deployed SuperNode's process, or this test process
+
+    def cluster(*nodes):
+        fake = types.SimpleNamespace(is_initialized=lambda: True, nodes=lambda: list(nodes))
+        monkeypatch.setitem(sys.modules, "ray", fake)
+        return kept_state.on_one_host()
+
+    here, there = "10.0.0.1", "10.0.0.2"
+    assert cluster({"Alive": True, "NodeManagerAddress": here}, {"Alive": True, "NodeManagerAddress": here})
+    assert not cluster({"Alive": True, "NodeManagerAddress": here}, {"Alive": True, "NodeManagerAddress": there})
+    assert cluster({"Alive": True, "NodeManagerAddress": here}, {"Alive": False, "NodeManagerAddress": there})
 
 
 def test_a_bad_global_ligo_is_refused_before_it_touches_private_state(files, tmp_path, clean):

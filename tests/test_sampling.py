@@ -25,6 +25,7 @@ import client_app.app as fedgrow_client
 import server_app.app as fedgrow_server
 from benchmarks.in_process_grid import federation
 from benchmarks.robustness import small_vit_config
+from client_app import kept_state
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import RunConfig
 from server_app.persistence.checkpoint import CHECKPOINT_FILE, read_checkpoint
@@ -46,11 +47,11 @@ SAMPLING = {
 def _private(context: Context) -> dict | None:
     """A copy of a node's private state as numpy arrays (read where ``Context.state`` says it is kept), with the
     round it was kept after and what ``Context.state`` holds about it."""
-    state = fedgrow_client.kept_private_state(context)
+    state = kept_state.kept_private_state(context)
     if state is None:
         return None
     arrays = {k: v.numpy().copy() for k, v in state.items()}
-    mark = dict(context.state[fedgrow_client.ROUND_KEY])
+    mark = dict(context.state[kept_state.ROUND_KEY])
     return {"round": int(mark["round"]), "mark": mark, "arrays": arrays}
 
 

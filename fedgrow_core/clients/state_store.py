@@ -1,12 +1,12 @@
 """A client's private state on its own disk, one ``safetensors`` file per round, written atomically.
 
 A ClientApp keeps its private state (Local-LiGO, head, optimiser moments, batch
-position) in Flower's ``Context.state`` between rounds. That state lives only as
-long as the run and the process: a resumed run (``resume-from``), a restarted
-SuperNode or another simulation process starts without it. :class:`ClientStateStore`
-also writes it after every round to ``<folder>/round-<r>.safetensors`` (a
-temporary file, then ``os.replace``) and keeps the newest ``keep`` rounds, so a
-client can pick up the state of the last round the server has checkpointed.
+position) between rounds. :class:`ClientStateStore` writes it after every round
+to ``<folder>/round-<r>.safetensors`` (a temporary file, fsync, then
+``os.replace``) and keeps the newest ``keep`` rounds: the ClientApp's
+``Context.state`` names the newest file, and a resumed run (``resume-from``), a
+restarted SuperNode or another process picks up the state of the last round
+the server has checkpointed.
 A file that cannot be read (truncated, damaged), or whose header does not carry
 the metadata the caller requires (which run wrote it), is skipped for the one
 before it (:meth:`ClientStateStore.load_latest`). Nothing in this folder is ever sent.
@@ -122,8 +122,16 @@ class ClientStateStore:
 
         A newest file that cannot be read (truncated, damaged), or whose
         metadata lacks an item of ``require``, is logged and skipped for the one
-        before it. Rounds ``<= above`` (state the caller already holds) are not
-        read at all.
+        before it.
+
+        Parameters
+        ----------
+        at_most : int
+            The newest round wanted.
+        require : mapping of str to str, optional
+            Header metadata the file must carry (which run wrote it).
+        above : int
+            Rounds ``<= above`` (state the caller already holds) are not read at all.
         """
         for server_round in reversed([r for r in self.rounds() if above < r <= at_most]):
             try:

@@ -121,6 +121,15 @@ class PairwiseCosine:
     ``u_i`` the unit updates and ``k`` the non-zero ones, the sum over pairs of
     ``u_i . u_j`` is ``(|sum_i u_i|^2 - k) / 2``, and there are ``n (n - 1) / 2``
     pairs. A zero update counts as cosine 0 with every other.
+
+    Attributes
+    ----------
+    total : ndarray of shape (d,), float64, or None
+        The sum of the unit updates added (``None`` before the first non-zero one).
+    count : int
+        Updates added.
+    nonzero : int
+        Non-zero updates added.
     """
 
     def __init__(self) -> None:
@@ -148,7 +157,13 @@ class PairwiseCosine:
         self.total = unit if self.total is None else np.add(self.total, unit, out=self.total)
 
     def value(self) -> float:
-        """The mean over pairs; NaN with fewer than two updates added."""
+        """The mean cosine over pairs of the updates added.
+
+        Returns
+        -------
+        float
+            In [-1, 1]; NaN with fewer than two updates added.
+        """
         n = self.count
         if n < 2:
             return math.nan
