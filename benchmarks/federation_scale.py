@@ -12,7 +12,8 @@ target). At 30 and 50 nodes it samples a fraction of the nodes per round
 It reports, per size (one JSON line each):
 
 * ``round_wall_s`` and ``round_compute_s``: each growth round's wall time (the
-  ServerApp's, ``rounds_log``'s ``seconds``) and the sum of the replying
+  ServerApp's, ``rounds_log``'s ``seconds``: from the round's start, through
+  sending, every client's work and reply, to the last reply checked) and the sum of the replying
   clients' compute seconds (``train-seconds`` + ``eval-seconds`` +
   ``received-eval-seconds``: training, and evaluating the trained and the
   received Global-LiGO), divided by the ClientApps that can run at once
@@ -20,6 +21,10 @@ It reports, per size (one JSON line each):
   ``round_received_eval_s``: the received Global-LiGO's evaluation, its part;
 * ``overhead_ratio``: the sum over growth rounds of the wall time over the sum
   of that compute (1.0: every second of a round is client compute);
+* ``round_aggregate_s``: what each round's wall time leaves out, the server's
+  work after the last reply is checked (``rounds_log``'s ``aggregate_seconds``:
+  clipping, the strategy's aggregate, the diagnostics), during which no client
+  computes; ``overhead_ratio_with_aggregation`` counts it in the wall time;
 * ``peak_rss_gib``: the peak over the run of the proportional set size (PSS,
   ``/proc/<pid>/smaps_rollup``; shared pages counted once) summed over every
   process of the simulation: the ``flwr`` CLI, the local SuperLink, the
@@ -48,6 +53,7 @@ import tempfile
 import threading
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.flower_launcher import flwr_run, prepare_flwr_home, processes_started_for, stop_local_superlink
@@ -155,11 +161,34 @@ def parallel_clients(federation: Path) -> int:
 COMPUTE_METRICS = ("train-seconds", "eval-seconds", "received-eval-seconds")
 
 
-def round_costs(summary: dict, parallel: int) -> list[tuple[float, float, float]]:
-    """``(wall s, compute s / parallel, received-eval s / parallel)`` of each growth round in ``rounds_log``.
+@dataclass(frozen=True)
+class RoundCost:
+    """One growth round's times (seconds).
 
-    Compute is the sum over the replying clients of :data:`COMPUTE_METRICS`; the
-    last item is its ``received-eval-seconds`` part.
+    Attributes
+    ----------
+    wall : float
+        ``rounds_log``'s ``seconds``: from the round's start to the last reply checked.
+    compute : float
+        The replying clients' :data:`COMPUTE_METRICS`, summed, over the ClientApps that run at once.
+    received_eval : float
+        Its ``received-eval-seconds`` part.
+    aggregate : float
+        ``aggregate_seconds``: the server's bounding, aggregation and diagnostics after the last reply
+        (0 in a log that lacks it).
+    """
+
+    wall: float
+    compute: float
+    received_eval: float
+    aggregate: float
+
+
+def round_costs(summary: dict, parallel: int) -> list[RoundCost]:
+    """The :class:`RoundCost` of each growth round in ``rounds_log`` (a round without replies is left out).
+
+    Compute is the sum over the replying clients of :data:`COMPUTE_METRICS`
+    divided by ``parallel``, the ClientApps that run at once.
     """
     out = []
     for entry in summary["rounds_log"]:
@@ -168,7 +197,8 @@ def round_costs(summary: dict, parallel: int) -> list[tuple[float, float, float]
         metrics = entry["client_metrics"].values()
         compute = sum(m.get(key, 0.0) for m in metrics for key in COMPUTE_METRICS)
         received = sum(m.get("received-eval-seconds", 0.0) for m in metrics)
-        out.append((float(entry["seconds"]), compute / parallel, received / parallel))
+        aggregate = float(entry.get("aggregate_seconds", 0.0))
+        out.append(RoundCost(float(entry["seconds"]), compute / parallel, received / parallel, aggregate))
     return out
 
 
@@ -219,15 +249,18 @@ def run_size(num_nodes: int, overrides: list[str], work: Path, client_cpus: int 
     summary = json.loads(summaries[-1].read_text())
     parallel = parallel_clients(federation)
     rounds = round_costs(summary, parallel)
-    round_wall, round_compute = sum(w for w, _, _ in rounds), sum(c for _, c, _ in rounds)
+    wall, compute = sum(r.wall for r in rounds), sum(r.compute for r in rounds)
+    aggregate = sum(r.aggregate for r in rounds)
     return {
         "supernodes": num_nodes,
         "fraction_train": fraction,
         "parallel": parallel,
-        "round_wall_s": [round(w, 2) for w, _, _ in rounds],
-        "round_compute_s": [round(c, 2) for _, c, _ in rounds],
-        "round_received_eval_s": [round(e, 2) for _, _, e in rounds],
-        "overhead_ratio": round_wall / round_compute if round_compute > 0 else None,
+        "round_wall_s": [round(r.wall, 2) for r in rounds],
+        "round_compute_s": [round(r.compute, 2) for r in rounds],
+        "round_received_eval_s": [round(r.received_eval, 2) for r in rounds],
+        "round_aggregate_s": [round(r.aggregate, 2) for r in rounds],
+        "overhead_ratio": wall / compute if compute > 0 else None,
+        "overhead_ratio_with_aggregation": (wall + aggregate) / compute if compute > 0 else None,
         "peak_rss_gib": peak / 2**30,
         "state_bytes_per_node": state_bytes_per_node(work / "output"),
         "wall_s": wall,

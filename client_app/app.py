@@ -26,7 +26,8 @@ run of the same tag and configuration wrote.
 Every round runs under its own torch seed, derived from ``seed``, the partition,
 the phase and the round (:func:`round_seed`), and the batch order is a function
 of the client's step count, so a round's result does not depend on which
-process serves it.
+process serves it, nor on whether the node's client was held or built again
+(:func:`_growth_client`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from .kept_state import (
     STATE_KEY,
     clear_marks,
     keep,
+    kept_mark,
     load_kept,
     release,
     restore,
@@ -158,17 +160,35 @@ def _setup(context: Context, node: NodeView) -> tuple[tuple, ClientSetup]:
 
 
 def _growth_client(context: Context, node: NodeView) -> GrowthClient:
+    """The node's growth client: cached, or built; then given the private state ``Context.state`` names.
+
+    A node's first client is built on the round's random stream (its template's
+    initialisation draws from it). When the node already has private state, a
+    client built again (its cached one was dropped, another process serves the
+    node, or the run was resumed) and loading that state (which starts a new
+    batch iterator, and a ``DataLoader`` iterator draws its base seed from the
+    stream) draw from a fork of the stream, which is then put back: what they
+    draw is replaced by the loaded state, and the round then draws (e.g.
+    dropout masks) exactly what it would have with the held client.
+    """
     key, setup = _setup(context, node)
     independent = node.mode.operator == "single"
     shares = node.mode.global_ligo is GlobalLigo.SHARED
-    client = _cached(
-        (*key, "growth", node.run.mode),
-        lambda: GrowthClient(
+
+    def build() -> GrowthClient:
+        return GrowthClient(
             node.effective, setup.partition_id, key[2], independent=independent, share_global=shares, setup=setup
-        ),
-    )
-    load_kept(context, client)
+        )
+
+    with _held_stream(context):
+        client = _cached((*key, "growth", node.run.mode), build)
+        load_kept(context, client)
     return client
+
+
+def _held_stream(context: Context) -> contextlib.AbstractContextManager:
+    """A fork of torch's random stream once the node has private state (:func:`_growth_client`), else nothing."""
+    return torch.random.fork_rng() if kept_mark(context) is not None else contextlib.nullcontext()
 
 
 def _model_client(context: Context, node: NodeView, role: str) -> ModelClient:
@@ -178,8 +198,9 @@ def _model_client(context: Context, node: NodeView, role: str) -> ModelClient:
     if role == "small":
         small, family = setup.small.model, setup.small.family
         config = family.target_config(small, family.shape(small), setup.num_labels)  # its own config
-        client = _cached((*key, role), lambda: ModelClient(setup, small, config, lr))
-        load_kept(context, client)
+        with _held_stream(context):  # as for a growth client: the round draws what it would with the held one
+            client = _cached((*key, role), lambda: ModelClient(setup, small, config, lr))
+            load_kept(context, client)
         return client
 
     def target() -> ModelClient:  # scratch-fedavg trains it from a random initialisation, at its own rate

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.federation_scale import federation_config, parallel_clients, round_costs, state_bytes_per_node
+from benchmarks.federation_scale import (
+    RoundCost,
+    federation_config,
+    parallel_clients,
+    round_costs,
+    state_bytes_per_node,
+)
 
 
 def _metrics(train, evaluation=None, received=None):
@@ -19,14 +25,21 @@ def _metrics(train, evaluation=None, received=None):
 def test_a_rounds_compute_is_training_and_both_evaluations_over_the_clients_that_run_at_once():
     summary = {
         "rounds_log": [
-            {"round": 1, "phase": "grow", "seconds": 10.0, "client_metrics": {"1": _metrics(2.0, 0.5, 0.25)}},
+            {
+                "round": 1,
+                "phase": "grow",
+                "seconds": 10.0,
+                "aggregate_seconds": 1.5,
+                "client_metrics": {"1": _metrics(2.0, 0.5, 0.25)},
+            },
             {"round": 2, "phase": "grow", "seconds": 9.0, "client_metrics": {"1": _metrics(1.0), "2": _metrics(3, 1)}},
             {"round": 3, "phase": "grow", "seconds": 4.0, "client_metrics": {}},  # no reply: no compute to compare
             {"round": 3, "phase": "finetune-evaluate", "seconds": 7.0, "client_metrics": {"1": _metrics(9.0)}},
         ]
     }
-    assert round_costs(summary, 1) == [(10.0, 2.75, 0.25), (9.0, 5.0, 0.0)]
-    assert round_costs(summary, 2) == [(10.0, 1.375, 0.125), (9.0, 2.5, 0.0)]
+    # the server's aggregation after the last reply is its own item; a log without it counts 0
+    assert round_costs(summary, 1) == [RoundCost(10.0, 2.75, 0.25, 1.5), RoundCost(9.0, 5.0, 0.0, 0.0)]
+    assert round_costs(summary, 2) == [RoundCost(10.0, 1.375, 0.125, 1.5), RoundCost(9.0, 2.5, 0.0, 0.0)]
 
 
 def test_the_parallel_clients_follow_the_federation_config_and_the_state_size_is_the_newest_file(tmp_path):

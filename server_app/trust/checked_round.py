@@ -146,7 +146,10 @@ class ReplyChecks:
     ``offline_nodes``). ``sent_round`` (:class:`SentRound`) is what the current
     round sent, set by ``configure_train`` or, for a round this strategy did not
     configure, by :meth:`record_round`; ``round_log`` keeps one
-    :func:`server_app.reporting.round_log.round_entry` per round.
+    :func:`server_app.reporting.round_log.round_entry` per round. Its
+    ``seconds`` run from the round's start to the last reply checked;
+    ``aggregate_seconds`` are what follows: bounding, the wrapped strategy's
+    aggregate and the diagnostics.
 
     ``checks.round_offset`` (rounds done before a resume) is added to the round number
     Flower's ``Strategy.start`` counts from 1, so the wrapped strategy (FedAdam's
@@ -232,7 +235,8 @@ class ReplyChecks:
                 )
         ok = [m for m in accepted if not m.has_error()]
         sent_round = self.sent_round or SentRound({}, [], {})
-        seconds = time.perf_counter() - sent_round.started
+        checked = time.perf_counter()
+        seconds = checked - sent_round.started
         entry = round_entry(server_round, replies, accepted, rejected, seconds, sent_round.nodes)
         entry["download_bytes"] = {str(n): b for n, b in sent_round.bytes_per_node.items()}
         entry["offline_nodes"] = list(sent_round.offline_nodes)
@@ -265,6 +269,7 @@ class ReplyChecks:
         if self.checks.log_diagnostics and arrays is not None and sent_round.arrays:
             change = relative_change(sent_round.arrays, {k: v.numpy() for k, v in arrays.items()})
         entry["relative_change"] = change if change is not None and math.isfinite(change) else None
+        entry["aggregate_seconds"] = time.perf_counter() - checked
         self.round_log.append(entry)
         if metrics is None:
             metrics = MetricRecord()

@@ -194,7 +194,7 @@ class GeometricMedian(FedAvg):
         Parameters
         ----------
         server_round : int
-            The round (unused: the geometric median keeps no state).
+            The round (logged with the Weiszfeld iterations; the geometric median keeps no state).
         replies : iterable of Message
             Replies whose ``arrays`` share names and shapes, weighted by ``num-examples``.
 
@@ -216,7 +216,14 @@ class GeometricMedian(FedAvg):
         keys = list(first.keys())
         points = _stacked([m.content[self.arrayrecord_key] for m in valid], keys)
         weights = [float(m.content["metrics"][self.weighted_by_key]) for m in valid]
-        median, _ = geometric_median(points, weights, self.smoothing, self.max_iter)
+        median, iterations = geometric_median(points, weights, self.smoothing, self.max_iter)
+        log(
+            INFO,
+            "round %d: geometric median of %d replies in %d Weiszfeld iterations",
+            server_round,
+            len(valid),
+            iterations,
+        )
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return _as_record(median, {k: first[k].numpy() for k in keys}, keys), metrics
 
