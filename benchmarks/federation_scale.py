@@ -247,24 +247,29 @@ def run_size(num_nodes: int, overrides: list[str], work: Path, client_cpus: int 
         tail = "\n".join(log.splitlines()[-30:])  # the work folder is removed after the size
         raise RuntimeError(f"flwr run with {num_nodes} SuperNodes failed (exit {status}); its log ends:\n{tail}")
     summary = json.loads(summaries[-1].read_text())
-    parallel = parallel_clients(federation)
+    measured = {"supernodes": num_nodes, "fraction_train": fraction, "parallel": parallel_clients(federation)}
+    measured.update(round_report(summary, measured["parallel"]))
+    measured.update(
+        peak_rss_gib=peak / 2**30,
+        state_bytes_per_node=state_bytes_per_node(work / "output"),
+        wall_s=wall,
+        mean_accuracy=summary["mean_accuracy"],
+    )
+    return measured
+
+
+def round_report(summary: dict, parallel: int) -> dict:
+    """The growth rounds' part of a size's measurements: the ``round_*`` lists and both overhead ratios."""
     rounds = round_costs(summary, parallel)
-    wall, compute = sum(r.wall for r in rounds), sum(r.compute for r in rounds)
+    round_wall, compute = sum(r.wall for r in rounds), sum(r.compute for r in rounds)
     aggregate = sum(r.aggregate for r in rounds)
     return {
-        "supernodes": num_nodes,
-        "fraction_train": fraction,
-        "parallel": parallel,
         "round_wall_s": [round(r.wall, 2) for r in rounds],
         "round_compute_s": [round(r.compute, 2) for r in rounds],
         "round_received_eval_s": [round(r.received_eval, 2) for r in rounds],
         "round_aggregate_s": [round(r.aggregate, 2) for r in rounds],
-        "overhead_ratio": wall / compute if compute > 0 else None,
-        "overhead_ratio_with_aggregation": (wall + aggregate) / compute if compute > 0 else None,
-        "peak_rss_gib": peak / 2**30,
-        "state_bytes_per_node": state_bytes_per_node(work / "output"),
-        "wall_s": wall,
-        "mean_accuracy": summary["mean_accuracy"],
+        "overhead_ratio": round_wall / compute if compute > 0 else None,
+        "overhead_ratio_with_aggregation": (round_wall + aggregate) / compute if compute > 0 else None,
     }
 
 

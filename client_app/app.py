@@ -33,6 +33,7 @@ process serves it, nor on whether the node's client was held or built again
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -442,3 +443,10 @@ def _finetune_and_evaluate(
     check_finite_reply(None, metrics, "the final phase")
     content = final_reply(metrics, setup.partition_id, Path(setup.model_name).name)  # never a client's full path
     return Message(content=content, reply_to=msg)
+
+
+# Importing torch, transformers, timm, datasets and Flower leaves about 600,000 objects that Python's cyclic
+# garbage collector walks in every full collection (0.3 s each on a 2-core machine, and 0.4 to 0.6 s inside a
+# busy simulation worker, a few times a run), and none of them ever becomes garbage. ``gc.freeze`` moves them
+# out of its reach; objects made later are collected as before.
+gc.freeze()

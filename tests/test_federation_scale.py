@@ -9,6 +9,7 @@ from benchmarks.federation_scale import (
     federation_config,
     parallel_clients,
     round_costs,
+    round_report,
     state_bytes_per_node,
 )
 
@@ -40,6 +41,10 @@ def test_a_rounds_compute_is_training_and_both_evaluations_over_the_clients_that
     # the server's aggregation after the last reply is its own item; a log without it counts 0
     assert round_costs(summary, 1) == [RoundCost(10.0, 2.75, 0.25, 1.5), RoundCost(9.0, 5.0, 0.0, 0.0)]
     assert round_costs(summary, 2) == [RoundCost(10.0, 1.375, 0.125, 1.5), RoundCost(9.0, 2.5, 0.0, 0.0)]
+    report = round_report(summary, 2)
+    assert report["round_wall_s"] == [10.0, 9.0] and report["round_aggregate_s"] == [1.5, 0.0]
+    assert report["overhead_ratio"] == pytest.approx((10 + 9) / (1.375 + 2.5))
+    assert report["overhead_ratio_with_aggregation"] == pytest.approx((10 + 9 + 1.5) / (1.375 + 2.5))
 
 
 def test_the_parallel_clients_follow_the_federation_config_and_the_state_size_is_the_newest_file(tmp_path):
