@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,47 +35,6 @@ class TensorStore(nn.Module):
     def as_dict(self) -> dict[str, Tensor]:
         """The tensors under their original names."""
         return {name: getattr(self, f"t{i}") for i, name in enumerate(self._names)}
-
-
-#: Factored meta templates already built in this process, by family, target config and depth (newest last).
-_PROTOTYPES: OrderedDict[tuple, tuple[nn.Module, dict]] = OrderedDict()
-#: How many :data:`_PROTOTYPES` are kept (a run grows to one target shape; a test suite to a few).
-PROTOTYPES_KEPT = 8
-
-
-def factored_prototype(family: ModelFamily, config: Any, layers: int) -> tuple[nn.Module, dict]:
-    """The family's target template on the ``meta`` device with its linear layers as :class:`GrownLinear`.
-
-    Built once per ``(family, config, layers)`` in a process (building it is
-    most of a meta template's cost; it holds no weights and draws no random
-    numbers) and kept for later :class:`GrownModel` instances, which copy it.
-
-    Returns
-    -------
-    tuple of (nn.Module, dict)
-        The template (never run itself) and its slots, ``(kind, layer) ->
-        (module name, part)``, for the kinds of
-        :data:`~fedgrow_core.growth.linear_chain.LINEAR_KINDS` in each of ``layers`` layers.
-    """
-    key = (family.name, repr(config), layers)
-    if key in _PROTOTYPES:
-        _PROTOTYPES.move_to_end(key)
-        return _PROTOTYPES[key]
-    with torch.device("meta"):  # no weights allocated or initialised
-        template = family.build(config)
-    slots = {}
-    for i in range(layers):
-        names: dict[str, list[str]] = {}
-        for kind in LINEAR_KINDS:
-            names.setdefault(family.linear_module(kind, i), []).append(kind)
-        for name, kinds in names.items():
-            linear = template.get_submodule(name)
-            template.set_submodule(name, GrownLinear(linear.in_features, linear.out_features, parts=len(kinds)))
-            slots.update({(kind, i): (name, part) for part, kind in enumerate(kinds)})
-    _PROTOTYPES[key] = template, slots
-    while len(_PROTOTYPES) > PROTOTYPES_KEPT:
-        _PROTOTYPES.popitem(last=False)
-    return template, slots
 
 
 class GrownModel(nn.Module):
@@ -189,18 +147,29 @@ class GrownModel(nn.Module):
             log.debug("width growth of this %s model: %s", family.name, "; ".join(gaps))
 
     def _factored_template(self, family: ModelFamily, layers: int) -> dict[tuple[str, int], tuple[GrownLinear, int]]:
-        """A second meta template whose linear layers are :class:`GrownLinear`: a copy of :func:`factored_prototype`'s.
+        """A second meta template whose linear layers are :class:`GrownLinear`: a copy of the first.
 
-        Returns its slots, ``(kind, layer) -> (module, part)`` (empty when the
-        family names no linear modules); kinds that share a fused module get
-        its parts in :data:`~fedgrow_core.growth.linear_chain.LINEAR_KINDS` order.
+        Copying the meta template holds no weights and costs a fraction of
+        building the family's model again. Returns its slots, ``(kind, layer)
+        -> (module, part)`` (empty when the family names no linear modules);
+        kinds that share a fused module get its parts in
+        :data:`~fedgrow_core.growth.linear_chain.LINEAR_KINDS` order.
         """
         if family.linear_module(LINEAR_KINDS[0], 0) is None:
             return {}
-        prototype, names = factored_prototype(family, self.target_config, layers)
-        template = copy.deepcopy(prototype)  # its own GrownLinear modules: a forward sets their factors
+        template = copy.deepcopy(self._template[0])
+        slots = {}
+        for i in range(layers):
+            names: dict[str, list[str]] = {}
+            for kind in LINEAR_KINDS:
+                names.setdefault(family.linear_module(kind, i), []).append(kind)
+            for name, kinds in names.items():
+                linear = template.get_submodule(name)
+                module = GrownLinear(linear.in_features, linear.out_features, parts=len(kinds))
+                template.set_submodule(name, module)
+                slots.update({(kind, i): (module, part) for part, kind in enumerate(kinds)})
         self._template.append(template)
-        return {slot: (template.get_submodule(name), part) for slot, (name, part) in names.items()}
+        return slots
 
     def train(self, mode: bool = True) -> GrownModel:
         """Set training mode here and in the target templates (dropout)."""
