@@ -19,12 +19,15 @@ It reports, per size (one JSON line each):
   received Global-LiGO), divided by the ClientApps that can run at once
   (``parallel``: cores over ``client-resources-num-cpus``);
   ``round_received_eval_s``: the received Global-LiGO's evaluation, its part;
-* ``overhead_ratio``: the sum over growth rounds of the wall time over the sum
-  of that compute (1.0: every second of a round is client compute);
-* ``round_aggregate_s``: what each round's wall time leaves out, the server's
-  work after the last reply is checked (``rounds_log``'s ``aggregate_seconds``:
+* ``overhead_ratio``: the sum over growth rounds of that wall time over the sum
+  of that compute (1.0: every second until the last reply is checked is client
+  compute);
+* ``round_aggregate_s``: the server's work after the last reply is checked
+  (``rounds_log``'s ``aggregate_seconds``: the round log's byte counts,
   clipping, the strategy's aggregate, the diagnostics), during which no client
-  computes; ``overhead_ratio_with_aggregation`` counts it in the wall time;
+  computes; ``overhead_ratio_with_aggregation`` adds it to the wall time. The
+  checkpoint written after each round and Flower's steps before the next one
+  are in neither;
 * ``peak_rss_gib``: the peak over the run of the proportional set size (PSS,
   ``/proc/<pid>/smaps_rollup``; shared pages counted once) summed over every
   process of the simulation: the ``flwr`` CLI, the local SuperLink, the
@@ -174,8 +177,8 @@ class RoundCost:
     received_eval : float
         Its ``received-eval-seconds`` part.
     aggregate : float
-        ``aggregate_seconds``: the server's bounding, aggregation and diagnostics after the last reply
-        (0 in a log that lacks it).
+        ``aggregate_seconds``: the server's work after the last reply is checked (the round log's byte
+        counts, bounding, aggregation, diagnostics; 0 in a log that lacks it).
     """
 
     wall: float
@@ -187,8 +190,18 @@ class RoundCost:
 def round_costs(summary: dict, parallel: int) -> list[RoundCost]:
     """The :class:`RoundCost` of each growth round in ``rounds_log`` (a round without replies is left out).
 
-    Compute is the sum over the replying clients of :data:`COMPUTE_METRICS`
-    divided by ``parallel``, the ClientApps that run at once.
+    Parameters
+    ----------
+    summary : dict
+        A run's ``summary.json``.
+    parallel : int
+        ClientApps that run at once: each round's compute is the sum over its
+        replying clients of :data:`COMPUTE_METRICS` (seconds) divided by it.
+
+    Returns
+    -------
+    list of RoundCost
+        In round order; the final phase is left out.
     """
     out = []
     for entry in summary["rounds_log"]:
@@ -259,7 +272,23 @@ def run_size(num_nodes: int, overrides: list[str], work: Path, client_cpus: int 
 
 
 def round_report(summary: dict, parallel: int) -> dict:
-    """The growth rounds' part of a size's measurements: the ``round_*`` lists and both overhead ratios."""
+    """The growth rounds' part of a size's measurements.
+
+    Parameters
+    ----------
+    summary : dict
+        A run's ``summary.json``.
+    parallel : int
+        ClientApps that run at once (:func:`round_costs`).
+
+    Returns
+    -------
+    dict
+        ``round_wall_s``, ``round_compute_s``, ``round_received_eval_s`` and
+        ``round_aggregate_s`` (seconds per growth round, rounded to 0.01),
+        ``overhead_ratio`` and ``overhead_ratio_with_aggregation`` (``None``
+        without compute).
+    """
     rounds = round_costs(summary, parallel)
     round_wall, compute = sum(r.wall for r in rounds), sum(r.compute for r in rounds)
     aggregate = sum(r.aggregate for r in rounds)

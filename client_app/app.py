@@ -172,37 +172,41 @@ def _growth_client(context: Context, node: NodeView) -> GrowthClient:
     draw is replaced by the loaded state, and the round then draws (e.g.
     dropout masks) exactly what it would have with the held client.
     """
-    key, setup = _setup(context, node)
     independent = node.mode.operator == "single"
     shares = node.mode.global_ligo is GlobalLigo.SHARED
-
-    def build() -> GrowthClient:
-        return GrowthClient(
-            node.effective, setup.partition_id, key[2], independent=independent, share_global=shares, setup=setup
-        )
-
     with _held_stream(context):
-        client = _cached((*key, "growth", node.run.mode), build)
+        key, setup = _setup(context, node)
+        client = _cached(
+            (*key, "growth", node.run.mode),
+            lambda: GrowthClient(
+                node.effective, setup.partition_id, key[2], independent=independent, share_global=shares, setup=setup
+            ),
+        )
         load_kept(context, client)
     return client
 
 
 def _held_stream(context: Context) -> contextlib.AbstractContextManager:
-    """A fork of torch's random stream once the node has private state (:func:`_growth_client`), else nothing."""
-    return torch.random.fork_rng() if kept_mark(context) is not None else contextlib.nullcontext()
+    """A fork of torch's random stream once the node has private state (:func:`_growth_client`), else nothing.
+
+    Private state is what ``Context.state`` names (:func:`~client_app.kept_state.kept_mark`), or a shared
+    model's batch position (``scratch-fedavg``).
+    """
+    kept = kept_mark(context) is not None or DATA_KEY in context.state
+    return torch.random.fork_rng() if kept else contextlib.nullcontext()
 
 
 def _model_client(context: Context, node: NodeView, role: str) -> ModelClient:
     """``role``: ``small`` (the small model, private) or ``target`` (target shape, weights received)."""
-    key, setup = _setup(context, node)
-    lr = node.run.lr_finetune
     if role == "small":
-        small, family = setup.small.model, setup.small.family
-        config = family.target_config(small, family.shape(small), setup.num_labels)  # its own config
         with _held_stream(context):  # as for a growth client: the round draws what it would with the held one
-            client = _cached((*key, role), lambda: ModelClient(setup, small, config, lr))
+            key, setup = _setup(context, node)
+            small, family = setup.small.model, setup.small.family
+            config = family.target_config(small, family.shape(small), setup.num_labels)  # its own config
+            client = _cached((*key, role), lambda: ModelClient(setup, small, config, node.run.lr_finetune))
             load_kept(context, client)
         return client
+    key, setup = _setup(context, node)
 
     def target() -> ModelClient:  # scratch-fedavg trains it from a random initialisation, at its own rate
         return ModelClient(setup, *target_model(setup, node.run.seed), node.run.lr_scratch)
@@ -253,10 +257,15 @@ def _served(context: Context, order: Instruction) -> None:
 
 
 def _shared_model_client(context: Context, node: NodeView) -> ModelClient:
-    """The target-shaped model client of ``scratch-fedavg``, at this node's batch position."""
-    client = _model_client(context, node, "target")
-    if DATA_KEY in context.state:
-        client.seek_data(int(context.state[DATA_KEY]["steps"]))
+    """The target-shaped model client of ``scratch-fedavg``, at this node's batch position.
+
+    Once the node has a batch position, building the client and seeking draw from a fork of the round's
+    random stream (:func:`_held_stream`), as for a growth client.
+    """
+    with _held_stream(context):
+        client = _model_client(context, node, "target")
+        if DATA_KEY in context.state:
+            client.seek_data(int(context.state[DATA_KEY]["steps"]))
     return client
 
 
@@ -447,6 +456,8 @@ def _finetune_and_evaluate(
 
 # Importing torch, transformers, timm, datasets and Flower leaves about 600,000 objects that Python's cyclic
 # garbage collector walks in every full collection (0.3 s each on a 2-core machine, and 0.4 to 0.6 s inside a
-# busy simulation worker, a few times a run), and none of them ever becomes garbage. ``gc.freeze`` moves them
-# out of its reach; objects made later are collected as before.
+# busy simulation worker, a few times a run). After one collection of what the imports left as garbage,
+# ``gc.freeze`` moves the rest out of its reach for the life of the process: a cycle among them would never be
+# reclaimed (reference counting still frees the others), and objects made later are collected as before.
+gc.collect()
 gc.freeze()

@@ -150,6 +150,8 @@ def _write_results(
 
 # Importing torch, transformers, timm, datasets and Flower leaves about 600,000 objects that Python's cyclic
 # garbage collector walks in every full collection (0.3 s each on a 2-core machine, and 0.4 to 0.6 s inside a
-# busy simulation worker, a few times a run), and none of them ever becomes garbage. ``gc.freeze`` moves them
-# out of its reach; objects made later are collected as before.
+# busy simulation worker, a few times a run). After one collection of what the imports left as garbage,
+# ``gc.freeze`` moves the rest out of its reach for the life of the process: a cycle among them would never be
+# reclaimed (reference counting still frees the others), and objects made later are collected as before.
+gc.collect()
 gc.freeze()

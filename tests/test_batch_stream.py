@@ -39,6 +39,22 @@ def test_seek_continues_exactly_where_a_stream_drawn_from_zero_is(step):
     assert stream.position == step + 5
 
 
+
+@pytest.mark.parametrize("step", [2, 3, 5, 6])  # inside an epoch, and at the end of the first and second
+def test_a_stream_that_seeks_draws_from_torchs_stream_where_one_that_iterated_does(step):
+    """Each epoch's ``DataLoader`` iterator takes its base seed from torch's global stream when it starts."""
+    iterated = _stream()
+    _draw(iterated, step)  # the held client: got to ``step`` by iterating
+    sought = _stream()
+    sought.seek(step)  # the client built again: seeks to ``step`` (before the round's seed is set)
+    after = []
+    for stream in (iterated, sought):
+        torch.manual_seed(0)  # the round's seed
+        batches = _draw(stream, 4)
+        after.append((batches, torch.rand(3).tolist()))  # what the round draws next (e.g. dropout masks)
+    assert after[0] == after[1]
+
+
 def test_bad_positions_and_sizes_are_refused():
     with pytest.raises(ValueError, match="step = -1"):
         _stream().seek(-1)

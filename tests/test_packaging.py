@@ -37,13 +37,12 @@ def test_every_package_the_code_imports_is_declared():
 def test_each_app_moves_the_objects_its_imports_left_out_of_the_garbage_collectors_reach():
     """A full collection walks every tracked object; the apps freeze what importing the libraries made."""
     probe = (
-        "import gc, sys, time, importlib; importlib.import_module(sys.argv[1]); "
-        "frozen = gc.get_freeze_count(); t = time.perf_counter(); gc.collect(2); "
-        "print(frozen, len(gc.get_objects()), time.perf_counter() - t)"
+        "import gc, sys, importlib; importlib.import_module(sys.argv[1]); "
+        "print(gc.get_freeze_count(), len(gc.get_objects()))"
     )
     for app in ("client_app.app", "server_app.app"):
         found = subprocess.run([sys.executable, "-c", probe, app], cwd=ROOT, capture_output=True, text=True)
         assert found.returncode == 0, found.stderr
-        frozen, tracked, _ = found.stdout.split()
+        frozen, tracked = found.stdout.split()
         assert int(frozen) > 100_000  # torch, transformers, timm and Flower's objects
         assert int(tracked) < int(frozen) / 10  # what a full collection still walks

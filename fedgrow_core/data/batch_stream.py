@@ -75,6 +75,13 @@ class BatchStream:
     def seek(self, step: int) -> None:
         """Make batch ``step`` the next one (no-op if it already is).
 
+        At an epoch's end (``step`` a positive multiple of :attr:`steps_per_epoch`)
+        the stream is left as one that has just given that epoch's last batch:
+        the next batch starts the next epoch's iterator, as it does for a stream
+        that got there by iterating. A ``DataLoader`` iterator draws its base
+        seed from torch's global random stream when it starts, so a stream that
+        seeks and one that iterated draw the same numbers at the same batch.
+
         Raises
         ------
         ValueError
@@ -83,8 +90,13 @@ class BatchStream:
         if step < 0:
             raise ValueError(f"step = {step}: expected an integer >= 0")
         if step != self.position or self._batches is None:
-            self._order.epoch, self._order.skip = divmod(step, self.steps_per_epoch)
-            self._batches = iter(self._loader)
+            epoch, skip = divmod(step, self.steps_per_epoch)
+            if step and not skip:  # at an epoch's end: the next batch opens the next epoch
+                self._order.epoch, self._order.skip = epoch - 1, 0
+                self._batches = iter(())
+            else:
+                self._order.epoch, self._order.skip = epoch, skip
+                self._batches = iter(self._loader)
             self.position = step
 
     def __iter__(self) -> BatchStream:

@@ -87,7 +87,7 @@ def round_entry(
     rejected : list of dict
         ``{"node_id", "reason"}`` per rejected reply.
     seconds : float
-        Wall time of the round in seconds.
+        Wall time from the round's start to its last reply checked (seconds).
     sent : iterable of int
         Node ids the round's messages went to; those with no reply (timed out or
         gone) are listed as ``missing_nodes``.

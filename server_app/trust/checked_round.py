@@ -148,8 +148,8 @@ class ReplyChecks:
     configure, by :meth:`record_round`; ``round_log`` keeps one
     :func:`server_app.reporting.round_log.round_entry` per round. Its
     ``seconds`` run from the round's start to the last reply checked;
-    ``aggregate_seconds`` are what follows: bounding, the wrapped strategy's
-    aggregate and the diagnostics.
+    ``aggregate_seconds`` are what follows: the entry's byte counts, bounding,
+    the wrapped strategy's aggregate and the diagnostics.
 
     ``checks.round_offset`` (rounds done before a resume) is added to the round number
     Flower's ``Strategy.start`` counts from 1, so the wrapped strategy (FedAdam's

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -217,12 +217,14 @@ class GeometricMedian(FedAvg):
         points = _stacked([m.content[self.arrayrecord_key] for m in valid], keys)
         weights = [float(m.content["metrics"][self.weighted_by_key]) for m in valid]
         median, iterations = geometric_median(points, weights, self.smoothing, self.max_iter)
+        converged = iterations < self.max_iter
         log(
-            INFO,
-            "round %d: geometric median of %d replies in %d Weiszfeld iterations",
+            INFO if converged else WARNING,
+            "round %d: geometric median of %d replies in %d Weiszfeld iterations%s",
             server_round,
             len(valid),
             iterations,
+            "" if converged else f" (max-iter {self.max_iter} reached before the tolerance)",
         )
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return _as_record(median, {k: first[k].numpy() for k in keys}, keys), metrics
