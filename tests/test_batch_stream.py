@@ -39,7 +39,6 @@ def test_seek_continues_exactly_where_a_stream_drawn_from_zero_is(step):
     assert stream.position == step + 5
 
 
-
 @pytest.mark.parametrize("step", [2, 3, 5, 6])  # inside an epoch, and at the end of the first and second
 def test_a_stream_that_seeks_draws_from_torchs_stream_where_one_that_iterated_does(step):
     """Each epoch's ``DataLoader`` iterator takes its base seed from torch's global stream when it starts."""

@@ -303,7 +303,12 @@ def test_a_client_built_again_trains_with_the_random_stream_of_the_held_one(
         for server_round in (1, 2):
             if server_round == 2 and rebuild:  # another process serves the node, or the cache let its client go
                 fedgrow_client._CLIENTS.clear()
-            reply = _send(context, phase, _global_ligo() if mode == "fedgrow" else None, **{"server-round": server_round, "run-tag": TAG})
+            reply = _send(
+                context,
+                phase,
+                _global_ligo() if mode == "fedgrow" else None,
+                **{"server-round": server_round, "run-tag": TAG},
+            )
             assert not reply.has_error(), reply.error.reason
         arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()} if "arrays" in reply.content else {}
         metrics = reply.content["metrics"]
