@@ -27,6 +27,38 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedgrow_core.growth.diagnostics import flatten
+
+
+def flat_update(reply: Mapping[str, np.ndarray], base: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """The update ``u = reply - sent`` over the tensors ``names``, as one float64 vector.
+
+    Parameters
+    ----------
+    reply : mapping of str to ndarray
+        Holds every tensor of ``names``, in the shapes that were sent.
+    base : ndarray, shape (d,)
+        ``flatten(sent, names)`` (float64, :func:`fedgrow_core.growth.diagnostics.flatten`): what was sent,
+        flattened once for all of a round's replies.
+    names : sequence of str
+        The tensors, in ``base``'s order (``sorted(sent)``).
+
+    Returns
+    -------
+    ndarray, shape (d,)
+        A new float64 vector, ``flatten(reply, names) - base``.
+
+    Raises
+    ------
+    KeyError
+        If ``reply`` lacks a tensor of ``names``.
+    ValueError
+        If the flattened reply is not as long as ``base``.
+    """
+    update = flatten(reply, names)
+    update -= base
+    return update
+
 
 def update_norm(reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``reply - sent`` over all tensors, computed in float64 (finite for float32 inputs).
@@ -39,13 +71,10 @@ def update_norm(reply: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray])
     Returns
     -------
     float
-        ``sqrt(sum_k ||reply[k] - sent[k]||^2)``.
+        ``sqrt(sum_k ||reply[k] - sent[k]||^2)``: the norm of :func:`flat_update`.
     """
-    total = 0.0
-    for name, value in reply.items():
-        diff = np.asarray(value, np.float64) - np.asarray(sent[name], np.float64)
-        total += float(np.dot(diff.ravel(), diff.ravel()))
-    return math.sqrt(total)
+    names = sorted(sent)
+    return float(np.linalg.norm(flat_update(reply, flatten(sent, names), names)))
 
 
 def robust_median(values: Sequence[float]) -> float:

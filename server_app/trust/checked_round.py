@@ -28,7 +28,7 @@ from fedgrow_core.update_encoding import decode_update, encoded_spec
 
 from ..persistence.checkpoint import restore_state, snapshot_state, state_is_finite
 from ..reporting.round_log import message_bytes, round_entry, round_summary
-from .bounded_influence import capped_weight, clip_bound, clipped, weight_bound
+from .bounded_influence import capped_weight, clip_bound, clipped, flat_update, weight_bound
 from .reply_checks import (
     ArraySpec,
     ReplySchema,
@@ -324,9 +324,8 @@ class ReplyChecks:
             base = flatten(sent, names)
             norms = []
             for value in values:
-                update = flatten(value, names)
-                update -= base
-                norms.append(float(np.linalg.norm(update)))
+                update = flat_update(value, base, names)
+                norms.append(float(np.linalg.norm(update)))  # update_norm, from the vector the cosine reads too
                 if cosine is not None:
                     cosine.add(update, norms[-1])
             bound = clip_bound(norms, self.checks.clip_norm, self.checks.clip_median)
