@@ -1,4 +1,4 @@
-"""The ServerApp's grid collects a round's replies as they arrive (every 0.2 s, not Flower's 3 s)."""
+"""The ServerApp's grid collects a round's replies as they arrive (every 0.05 s, not Flower's 3 s)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ def test_replies_are_pulled_every_poll_until_all_arrived(clock):
     # each pull asks for the replies still missing, in the order the messages were pushed (an in-process grid
     # serves them in that order, so a run does not depend on the iteration order of a set of ids)
     assert nodes.asked == [["a", "b", "c"], ["b", "c"], ["b", "c"], ["c"]]
+
+
+def test_messages_go_out_at_once_and_each_reply_is_handed_over_when_pulled(clock):
+    nodes = SlowNodes({"a": 1, "b": 3})
+    pushed = []
+    nodes.push_messages = lambda messages: pushed.extend(m.id for m in messages) or list(pushed)
+    replies = PromptGrid(nodes).send_and_receive(_messages("a", "b"), timeout=60)
+    assert pushed == ["a", "b"] and nodes.pulls == 0  # pushed before anything is asked of the replies
+    first = next(iter(replies))
+    assert first.metadata.reply_to_message_id == "a" and nodes.pulls == 1  # not held back until "b" came
+    assert [r.metadata.reply_to_message_id for r in replies] == ["b"] and nodes.pulls == 3
 
 
 def test_the_wait_ends_at_the_timeout_with_the_replies_that_came(clock):

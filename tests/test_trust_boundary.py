@@ -36,6 +36,7 @@ from fedgrow_core.run_config import ConfigError, RunConfig
 from server_app.orchestration.phases import FINAL_SCHEMA, collect_average, final_phase
 from server_app.orchestration.strategy import build_strategy, run_checks, strategy_for_run
 from server_app.persistence.checkpoint import CHECKPOINT_FILE, check_resumable, read_checkpoint, write_checkpoint
+from server_app.reporting.round_log import message_bytes
 from server_app.trust.bounded_influence import clip_bound, clipped, update_norm
 from server_app.trust.central_dp import secure_gaussian
 from server_app.trust.checked_round import wait_for_nodes
@@ -240,6 +241,42 @@ def test_waiting_for_nodes_is_bounded():
     messages = strategy.configure_train(1, _record(SENT), ConfigRecord(), _Grid([1]))
     assert messages == [] and time.monotonic() - start < 5
     assert strategy.sent_round.offline_nodes == [2, 3]
+
+
+def test_each_reply_is_checked_as_it_arrives_not_after_the_last():
+    strategy = _strategy(caps={1: 10, 2: 10})
+    checked = []
+    problem = strategy._problem
+    strategy._problem = lambda msg, schema: (checked.append(msg.metadata.src_node_id), problem(msg, schema))[1]
+    honest = {k: v + 1.0 for k, v in SENT.items()}
+
+    def arriving():  # a PromptGrid's replies: node 2 is still computing when node 1's reply is handed over
+        yield _Reply(1, _content(honest))
+        assert checked == [1]
+        yield _Reply(2, _content(honest))
+
+    arrays, _ = strategy.aggregate_train(1, arriving())
+    assert checked == [1, 2] and arrays is not None
+    assert sorted(strategy.round_log[0]["accepted_nodes"]) == [1, 2]
+
+
+def test_sent_bytes_are_counted_after_the_round_not_before_sending(monkeypatch, task_identity):
+    import server_app.trust.checked_round as checked_round
+
+    counted = []
+    monkeypatch.setattr(
+        checked_round, "message_bytes", lambda m: counted.append(m.metadata.dst_node_id) or message_bytes(m)
+    )
+    run = RunConfig(min_train_nodes=2)
+    strategy = strategy_for_run(run, 2, run_checks(run, example_caps={1: 5, 2: 5}))
+    messages = strategy.configure_train(1, _record(SENT), ConfigRecord(), _Grid([1, 2]))
+    assert len(messages) == 2 and counted == []  # nothing serialised before the messages go out
+    replies = [_Reply(m.metadata.dst_node_id, _content({k: v + 1 for k, v in SENT.items()})) for m in messages]
+    strategy.aggregate_train(1, replies)
+    assert len(counted) == 1  # one serialisation: both nodes were sent the same content
+    expected = message_bytes(messages[0])
+    assert strategy.round_log[0]["download_bytes"] == {str(m.metadata.dst_node_id): expected for m in messages}
+    assert expected > sum(v.nbytes for v in SENT.values())
 
 
 def test_collect_takes_the_majority_spec_not_the_first_reply(task_identity):

@@ -4,21 +4,24 @@ Flower's deployed and simulated grids (``flwr.superlink.grid.HttpGrid``) wait
 for replies in ``send_and_receive`` by pulling from the SuperLink, then
 sleeping 3 s between pulls: a round whose last reply arrives just after a pull
 waits up to 3 s more, in every round. :class:`PromptGrid` wraps the grid Flower
-gives the ServerApp and pulls every :data:`POLL_SECONDS` instead, and leaves
-out the nodes that refused the run at preflight (:meth:`PromptGrid.exclude`);
-everything else (pushing, pulling, the run) is the wrapped grid's own.
+gives the ServerApp and pulls every :data:`POLL_SECONDS` instead, hands each
+reply on as soon as it is pulled (so a strategy that checks replies one by one,
+as :class:`~server_app.trust.checked_round.ReplyChecks` does, checks them while
+the other nodes still train), and leaves out the nodes that refused the run at
+preflight (:meth:`PromptGrid.exclude`); everything else (pushing, pulling, the
+run) is the wrapped grid's own.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 #: Seconds between two pulls of a round's replies.
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05
 
 
 class PromptGrid(Grid):
@@ -72,23 +75,34 @@ class PromptGrid(Grid):
         return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push ``messages`` and return their replies, pulled every :attr:`poll` seconds.
+        """Push ``messages`` now; return their replies as they arrive, pulled every :attr:`poll` seconds.
 
-        Returns when every message has a reply or ``timeout`` seconds have passed
-        (``None``: no limit), as Flower's own ``send_and_receive`` does.
+        The messages are pushed before this returns. The replies come from the
+        returned iterator, each as soon as a pull brings it (in the order pulled),
+        so a caller can check one reply while the other nodes still compute.
+        Iterating ends when every message has a reply or ``timeout`` seconds after
+        the push (``None``: no limit), as Flower's own ``send_and_receive`` does.
+        Iterate it once, to the end: replies not pulled stay on the SuperLink.
+
+        Returns
+        -------
+        Iterable of Message
+            A one-pass iterator over the replies.
         """
         pending = dict.fromkeys(self.push_messages(messages))  # in the order pushed: pulls ask in that order
         deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
+        return self._arrivals(pending, deadline)
+
+    def _arrivals(self, pending: dict[str, None], deadline: float | None) -> Iterator[Message]:
+        """Pull the replies to ``pending`` (message ids) until all came or ``deadline``; yield each as pulled."""
         while pending:
             arrived = list(self.pull_messages(list(pending)))
-            replies.extend(arrived)
             for m in arrived:
                 pending.pop(m.metadata.reply_to_message_id, None)
+            yield from arrived
             if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
+                return
             time.sleep(self.poll if deadline is None else max(0.0, min(self.poll, deadline - time.monotonic())))
-        return replies
 
     def __getattr__(self, name: str):  # noqa: ANN204 - anything else Flower adds (``close``, ...)
         if name == "grid":  # not set yet (e.g. while unpickling)

@@ -49,11 +49,15 @@ class SentRound:
     nodes : list of int
         The node ids the round's instruction went to.
     bytes_per_node : dict of int to int
-        Serialised bytes of the message each node was sent.
+        Serialised bytes of the message each node was sent (:meth:`sent_bytes` counts them from
+        ``messages``).
     offline_nodes : list of int
         Expected nodes (from preflight) that were not online when the round started.
     started : float
         ``time.perf_counter()`` when the round started (seconds).
+    messages : list of flwr.app.Message
+        The messages sent, kept until :meth:`sent_bytes` has counted their bytes: serialising a
+        Global-LiGO message to count it costs time, which the round's start does not wait for.
     """
 
     arrays: dict[str, np.ndarray]
@@ -61,6 +65,23 @@ class SentRound:
     bytes_per_node: dict[int, int]
     offline_nodes: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    messages: list[Message] = field(default_factory=list)
+
+    def sent_bytes(self) -> dict[int, int]:
+        """Node id -> serialised bytes of the message it was sent (``message_bytes``).
+
+        Counted from :attr:`messages` on the first call, one serialisation per
+        distinct content (Flower's strategies share one content among all nodes),
+        into :attr:`bytes_per_node`; the messages are then let go.
+        """
+        if self.messages:
+            sizes: dict[int, int] = {}
+            for m in self.messages:
+                if id(m.content) not in sizes:
+                    sizes[id(m.content)] = message_bytes(m)
+            self.bytes_per_node = {m.metadata.dst_node_id: sizes[id(m.content)] for m in self.messages}
+            self.messages = []
+        return self.bytes_per_node
 
 
 @dataclass(frozen=True)
@@ -117,7 +138,9 @@ class ReplyChecks:
     Per round, in ``aggregate_train`` (the hook Flower's ``Strategy.start``
     calls), before the wrapped strategy reads anything:
 
-    1. every reply is checked against the round's schema
+    1. every reply is checked against the round's schema, one by one as the
+       grid hands it over (a :class:`~server_app.orchestration.prompt_grid.PromptGrid`
+       yields each reply as it arrives, so the checks overlap the round)
        (:func:`server_app.trust.reply_checks.train_schema` of the arrays sent, in
        the run's ``update_encoding``: exact tensor names, shapes, dtypes,
        finite values; exact metric keys, types and ranges; no other record),
@@ -148,7 +171,8 @@ class ReplyChecks:
     configure, by :meth:`record_round`; ``round_log`` keeps one
     :func:`server_app.reporting.round_log.round_entry` per round. Its
     ``seconds`` run from the round's start to the last reply checked;
-    ``aggregate_seconds`` are what follows: the entry's byte counts, bounding,
+    ``aggregate_seconds`` are what follows: the entry's byte counts (the sent
+    messages' included, counted then rather than before sending), bounding,
     the wrapped strategy's aggregate and the diagnostics.
 
     ``checks.round_offset`` (rounds done before a resume) is added to the round number
@@ -190,12 +214,8 @@ class ReplyChecks:
             )
             return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        sizes: dict[int, int] = {}  # one serialisation per distinct content (Flower shares one for all nodes)
-        for m in messages:
-            if id(m.content) not in sizes:
-                sizes[id(m.content)] = message_bytes(m)
         self.sent_round.nodes = [m.metadata.dst_node_id for m in messages]
-        self.sent_round.bytes_per_node = {m.metadata.dst_node_id: sizes[id(m.content)] for m in messages}
+        self.sent_round.messages = messages  # their sizes are counted after the round, not before sending
         return messages
 
     def record_round(
@@ -213,12 +233,12 @@ class ReplyChecks:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Reject malformed replies, bound the rest, aggregate them with the wrapped strategy."""
         server_round += self.checks.round_offset
-        replies = list(replies)
         schema = ReplySchema(
             self.checks.reply_metrics, encoded_spec(self.expected_spec or {}, self.checks.update_encoding)
         )
-        accepted, rejected, values = [], [], []
-        for msg in replies:
+        arrived, accepted, rejected, values = [], [], [], []
+        for msg in replies:  # as they arrive from a PromptGrid: each is checked while the other nodes compute
+            arrived.append(msg)
             problem, value = (None, None) if msg.has_error() else self._problem(msg, schema)
             if problem is None:
                 accepted.append(msg)
@@ -237,8 +257,8 @@ class ReplyChecks:
         sent_round = self.sent_round or SentRound({}, [], {})
         checked = time.perf_counter()
         seconds = checked - sent_round.started
-        entry = round_entry(server_round, replies, accepted, rejected, seconds, sent_round.nodes)
-        entry["download_bytes"] = {str(n): b for n, b in sent_round.bytes_per_node.items()}
+        entry = round_entry(server_round, arrived, accepted, rejected, seconds, sent_round.nodes)
+        entry["download_bytes"] = {str(n): b for n, b in sent_round.sent_bytes().items()}
         entry["offline_nodes"] = list(sent_round.offline_nodes)
         entry["clipped"], cosine = self._bound(ok, values, schema)
         entry["update_cosine"] = cosine
