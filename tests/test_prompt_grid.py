@@ -72,7 +72,35 @@ def test_messages_go_out_at_once_and_each_reply_is_handed_over_when_pulled(clock
     assert pushed == ["a", "b"] and nodes.pulls == 0  # pushed before anything is asked of the replies
     first = next(iter(replies))
     assert first.metadata.reply_to_message_id == "a" and nodes.pulls == 1  # not held back until "b" came
-    assert [r.metadata.reply_to_message_id for r in replies] == ["b"] and nodes.pulls == 3
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"] and nodes.pulls == 3
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"] and nodes.pulls == 3  # read again
+
+
+def test_the_replies_are_a_sequence_like_flowers_list(clock):
+    nodes = SlowNodes({"a": 2, "b": 3})
+    replies = PromptGrid(nodes).send_and_receive(_messages("a", "b"), timeout=60)
+    assert len(replies) == 2 and nodes.pulls == 3  # len waits for every reply, as Flower's list is whole
+    assert bool(replies) and replies[1].metadata.reply_to_message_id == "b"
+    assert [r.metadata.reply_to_message_id for r in replies[:]] == ["a", "b"] and nodes.pulls == 3
+
+
+def test_replies_nobody_read_are_pulled_before_the_next_push(clock):
+    nodes = SlowNodes({"a": 2})
+    grid = PromptGrid(nodes)
+    grid.send_and_receive(_messages("a"), timeout=60)  # never read, as a strategy might leave its evaluate replies
+    assert nodes.pulls == 0
+    grid.send_and_receive(_messages("c"), timeout=60)
+    assert nodes.asked[:2] == [["a"], ["a"]]  # the first call's wait ran to its end before anything new went out
+
+
+def test_a_reply_that_came_while_the_caller_checked_past_the_timeout_is_kept(clock):
+    nodes = SlowNodes({"a": 1, "b": 2})
+    replies = PromptGrid(nodes, poll=0.5).send_and_receive(_messages("a", "b"), timeout=2.0)
+    seen = []
+    for reply in replies:
+        seen.append(reply.metadata.reply_to_message_id)
+        clock.now += 5.0  # checking "a" takes the caller past the timeout; "b" arrived meanwhile
+    assert seen == ["a", "b"] and nodes.pulls == 2
 
 
 def test_the_wait_ends_at_the_timeout_with_the_replies_that_came(clock):

@@ -260,7 +260,7 @@ def test_each_reply_is_checked_as_it_arrives_not_after_the_last():
     assert sorted(strategy.round_log[0]["accepted_nodes"]) == [1, 2]
 
 
-def test_sent_bytes_are_counted_after_the_round_not_before_sending(monkeypatch, task_identity):
+def test_sent_bytes_are_counted_once_the_messages_are_out(monkeypatch, task_identity):
     import server_app.trust.checked_round as checked_round
 
     counted = []
@@ -270,9 +270,14 @@ def test_sent_bytes_are_counted_after_the_round_not_before_sending(monkeypatch, 
     run = RunConfig(min_train_nodes=2)
     strategy = strategy_for_run(run, 2, run_checks(run, example_caps={1: 5, 2: 5}))
     messages = strategy.configure_train(1, _record(SENT), ConfigRecord(), _Grid([1, 2]))
-    assert len(messages) == 2 and counted == []  # nothing serialised before the messages go out
+    assert len(messages) == 2 and counted == []  # nothing serialised before the messages go out (Flower sends them)
     replies = [_Reply(m.metadata.dst_node_id, _content({k: v + 1 for k, v in SENT.items()})) for m in messages]
-    strategy.aggregate_train(1, replies)
+
+    def arriving():
+        assert len(counted) == 1  # counted while the nodes train, before their first reply is read
+        yield from replies
+
+    strategy.aggregate_train(1, arriving())
     assert len(counted) == 1  # one serialisation: both nodes were sent the same content
     expected = message_bytes(messages[0])
     assert strategy.round_log[0]["download_bytes"] == {str(m.metadata.dst_node_id): expected for m in messages}

@@ -9,19 +9,69 @@ reply on as soon as it is pulled (so a strategy that checks replies one by one,
 as :class:`~server_app.trust.checked_round.ReplyChecks` does, checks them while
 the other nodes still train), and leaves out the nodes that refused the run at
 preflight (:meth:`PromptGrid.exclude`); everything else (pushing, pulling, the
-run) is the wrapped grid's own.
+run) is the wrapped grid's own. Its replies (:class:`Replies`) are a sequence
+like the list Flower's grid returns, read as they arrive.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 #: Seconds between two pulls of a round's replies.
 POLL_SECONDS = 0.05
+
+
+class Replies(Sequence[Message]):
+    """A round's replies, handed over as they are pulled: a sequence, like the list Flower's grid returns.
+
+    Iterating gives each reply as soon as a pull brings it, in the order
+    pulled, and may be repeated (what came is kept). ``len``, truth, indexing
+    and :meth:`drain` first wait for the rest (every reply, or the timeout).
+
+    Parameters
+    ----------
+    stream : iterator of Message
+        The replies as pulled (:meth:`PromptGrid._arrivals`); read once.
+    """
+
+    def __init__(self, stream: Iterator[Message]):
+        self._stream: Iterator[Message] | None = stream
+        self._came: list[Message] = []
+
+    def __iter__(self) -> Iterator[Message]:
+        """Every reply: those that came, then each one as it is pulled."""
+        i = 0
+        while True:
+            if i == len(self._came) and not self._pull_one():
+                return
+            yield self._came[i]
+            i += 1
+
+    def _pull_one(self) -> bool:
+        if self._stream is not None:
+            for reply in self._stream:
+                self._came.append(reply)
+                return True
+            self._stream = None
+        return False
+
+    def drain(self) -> list[Message]:
+        """Wait for the rest; returns every reply (a copy of the list)."""
+        while self._pull_one():
+            pass
+        return list(self._came)
+
+    def __len__(self) -> int:
+        """How many replies came, once every message has one or the timeout passed."""
+        return len(self.drain())
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - Sequence's signature (int or slice)
+        """A reply (or a list of them), once every message has one or the timeout passed."""
+        return self.drain()[index]
 
 
 class PromptGrid(Grid):
@@ -40,6 +90,8 @@ class PromptGrid(Grid):
         self.poll = poll
         #: Nodes left out of the run (:meth:`exclude`): never listed, so never sampled or sent anything.
         self.excluded: set[int] = set()
+        #: The replies of the last :meth:`send_and_receive`, drained before the next push.
+        self._open: Replies | None = None
 
     def exclude(self, node_ids: Iterable[int]) -> None:
         """Leave ``node_ids`` out of the run: :meth:`get_node_ids` no longer lists them."""
@@ -74,37 +126,50 @@ class PromptGrid(Grid):
         """Pull the replies to ``message_ids`` that have arrived (the wrapped grid's)."""
         return self.grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Replies:
         """Push ``messages`` now; return their replies as they arrive, pulled every :attr:`poll` seconds.
 
-        The messages are pushed before this returns. The replies come from the
-        returned iterator, each as soon as a pull brings it (in the order pulled),
-        so a caller can check one reply while the other nodes still compute.
-        Iterating ends when every message has a reply or ``timeout`` seconds after
-        the push (``None``: no limit), as Flower's own ``send_and_receive`` does.
-        Iterate it once, to the end: replies not pulled stay on the SuperLink.
+        The messages are pushed before this returns (after the replies of the
+        previous call have all come, or its timeout passed, as Flower's own
+        ``send_and_receive`` would have waited). Reading the returned
+        :class:`Replies` gives each reply as soon as a pull brings it, so a
+        caller can check one while the other nodes still compute. The pulls end
+        when every message has a reply or ``timeout`` seconds after the push
+        (``None``: no limit); past it, one last pull takes what arrived while
+        the caller was busy.
+
+        Parameters
+        ----------
+        messages : iterable of Message
+            The round's messages.
+        timeout : float, optional
+            Seconds from the push to the last pull.
 
         Returns
         -------
-        Iterable of Message
-            A one-pass iterator over the replies.
+        Replies
+            The replies, in the order pulled.
         """
+        if self._open is not None:
+            self._open.drain()
         pending = dict.fromkeys(self.push_messages(messages))  # in the order pushed: pulls ask in that order
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._arrivals(pending, deadline)
+        self._open = Replies(self._arrivals(pending, deadline))
+        return self._open
 
     def _arrivals(self, pending: dict[str, None], deadline: float | None) -> Iterator[Message]:
         """Pull the replies to ``pending`` (message ids) until all came or ``deadline``; yield each as pulled."""
         while pending:
+            expired = deadline is not None and time.monotonic() >= deadline  # then this pull is the last
             arrived = list(self.pull_messages(list(pending)))
             for m in arrived:
                 pending.pop(m.metadata.reply_to_message_id, None)
             yield from arrived
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if not pending or expired:
                 return
             time.sleep(self.poll if deadline is None else max(0.0, min(self.poll, deadline - time.monotonic())))
 
     def __getattr__(self, name: str):  # noqa: ANN204 - anything else Flower adds (``close``, ...)
-        if name == "grid":  # not set yet (e.g. while unpickling)
+        if name in ("grid", "_open"):  # not set yet (e.g. while unpickling)
             raise AttributeError(name)
         return getattr(self.grid, name)

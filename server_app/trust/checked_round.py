@@ -57,7 +57,7 @@ class SentRound:
         ``time.perf_counter()`` when the round started (seconds).
     messages : list of flwr.app.Message
         The messages sent, kept until :meth:`sent_bytes` has counted their bytes: serialising a
-        Global-LiGO message to count it costs time, which the round's start does not wait for.
+        Global-LiGO message to count it costs time, spent once they are out, while the nodes train.
     """
 
     arrays: dict[str, np.ndarray]
@@ -170,10 +170,11 @@ class ReplyChecks:
     round sent, set by ``configure_train`` or, for a round this strategy did not
     configure, by :meth:`record_round`; ``round_log`` keeps one
     :func:`server_app.reporting.round_log.round_entry` per round. Its
-    ``seconds`` run from the round's start to the last reply checked;
-    ``aggregate_seconds`` are what follows: the entry's byte counts (the sent
-    messages' included, counted then rather than before sending), bounding,
-    the wrapped strategy's aggregate and the diagnostics.
+    ``seconds`` run from the round's start to the last reply checked (to the
+    round's timeout when a reply is missing), the sent messages' byte counts
+    included (counted while the nodes train); ``aggregate_seconds`` are what
+    follows: the replies' byte counts, bounding, the wrapped strategy's
+    aggregate and the diagnostics.
 
     ``checks.round_offset`` (rounds done before a resume) is added to the round number
     Flower's ``Strategy.start`` counts from 1, so the wrapped strategy (FedAdam's
@@ -215,7 +216,7 @@ class ReplyChecks:
             return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent_round.nodes = [m.metadata.dst_node_id for m in messages]
-        self.sent_round.messages = messages  # their sizes are counted after the round, not before sending
+        self.sent_round.messages = messages  # their sizes are counted once they are out (aggregate_train)
         return messages
 
     def record_round(
@@ -233,6 +234,8 @@ class ReplyChecks:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Reject malformed replies, bound the rest, aggregate them with the wrapped strategy."""
         server_round += self.checks.round_offset
+        sent_round = self.sent_round or SentRound({}, [], {})
+        sent_bytes = sent_round.sent_bytes()  # the messages are out: counted while the nodes train
         schema = ReplySchema(
             self.checks.reply_metrics, encoded_spec(self.expected_spec or {}, self.checks.update_encoding)
         )
@@ -254,11 +257,10 @@ class ReplyChecks:
                     problem,
                 )
         ok = [m for m in accepted if not m.has_error()]
-        sent_round = self.sent_round or SentRound({}, [], {})
         checked = time.perf_counter()
         seconds = checked - sent_round.started
         entry = round_entry(server_round, arrived, accepted, rejected, seconds, sent_round.nodes)
-        entry["download_bytes"] = {str(n): b for n, b in sent_round.sent_bytes().items()}
+        entry["download_bytes"] = {str(n): b for n, b in sent_bytes.items()}
         entry["offline_nodes"] = list(sent_round.offline_nodes)
         entry["clipped"], cosine = self._bound(ok, values, schema)
         entry["update_cosine"] = cosine
