@@ -87,7 +87,8 @@ def round_entry(
     rejected : list of dict
         ``{"node_id", "reason"}`` per rejected reply.
     seconds : float
-        Wall time from the round's start to its last reply checked (seconds).
+        Wall time from the round's start to its last reply checked, or to the
+        round's timeout when a reply is missing (seconds).
     sent : iterable of int
         Node ids the round's messages went to; those with no reply (timed out or
         gone) are listed as ``missing_nodes``.
