@@ -36,42 +36,48 @@ class Replies(Sequence[Message]):
     ----------
     stream : iterator of Message
         The replies as pulled (:meth:`PromptGrid._arrivals`); read once.
+
+    Raises
+    ------
+    Exception
+        Whatever the wrapped grid's ``pull_messages`` raises (e.g. the SuperLink
+        gone), from the read that needed the pull.
     """
 
     def __init__(self, stream: Iterator[Message]):
-        self._stream: Iterator[Message] | None = stream
+        self._stream = stream
         self._came: list[Message] = []
 
     def __iter__(self) -> Iterator[Message]:
         """Every reply: those that came, then each one as it is pulled."""
         i = 0
-        while True:
-            if i == len(self._came) and not self._pull_one():
-                return
+        while i < len(self._came) or self._pull_one():
             yield self._came[i]
             i += 1
 
     def _pull_one(self) -> bool:
-        if self._stream is not None:
-            for reply in self._stream:
-                self._came.append(reply)
-                return True
-            self._stream = None
-        return False
+        """Take the next reply from the stream into :attr:`_came`; ``False`` once the stream is done."""
+        reply = next(self._stream, None)
+        if reply is not None:
+            self._came.append(reply)
+        return reply is not None
+
+    def _all(self) -> list[Message]:
+        """Every reply, once every message has one or the timeout passed (the list itself, not a copy)."""
+        self._came.extend(self._stream)
+        return self._came
 
     def drain(self) -> list[Message]:
-        """Wait for the rest; returns every reply (a copy of the list)."""
-        while self._pull_one():
-            pass
-        return list(self._came)
+        """Wait for the rest; returns every reply (a new list)."""
+        return list(self._all())
 
     def __len__(self) -> int:
         """How many replies came, once every message has one or the timeout passed."""
-        return len(self.drain())
+        return len(self._all())
 
     def __getitem__(self, index):  # noqa: ANN001, ANN204 - Sequence's signature (int or slice)
         """A reply (or a list of them), once every message has one or the timeout passed."""
-        return self.drain()[index]
+        return self._all()[index]
 
 
 class PromptGrid(Grid):
