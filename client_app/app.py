@@ -33,7 +33,6 @@ process serves it, nor on whether the node's client was held or built again
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient, target_model
 from fedgrow_core.clients.model_export import owner_problem
 from fedgrow_core.clients.setup import ClientSetup
+from fedgrow_core.import_freeze import freeze_imports
 from fedgrow_core.modes import GlobalLigo, Handler
 from fedgrow_core.protocol import NUM_EXAMPLES, Instruction, Phase, final_reply, preflight_reply, train_reply
 from fedgrow_core.training import reporting_progress, time_limit
@@ -454,10 +454,4 @@ def _finetune_and_evaluate(
     return Message(content=content, reply_to=msg)
 
 
-# Importing torch, transformers, timm, datasets and Flower leaves about 600,000 objects that Python's cyclic
-# garbage collector walks in every full collection (0.3 s each on a 2-core machine, and 0.4 to 0.6 s inside a
-# busy simulation worker, a few times a run). After one collection of what the imports left as garbage,
-# ``gc.freeze`` moves the rest out of its reach for the life of the process: a cycle among them would never be
-# reclaimed (reference counting still frees the others), and objects made later are collected as before.
-gc.collect()
-gc.freeze()
+freeze_imports()  # last: what the imports above left stays out of the garbage collector's walks

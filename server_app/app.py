@@ -11,7 +11,6 @@ folder is written by :mod:`server_app.reporting.outputs` and :mod:`server_app.re
 
 from __future__ import annotations
 
-import gc
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedgrow_core.growth.diagnostics import relative_change
+from fedgrow_core.import_freeze import freeze_imports
 from fedgrow_core.modes import get_mode
 from fedgrow_core.protocol import initial_global_ligo
 from fedgrow_core.run_config import ConfigError, RunConfig
@@ -148,10 +148,4 @@ def _write_results(
     )
 
 
-# Importing torch, transformers, timm, datasets and Flower leaves about 600,000 objects that Python's cyclic
-# garbage collector walks in every full collection (0.3 s each on a 2-core machine, and 0.4 to 0.6 s inside a
-# busy simulation worker, a few times a run). After one collection of what the imports left as garbage,
-# ``gc.freeze`` moves the rest out of its reach for the life of the process: a cycle among them would never be
-# reclaimed (reference counting still frees the others), and objects made later are collected as before.
-gc.collect()
-gc.freeze()
+freeze_imports()  # last: what the imports above left stays out of the garbage collector's walks
