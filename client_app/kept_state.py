@@ -34,7 +34,7 @@ from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient
 from fedgrow_core.clients.state_store import ClientStateStore
 
-from .guards import RefusedMessage, check_finite_reply
+from .guards import RefusedMessage, check_finite_reply, in_simulation
 from .node_view import NodeView
 
 #: ``Context.state`` key of the private state itself (an ArrayRecord), when it is not kept in a file.
@@ -136,12 +136,15 @@ def state_store(context: Context, node: NodeView, tag: str) -> ClientStateStore 
 
     The folder is ``<state folder>/<tag>/<first 16 hex digits of the run fingerprint>/run-<Flower run id>``:
     a run writes only its own folder, and a run config other than the one that wrote a state folder never
-    finds it.
+    finds it. In a simulation worker, which holds its nodes' clients in memory between messages, each file
+    leaves the page cache once it is on disk (:class:`ClientStateStore`'s ``cache_pages``); a deployed
+    ClientApp process serves one message, and the next one reads the file back, so there it stays.
     """
     if not tag:
         return None
     folder = node.policy.state_folder(node.effective) / tag / node.fingerprint[:16]
-    return ClientStateStore(folder / f"run-{context.run_id}")
+    # a simulation worker holds its nodes' clients in memory: the files are for resuming, not for reading back
+    return ClientStateStore(folder / f"run-{context.run_id}", cache_pages=not in_simulation())
 
 
 def state_metadata(context: Context, node: NodeView) -> dict[str, str]:
@@ -221,7 +224,7 @@ def keep(context: Context, node: NodeView, store: ClientStateStore | None, serve
     RefusedMessage
         If a tensor of the state is not finite (nothing is kept).
     """
-    state = client.private_state()
+    state = client.private_state(copy=False)  # written or serialised below, never kept: no copy
     check_finite_reply(state, {}, "training on the received message")
     path = store.save(server_round, state, state_metadata(context, node)) if store is not None else None
     _name(context, server_round, path, state)

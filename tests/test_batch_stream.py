@@ -1,5 +1,7 @@
 """The seekable batch stream and the client's on-disk state store."""
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -75,3 +77,24 @@ def test_client_state_store_keeps_the_newest_rounds_atomically(tmp_path):
         store.load(1)
     with pytest.raises(ValueError, match="keep = 1"):
         ClientStateStore(tmp_path, keep=1)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here: a file's pages stay cached")
+@pytest.mark.parametrize("cache_pages", [True, False])
+def test_a_store_that_will_not_read_back_drops_each_file_from_the_page_cache_once_it_is_on_disk(
+    tmp_path, monkeypatch, cache_pages
+):
+    """``cache_pages=False``: after the fsync, and before the rename, the file's pages are dropped (DONTNEED)."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *args: calls.append(("fadvise", os.fstat(fd).st_ino, *args)))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", os.stat(a).st_ino)) or real_replace(a, b))
+    store = ClientStateStore(tmp_path, cache_pages=cache_pages)
+    state = {"optimizer.0.exp_avg": torch.arange(6.0).reshape(2, 3), "data.steps": torch.tensor(4)}
+    path = store.save(1, state)
+    inode = path.stat().st_ino
+    dropped = [("fadvise", inode, 0, 0, os.POSIX_FADV_DONTNEED)] if not cache_pages else []
+    assert calls == [("fsync", inode), *dropped, ("replace", inode)]
+    loaded = store.load(1)  # whatever the cache holds, the file reads back whole
+    assert all(torch.equal(loaded[k], v) for k, v in state.items()) and set(loaded) == set(state)

@@ -8,6 +8,7 @@ policy, as a deployed SuperNode does.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,42 @@ def test_the_private_state_lives_in_the_state_folder_and_a_held_client_is_not_re
     assert _refusal(reply) == "RuntimeError (details are in the node's own log)"
     assert "private state of round 2 in " in caplog.text and "round-2.safetensors cannot be read" in caplog.text
     assert dict(held.state[kept_state.ROUND_KEY]) == mark  # nothing changed
+
+
+def test_a_simulation_worker_drops_its_state_files_from_the_page_cache_and_reads_them_back_whole(
+    files, tmp_path, monkeypatch, task_identity
+):
+    """A simulation worker holds its clients in memory: its state files leave the page cache once on disk.
+
+    A client built again reads the file back from disk, and the rounds are those of a deployed node's, whose
+    ClientApp process serves one message and reads the file back from the cache (its pages stay).
+    """
+    dropped = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(
+        os,
+        "posix_fadvise",
+        lambda fd, *args: dropped.append(Path(f"/proc/self/fd/{fd}").resolve().name) or real_fadvise(fd, *args),
+    )
+
+    def two_rounds(folder, simulation):
+        monkeypatch.setattr(kept_state, "in_simulation", lambda: simulation)
+        fedgrow_client._CLIENTS.clear()
+        context = _context(_node(files, folder))
+        replies = []
+        for server_round in (1, 2):
+            replies.append(_arrays(_grow(context, _global_ligo(), server_round)))
+            fedgrow_client._CLIENTS.clear()  # the next round builds the client again and loads the file
+        return context, replies
+
+    _, deployed = two_rounds(tmp_path / "deployed", simulation=False)
+    assert dropped == []
+    context, simulated = two_rounds(tmp_path / "simulated", simulation=True)
+    assert [name.split(".")[1] for name in dropped] == ["round-1", "round-2"]  # each temporary file, once synced
+    for got, expected in zip(simulated, deployed, strict=True):
+        _assert_same(got, expected)
+    file = Path(context.state[kept_state.ROUND_KEY]["file"])
+    assert file.name == "round-2.safetensors" and file.is_relative_to(tmp_path / "simulated")
 
 
 @pytest.mark.parametrize(

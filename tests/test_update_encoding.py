@@ -80,6 +80,49 @@ def test_int8_rows_are_scaled_independently_and_zero_rows_stay_zero():
     assert arrays["w"][0, 1] == -127 and (arrays["w"][1] == 0).all() and arrays["w"][2, 3] == 127
 
 
+def _reference_encoding(new, received, residual, encoding):
+    """The encoding written out in numpy, float32 throughout: the arrays and ``delta + residual - decoded``."""
+    arrays, left = {}, {}
+    for name in new:
+        delta = new[name].numpy() - received[name].numpy()
+        if name in residual:
+            delta = delta + residual[name].numpy()
+        if encoding == "float16":
+            q = np.clip(delta, np.float32(-65504), np.float32(65504)).astype(np.float16)
+            arrays[name], left[name] = q, delta - q.astype(np.float32)
+            continue
+        scale = (
+            np.abs(delta).max(axis=-1) / np.float32(127) if delta.shape[-1] else np.zeros(delta.shape[:-1], np.float32)
+        )
+        safe = np.where(scale > 0, scale, np.float32(1))[..., None]
+        q = np.clip(np.round(delta / safe), -127, 127).astype(np.int8)
+        arrays[name], arrays[name + SCALE_SUFFIX] = q, scale
+        left[name] = delta - q.astype(np.float32) * scale[..., None]
+    return arrays, left
+
+
+@pytest.mark.parametrize("encoding", ["int8", "float16"])
+def test_the_encoding_and_its_residual_are_a_plain_numpy_computation_bit_for_bit(encoding):
+    """Computed in place, the reply and the residual are exactly the plain ones, and the inputs are left alone."""
+    received = {**_tensors(1), "rows": torch.zeros(4, 6)}
+    new = {k: v + 1e-2 * torch.randn(v.shape) for k, v in received.items()}
+    new["rows"][0] = -0.0  # a row that does not move (signed zeros), and entries that round to -0
+    new["rows"][1] = torch.tensor([1.0, -1e-4, 2e-3, -2e-3, 0.0, 1e-9])
+    new["width.q"][0, 0, 0] = 1e5  # beyond float16's range: clipped, the excess kept
+    residual = {"width.q": 1e-3 * torch.randn(3, 16, 32), "rows": torch.full((4, 6), -0.0)}
+    inputs = (new, received, residual)
+    before = [{k: v.clone() for k, v in d.items()} for d in inputs]
+    arrays, left = encode_update(new, received, residual, encoding)
+    expected_arrays, expected_left = _reference_encoding(new, received, residual, encoding)
+    assert set(arrays) == set(expected_arrays) and set(left) == set(expected_left)
+    for name, value in expected_arrays.items():
+        assert arrays[name].dtype == value.dtype and arrays[name].tobytes() == value.tobytes(), name
+    for name, value in expected_left.items():
+        assert left[name].numpy().tobytes() == value.astype(np.float32).tobytes(), name
+    for given, kept in zip(inputs, before, strict=True):  # nothing written in place into the caller's tensors
+        assert all(given[k].numpy().tobytes() == v.numpy().tobytes() for k, v in kept.items())
+
+
 SENT = {"width.q": np.zeros((2, 3), np.float32), "depth.x": np.ones((4, 2), np.float32)}
 
 

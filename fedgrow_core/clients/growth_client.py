@@ -32,7 +32,13 @@ from transformers import (
 
 from fedgrow_core.clients.model_card import client_model_card
 from fedgrow_core.clients.model_export import NonFiniteModel, check_finite, save_model
-from fedgrow_core.clients.private_state import RESIDUAL_PREFIX, load_training_state, model_tensors, training_state
+from fedgrow_core.clients.private_state import (
+    RESIDUAL_PREFIX,
+    cpu_tensor,
+    load_training_state,
+    model_tensors,
+    training_state,
+)
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.growth.grown_model import GrownModel
 from fedgrow_core.growth.ligo import DualLiGO, LiGO
@@ -303,18 +309,24 @@ class GrowthClient:
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
     # --- what stays ---------------------------------------------------------
-    def private_state(self) -> dict[str, Tensor]:
+    def private_state(self, copy: bool = True) -> dict[str, Tensor]:
         """Local-LiGO, head, optimiser moments, ``data.steps``, update residual: the state kept between rounds.
 
         Without ``share_global``, the Global-LiGO too.
+
+        Parameters
+        ----------
+        copy : bool
+            CPU clones (default); ``False``: the client's own CPU tensors, for a caller that reads them
+            at once and keeps nothing (writing the state file), without copying tens of megabytes.
         """
         out = {
-            k: v.detach().cpu().clone()
+            k: cpu_tensor(v, copy)
             for k, v in self.model.state_dict().items()
             if self.independent or not self.share_global or not k.startswith(GLOBAL_PREFIX)
         }
-        out.update(training_state(self.optimizer, self._batches))
-        out.update({RESIDUAL_PREFIX + k: v.clone() for k, v in self.update_residual.items()})
+        out.update(training_state(self.optimizer, self._batches, copy))
+        out.update({RESIDUAL_PREFIX + k: cpu_tensor(v, copy) for k, v in self.update_residual.items()})
         return out
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:

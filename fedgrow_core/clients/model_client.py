@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fedgrow_core.clients.model_card import client_model_card
 from fedgrow_core.clients.model_export import NonFiniteModel, check_finite, save_model
-from fedgrow_core.clients.private_state import load_training_state, model_tensors, training_state
+from fedgrow_core.clients.private_state import cpu_tensor, load_training_state, model_tensors, training_state
 from fedgrow_core.clients.setup import ClientSetup
 from fedgrow_core.protocol import round_metrics
 from fedgrow_core.training import EvalResult, evaluate, train_steps
@@ -139,10 +139,14 @@ class ModelClient:
         """Make training batch ``step`` the next one drawn (:meth:`BatchStream.seek`)."""
         self._batches.seek(step)
 
-    def private_state(self) -> dict[str, Tensor]:
-        """Weights, AdamW moments (``optimizer.<i>.<name>``) and ``data.steps``: kept when the model is private."""
-        out = self.weights()
-        out.update(training_state(self.optimizer, self._batches))
+    def private_state(self, copy: bool = True) -> dict[str, Tensor]:
+        """Weights, AdamW moments (``optimizer.<i>.<name>``) and ``data.steps``: kept when the model is private.
+
+        ``copy=False`` gives the client's own CPU tensors instead of clones, for a caller that reads them at
+        once and keeps nothing (writing the state file).
+        """
+        out = {k: cpu_tensor(v, copy) for k, v in self.model.named_parameters()}
+        out.update(training_state(self.optimizer, self._batches, copy))
         return out
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:

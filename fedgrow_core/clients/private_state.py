@@ -23,15 +23,32 @@ RESIDUAL_PREFIX = "update-residual."
 DATA_STEPS = "data.steps"
 
 
-def training_state(optimizer: torch.optim.Optimizer, batches: BatchStream) -> dict[str, Tensor]:
-    """The optimiser's per-parameter state (CPU clones) and ``data.steps``."""
+def training_state(optimizer: torch.optim.Optimizer, batches: BatchStream, copy: bool = True) -> dict[str, Tensor]:
+    """The optimiser's per-parameter state and ``data.steps``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Its ``state_dict()["state"]``, flattened to ``optimizer.<param index>.<name>``.
+    batches : BatchStream
+        Its position, ``data.steps``.
+    copy : bool
+        CPU clones (default); ``False``: the optimiser's own CPU tensors (moved, so copied, when on
+        another device), for a caller that reads them at once and keeps nothing, e.g. to write a file.
+    """
     out = {
-        f"{OPTIMIZER_PREFIX}{i}.{key}": torch.as_tensor(value).detach().cpu().clone()
+        f"{OPTIMIZER_PREFIX}{i}.{key}": cpu_tensor(torch.as_tensor(value), copy)
         for i, state in optimizer.state_dict()["state"].items()
         for key, value in state.items()
     }
     out[DATA_STEPS] = torch.tensor(batches.position)
     return out
+
+
+def cpu_tensor(tensor: Tensor, copy: bool) -> Tensor:
+    """``tensor`` detached on the CPU: a clone, or (``copy=False``) itself where it is on the CPU already."""
+    tensor = tensor.detach().cpu()
+    return tensor.clone() if copy else tensor
 
 
 def model_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -10,6 +10,14 @@ the server has checkpointed.
 A file that cannot be read (truncated, damaged), or whose header does not carry
 the metadata the caller requires (which run wrote it), is skipped for the one
 before it (:meth:`ClientStateStore.load_latest`). Nothing in this folder is ever sent.
+
+A store that is told its files will not be read back soon (``cache_pages=False``:
+a simulation worker, which holds the client in memory between messages) asks the
+kernel to drop each file's pages from the page cache once they are on disk
+(``posix_fadvise(POSIX_FADV_DONTNEED)`` after the fsync). Fifty nodes' states
+would otherwise fill gigabytes of page cache, and on a machine whose free memory
+was never touched (a fresh virtual machine) every new page of it is slow to
+allocate: a 69 MB state file's write took about 0.12 s instead of 0.02 s there.
 """
 
 from __future__ import annotations
@@ -38,6 +46,12 @@ class ClientStateStore:
     keep : int
         Newest rounds kept on disk (>= 2, so that the round before a server
         checkpoint survives a crash after the client's next save).
+    cache_pages : bool
+        Whether a written file's pages may stay in the page cache (default).
+        ``False``: once a file is on disk its pages are dropped from the cache,
+        for a caller that will rarely read it back (module doc); a later
+        :meth:`load` reads it from disk. Where ``os.posix_fadvise`` is missing
+        (macOS, Windows) the pages stay.
 
     Raises
     ------
@@ -45,11 +59,12 @@ class ClientStateStore:
         If ``keep`` < 2.
     """
 
-    def __init__(self, folder: str | Path, keep: int = 2) -> None:
+    def __init__(self, folder: str | Path, keep: int = 2, cache_pages: bool = True) -> None:
         if keep < 2:
             raise ValueError(f"keep = {keep}: expected an integer >= 2")
         self.folder = Path(folder)
         self.keep = keep
+        self.cache_pages = cache_pages
 
     def rounds(self) -> list[int]:
         """Rounds with a saved state, ascending."""
@@ -59,9 +74,10 @@ class ClientStateStore:
         return sorted(int(m.group(1)) for m in found if m)
 
     def save(self, server_round: int, state: dict[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-        """Write ``state`` as round ``server_round`` (temporary file, then rename); drop older rounds.
+        """Write ``state`` as round ``server_round`` (temporary file, fsync, then rename); drop older rounds.
 
         ``metadata`` (strings) goes into the safetensors header, e.g. which run wrote the state.
+        ``state`` is read before this returns and never kept (it may be the client's own tensors).
 
         Returns
         -------
@@ -74,6 +90,8 @@ class ClientStateStore:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=dict(metadata or {}))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            if not self.cache_pages and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # on disk now: the pages are clean
         os.replace(tmp, path)
         for old in self.rounds()[: -self.keep]:
             (self.folder / f"round-{old}.safetensors").unlink(missing_ok=True)
