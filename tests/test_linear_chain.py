@@ -1,6 +1,7 @@
 """Grown linear layers in factored form: every split of the matrix chain against dense matrices."""
 
 import itertools
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
+from fedgrow_core.growth import template_cache
 from fedgrow_core.growth.expansion import Expansion
 from fedgrow_core.growth.linear_chain import grow_linear_stack, plan_linear
 from tests.conftest import make_bert, make_vit
@@ -192,11 +194,12 @@ def test_vit_fused_qkv_factored_forward_equals_materialised_weights(images):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_the_factored_template_is_a_copy_of_the_models_own_with_its_own_stand_ins(monkeypatch):
-    """The family's model is built once per grown model; the factored template copies its meta template."""
+def test_grown_models_of_one_target_share_its_meta_templates_built_once_per_process(monkeypatch):
+    """The family's model is built once per process and target; the factored template copies its meta template."""
     fam = get_family("vit")
     small = make_vit(layers=2, hidden=32, heads=2, ffn=64)
     inter, target = TransformerShape(3, 48, 96, 3), TransformerShape(4, 64, 128, 4)
+    monkeypatch.setattr(template_cache, "_TEMPLATES", OrderedDict())  # as in a new process
     built = []
     real_build = type(fam).build
     monkeypatch.setattr(type(fam), "build", lambda self, config: built.append(1) or real_build(self, config))
@@ -205,13 +208,15 @@ def test_the_factored_template_is_a_copy_of_the_models_own_with_its_own_stand_in
         return GrownModel(fam, small, DualLiGO(LiGO(fam.shape(small), inter, tie_layers=True), LiGO(inter, target)), 10)
 
     first, second = model(), model()
-    assert len(built) == 2  # one build (the randomly initialised template) per model, none for the factored one
-    ids = [{id(m) for m, _ in m_._factored.values()} for m_ in (first, second)]
-    assert ids[0] and ids[1] and not ids[0] & ids[1]  # distinct stand-ins: no model sets another's factors
-    assert all(p.is_meta for p in second._template[1].parameters())  # holds no weights
+    assert len(built) == 1  # the second replays the first build's random draws (test_template_cache)
+    assert first._template[0] is second._template[0] and first._template[1] is second._template[1]
+    assert first._factored.keys() == second._factored.keys() and first._factored
+    assert all(p.is_meta for t in second._template for p in t.parameters())  # they hold no weights
     x = torch.randn(3, 1, 8, 8)
-    second.eval()
+    first.train()
+    second.eval()  # a forward sets the shared templates' mode to its own model's
     torch.testing.assert_close(second(x), second.to_family_model()(x), rtol=1e-4, atol=1e-5)
+    assert all(m.factors == [None] * len(m.factors) for m, _ in second._factored.values())  # cleared after
 
 
 def _query_and_key(chains):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,8 +17,14 @@ from fedgrow_core.growth.families import ModelFamily
 from fedgrow_core.growth.ligo import LAYER_PARAMS, DualLiGO, LiGO, grow_tensor
 from fedgrow_core.growth.linear_chain import INPUT_READERS, LINEAR_KINDS, GrownLinear, grow_linear_stack
 from fedgrow_core.growth.preservation import operator_width_gaps, probe_gap
+from fedgrow_core.growth.template_cache import target_template
 
 log = logging.getLogger(__name__)
+
+#: Held while a forward runs a target template: grown models of one process may share their templates.
+_TEMPLATE_LOCK = threading.RLock()
+#: The factored copy of each meta template, and its slots (shared as the meta template is).
+_FACTORED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class TensorStore(nn.Module):
@@ -113,22 +121,31 @@ class GrownModel(nn.Module):
 
         gaps = operator_width_gaps(operator, family.norm_position)
 
-        template = family.build(self.target_config)
         w_name, b_name = family.head_names()
-        sd = template.state_dict()
         small_sd = small_model.state_dict()
+        grows_head = small_sd.get(w_name, torch.empty(0)).shape == (num_labels, shape.hidden)
+        if grows_head:  # no weight of the template is read: its structure, kept per process (template_cache)
+            kept = target_template(family, self.target_config)
+            template, buffers = kept.module, kept.buffers
+        else:  # the head starts as the family's own initialisation: this build's
+            template = family.build(self.target_config)
+            buffers = dict(template.named_buffers())
         self.head = nn.Linear(operator.target.hidden, num_labels)
         with torch.no_grad():
-            if small_sd.get(w_name, torch.empty(0)).shape == (num_labels, shape.hidden):
+            if grows_head:
                 chains = operator.width_chains()
                 self.head.weight.copy_(grow_tensor(small_sd[w_name].float(), (None, ("res", "in")), chains))
                 self.head.bias.copy_(small_sd[b_name])
             else:
+                sd = template.state_dict()
                 self.head.weight.copy_(sd[w_name])
                 self.head.bias.copy_(sd[b_name])
-        self.template_buffers = TensorStore(dict(template.named_buffers()))
-        # Not a submodule: its parameters live on "meta" and are always replaced.
-        self._template = [template.to("meta")]
+        self.template_buffers = TensorStore(buffers)
+        if not grows_head:
+            template = template.to("meta")
+        # Not submodules: their parameters live on "meta" and are always replaced; they may be shared with the
+        # process's other grown models of this target (template_cache), so a forward sets their mode first.
+        self._template = [template]
         self._factored = self._factored_template(family, operator.target.layers)
         if gaps:
             try:
@@ -150,29 +167,33 @@ class GrownModel(nn.Module):
         """A second meta template whose linear layers are :class:`GrownLinear`: a copy of the first.
 
         Copying the meta template holds no weights and costs a fraction of
-        building the family's model again. Returns its slots, ``(kind, layer)
-        -> (module, part)`` (empty when the family names no linear modules);
-        kinds that share a fused module get its parts in
-        :data:`~fedgrow_core.growth.linear_chain.LINEAR_KINDS` order.
+        building the family's model again; grown models that share their first
+        template (:mod:`~fedgrow_core.growth.template_cache`) share this one too.
+        Returns its slots, ``(kind, layer) -> (module, part)`` (empty when the
+        family names no linear modules); kinds that share a fused module get its
+        parts in :data:`~fedgrow_core.growth.linear_chain.LINEAR_KINDS` order.
         """
         if family.linear_module(LINEAR_KINDS[0], 0) is None:
             return {}
-        template = copy.deepcopy(self._template[0])
-        slots = {}
-        for i in range(layers):
-            names: dict[str, list[str]] = {}
-            for kind in LINEAR_KINDS:
-                names.setdefault(family.linear_module(kind, i), []).append(kind)
-            for name, kinds in names.items():
-                linear = template.get_submodule(name)
-                module = GrownLinear(linear.in_features, linear.out_features, parts=len(kinds))
-                template.set_submodule(name, module)
-                slots.update({(kind, i): (module, part) for part, kind in enumerate(kinds)})
-        self._template.append(template)
-        return slots
+        kept = _FACTORED.get(self._template[0])
+        if kept is None:
+            template = copy.deepcopy(self._template[0])
+            slots = {}
+            for i in range(layers):
+                names: dict[str, list[str]] = {}
+                for kind in LINEAR_KINDS:
+                    names.setdefault(family.linear_module(kind, i), []).append(kind)
+                for name, kinds in names.items():
+                    linear = template.get_submodule(name)
+                    module = GrownLinear(linear.in_features, linear.out_features, parts=len(kinds))
+                    template.set_submodule(name, module)
+                    slots.update({(kind, i): (module, part) for part, kind in enumerate(kinds)})
+            kept = _FACTORED[self._template[0]] = (template, slots)
+        self._template.append(kept[0])
+        return kept[1]
 
     def train(self, mode: bool = True) -> GrownModel:
-        """Set training mode here and in the target templates (dropout)."""
+        """Set training mode here and in the target templates (dropout; :meth:`forward` sets theirs again)."""
         super().train(mode)
         for template in self._template:
             template.train(mode)
@@ -221,20 +242,22 @@ class GrownModel(nn.Module):
         tokens = self.family.tokens(args, kwargs, self.target_config)
         if not self._factored or tokens is None:
             tensors = {**self.grown_state_dict(embed), **self.template_buffers.as_dict()}
-            out = functional_call(self._template[0], tensors, args, kwargs, strict=True)
+            with _TEMPLATE_LOCK:
+                out = functional_call(self._template[0].train(self.training), tensors, args, kwargs, strict=True)
             return self.family.logits(out)
         slots = self._factored
         sd, linears = self._grow_factored(embed, tokens)
-        for kind, factors in linears.items():
-            for i, f in enumerate(factors):
-                module, part = slots[kind, i]
-                module.factors[part] = f
-        try:
-            tensors = {**sd, **self.template_buffers.as_dict()}
-            out = functional_call(self._template[1], tensors, args, kwargs, strict=True)
-        finally:
-            for module, _ in slots.values():
-                module.clear()
+        tensors = {**sd, **self.template_buffers.as_dict()}
+        with _TEMPLATE_LOCK:  # the factors are set on the (possibly shared) template for this forward only
+            for kind, factors in linears.items():
+                for i, f in enumerate(factors):
+                    module, part = slots[kind, i]
+                    module.factors[part] = f
+            try:
+                out = functional_call(self._template[1].train(self.training), tensors, args, kwargs, strict=True)
+            finally:
+                for module, _ in slots.values():
+                    module.clear()
         return self.family.logits(out)
 
     def _grow_factored(self, embed: Mapping[str, Tensor], tokens: int) -> tuple[dict[str, Tensor], dict]:

@@ -1,0 +1,165 @@
+"""Target templates built once per process: replaying a build's random draws leaves torch's stream where it would be."""
+
+import random
+from collections import OrderedDict
+
+import pytest
+import torch
+from conftest import make_bert, make_vit, tiny_bert_folder
+
+from fedgrow_core import DualLiGO, GrownModel, LiGO, TransformerShape, get_family
+from fedgrow_core.clients.growth_client import GrowthClient
+from fedgrow_core.growth import template_cache
+from fedgrow_core.growth.families.bert import BertFamily
+from fedgrow_core.growth.families.vit import VitFamily
+from fedgrow_core.protocol import initial_global_ligo
+from fedgrow_core.run_config import RunConfig
+
+TARGET = TransformerShape(3, 48, 96, 4)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    """Every test starts as a new process does, with no template kept."""
+    monkeypatch.setattr(template_cache, "_TEMPLATES", OrderedDict())
+
+
+def _config(family, small):
+    return family.target_config(small, TARGET, 3)
+
+
+@pytest.mark.parametrize(("name", "small"), [("vit", make_vit(num_classes=3)), ("bert", make_bert())])
+def test_a_replayed_build_leaves_torchs_stream_where_the_build_does(name, small):
+    family = get_family(name)
+    config = _config(family, small)
+    first = template_cache.target_template(family, config)  # built for real, its draws recorded and checked
+    assert first.draws and all(p.is_meta for p in first.module.parameters())
+    for seed in (0, 7):
+        torch.manual_seed(seed)
+        built = family.build(config)
+        after_build = torch.get_rng_state()
+        torch.manual_seed(seed)
+        kept = template_cache.target_template(family, config)
+        assert kept is first  # the same template, shared
+        assert torch.equal(torch.get_rng_state(), after_build)
+        expected = {k: (v.shape, v.dtype) for k, v in built.state_dict().items()}
+        assert {k: (v.shape, v.dtype) for k, v in kept.module.state_dict().items()} == expected
+        assert kept.buffers.keys() == dict(built.named_buffers()).keys()
+        for key, value in built.named_buffers():
+            assert torch.equal(kept.buffers[key], value), key
+
+
+class _PythonRandomVit(VitFamily):
+    """A family whose build also draws from Python's generator (not torch's): its draws cannot be replayed."""
+
+    name = "vit-python-random"
+
+    def build(self, config):
+        random.random()
+        return super().build(config)
+
+
+class _RandomBufferBert(BertFamily):
+    """A family whose template keeps a buffer drawn at random: each build's own, never shared."""
+
+    name = "bert-random-buffer"
+
+    def build(self, config):
+        model = super().build(config)
+        model.register_buffer("noise", torch.empty(5).uniform_())
+        return model
+
+
+class _OwnGeneratorVit(VitFamily):
+    """A family whose build draws from a generator of its own: not torch's global stream."""
+
+    name = "vit-own-generator"
+
+    def build(self, config):
+        model = super().build(config)
+        torch.empty(4).uniform_(generator=torch.Generator().manual_seed(1))
+        return model
+
+
+@pytest.mark.parametrize(
+    ("family", "small"),
+    [
+        (_PythonRandomVit(), make_vit(num_classes=3)),
+        (_RandomBufferBert(), make_bert()),
+        (_OwnGeneratorVit(), make_vit()),
+    ],
+)
+def test_a_build_that_cannot_be_replayed_is_built_every_time(family, small, monkeypatch):
+    config = _config(family, small)
+    builds = []
+    real_build = type(family).build
+    monkeypatch.setattr(type(family), "build", lambda self, c: builds.append(1) or real_build(self, c))
+    first = template_cache.target_template(family, config)
+    assert first.draws is None and len(builds) == 1
+    torch.manual_seed(3)
+    random.seed(3)
+    again = template_cache.target_template(family, config)
+    after = torch.get_rng_state()
+    assert len(builds) == 2 and again.module is not first.module  # built again: nothing is shared
+    torch.manual_seed(3)
+    random.seed(3)
+    real_build(family, config)
+    assert torch.equal(torch.get_rng_state(), after)
+    if "noise" in first.buffers:
+        assert not torch.equal(first.buffers["noise"], again.buffers["noise"])
+
+
+def test_shared_templates_run_in_each_grown_models_own_mode():
+    """Two grown models share a BERT template with dropout: each forward runs in its own model's mode."""
+    family = get_family("bert")
+    small = make_bert(dropout=0.3)
+    shape = family.shape(small)
+
+    def grown():
+        return GrownModel(family, small, DualLiGO(LiGO(shape, shape, tie_layers=True), LiGO(shape, TARGET)), 3)
+
+    training, evaluating = grown(), grown()
+    assert training._template[0] is evaluating._template[0]
+    training.train()
+    evaluating.eval()
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    reference = evaluating(input_ids=ids, attention_mask=mask)
+    torch.manual_seed(0)
+    dropped = training(input_ids=ids, attention_mask=mask)
+    assert not torch.allclose(dropped, training.eval()(input_ids=ids, attention_mask=mask))  # dropout applied
+    training.train()
+    torch.testing.assert_close(evaluating(input_ids=ids, attention_mask=mask), reference)  # and not here
+    torch.manual_seed(0)
+    torch.testing.assert_close(training(input_ids=ids, attention_mask=mask), dropped)
+
+
+def test_a_growth_client_built_from_a_kept_template_trains_exactly_as_one_built_from_scratch(tmp_path):
+    """The first client of a process builds its template; the next replays its draws: the same round, bit for bit."""
+    run = RunConfig.from_flower(
+        {
+            "client-models": tiny_bert_folder(tmp_path / "bert", 2, 32, 2, 64, 0, dropout=0.1),
+            "intermediate-shape": "2x32x64x2",
+            "target-shape": "3x64x128x4",
+            "local-steps": 3,
+            "batch-size": 8,
+            "max-train-examples": 64,
+            "max-length": 32,
+        }
+    )
+    sent = initial_global_ligo(run).state_dict()
+
+    def round_from_seed():
+        torch.manual_seed(11)
+        client = GrowthClient(run, 0, 3)
+        built = torch.get_rng_state()
+        reply, metrics = client.train_round({k: v.clone() for k, v in sent.items()})
+        return built, reply, client.private_state(), metrics["train-loss"]
+
+    cold = round_from_seed()
+    assert len(template_cache._TEMPLATES) == 1 and next(iter(template_cache._TEMPLATES.values())).draws
+    warm = round_from_seed()
+    assert torch.equal(cold[0], warm[0]) and cold[3] == warm[3]
+    for cold_tensors, warm_tensors in ((cold[1], warm[1]), (cold[2], warm[2])):
+        assert cold_tensors.keys() == warm_tensors.keys()
+        assert all(torch.equal(cold_tensors[k], warm_tensors[k]) for k in cold_tensors)
