@@ -163,3 +163,15 @@ def test_a_growth_client_built_from_a_kept_template_trains_exactly_as_one_built_
     for cold_tensors, warm_tensors in ((cold[1], warm[1]), (cold[2], warm[2])):
         assert cold_tensors.keys() == warm_tensors.keys()
         assert all(torch.equal(cold_tensors[k], warm_tensors[k]) for k in cold_tensors)
+
+
+def test_configurations_that_differ_only_in_what_the_build_does_not_read_share_a_template():
+    """Each client's ViT configuration carries its own input statistics; the build reads only the architecture."""
+    family = get_family("vit")
+    config = _config(family, make_vit(num_classes=3))
+    own_statistics = {**config, "data_config": {"mean": [0.2], "std": [0.4]}}
+    other_shape = {**config, "model_args": {**config["model_args"], "embed_dim": 64}}
+    first = template_cache.target_template(family, config)
+    assert template_cache.target_template(family, own_statistics) is first
+    other = template_cache.target_template(family, other_shape)
+    assert other is not first and other.module.cls_token.shape[-1] == 64

@@ -10,7 +10,10 @@ because they advance torch's random stream, from which the round then draws its
 batch order and dropout masks; skipping them would change every result.
 
 :func:`target_template` builds a family's template for real the first time a
-process asks for a configuration, and records the random operations the build
+process asks for a configuration (as far as the build reads it:
+:meth:`~fedgrow_core.growth.families.base.ModelFamily.build_key`; every client's
+ViT configuration carries its own input statistics, which the build does not
+read), and records the random operations the build
 ran (every ATen op tagged ``nondeterministic_seeded``). It then checks that
 replaying those operations on a scratch buffer, from the same generator state,
 leaves torch's CPU generator exactly where the build left it, that the build
@@ -23,7 +26,6 @@ it the random numbers themselves. When any check fails, every call builds.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -136,10 +138,8 @@ _TEMPLATES: OrderedDict[tuple, Template] = OrderedDict()
 
 
 def _key(family: ModelFamily, config: Any) -> tuple:
-    """The family and the configuration's full text (a transformers config's JSON, else a dict's)."""
-    if hasattr(config, "to_json_string"):
-        return family.name, type(config).__qualname__, config.to_json_string()
-    return family.name, type(config).__qualname__, json.dumps(config, sort_keys=True, default=repr)
+    """The family and what its build reads of the configuration (:meth:`ModelFamily.build_key`)."""
+    return family.name, family.build_key(config)
 
 
 def target_template(family: ModelFamily, config: Any) -> Template:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Mapping
@@ -158,6 +159,20 @@ class ModelFamily(ABC):
     @abstractmethod
     def build(self, config: Any) -> nn.Module:
         """A randomly initialised target classifier from :meth:`target_config`."""
+
+    def build_key(self, config: Any) -> str:
+        """Text naming everything :meth:`build` reads of ``config``.
+
+        Two configurations with the same key must build the same model:
+        structure, buffers, and the random draws of its initialisation
+        (:mod:`~fedgrow_core.growth.template_cache` builds a key's template once per
+        process). The default is the whole configuration (a transformers
+        config's JSON, else a dict's); a family whose configuration carries what
+        its build does not read (e.g. each client's input statistics) leaves it out.
+        """
+        if hasattr(config, "to_json_string"):
+            return config.to_json_string()
+        return json.dumps(config, sort_keys=True, default=repr)
 
     @abstractmethod
     def to_state_dict(self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]) -> dict[str, Tensor]:

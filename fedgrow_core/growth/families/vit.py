@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -209,6 +210,10 @@ class VitFamily(ModelFamily):
                 "num_classes": num_labels,
             },
         }
+
+    def build_key(self, config: dict) -> str:
+        """What :meth:`build` reads: ``architecture``, ``model_args`` and ``norm_eps`` (not ``data_config``)."""
+        return json.dumps({k: config.get(k) for k in ("architecture", "model_args", "norm_eps")}, sort_keys=True)
 
     def build(self, config: dict) -> nn.Module:
         """``timm.create_model(architecture, pretrained=False, **model_args)``, LayerNorm eps ``norm_eps``."""
