@@ -136,14 +136,16 @@ def state_store(context: Context, node: NodeView, tag: str) -> ClientStateStore 
 
     The folder is ``<state folder>/<tag>/<first 16 hex digits of the run fingerprint>/run-<Flower run id>``:
     a run writes only its own folder, and a run config other than the one that wrote a state folder never
-    finds it. In a simulation worker, which holds its nodes' clients in memory between messages, each file
-    leaves the page cache once it is on disk (:class:`ClientStateStore`'s ``cache_pages``); a deployed
-    ClientApp process serves one message, and the next one reads the file back, so there it stays.
+    finds it. In a simulation worker, which usually still holds a node's client when the node is next
+    sampled, each file leaves the page cache once it is on disk (:class:`ClientStateStore`'s
+    ``cache_pages``); when another worker serves the node, or the client was let go, the file is read back
+    from the disk. A deployed SuperNode starts a ClientApp process for each message, which reads the file
+    back every round, so there its pages stay.
     """
     if not tag:
         return None
     folder = node.policy.state_folder(node.effective) / tag / node.fingerprint[:16]
-    # a simulation worker holds its nodes' clients in memory: the files are for resuming, not for reading back
+    # a simulation worker usually holds its nodes' clients: the files are seldom read back
     return ClientStateStore(folder / f"run-{context.run_id}", cache_pages=not in_simulation())
 
 
@@ -210,6 +212,17 @@ def restore(
         )
 
 
+def _unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with a copy of each tensor whose storage an earlier entry shares (safetensors refuses those)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen and tensor.numel() else tensor
+        seen.add(storage)
+    return out
+
+
 def keep(context: Context, node: NodeView, store: ClientStateStore | None, server_round: int, client: Client) -> None:
     """Keep ``client``'s private state after ``server_round``: in the node's state folder, or in ``Context.state``.
 
@@ -224,7 +237,7 @@ def keep(context: Context, node: NodeView, store: ClientStateStore | None, serve
     RefusedMessage
         If a tensor of the state is not finite (nothing is kept).
     """
-    state = client.private_state(copy=False)  # written or serialised below, never kept: no copy
+    state = _unaliased(client.private_state(copy=False))  # written or serialised below, never kept: no copy
     check_finite_reply(state, {}, "training on the received message")
     path = store.save(server_round, state, state_metadata(context, node)) if store is not None else None
     _name(context, server_round, path, state)

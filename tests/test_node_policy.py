@@ -285,6 +285,7 @@ def test_the_private_state_lives_in_the_state_folder_and_a_held_client_is_not_re
     assert dict(held.state[kept_state.ROUND_KEY]) == mark  # nothing changed
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here: a file's pages stay cached")
 def test_a_simulation_worker_drops_its_state_files_from_the_page_cache_and_reads_them_back_whole(
     files, tmp_path, monkeypatch, task_identity
 ):

@@ -1,5 +1,6 @@
 """Target templates built once per process: replaying a build's random draws leaves torch's stream where it would be."""
 
+import copy
 import random
 from collections import OrderedDict
 
@@ -28,11 +29,16 @@ def _config(family, small):
     return family.target_config(small, TARGET, 3)
 
 
-@pytest.mark.parametrize(("name", "small"), [("vit", make_vit(num_classes=3)), ("bert", make_bert())])
+@pytest.mark.parametrize(("name", "small"), [("vit", lambda: make_vit(num_classes=3)), ("bert", make_bert)])
 def test_a_replayed_build_leaves_torchs_stream_where_the_build_does(name, small):
     family = get_family(name)
-    config = _config(family, small)
+    config = _config(family, small())
+    torch.manual_seed(5)
+    family.build(config)
+    after_plain_build = torch.get_rng_state()
+    torch.manual_seed(5)
     first = template_cache.target_template(family, config)  # built for real, its draws recorded and checked
+    assert torch.equal(torch.get_rng_state(), after_plain_build)  # the checks leave the stream as the build did
     assert first.draws and all(p.is_meta for p in first.module.parameters())
     for seed in (0, 7):
         torch.manual_seed(seed)
@@ -47,6 +53,35 @@ def test_a_replayed_build_leaves_torchs_stream_where_the_build_does(name, small)
         assert kept.buffers.keys() == dict(built.named_buffers()).keys()
         for key, value in built.named_buffers():
             assert torch.equal(kept.buffers[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("op", "layout"),
+    [
+        ("uniform_", lambda: torch.empty(4, 6).t()),  # not contiguous
+        ("uniform_", lambda: torch.empty(3, 1, 5)),
+        ("uniform_", lambda: torch.empty(0, 3)),
+        ("uniform_", lambda: torch.empty(())),
+        ("normal_", lambda: torch.empty(10)),  # under the 16 of the vectorised path
+        ("normal_", lambda: torch.empty(37)),
+        ("normal_", lambda: torch.empty(6, 8)[:, ::2]),
+        ("uniform_", lambda: torch.empty(9, dtype=torch.float64)),
+        ("random_", lambda: torch.empty(11, dtype=torch.int64)),
+        ("bernoulli_", lambda: torch.empty(20)),
+    ],
+)
+def test_replay_draws_what_the_op_draws_on_any_layout(op, layout):
+    """A replay on the scratch buffer's view advances the generator as the op on the tensor itself does."""
+    tensor = layout()
+    recorder = template_cache._RecordRandomOps()
+    torch.manual_seed(3)
+    with recorder:
+        getattr(tensor, op)()
+    after = torch.get_rng_state()
+    assert recorder.replayable and len(recorder.ops) == 1
+    torch.manual_seed(3)
+    template_cache.replay(recorder.ops)
+    assert torch.equal(torch.get_rng_state(), after)
 
 
 class _PythonRandomVit(VitFamily):
@@ -81,26 +116,63 @@ class _OwnGeneratorVit(VitFamily):
         return model
 
 
+class _ReseedingVit(VitFamily):
+    """A family whose build reseeds torch's generator: a replay of its draws ends elsewhere."""
+
+    name = "vit-reseeding"
+
+    def build(self, config):
+        model = super().build(config)
+        torch.manual_seed(int(torch.randint(1000, ())))
+        return model
+
+
+class _OutOfPlaceVit(VitFamily):
+    """A family whose build draws a new tensor (``torch.randn``), not in place."""
+
+    name = "vit-out-of-place"
+
+    def build(self, config):
+        model = super().build(config)
+        torch.randn(3)
+        return model
+
+
+class _ValueDependentVit(VitFamily):
+    """A family whose build draws as many numbers as a number it drew says."""
+
+    name = "vit-value-dependent"
+
+    def build(self, config):
+        model = super().build(config)
+        torch.empty(int(torch.empty(()).uniform_() * 10**6) + 1).uniform_()
+        return model
+
+
 @pytest.mark.parametrize(
     ("family", "small"),
     [
-        (_PythonRandomVit(), make_vit(num_classes=3)),
-        (_RandomBufferBert(), make_bert()),
-        (_OwnGeneratorVit(), make_vit()),
+        (_PythonRandomVit(), lambda: make_vit(num_classes=3)),
+        (_RandomBufferBert(), make_bert),
+        (_OwnGeneratorVit(), lambda: make_vit(num_classes=3)),
+        (_ReseedingVit(), lambda: make_vit(num_classes=3)),
+        (_OutOfPlaceVit(), lambda: make_vit(num_classes=3)),
+        (_ValueDependentVit(), lambda: make_vit(num_classes=3)),
     ],
 )
 def test_a_build_that_cannot_be_replayed_is_built_every_time(family, small, monkeypatch):
-    config = _config(family, small)
+    config = _config(family, small())
     builds = []
     real_build = type(family).build
     monkeypatch.setattr(type(family), "build", lambda self, c: builds.append(1) or real_build(self, c))
     first = template_cache.target_template(family, config)
-    assert first.draws is None and len(builds) == 1
+    assert first.draws is None and len(builds) in (1, 2)  # 2: the check's second build ran
+    built = len(builds)
     torch.manual_seed(3)
     random.seed(3)
     again = template_cache.target_template(family, config)
     after = torch.get_rng_state()
-    assert len(builds) == 2 and again.module is not first.module  # built again: nothing is shared
+    assert len(builds) == built + 1 and again.module is not first.module  # built again: nothing is shared
     torch.manual_seed(3)
     random.seed(3)
     real_build(family, config)
@@ -175,3 +247,16 @@ def test_configurations_that_differ_only_in_what_the_build_does_not_read_share_a
     assert template_cache.target_template(family, own_statistics) is first
     other = template_cache.target_template(family, other_shape)
     assert other is not first and other.module.cls_token.shape[-1] == 64
+
+
+def test_bert_configurations_that_run_attention_differently_do_not_share_a_template():
+    """The built BERT reads its attention implementation at every forward; where the small model came from, never."""
+    family = get_family("bert")
+    config = _config(family, make_bert())
+    moved = copy.deepcopy(config)
+    moved._name_or_path = "/elsewhere/small-bert"
+    other = copy.deepcopy(config)
+    other._attn_implementation = "eager" if config._attn_implementation != "eager" else "sdpa"
+    first = template_cache.target_template(family, config)
+    assert template_cache.target_template(family, moved) is first
+    assert template_cache.target_template(family, other) is not first

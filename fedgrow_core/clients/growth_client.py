@@ -317,8 +317,15 @@ class GrowthClient:
         Parameters
         ----------
         copy : bool
-            CPU clones (default); ``False``: the client's own CPU tensors, for a caller that reads them
-            at once and keeps nothing (writing the state file), without copying tens of megabytes.
+            CPU clones (default); ``False``: detached aliases of the client's own CPU tensors, for a
+            caller that reads them at once and keeps nothing (writing the state file), without copying
+            tens of megabytes.
+
+        Returns
+        -------
+        dict of str to Tensor
+            The model's private tensors under their ``state_dict`` names, ``optimizer.<i>.<name>``
+            (AdamW moments and step), ``data.steps`` (0-d int64) and ``update-residual.<name>``.
         """
         out = {
             k: cpu_tensor(v, copy)

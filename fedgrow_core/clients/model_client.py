@@ -142,8 +142,16 @@ class ModelClient:
     def private_state(self, copy: bool = True) -> dict[str, Tensor]:
         """Weights, AdamW moments (``optimizer.<i>.<name>``) and ``data.steps``: kept when the model is private.
 
-        ``copy=False`` gives the client's own CPU tensors instead of clones, for a caller that reads them at
-        once and keeps nothing (writing the state file).
+        Parameters
+        ----------
+        copy : bool
+            CPU clones (default); ``False``: detached aliases of the client's own CPU tensors, for a
+            caller that reads them at once and keeps nothing (writing the state file).
+
+        Returns
+        -------
+        dict of str to Tensor
+            Every parameter under its ``named_parameters()`` name, the AdamW state and ``data.steps``.
         """
         out = {k: cpu_tensor(v, copy) for k, v in self.model.named_parameters()}
         out.update(training_state(self.optimizer, self._batches, copy))

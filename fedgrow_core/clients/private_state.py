@@ -46,7 +46,21 @@ def training_state(optimizer: torch.optim.Optimizer, batches: BatchStream, copy:
 
 
 def cpu_tensor(tensor: Tensor, copy: bool) -> Tensor:
-    """``tensor`` detached on the CPU: a clone, or (``copy=False``) itself where it is on the CPU already."""
+    """``tensor`` detached, on the CPU.
+
+    Parameters
+    ----------
+    tensor : Tensor
+        Any tensor.
+    copy : bool
+        Clone it; ``False``: a detached alias of it where it is on the CPU already
+        (a tensor on another device is copied to the CPU either way).
+
+    Returns
+    -------
+    Tensor
+        Of ``tensor``'s shape and dtype.
+    """
     tensor = tensor.detach().cpu()
     return tensor.clone() if copy else tensor
 

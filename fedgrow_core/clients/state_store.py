@@ -11,17 +11,20 @@ A file that cannot be read (truncated, damaged), or whose header does not carry
 the metadata the caller requires (which run wrote it), is skipped for the one
 before it (:meth:`ClientStateStore.load_latest`). Nothing in this folder is ever sent.
 
-A store that is told its files will not be read back soon (``cache_pages=False``:
-a simulation worker, which holds the client in memory between messages) asks the
-kernel to drop each file's pages from the page cache once they are on disk
-(``posix_fadvise(POSIX_FADV_DONTNEED)`` after the fsync). Fifty nodes' states
-would otherwise fill gigabytes of page cache, and on a machine whose free memory
-was never touched (a fresh virtual machine) every new page of it is slow to
-allocate: a 69 MB state file's write took about 0.12 s instead of 0.02 s there.
+A store that is told its files will seldom be read back (``cache_pages=False``:
+a simulation worker, which usually still holds a node's client when the node is
+next sampled) asks the kernel to drop each file's pages from the page cache once
+they are on disk (``posix_fadvise(POSIX_FADV_DONTNEED)`` after the fsync); a
+file read back later (another worker serves the node, or its client was let go)
+comes from the disk. Fifty nodes' states would otherwise fill gigabytes of page
+cache, and on a machine whose free memory was never touched (a fresh virtual
+machine) each new page of it is slow to allocate (measured in
+``docs/testing.md``, the scale benchmark's trace).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -49,7 +52,7 @@ class ClientStateStore:
     cache_pages : bool
         Whether a written file's pages may stay in the page cache (default).
         ``False``: once a file is on disk its pages are dropped from the cache,
-        for a caller that will rarely read it back (module doc); a later
+        for a caller that will seldom read it back (module doc); a later
         :meth:`load` reads it from disk. Where ``os.posix_fadvise`` is missing
         (macOS, Windows) the pages stay.
 
@@ -91,7 +94,8 @@ class ClientStateStore:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
             if not self.cache_pages and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # on disk now: the pages are clean
+                with contextlib.suppress(OSError):  # advice only: the file is written either way
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # on disk now: its pages are clean
         os.replace(tmp, path)
         for old in self.rounds()[: -self.keep]:
             (self.folder / f"round-{old}.safetensors").unlink(missing_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 import weakref
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,12 +16,10 @@ from fedgrow_core.growth.families import ModelFamily
 from fedgrow_core.growth.ligo import LAYER_PARAMS, DualLiGO, LiGO, grow_tensor
 from fedgrow_core.growth.linear_chain import INPUT_READERS, LINEAR_KINDS, GrownLinear, grow_linear_stack
 from fedgrow_core.growth.preservation import operator_width_gaps, probe_gap
-from fedgrow_core.growth.template_cache import target_template
+from fedgrow_core.growth.template_cache import TEMPLATE_LOCK, target_template
 
 log = logging.getLogger(__name__)
 
-#: Held while a forward runs a target template: grown models of one process may share their templates.
-_TEMPLATE_LOCK = threading.RLock()
 #: The factored copy of each meta template, and its slots (shared as the meta template is).
 _FACTORED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -77,6 +74,14 @@ class GrownModel(nn.Module):
 
     Notes
     -----
+    The target templates are built once per process and target
+    (:mod:`~fedgrow_core.growth.template_cache`, which replays the random draws of
+    the build so that the random stream goes on as if each model had built its
+    own) and shared by the grown models of that target: a forward holds
+    :data:`~fedgrow_core.growth.template_cache.TEMPLATE_LOCK` and sets the
+    templates' training mode to its model's first, so forwards in one process
+    run one at a time.
+
     The grown weights (in factored form, the partly grown ones) are computed in
     float32 with autocast disabled, and the width factors left for the
     activations run in float32 too (:mod:`fedgrow_core.growth.linear_chain`); only the
@@ -175,6 +180,10 @@ class GrownModel(nn.Module):
         """
         if family.linear_module(LINEAR_KINDS[0], 0) is None:
             return {}
+        with TEMPLATE_LOCK:
+            return self._shared_factored(family, layers)
+
+    def _shared_factored(self, family: ModelFamily, layers: int) -> dict[tuple[str, int], tuple[GrownLinear, int]]:
         kept = _FACTORED.get(self._template[0])
         if kept is None:
             template = copy.deepcopy(self._template[0])
@@ -242,13 +251,13 @@ class GrownModel(nn.Module):
         tokens = self.family.tokens(args, kwargs, self.target_config)
         if not self._factored or tokens is None:
             tensors = {**self.grown_state_dict(embed), **self.template_buffers.as_dict()}
-            with _TEMPLATE_LOCK:
+            with TEMPLATE_LOCK:
                 out = functional_call(self._template[0].train(self.training), tensors, args, kwargs, strict=True)
             return self.family.logits(out)
         slots = self._factored
         sd, linears = self._grow_factored(embed, tokens)
         tensors = {**sd, **self.template_buffers.as_dict()}
-        with _TEMPLATE_LOCK:  # the factors are set on the (possibly shared) template for this forward only
+        with TEMPLATE_LOCK:  # the factors are set on the (possibly shared) template for this forward only
             for kind, factors in linears.items():
                 for i, f in enumerate(factors):
                     module, part = slots[kind, i]

@@ -11,23 +11,35 @@ batch order and dropout masks; skipping them would change every result.
 
 :func:`target_template` builds a family's template for real the first time a
 process asks for a configuration (as far as the build reads it:
-:meth:`~fedgrow_core.growth.families.base.ModelFamily.build_key`; every client's
-ViT configuration carries its own input statistics, which the build does not
-read), and records the random operations the build
-ran (every ATen op tagged ``nondeterministic_seeded``). It then checks that
-replaying those operations on a scratch buffer, from the same generator state,
-leaves torch's CPU generator exactly where the build left it, that the build
-drew nothing from Python's or numpy's generators, and that no random draw wrote
-a buffer the template keeps. When all three hold, later calls hand out the same
-meta template (shared, never copied) and its buffers, and replay the draws
-instead of building: on one core, 0.09 s instead of 0.15 s for that ViT, most of
-it the random numbers themselves. When any check fails, every call builds.
+:meth:`~fedgrow_core.growth.families.base.ModelFamily.build_key`, with torch's
+default dtype and device; every client's ViT configuration carries its own
+input statistics, which the build does not read), and records the random
+operations the build ran: every ATen op tagged ``nondeterministic_seeded``.
+It keeps the template for replaying only when all of these hold:
+
+* every such op is one of :data:`REPLAYABLE` (in place, on a CPU tensor, from
+  torch's default generator), whose use of the generator depends on the
+  tensor's layout and the op's arguments, not on the tensor's contents;
+* the build drew nothing from Python's or numpy's generators;
+* replaying the ops on a scratch buffer from the build's starting state leaves
+  torch's CPU generator exactly where the build left it;
+* a second build, from another generator state, runs the same ops on the same
+  layouts and gives the same buffers (so neither depends on the values drawn).
+
+Then later calls hand out the same meta template (shared, never copied) and its
+buffers, and replay the draws instead of building. These checks are necessary
+conditions that catch the ways a build can escape a replay that we know of, not
+a proof; any that fails makes every call build, as without this module. The
+cost per build is measured in ``docs/testing.md`` (the scale benchmark's trace).
 """
 
 from __future__ import annotations
 
 import random
+import threading
+import types
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,13 +50,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fedgrow_core.growth.families import ModelFamily
 
-#: Configurations kept per process (least recently used dropped first).
+#: Build keys kept per process (least recently used dropped first).
 MAX_TEMPLATES = 8
+#: The random ops a replay may run: in place, and drawing as many numbers for a tensor as its layout and the
+#: op's arguments say, whatever the tensor holds.
+REPLAYABLE = frozenset(
+    f"aten::{name}_"
+    for name in ("uniform", "normal", "bernoulli", "random", "exponential", "geometric", "log_normal", "cauchy")
+)
+#: Held while a template is built, handed out or run (``GrownModel.forward``): templates are shared in a process.
+TEMPLATE_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
 class RandomOp:
-    """One random operation of a build: ``op`` applied in place to a tensor of this layout, with ``args``."""
+    """One random op of a build: ``op`` in place on a tensor of this ``size``, ``stride`` and ``dtype``."""
 
     op: Any
     size: tuple[int, ...]
@@ -61,21 +81,26 @@ class Template:
     Attributes
     ----------
     module : torch.nn.Module
-        The template, parameters and buffers on the ``meta`` device; shared by every caller.
-    buffers : dict of str to Tensor
-        Its buffers' values (e.g. BERT's ``position_ids``), from the real build.
+        The template, parameters and buffers on the ``meta`` device; shared
+        with every later caller of the same build key when ``draws`` is set.
+    buffers : mapping of str to Tensor
+        Its buffers' values (e.g. BERT's ``position_ids``), from the real build (read-only).
     draws : list of RandomOp, or None
-        The build's random operations, in order; ``None`` when replaying them does
-        not reproduce the build (module doc), and every call builds.
+        The build's random ops, in order; ``None`` when they cannot be replayed
+        (module doc): then every call builds a template of its own.
     """
 
     module: nn.Module
-    buffers: dict[str, Tensor]
+    buffers: Mapping[str, Tensor]
     draws: list[RandomOp] | None
 
 
 class _RecordRandomOps(TorchDispatchMode):
-    """Record every ``nondeterministic_seeded`` op; ``replayable`` turns False for one that is not in place."""
+    """Record every ``nondeterministic_seeded`` op of a build.
+
+    ``replayable`` turns False for one that is not in :data:`REPLAYABLE`, writes
+    no CPU tensor in place, or names a generator of its own.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,8 +112,8 @@ class _RecordRandomOps(TorchDispatchMode):
         kwargs = kwargs or {}
         if torch.Tag.nondeterministic_seeded in func.tags:
             target = args[0] if args and isinstance(args[0], Tensor) else None
-            in_place = func._schema.name.endswith("_") and target is not None and target.device.type == "cpu"
-            if not in_place or kwargs.get("generator") is not None:
+            own_generator = kwargs.get("generator") is not None or any(isinstance(a, torch.Generator) for a in args)
+            if func._schema.name not in REPLAYABLE or target is None or target.device.type != "cpu" or own_generator:
                 self.replayable = False
             else:
                 self.ops.append(RandomOp(func, tuple(target.shape), target.stride(), target.dtype, args[1:], kwargs))
@@ -97,9 +122,18 @@ class _RecordRandomOps(TorchDispatchMode):
 
 
 def replay(draws: list[RandomOp]) -> None:
-    """Run ``draws`` on a scratch buffer: torch's CPU generator advances exactly as in the build they came from."""
+    """Run ``draws`` on a scratch buffer, each on a view of its tensor's layout.
+
+    torch's CPU generator then advances exactly as in the build they were
+    recorded from (what they write is thrown away).
+
+    Parameters
+    ----------
+    draws : list of RandomOp
+        Ops of :data:`REPLAYABLE`, in the order the build ran them.
+    """
     need: dict[torch.dtype, int] = {}
-    for d in draws:
+    for d in draws:  # elements a view of this size and stride spans
         extent = 1 + sum((n - 1) * s for n, s in zip(d.size, d.stride, strict=True)) if all(d.size) else 0
         need[d.dtype] = max(need.get(d.dtype, 0), extent)
     scratch = {dtype: torch.empty(n, dtype=dtype) for dtype, n in need.items()}
@@ -115,42 +149,71 @@ def _other_generators() -> tuple:
     return random.getstate(), repr(np.random.get_state())
 
 
-def _build_and_record(family: ModelFamily, config: Any) -> Template:
-    """Build for real, recording the random ops, and decide whether replaying them reproduces the build."""
-    before, others = torch.get_rng_state(), _other_generators()
+def _recorded_build(family: ModelFamily, config: Any) -> tuple[nn.Module, _RecordRandomOps]:
     recorder = _RecordRandomOps()
     with recorder:
         model = family.build(config)
+    return model, recorder
+
+
+def _replays(family: ModelFamily, config: Any, model: nn.Module, recorder: _RecordRandomOps, before: Tensor) -> bool:
+    """Whether the recorded build can be replayed (module doc); torch's generator is left where the build left it."""
     after = torch.get_rng_state()
-    buffers = _buffers(model)
     drawn_into = {b.untyped_storage().data_ptr() for b in model.buffers()} & set(recorder.targets)
-    draws = recorder.ops if recorder.replayable and not drawn_into and _other_generators() == others else None
-    if draws is not None:
+    if not recorder.replayable or drawn_into:
+        return False
+    try:
         torch.set_rng_state(before)
-        replay(draws)
+        replay(recorder.ops)
         if not torch.equal(torch.get_rng_state(), after):
-            draws = None
+            return False
+        with torch.random.fork_rng():  # again, from another state: the same ops and buffers
+            torch.manual_seed(int(torch.randint(2**62, ())))
+            second, again = _recorded_build(family, config)
+        buffers, other = _buffers(model), _buffers(second)
+        same_buffers = buffers.keys() == other.keys() and all(torch.equal(buffers[k], other[k]) for k in buffers)
+        layouts = [(d.op, d.size, d.stride, d.dtype, d.args, d.kwargs) for d in recorder.ops]
+        return (
+            again.replayable
+            and same_buffers
+            and layouts == [(d.op, d.size, d.stride, d.dtype, d.args, d.kwargs) for d in again.ops]
+        )
+    except Exception:  # noqa: BLE001 - a replay that fails is one that is not used
+        return False
+    finally:
         torch.set_rng_state(after)
-    return Template(model.to("meta"), buffers, draws)
+
+
+def _build_and_record(family: ModelFamily, config: Any) -> Template:
+    """Build for real, recording the random ops, and decide whether replaying them reproduces the build."""
+    before, others = torch.get_rng_state(), _other_generators()
+    model, recorder = _recorded_build(family, config)
+    unchanged = _other_generators() == others
+    replayable = unchanged and _replays(family, config, model, recorder, before)
+    buffers = types.MappingProxyType(_buffers(model))
+    return Template(model.to("meta"), buffers, recorder.ops if replayable else None)
 
 
 _TEMPLATES: OrderedDict[tuple, Template] = OrderedDict()
 
 
-def _key(family: ModelFamily, config: Any) -> tuple:
-    """The family and what its build reads of the configuration (:meth:`ModelFamily.build_key`)."""
-    return family.name, family.build_key(config)
+def _key(family: ModelFamily, config: Any) -> tuple | None:
+    """The family, what its build reads of ``config``, torch's default dtype and device; ``None``: no key."""
+    text = family.build_key(config)
+    if text is None:
+        return None
+    return family.name, text, torch.get_default_dtype(), str(torch.get_default_device())
 
 
 def target_template(family: ModelFamily, config: Any) -> Template:
     """The target template of ``config`` on ``meta``, with torch's random stream advanced as ``family.build`` would.
 
-    The first call per configuration in a process builds (module doc); later
-    ones return the same :class:`Template` and replay its draws, or, when they
-    cannot be replayed, build a template of their own. Use it only for the
-    template's structure and buffers: its weights are on ``meta``, and it may be
-    shared, so callers must not change it beyond setting its training mode
-    before each use.
+    The first call per build key in a process builds (module doc); later ones
+    return the same :class:`Template` and replay its draws, or, when those
+    cannot be replayed or the family gives no key, build a template of their
+    own. Use it only for the template's structure and buffers: its weights are
+    on ``meta``, and it may be shared, so a caller changes nothing of it but
+    its training mode, under :data:`TEMPLATE_LOCK`.
 
     Parameters
     ----------
@@ -162,19 +225,21 @@ def target_template(family: ModelFamily, config: Any) -> Template:
     Returns
     -------
     Template
-        Its ``module`` on ``meta``, its buffers, and the draws replayed (``None``: it was built).
+        Its ``module`` on ``meta``, its buffers, and its build's draws (``None``:
+        not replayable; such a template is the caller's own).
     """
     key = _key(family, config)
-    kept = _TEMPLATES.get(key)
-    if kept is None:
-        kept = _TEMPLATES[key] = _build_and_record(family, config)
-        while len(_TEMPLATES) > MAX_TEMPLATES:
-            _TEMPLATES.popitem(last=False)
+    with TEMPLATE_LOCK:
+        kept = _TEMPLATES.get(key) if key is not None else None
+        if kept is None or kept.draws is None:
+            if key is not None and kept is None:
+                kept = _TEMPLATES[key] = _build_and_record(family, config)
+                while len(_TEMPLATES) > MAX_TEMPLATES:
+                    _TEMPLATES.popitem(last=False)
+                return kept
+            model = family.build(config)  # not replayable, or no key: as every call would without this module
+            buffers = types.MappingProxyType(_buffers(model))  # before the move to meta, which is in place
+            return Template(model.to("meta"), buffers, None)
+        _TEMPLATES.move_to_end(key)
+        replay(kept.draws)
         return kept
-    _TEMPLATES.move_to_end(key)
-    if kept.draws is None:  # not replayable: build, as every call would without this cache
-        model = family.build(config)
-        buffers = _buffers(model)  # before the move to meta, which is in place
-        return Template(model.to("meta"), buffers, None)
-    replay(kept.draws)
-    return kept

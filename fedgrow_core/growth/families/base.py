@@ -160,19 +160,34 @@ class ModelFamily(ABC):
     def build(self, config: Any) -> nn.Module:
         """A randomly initialised target classifier from :meth:`target_config`."""
 
-    def build_key(self, config: Any) -> str:
-        """Text naming everything :meth:`build` reads of ``config``.
+    def build_key(self, config: Any) -> str | None:
+        """Text naming everything :meth:`build` reads of ``config``, and what the built model reads when it runs.
 
-        Two configurations with the same key must build the same model:
-        structure, buffers, and the random draws of its initialisation
-        (:mod:`~fedgrow_core.growth.template_cache` builds a key's template once per
-        process). The default is the whole configuration (a transformers
-        config's JSON, else a dict's); a family whose configuration carries what
-        its build does not read (e.g. each client's input statistics) leaves it out.
+        Two configurations with the same key must build the same model
+        (structure, buffers, and the random draws of its initialisation) and run
+        it the same way: :mod:`~fedgrow_core.growth.template_cache` builds a key's
+        template once per process and shares it. The default is the whole
+        configuration (a transformers config's JSON, else a dict's); a family
+        whose configuration carries what neither reads (e.g. each client's input
+        statistics) leaves it out.
+
+        Parameters
+        ----------
+        config : Any
+            A configuration :meth:`target_config` returned.
+
+        Returns
+        -------
+        str or None
+            The key; ``None`` when no reliable text can be made (then every
+            template is built, none shared).
         """
-        if hasattr(config, "to_json_string"):
-            return config.to_json_string()
-        return json.dumps(config, sort_keys=True, default=repr)
+        try:
+            if hasattr(config, "to_json_string"):
+                return config.to_json_string()
+            return json.dumps(config, sort_keys=True)
+        except (TypeError, ValueError):  # not plain JSON data: no key
+            return None
 
     @abstractmethod
     def to_state_dict(self, embed: Mapping[str, Tensor], layers: Mapping[str, Tensor]) -> dict[str, Tensor]:

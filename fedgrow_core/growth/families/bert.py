@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -177,6 +178,34 @@ class BertFamily(ModelFamily):
         cfg.num_labels = num_labels
         cfg.architectures = ["BertForSequenceClassification"]
         return cfg
+
+    def build_key(self, config: BertConfig) -> str | None:
+        """``config`` as JSON without where the client's model came from, with the attention implementation.
+
+        ``BertConfig.to_json_string`` leaves out ``_attn_implementation``, which
+        the built model reads at every forward (eager or SDPA attention), and
+        keeps ``_name_or_path`` and ``transformers_version``, which neither the
+        build nor the model reads.
+
+        Parameters
+        ----------
+        config : BertConfig
+            A configuration :meth:`target_config` returned.
+
+        Returns
+        -------
+        str or None
+            The key (``None`` if the configuration holds what JSON cannot).
+        """
+        data = config.to_dict()
+        for unread in ("_name_or_path", "transformers_version"):
+            data.pop(unread, None)
+        for read in ("_attn_implementation", "_experts_implementation"):
+            data[read] = getattr(config, read, None)
+        try:
+            return json.dumps(data, sort_keys=True)
+        except (TypeError, ValueError):
+            return None
 
     def build(self, config: BertConfig) -> nn.Module:
         """``BertForSequenceClassification(config)``, randomly initialised."""

@@ -212,7 +212,21 @@ class VitFamily(ModelFamily):
         }
 
     def build_key(self, config: dict) -> str:
-        """What :meth:`build` reads: ``architecture``, ``model_args`` and ``norm_eps`` (not ``data_config``)."""
+        """What :meth:`build` reads of ``config``: ``architecture``, ``model_args`` and ``norm_eps``.
+
+        ``data_config`` (the source's input statistics, each client's own) is
+        left out; the timm model reads nothing else when it runs.
+
+        Parameters
+        ----------
+        config : dict
+            A configuration :meth:`target_config` returned.
+
+        Returns
+        -------
+        str
+            Those three entries as JSON, keys sorted.
+        """
         return json.dumps({k: config.get(k) for k in ("architecture", "model_args", "norm_eps")}, sort_keys=True)
 
     def build(self, config: dict) -> nn.Module:
