@@ -181,23 +181,20 @@ class GrownModel(nn.Module):
         if family.linear_module(LINEAR_KINDS[0], 0) is None:
             return {}
         with TEMPLATE_LOCK:
-            return self._shared_factored(family, layers)
-
-    def _shared_factored(self, family: ModelFamily, layers: int) -> dict[tuple[str, int], tuple[GrownLinear, int]]:
-        kept = _FACTORED.get(self._template[0])
-        if kept is None:
-            template = copy.deepcopy(self._template[0])
-            slots = {}
-            for i in range(layers):
-                names: dict[str, list[str]] = {}
-                for kind in LINEAR_KINDS:
-                    names.setdefault(family.linear_module(kind, i), []).append(kind)
-                for name, kinds in names.items():
-                    linear = template.get_submodule(name)
-                    module = GrownLinear(linear.in_features, linear.out_features, parts=len(kinds))
-                    template.set_submodule(name, module)
-                    slots.update({(kind, i): (module, part) for part, kind in enumerate(kinds)})
-            kept = _FACTORED[self._template[0]] = (template, slots)
+            kept = _FACTORED.get(self._template[0])
+            if kept is None:
+                template = copy.deepcopy(self._template[0])
+                slots = {}
+                for i in range(layers):
+                    names: dict[str, list[str]] = {}
+                    for kind in LINEAR_KINDS:
+                        names.setdefault(family.linear_module(kind, i), []).append(kind)
+                    for name, kinds in names.items():
+                        linear = template.get_submodule(name)
+                        module = GrownLinear(linear.in_features, linear.out_features, parts=len(kinds))
+                        template.set_submodule(name, module)
+                        slots.update({(kind, i): (module, part) for part, kind in enumerate(kinds)})
+                kept = _FACTORED[self._template[0]] = (template, slots)
         self._template.append(kept[0])
         return kept[1]
 

@@ -227,6 +227,11 @@ def target_template(family: ModelFamily, config: Any) -> Template:
     Template
         Its ``module`` on ``meta``, its buffers, and its build's draws (``None``:
         not replayable; such a template is the caller's own).
+
+    Raises
+    ------
+    Exception
+        Whatever ``family.build(config)`` raises, from a build (nothing is kept).
     """
     key = _key(family, config)
     with TEMPLATE_LOCK:

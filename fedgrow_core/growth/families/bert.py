@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -202,10 +201,7 @@ class BertFamily(ModelFamily):
             data.pop(unread, None)
         for read in ("_attn_implementation", "_experts_implementation"):
             data[read] = getattr(config, read, None)
-        try:
-            return json.dumps(data, sort_keys=True)
-        except (TypeError, ValueError):
-            return None
+        return super().build_key(data)  # a dict: its JSON, or None
 
     def build(self, config: BertConfig) -> nn.Module:
         """``BertForSequenceClassification(config)``, randomly initialised."""
