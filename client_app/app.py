@@ -47,6 +47,7 @@ from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient, target_model
 from fedgrow_core.clients.model_export import owner_problem
 from fedgrow_core.clients.setup import ClientSetup
+from fedgrow_core.growth.template_cache import forked_stream
 from fedgrow_core.import_freeze import freeze_imports
 from fedgrow_core.modes import GlobalLigo, Handler
 from fedgrow_core.protocol import NUM_EXAMPLES, Instruction, Phase, final_reply, preflight_reply, train_reply
@@ -189,11 +190,13 @@ def _growth_client(context: Context, node: NodeView) -> GrowthClient:
 def _held_stream(context: Context) -> contextlib.AbstractContextManager:
     """A fork of torch's random stream once the node has private state (:func:`_growth_client`), else nothing.
 
+    In the fork, a target template kept by this process is handed out without replaying its build's
+    draws (:func:`~fedgrow_core.growth.template_cache.forked_stream`): they would be thrown away.
     Private state is what ``Context.state`` names (:func:`~client_app.kept_state.kept_mark`), or a shared
     model's batch position (``scratch-fedavg``).
     """
     kept = kept_mark(context) is not None or DATA_KEY in context.state
-    return torch.random.fork_rng() if kept else contextlib.nullcontext()
+    return forked_stream() if kept else contextlib.nullcontext()
 
 
 def _model_client(context: Context, node: NodeView, role: str) -> ModelClient:

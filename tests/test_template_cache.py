@@ -68,20 +68,78 @@ def test_a_replayed_build_leaves_torchs_stream_where_the_build_does(name, small)
         ("uniform_", lambda: torch.empty(9, dtype=torch.float64)),
         ("random_", lambda: torch.empty(11, dtype=torch.int64)),
         ("bernoulli_", lambda: torch.empty(20)),
+        ("normal_", lambda: torch.empty(16)),  # the vectorised path, a whole number of 16s
+        ("normal_", lambda: torch.empty(4, 12)),
+        ("normal_", lambda: torch.empty(3, 1, 33)),  # 99: its last 16 drawn again
+        ("normal_", lambda: torch.empty(40, 2).t()),  # not contiguous: element by element
+        ("uniform_", lambda: torch.empty(300, 7)),
+        ("normal_", lambda: torch.empty(20, dtype=torch.float64)),
+        ("uniform_", lambda: torch.empty(17, dtype=torch.float16)),
     ],
 )
-def test_replay_draws_what_the_op_draws_on_any_layout(op, layout):
-    """A replay on the scratch buffer's view advances the generator as the op on the tensor itself does."""
+@pytest.mark.parametrize("spare_normal", [False, True])
+def test_replay_draws_what_the_op_draws_on_any_layout(op, layout, spare_normal):
+    """A replay advances the generator as the op on the tensor itself does, from a state with or without a
+    spare normal value (which a ``normal_`` of fewer than 16 elements leaves in the generator)."""
     tensor = layout()
     recorder = template_cache._RecordRandomOps()
     torch.manual_seed(3)
+    if spare_normal:
+        torch.empty(3).normal_()
+    before = torch.get_rng_state()
     with recorder:
         getattr(tensor, op)()
     after = torch.get_rng_state()
     assert recorder.replayable and len(recorder.ops) == 1
-    torch.manual_seed(3)
+    torch.set_rng_state(before)
     template_cache.replay(recorder.ops)
     assert torch.equal(torch.get_rng_state(), after)
+
+
+@pytest.mark.parametrize(
+    ("op", "layout", "expected"),
+    [
+        ("uniform_", lambda: torch.empty(4, 6).t(), 24),
+        ("uniform_", lambda: torch.empty(0, 3), 0),
+        ("normal_", lambda: torch.empty(4, 12), 48),
+        ("normal_", lambda: torch.empty(37), 37 + 16),
+        ("normal_", lambda: torch.empty(10), None),
+        ("normal_", lambda: torch.empty(40, 2).t(), None),
+        ("uniform_", lambda: torch.empty(9, dtype=torch.float64), None),
+        ("bernoulli_", lambda: torch.empty(20), None),
+    ],
+)
+def test_fixed_draws_counts_the_numbers_the_op_takes(op, layout, expected):
+    """Counted ops advance the generator as drawing that many numbers does; the others are not counted."""
+    tensor = layout()
+    recorder = template_cache._RecordRandomOps()
+    torch.manual_seed(4)
+    with recorder:
+        getattr(tensor, op)()
+    after = torch.get_rng_state()
+    assert template_cache.fixed_draws(recorder.ops[0]) == expected
+    if expected is not None:
+        torch.manual_seed(4)
+        torch.empty(expected, dtype=torch.int32).random_()  # one 32-bit number each, as ATen draws them
+        assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_a_replay_runs_counted_ops_as_one_draw_and_the_others_as_themselves():
+    """Consecutive counted ops are merged into one advance; an op that is not counted runs as it is."""
+    recorder = template_cache._RecordRandomOps()
+    with recorder:
+        torch.empty(5, 7).uniform_()
+        torch.empty(64).normal_()
+        torch.empty(3).normal_()  # under 16: run as it is
+        torch.empty(2, 9).uniform_()
+    replayed = template_cache._RecordRandomOps()
+    with replayed:
+        template_cache.replay(recorder.ops)
+    assert [(d.op._schema.name, d.size, d.dtype) for d in replayed.ops] == [
+        ("aten::random_", (35 + 64,), torch.uint8),
+        ("aten::normal_", (3,), torch.float32),
+        ("aten::random_", (18,), torch.uint8),
+    ]
 
 
 class _PythonRandomVit(VitFamily):
@@ -206,11 +264,10 @@ def test_shared_templates_run_in_each_grown_models_own_mode():
     torch.testing.assert_close(training(input_ids=ids, attention_mask=mask), dropped)
 
 
-def test_a_growth_client_built_from_a_kept_template_trains_exactly_as_one_built_from_scratch(tmp_path):
-    """The first client of a process builds its template; the next replays its draws: the same round, bit for bit."""
-    run = RunConfig.from_flower(
+def _bert_run(folder):
+    return RunConfig.from_flower(
         {
-            "client-models": tiny_bert_folder(tmp_path / "bert", 2, 32, 2, 64, 0, dropout=0.1),
+            "client-models": tiny_bert_folder(folder, 2, 32, 2, 64, 0, dropout=0.1),
             "intermediate-shape": "2x32x64x2",
             "target-shape": "3x64x128x4",
             "local-steps": 3,
@@ -219,6 +276,15 @@ def test_a_growth_client_built_from_a_kept_template_trains_exactly_as_one_built_
             "max-length": 32,
         }
     )
+
+
+def _same_tensors(first, second):
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_growth_client_built_from_a_kept_template_trains_exactly_as_one_built_from_scratch(tmp_path):
+    """The first client of a process builds its template; the next replays its draws: the same round, bit for bit."""
+    run = _bert_run(tmp_path / "bert")
     sent = initial_global_ligo(run).state_dict()
 
     def round_from_seed():
@@ -232,9 +298,40 @@ def test_a_growth_client_built_from_a_kept_template_trains_exactly_as_one_built_
     assert len(template_cache._TEMPLATES) == 1 and next(iter(template_cache._TEMPLATES.values())).draws
     warm = round_from_seed()
     assert torch.equal(cold[0], warm[0]) and cold[3] == warm[3]
-    for cold_tensors, warm_tensors in ((cold[1], warm[1]), (cold[2], warm[2])):
-        assert cold_tensors.keys() == warm_tensors.keys()
-        assert all(torch.equal(cold_tensors[k], warm_tensors[k]) for k in cold_tensors)
+    assert _same_tensors(cold[1], warm[1]) and _same_tensors(cold[2], warm[2])
+
+
+def test_a_client_built_in_a_forked_stream_skips_the_replay_and_trains_as_the_client_that_kept_the_state(
+    tmp_path, monkeypatch
+):
+    """A client rebuilt only to load its kept state (the stream forked and put back) replays no draws, and its
+    next round is the round of the client that never left, bit for bit."""
+    run = _bert_run(tmp_path / "bert")
+    sent = initial_global_ligo(run).state_dict()
+    torch.manual_seed(11)
+    held = GrowthClient(run, 0, 3)  # builds the template and records its draws
+    held.train_round({k: v.clone() for k, v in sent.items()})
+    kept, aggregate = held.private_state(), {k: v + 0.01 for k, v in held.global_state().items()}
+    replays = []
+    real_replay = template_cache.replay
+    monkeypatch.setattr(template_cache, "replay", lambda draws: replays.append(1) or real_replay(draws))
+    torch.manual_seed(12)
+    outside = torch.get_rng_state()
+    with template_cache.forked_stream():
+        rebuilt = GrowthClient(run, 0, 3)
+        rebuilt.load_private_state(kept)
+    assert replays == [] and torch.equal(torch.get_rng_state(), outside)
+    GrowthClient(run, 0, 3)  # outside the fork the draws are replayed
+    assert replays == [1]
+
+    def next_round(client):
+        torch.manual_seed(13)
+        reply, metrics = client.train_round({k: v.clone() for k, v in aggregate.items()})
+        return reply, client.private_state(), metrics["train-loss"], torch.get_rng_state()
+
+    ours, theirs = next_round(rebuilt), next_round(held)
+    assert _same_tensors(ours[0], theirs[0]) and _same_tensors(ours[1], theirs[1])
+    assert ours[2] == theirs[2] and torch.equal(ours[3], theirs[3])
 
 
 def test_configurations_that_differ_only_in_what_the_build_does_not_read_share_a_template():

@@ -27,7 +27,11 @@ It keeps the template for replaying only when all of these hold:
   layouts and gives the same buffers (so neither depends on the values drawn).
 
 Then later calls hand out the same meta template (shared, never copied) and its
-buffers, and replay the draws instead of building. These checks are necessary
+buffers, and replay the draws instead of building. A replay advances the
+generator without the ops' arithmetic where ATen's CPU kernels fix how many
+numbers an op takes (:func:`fixed_draws`), and runs the op itself on a scratch
+buffer otherwise. Inside :func:`forked_stream`, whose draws are thrown away, it
+does not run at all. These checks are necessary
 conditions that catch the ways a build can escape a replay that we know of, not
 a proof; any that fails makes every call build, as without this module. The
 cost per build is measured in ``docs/testing.md`` (the scale benchmark's trace).
@@ -35,11 +39,12 @@ cost per build is measured in ``docs/testing.md`` (the scale benchmark's trace).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +65,10 @@ REPLAYABLE = frozenset(
 )
 #: Held while a template is built, handed out or run (``GrownModel.forward``): templates are shared in a process.
 TEMPLATE_LOCK = threading.RLock()
+#: Most 32-bit numbers a replay draws into its scratch buffer at once (one byte each: 4 MiB).
+ADVANCE_CHUNK = 1 << 22
+#: Whether this thread is inside :func:`forked_stream`.
+_FORKED = threading.local()
 
 
 @dataclass(frozen=True)
@@ -121,24 +130,99 @@ class _RecordRandomOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def replay(draws: list[RandomOp]) -> None:
-    """Run ``draws`` on a scratch buffer, each on a view of its tensor's layout.
+def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether a tensor of this size and stride is C-contiguous (as ``Tensor.is_contiguous``: size-1 dims aside)."""
+    expected = 1
+    for n, s in zip(reversed(size), reversed(stride), strict=True):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
 
-    torch's CPU generator then advances exactly as in the build they were
-    recorded from (what they write is thrown away).
+
+def fixed_draws(draw: RandomOp) -> int | None:
+    """How many 32-bit numbers ``draw`` takes from torch's CPU generator, whatever its state; ``None``: not fixed.
+
+    Follows ATen's CPU kernels (``aten/src/ATen/native/cpu/DistributionTemplates.h``) for ``float32``:
+    ``uniform_`` takes one number per element on any layout; ``normal_`` on a contiguous tensor of ``n``
+    >= 16 elements takes ``n`` (then transforms them 16 at a time) and 16 more when ``n`` is not a
+    multiple of 16 (its last 16 values are drawn again). Other ops, dtypes and layouts (e.g. ``normal_``
+    under 16 elements, which keeps a spare value in the generator) are run as they are. A replay whose
+    counts were wrong would not reproduce the generator's state, and its build would not be replayed
+    (:func:`target_template`).
+    """
+    if draw.dtype != torch.float32 or "generator" in draw.kwargs:
+        return None
+    numel = 1
+    for n in draw.size:
+        numel *= n
+    name = draw.op._schema.name
+    if name == "aten::uniform_":
+        return numel
+    if name == "aten::normal_" and numel >= 16 and _contiguous(draw.size, draw.stride):
+        return numel + (16 if numel % 16 else 0)
+    return None
+
+
+def _advance(count: int) -> None:
+    """Draw ``count`` 32-bit numbers from torch's CPU generator into a scratch buffer (``uint8.random_``)."""
+    if count <= 0:
+        return
+    scratch = torch.empty(min(count, ADVANCE_CHUNK), dtype=torch.uint8)
+    while count > 0:
+        step = min(count, scratch.numel())
+        scratch[:step].random_()  # one 32-bit number per element, whatever the dtype's range
+        count -= step
+
+
+def replay(draws: list[RandomOp]) -> None:
+    """Advance torch's CPU generator exactly as ``draws`` did in the build they were recorded from.
+
+    Runs of ops whose draws are fixed by their layout (:func:`fixed_draws`)
+    draw that many numbers at once; every other op runs on a view of a
+    scratch buffer with its tensor's layout (what they write is thrown away).
 
     Parameters
     ----------
     draws : list of RandomOp
         Ops of :data:`REPLAYABLE`, in the order the build ran them.
     """
+    steps: list[RandomOp | int] = []
+    for d in draws:  # consecutive fixed counts merged into one
+        count = fixed_draws(d)
+        if count is None:
+            steps.append(d)
+        elif steps and isinstance(steps[-1], int):
+            steps[-1] += count
+        else:
+            steps.append(count)
     need: dict[torch.dtype, int] = {}
-    for d in draws:  # elements a view of this size and stride spans
-        extent = 1 + sum((n - 1) * s for n, s in zip(d.size, d.stride, strict=True)) if all(d.size) else 0
-        need[d.dtype] = max(need.get(d.dtype, 0), extent)
+    for d in steps:  # elements a view of this size and stride spans
+        if isinstance(d, RandomOp):
+            extent = 1 + sum((n - 1) * s for n, s in zip(d.size, d.stride, strict=True)) if all(d.size) else 0
+            need[d.dtype] = max(need.get(d.dtype, 0), extent)
     scratch = {dtype: torch.empty(n, dtype=dtype) for dtype, n in need.items()}
-    for d in draws:
-        d.op(scratch[d.dtype].as_strided(d.size, d.stride), *d.args, **d.kwargs)
+    for d in steps:
+        if isinstance(d, int):
+            _advance(d)
+        else:
+            d.op(scratch[d.dtype].as_strided(d.size, d.stride), *d.args, **d.kwargs)
+
+
+@contextlib.contextmanager
+def forked_stream() -> Iterator[None]:
+    """A fork of torch's random streams (``torch.random.fork_rng``), put back on exit; no replay runs inside.
+
+    Whatever the block draws is thrown away with the fork, so :func:`target_template` hands out a kept
+    template without replaying its draws: for a client that is built only to load its kept state.
+    """
+    with torch.random.fork_rng():
+        outer = getattr(_FORKED, "active", False)
+        _FORKED.active = True
+        try:
+            yield
+        finally:
+            _FORKED.active = outer
 
 
 def _buffers(model: nn.Module) -> dict[str, Tensor]:
@@ -209,7 +293,8 @@ def target_template(family: ModelFamily, config: Any) -> Template:
     """The target template of ``config`` on ``meta``, with torch's random stream advanced as ``family.build`` would.
 
     The first call per build key in a process builds (module doc); later ones
-    return the same :class:`Template` and replay its draws, or, when those
+    return the same :class:`Template` and replay its draws (not inside
+    :func:`forked_stream`, which throws them away), or, when those
     cannot be replayed or the family gives no key, build a template of their
     own. Use it only for the template's structure and buffers: its weights are
     on ``meta``, and it may be shared, so a caller changes nothing of it but
@@ -246,5 +331,6 @@ def target_template(family: ModelFamily, config: Any) -> Template:
             buffers = types.MappingProxyType(_buffers(model))  # before the move to meta, which is in place
             return Template(model.to("meta"), buffers, None)
         _TEMPLATES.move_to_end(key)
-        replay(kept.draws)
+        if not getattr(_FORKED, "active", False):  # inside forked_stream the draws are thrown away anyway
+            replay(kept.draws)
         return kept
