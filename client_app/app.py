@@ -67,6 +67,7 @@ from .guards import (
 from .kept_state import (
     ROUND_KEY,
     STATE_KEY,
+    begin_keep,
     clear_marks,
     keep,
     kept_mark,
@@ -311,13 +312,28 @@ def _grow(context: Context, node: NodeView, order: Instruction, received: dict) 
     client = _growth_client(context, node)
     expected = client.global_state() if client.share_global else {}
     check_received(received, expected, node.policy.max_received_abs, "Global-LiGO")
-    shared, metrics = client.train_round(
-        received, proximal_mu=order.proximal_mu, with_eval=node.run.evaluates_round(order.server_round)
-    )
-    check_finite_reply(shared, metrics, "training on the received Global-LiGO")
-    # the rounding residual is private state; the independent baselines keep their operators and send nothing
-    payload = client.encoded_update(received, shared) if client.share_global else {}
-    keep(context, node, store, order.server_round, client)
+    done: list = []  # (payload, the private state being kept)
+
+    def trained(shared: dict) -> None:  # before the trained model's evaluation, which the state file's fsync overlaps
+        check_finite_reply(shared, {}, "training on the received Global-LiGO")
+        # the rounding residual is private state; the independent baselines keep their operators and send nothing
+        payload = client.encoded_update(received, shared) if client.share_global else {}
+        done.append((payload, begin_keep(context, node, store, order.server_round, client)))
+
+    try:
+        shared, metrics = client.train_round(
+            received,
+            proximal_mu=order.proximal_mu,
+            with_eval=node.run.evaluates_round(order.server_round),
+            after_training=trained,
+        )
+        check_finite_reply(shared, metrics, "training on the received Global-LiGO")
+    except BaseException:
+        for _, pending in done:
+            pending.abort()
+        raise
+    payload, pending = done[0]
+    pending.commit()
     return payload, metrics
 
 

@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from fedgrow_core.clients.growth_client import GrowthClient
 from fedgrow_core.clients.model_client import ModelClient
-from fedgrow_core.clients.state_store import ClientStateStore
+from fedgrow_core.clients.state_store import ClientStateStore, PendingSave
 
 from .guards import RefusedMessage, check_finite_reply, in_simulation
 from .node_view import NodeView
@@ -237,8 +237,69 @@ def keep(context: Context, node: NodeView, store: ClientStateStore | None, serve
     RefusedMessage
         If a tensor of the state is not finite (nothing is kept).
     """
-    state = _unaliased(client.private_state(copy=False))  # written or serialised below, never kept: no copy
+    begin_keep(context, node, store, server_round, client).commit()
+
+
+def begin_keep(
+    context: Context, node: NodeView, store: ClientStateStore | None, server_round: int, client: Client
+) -> PendingKeep:
+    """:func:`keep` in two steps: the state file is written now and its fsync runs while the caller works on.
+
+    The caller must not change ``client``'s private state before :meth:`PendingKeep.commit` (evaluating
+    it is fine), and calls either that or :meth:`PendingKeep.abort`.
+
+    Raises
+    ------
+    RefusedMessage
+        If a tensor of the state is not finite (nothing is written).
+    """
+    state = _unaliased(client.private_state(copy=False))  # written or serialised, never kept: no copy
     check_finite_reply(state, {}, "training on the received message")
-    path = store.save(server_round, state, state_metadata(context, node)) if store is not None else None
-    _name(context, server_round, path, state)
-    _HOLDS[client] = kept_mark(context)
+    save = store.begin_save(server_round, state, state_metadata(context, node)) if store is not None else None
+    return PendingKeep(context, client, server_round, state, save)
+
+
+class PendingKeep:
+    """A client's private state on its way to being kept (:func:`begin_keep`).
+
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context, which :meth:`commit` makes name the state.
+    client : GrowthClient or ModelClient
+        The client whose state it is.
+    server_round : int
+        The round it is kept after.
+    state : dict of str to Tensor
+        The state (the client's own tensors, unchanged until :meth:`commit`), for ``Context.state`` when
+        it does not name a file (:func:`keep`).
+    save : PendingSave or None
+        The state file being written, if any.
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        client: Client,
+        server_round: int,
+        state: dict[str, torch.Tensor],
+        save: PendingSave | None,
+    ) -> None:
+        self.context, self.client, self.server_round, self.state, self.save = context, client, server_round, state, save
+
+    def commit(self) -> None:
+        """Wait for the file to be on disk; then make ``Context.state`` name the state and mark the client.
+
+        Raises
+        ------
+        OSError
+            If the file could not be synced (nothing is kept).
+        """
+        path = self.save.commit() if self.save is not None else None
+        _name(self.context, self.server_round, path, self.state)
+        _HOLDS[self.client] = kept_mark(self.context)
+
+    def abort(self) -> None:
+        """Keep nothing: the temporary file goes, ``Context.state`` and the client's mark stay as they were."""
+        if self.save is not None:
+            self.save.abort()

@@ -1,6 +1,8 @@
 """The seekable batch stream and the client's on-disk state store."""
 
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -77,6 +79,43 @@ def test_client_state_store_keeps_the_newest_rounds_atomically(tmp_path):
         store.load(1)
     with pytest.raises(ValueError, match="keep = 1"):
         ClientStateStore(tmp_path, keep=1)
+
+
+def test_a_save_in_two_steps_renames_only_on_commit_and_leaves_nothing_on_abort(tmp_path, monkeypatch):
+    """``begin_save`` writes the file and syncs it in a thread; the round appears on ``commit``, never on ``abort``."""
+    store = ClientStateStore(tmp_path, keep=2)
+    store.save(1, {"w": torch.zeros(3)})
+    store.save(2, {"w": torch.ones(3)})
+    synced = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        assert threading.current_thread() is not threading.main_thread()  # the caller's thread goes on meanwhile
+        time.sleep(0.2)
+        real_fsync(fd)
+        synced.set()
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    pending = store.begin_save(3, {"w": torch.full((3,), 3.0)})
+    assert store.rounds() == [1, 2] and not synced.is_set()  # written, not yet synced nor renamed
+    assert pending.commit() == store.file(3) and synced.is_set()
+    assert store.rounds() == [2, 3] and torch.equal(store.load(3)["w"], torch.full((3,), 3.0))
+    store.begin_save(4, {"w": torch.full((3,), 4.0)}).abort()
+    assert store.rounds() == [2, 3] and not list(tmp_path.glob(".*"))  # as before the save: no temporary file
+
+
+def test_a_failed_fsync_renames_nothing_and_is_raised_in_the_caller(tmp_path, monkeypatch):
+    store = ClientStateStore(tmp_path)
+    store.save(1, {"w": torch.zeros(3)})
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    pending = store.begin_save(2, {"w": torch.ones(3)})
+    with pytest.raises(OSError, match="Input/output error"):
+        pending.commit()
+    assert store.rounds() == [1] and not list(tmp_path.glob(".*"))
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here: a file's pages stay cached")

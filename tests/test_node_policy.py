@@ -415,6 +415,38 @@ def test_a_message_that_fails_mid_training_leaves_the_node_as_it_was(files, tmp_
     _assert_same(_arrays(_grow(context, _global_ligo(), 1)), clean[0])
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_state_file_is_written_while_the_trained_model_is_evaluated_and_kept_only_if_that_succeeds(
+    files, tmp_path, clean, monkeypatch, fails
+):
+    """The state file's fsync overlaps the evaluation after training; a failure there keeps nothing of the round."""
+    real = growth_client.GrowthClient.evaluate_round
+    own = tmp_path / "own"  # the clean node's files are under tmp_path too
+    seen = []
+
+    def evaluate_round(self):
+        seen.append((sorted(p.name for p in own.rglob(".round-*.tmp")), sorted(own.rglob("round-*.safetensors"))))
+        if fails and len(seen) == 2:
+            raise RuntimeError("injected failure in the evaluation after training")
+        return real(self)
+
+    context = _context(_node(files, own))
+    monkeypatch.setattr(growth_client.GrowthClient, "evaluate_round", evaluate_round)
+    reply = _grow(context, _global_ligo(), 1)
+    received_eval, trained_eval = seen
+    assert received_eval == ([], [])  # before training: nothing written
+    assert len(trained_eval[0]) == 1 and trained_eval[1] == []  # written, not yet renamed
+    if fails:
+        assert _refusal(reply) == "RuntimeError (details are in the node's own log)"
+        assert not list(own.rglob("*round-*")) and kept_state.ROUND_KEY not in context.state
+        monkeypatch.setattr(growth_client.GrowthClient, "evaluate_round", real)
+        _assert_same(_arrays(_grow(context, _global_ligo(), 1)), clean[0])
+    else:
+        _assert_same(_arrays(reply), clean[0])
+        assert [p.name for p in own.rglob("*round-*")] == ["round-1.safetensors"]
+        assert context.state[kept_state.ROUND_KEY]["file"] == str(next(own.rglob("round-1.safetensors")))
+
+
 # --- 5. bounded work ----------------------------------------------------------------------------------------------
 
 

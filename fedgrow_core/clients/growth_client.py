@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -354,7 +354,11 @@ class GrowthClient:
 
     # --- phases ---------------------------------------------------------------
     def train_round(
-        self, global_state: dict[str, Tensor], proximal_mu: float = 0.0, with_eval: bool = True
+        self,
+        global_state: dict[str, Tensor],
+        proximal_mu: float = 0.0,
+        with_eval: bool = True,
+        after_training: Callable[[dict[str, Tensor]], None] | None = None,
     ) -> tuple[dict[str, Tensor], dict]:
         """Load the Global-LiGO, train ``run.local_steps`` steps, return the new Global-LiGO and metrics.
 
@@ -367,6 +371,11 @@ class GrowthClient:
         with_eval : bool
             Evaluate the grown model after the round on the per-round test rows
             (:meth:`ClientSetup.round_test_loader`).
+        after_training : callable, optional
+            Called with the trained Global-LiGO (the dict returned) once the
+            local steps are done and before that evaluation, e.g. to start
+            writing the private state while the evaluation runs. It must leave
+            the model as it is; what it raises propagates.
 
         Returns
         -------
@@ -408,6 +417,9 @@ class GrowthClient:
         )
         seconds = time.perf_counter() - start
         metrics = round_metrics(len(self.train_rows), stats.mean_loss, stats.accuracy, seconds, self.trainable_params)
+        trained = self.global_state()
+        if after_training is not None:
+            after_training(trained)
         if with_eval:
             start = time.perf_counter()
             # through the operators in factored form: no materialisation, same logits as grown_model()
@@ -416,7 +428,7 @@ class GrowthClient:
             if received is not None:
                 metrics["received-accuracy"] = received
                 metrics["received-eval-seconds"] = received_seconds
-        return self.global_state(), metrics
+        return trained, metrics
 
     def freeze_global(self) -> None:
         """Train no Global-LiGO tensor from now on: the optimiser and schedule are rebuilt without them.

@@ -11,6 +11,12 @@ A file that cannot be read (truncated, damaged), or whose header does not carry
 the metadata the caller requires (which run wrote it), is skipped for the one
 before it (:meth:`ClientStateStore.load_latest`). Nothing in this folder is ever sent.
 
+:meth:`ClientStateStore.begin_save` writes the file and leaves its fsync to a
+thread, for a caller with work to do meanwhile that does not change the state
+(the ClientApp evaluates the trained model); :meth:`PendingSave.commit` waits for
+the fsync and renames, so a round's file is on disk before the round's reply
+leaves either way.
+
 A store that is told its files will seldom be read back (``cache_pages=False``:
 a simulation worker, which usually still holds a node's client when the node is
 next sampled) asks the kernel to drop each file's pages from the page cache once
@@ -28,6 +34,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -87,19 +94,46 @@ class ClientStateStore:
         Path
             The round's file.
         """
+        return self.begin_save(server_round, state, metadata).commit()
+
+    def begin_save(
+        self, server_round: int, state: dict[str, Tensor], metadata: Mapping[str, str] | None = None
+    ) -> PendingSave:
+        """Write ``state`` to a temporary file now, and start its fsync in a thread; :meth:`save` in two steps.
+
+        ``state`` is read before this returns and never kept. Nothing is renamed or dropped until
+        :meth:`PendingSave.commit`; :meth:`PendingSave.abort` removes the temporary file.
+
+        Returns
+        -------
+        PendingSave
+            The save, to commit or abort (exactly one of them).
+
+        Raises
+        ------
+        Exception
+            Whatever ``safetensors`` raises writing the file (no temporary file is left).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.file(server_round)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=dict(metadata or {}))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=dict(metadata or {}))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return PendingSave(self, tmp, path)
+
+    def _sync(self, tmp: Path) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
             if not self.cache_pages and hasattr(os, "posix_fadvise"):
                 with contextlib.suppress(OSError):  # advice only: the file is written either way
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # on disk now: its pages are clean
-        os.replace(tmp, path)
+
+    def _drop_old(self) -> None:
         for old in self.rounds()[: -self.keep]:
             (self.folder / f"round-{old}.safetensors").unlink(missing_ok=True)
-        return path
 
     def latest(self, at_most: int) -> int | None:
         """The newest saved round ``<= at_most``, or ``None``."""
@@ -165,3 +199,53 @@ class ClientStateStore:
             except Exception as err:  # noqa: BLE001 - safetensors raises its own type for a damaged file
                 _LOG.warning("client state of round %d unreadable (%s); trying the round before", server_round, err)
         return None
+
+
+class PendingSave:
+    """A round's state written to a temporary file whose fsync runs in a thread (:meth:`ClientStateStore.begin_save`).
+
+    Parameters
+    ----------
+    store : ClientStateStore
+        The store it was written for.
+    tmp, path : Path
+        The temporary file, and the round's file it becomes on :meth:`commit`.
+    """
+
+    def __init__(self, store: ClientStateStore, tmp: Path, path: Path) -> None:
+        self.store, self.tmp, self.path = store, tmp, path
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._sync, name=f"fsync {path.name}", daemon=True)
+        self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            self.store._sync(self.tmp)
+        except BaseException as err:  # noqa: BLE001 - handed to commit(), in the caller's thread
+            self._error = err
+
+    def commit(self) -> Path:
+        """Wait for the fsync, rename the file into place and drop the older rounds.
+
+        Returns
+        -------
+        Path
+            The round's file.
+
+        Raises
+        ------
+        OSError
+            The fsync's error (the temporary file is removed, nothing is renamed).
+        """
+        self._thread.join()
+        if self._error is not None:
+            self.tmp.unlink(missing_ok=True)
+            raise self._error
+        os.replace(self.tmp, self.path)
+        self.store._drop_old()
+        return self.path
+
+    def abort(self) -> None:
+        """Wait for the fsync and remove the temporary file: the store is as it was before the save."""
+        self._thread.join()
+        self.tmp.unlink(missing_ok=True)
