@@ -310,7 +310,7 @@ def _grow(context: Context, node: NodeView, order: Instruction, received: dict) 
     store = state_store(context, node, order.run_tag)
     restore(context, node, store, order.server_round, order.resumed_after)
     client = _growth_client(context, node)
-    expected = client.global_state() if client.share_global else {}
+    expected = client.global_state(copy=False) if client.share_global else {}  # names, shapes and dtypes
     check_received(received, expected, node.policy.max_received_abs, "Global-LiGO")
     done: list = []  # (payload, the private state being kept)
 
@@ -327,7 +327,7 @@ def _grow(context: Context, node: NodeView, order: Instruction, received: dict) 
             with_eval=node.run.evaluates_round(order.server_round),
             after_training=trained,
         )
-        check_finite_reply(shared, metrics, "training on the received Global-LiGO")
+        check_finite_reply(None, metrics, "training on the received Global-LiGO")  # its tensors: in trained()
     except BaseException:
         for _, pending in done:
             pending.abort()

@@ -249,8 +249,11 @@ class GrowthClient:
         self.update_residual: dict[str, Tensor] = {}
 
     # --- what travels -----------------------------------------------------
-    def global_state(self) -> dict[str, Tensor]:
+    def global_state(self, copy: bool = True) -> dict[str, Tensor]:
         """Global-LiGO tensors under their ``LiGO.state_dict()`` names (CPU, float32).
+
+        ``copy=False`` gives detached aliases of the client's own CPU tensors, for a caller that only
+        reads them at once (e.g. their names, shapes and dtypes); the default gives clones.
 
         Shapes: ``depth.<kind>`` ``(L_t, L_m)``; ``width.res`` ``(D_t - D_m, D_m)``;
         ``width.q/k/v`` ``(L_t, D_t - D_m, D_m)``; ``width.ffn`` ``(L_t, F_t - F_m, F_m)``
@@ -264,7 +267,7 @@ class GrowthClient:
         """
         if self.independent:
             return {}
-        return {k: v.detach().cpu().clone() for k, v in self.model.operator.global_.state_dict().items()}
+        return {k: cpu_tensor(v, copy) for k, v in self.model.operator.global_.state_dict().items()}
 
     def load_global_state(self, state: dict[str, Tensor]) -> None:
         """Load received Global-LiGO tensors.
