@@ -22,6 +22,13 @@ It reports, per size (one JSON line each):
 * ``overhead_ratio``: the sum over growth rounds of that wall time over the sum
   of that compute (1.0: every second until the last reply is checked is client
   compute);
+* ``client_ratio`` and ``client_overhead_s``: the part of that spent in the
+  ClientApps: their train handlers' seconds (each reply's ``message-seconds``:
+  from the message's arrival at the handler to its reply, building or loading
+  the client, its compute, keeping its state and encoding its update) over
+  their compute, and the mean seconds per reply beside its compute. The rest of
+  ``overhead_ratio`` is Flower's hand-over of each message, the rounds' start
+  and end, and the ClientApps finishing a round apart;
 * ``round_aggregate_s``: the server's work after the last reply is checked
   (``rounds_log``'s ``aggregate_seconds``: the round log's byte counts,
   clipping, the strategy's aggregate, the diagnostics), during which no client
@@ -162,6 +169,8 @@ def parallel_clients(federation: Path) -> int:
 #: A client's compute seconds in a round's metrics: training, evaluating the trained Global-LiGO, and evaluating
 #: the received one (``received-accuracy``).
 COMPUTE_METRICS = ("train-seconds", "eval-seconds", "received-eval-seconds")
+#: A client's seconds in its ClientApp's train handler, compute included.
+HANDLER_METRIC = "message-seconds"
 
 
 @dataclass(frozen=True)
@@ -179,12 +188,19 @@ class RoundCost:
     aggregate : float
         ``aggregate_seconds``: the server's work after the last reply is checked (the round log's byte
         counts, bounding, aggregation, diagnostics; 0 in a log that lacks it).
+    handling : float or None
+        The replying clients' ``message-seconds`` (their train handlers' seconds, compute included),
+        summed, over the ClientApps that run at once; ``None`` if a reply lacks it.
+    replies : int
+        The replying clients.
     """
 
     wall: float
     compute: float
     received_eval: float
     aggregate: float
+    handling: float | None = None
+    replies: int = 0
 
 
 def round_costs(summary: dict, parallel: int) -> list[RoundCost]:
@@ -207,11 +223,14 @@ def round_costs(summary: dict, parallel: int) -> list[RoundCost]:
     for entry in summary["rounds_log"]:
         if entry.get("phase") == Phase.FINAL or not entry.get("client_metrics"):
             continue
-        metrics = entry["client_metrics"].values()
+        metrics = list(entry["client_metrics"].values())
         compute = sum(m.get(key, 0.0) for m in metrics for key in COMPUTE_METRICS)
         received = sum(m.get("received-eval-seconds", 0.0) for m in metrics)
         aggregate = float(entry.get("aggregate_seconds", 0.0))
-        out.append(RoundCost(float(entry["seconds"]), compute / parallel, received / parallel, aggregate))
+        handled = [m.get(HANDLER_METRIC) for m in metrics]
+        handling = None if None in handled else sum(handled) / parallel
+        wall = float(entry["seconds"])
+        out.append(RoundCost(wall, compute / parallel, received / parallel, aggregate, handling, len(metrics)))
     return out
 
 
@@ -287,11 +306,15 @@ def round_report(summary: dict, parallel: int) -> dict:
         ``round_wall_s``, ``round_compute_s``, ``round_received_eval_s`` and
         ``round_aggregate_s`` (seconds per growth round, rounded to 0.01),
         ``overhead_ratio`` and ``overhead_ratio_with_aggregation`` (``None``
-        without compute).
+        without compute), ``client_ratio`` and ``client_overhead_s`` (``None``
+        without compute, or when a reply lacks ``message-seconds``).
     """
     rounds = round_costs(summary, parallel)
     round_wall, compute = sum(r.wall for r in rounds), sum(r.compute for r in rounds)
     aggregate = sum(r.aggregate for r in rounds)
+    handled = compute > 0 and all(r.handling is not None for r in rounds)
+    handling = sum(r.handling for r in rounds) if handled else None
+    replies = sum(r.replies for r in rounds)
     return {
         "round_wall_s": [round(r.wall, 2) for r in rounds],
         "round_compute_s": [round(r.compute, 2) for r in rounds],
@@ -299,6 +322,8 @@ def round_report(summary: dict, parallel: int) -> dict:
         "round_aggregate_s": [round(r.aggregate, 2) for r in rounds],
         "overhead_ratio": round_wall / compute if compute > 0 else None,
         "overhead_ratio_with_aggregation": (round_wall + aggregate) / compute if compute > 0 else None,
+        "client_ratio": handling / compute if handled else None,
+        "client_overhead_s": (handling - compute) * parallel / replies if handled else None,
     }
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -290,7 +291,11 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of the instructed phase, served by the handler the run's mode names for it."""
+    """One round of the instructed phase, served by the handler the run's mode names for it.
+
+    A round's reply also reports ``message-seconds``: this handler's seconds on the message, compute included.
+    """
+    start = time.perf_counter()
     node = node_view(context)
     instruction = check_instruction(node.run.mode, msg.content["config"], node.policy)
     handler = _TRAIN_HANDLERS.get(node.mode.handlers.get(instruction.phase))
@@ -302,6 +307,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays, metrics = handler(context, node, instruction, _received(msg))
     if instruction.phase is not Phase.COLLECT:
         _served(context, instruction)
+        metrics = {**metrics, "message-seconds": time.perf_counter() - start}
     return Message(content=train_reply(arrays, metrics), reply_to=msg)
 
 

@@ -232,6 +232,7 @@ TRAIN_METRICS: dict[str, MetricSpec] = {
     "received-accuracy": MetricSpec(float, 0.0, 1.0, required=False),
     "eval-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
     "received-eval-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
+    "message-seconds": MetricSpec(float, 0.0, MAX_SECONDS, required=False),
 }
 #: Metrics of a ``collect`` reply.
 COLLECT_METRICS: dict[str, MetricSpec] = {NUM_EXAMPLES: _COUNT}
@@ -281,6 +282,8 @@ METRIC_MEANINGS = {
     "before training on it (the previous round's aggregate, at most eval-max-examples rows)",
     "eval-seconds": "seconds spent on the round's (or the final) evaluation",
     "received-eval-seconds": "seconds spent evaluating the received Global-LiGO before training (received-accuracy)",
+    "message-seconds": "seconds the ClientApp's train handler spent on the message, from its arrival to the reply "
+    "(the round's training and evaluations, building or loading the client, keeping its state, encoding the update)",
     "trainable-params": "parameters the client trains in the rounds",
     "compute-threads": "torch threads the client computes with",
     "accuracy": "final test accuracy on the client's own test rows",

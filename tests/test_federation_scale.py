@@ -39,12 +39,45 @@ def test_a_rounds_compute_is_training_and_both_evaluations_over_the_clients_that
         ]
     }
     # the server's aggregation after the last reply is its own item; a log without it counts 0
-    assert round_costs(summary, 1) == [RoundCost(10.0, 2.75, 0.25, 1.5), RoundCost(9.0, 5.0, 0.0, 0.0)]
-    assert round_costs(summary, 2) == [RoundCost(10.0, 1.375, 0.125, 1.5), RoundCost(9.0, 2.5, 0.0, 0.0)]
+    # no reply reports message-seconds: no handling time
+    assert round_costs(summary, 1) == [
+        RoundCost(10.0, 2.75, 0.25, 1.5, None, 1),
+        RoundCost(9.0, 5.0, 0.0, 0.0, None, 2),
+    ]
+    assert round_costs(summary, 2) == [
+        RoundCost(10.0, 1.375, 0.125, 1.5, None, 1),
+        RoundCost(9.0, 2.5, 0.0, 0.0, None, 2),
+    ]
     report = round_report(summary, 2)
     assert report["round_wall_s"] == [10.0, 9.0] and report["round_aggregate_s"] == [1.5, 0.0]
     assert report["overhead_ratio"] == pytest.approx((10 + 9) / (1.375 + 2.5))
     assert report["overhead_ratio_with_aggregation"] == pytest.approx((10 + 9 + 1.5) / (1.375 + 2.5))
+
+
+def test_the_clients_share_is_their_handlers_seconds_over_their_compute():
+    """``message-seconds`` covers a reply's compute and the client's own work beside it."""
+
+    def reply(train, handler):
+        return {**_metrics(train, 1.0, 0.5), "message-seconds": handler}
+
+    summary = {
+        "rounds_log": [
+            {
+                "round": 1,
+                "phase": "grow",
+                "seconds": 12.0,
+                "client_metrics": {"1": reply(4.0, 6.0), "2": reply(2.5, 4.5)},
+            },
+            {"round": 2, "phase": "grow", "seconds": 8.0, "client_metrics": {"3": reply(5.5, 7.5)}},
+        ]
+    }
+    rounds = round_costs(summary, 2)
+    assert [r.handling for r in rounds] == [5.25, 3.75] and [r.replies for r in rounds] == [2, 1]
+    report = round_report(summary, 2)
+    assert report["client_ratio"] == pytest.approx((6 + 4.5 + 7.5) / (5.5 + 4 + 7))
+    assert report["client_overhead_s"] == pytest.approx(((6 - 5.5) + (4.5 - 4) + (7.5 - 7)) / 3)
+    summary["rounds_log"][1]["client_metrics"]["4"] = _metrics(1.0)  # a reply without it: no share
+    assert round_report(summary, 2)["client_ratio"] is None and round_report(summary, 2)["client_overhead_s"] is None
 
 
 def test_the_parallel_clients_follow_the_federation_config_and_the_state_size_is_the_newest_file(tmp_path):

@@ -443,6 +443,9 @@ def test_the_state_file_is_written_while_the_trained_model_is_evaluated_and_kept
         _assert_same(_arrays(_grow(context, _global_ligo(), 1)), clean[0])
     else:
         _assert_same(_arrays(reply), clean[0])
+        metrics = reply.content["metrics"]
+        compute = metrics["train-seconds"] + metrics["eval-seconds"] + metrics["received-eval-seconds"]
+        assert compute < metrics["message-seconds"] < compute + 30  # the handler's seconds, compute included
         assert [p.name for p in own.rglob("*round-*")] == ["round-1.safetensors"]
         assert context.state[kept_state.ROUND_KEY]["file"] == str(next(own.rglob("round-1.safetensors")))
 
