@@ -177,6 +177,18 @@ def test_num_examples_is_capped_at_the_preflight_rows_and_a_poisoned_update_clip
     assert sorted(entry["accepted_nodes"]) == [1, 2, 3]
 
 
+def test_the_round_log_keeps_each_replys_handler_seconds_beside_its_compute():
+    """``message-seconds`` (the ClientApp's handler, compute included) reaches the round log, as the scale
+    benchmark reads it."""
+    strategy = _strategy(caps={1: 10, 2: 10, 3: 10})
+    honest = {k: v + 1.0 for k, v in SENT.items()}
+    replies = [_Reply(n, _content(honest, train_metrics(10, **{"message-seconds": 2.0 + n}))) for n in (1, 2, 3)]
+    strategy.aggregate_train(1, replies)
+    (entry,) = strategy.round_log
+    assert {n: m["message-seconds"] for n, m in entry["client_metrics"].items()} == {"1": 3.0, "2": 4.0, "3": 5.0}
+    assert all(m["train-seconds"] < m["message-seconds"] for m in entry["client_metrics"].values())
+
+
 def test_a_reply_from_a_node_without_preflight_is_rejected():
     strategy = _strategy(caps={1: 10})
     arrays, metrics = strategy.aggregate_train(1, [_Reply(2, _content({k: v + 1 for k, v in SENT.items()}))])

@@ -22,6 +22,7 @@ LOGGED_METRICS = (
     "train-seconds",
     "eval-seconds",
     "received-eval-seconds",
+    "message-seconds",
     "compute-threads",
     "trainable-params",
 )
