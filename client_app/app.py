@@ -336,8 +336,11 @@ def _grow(context: Context, node: NodeView, order: Instruction, received: dict) 
         check_finite_reply(None, metrics, "training on the received Global-LiGO")  # its tensors: in trained()
     except BaseException:
         for _, pending in done:
-            pending.abort()
+            with contextlib.suppress(OSError):  # the failure that got here is the one to report
+                pending.abort()
         raise
+    if not done:
+        raise RuntimeError("the growth client's train_round did not call its after_training hook: nothing is kept")
     payload, pending = done[0]
     pending.commit()
     return payload, metrics

@@ -248,10 +248,30 @@ def begin_keep(
     The caller must not change ``client``'s private state before :meth:`PendingKeep.commit` (evaluating
     it is fine), and calls either that or :meth:`PendingKeep.abort`.
 
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context.
+    node : NodeView
+        The node's policy and run config.
+    store : ClientStateStore or None
+        The node's state folder for this run (:func:`state_store`); ``None``: ``Context.state`` only.
+    server_round : int
+        The round the state is kept after.
+    client : GrowthClient or ModelClient
+        The client whose private state is kept.
+
+    Returns
+    -------
+    PendingKeep
+        The state on its way, to commit or abort.
+
     Raises
     ------
     RefusedMessage
         If a tensor of the state is not finite (nothing is written).
+    Exception
+        From :meth:`ClientStateStore.begin_save` (nothing is left).
     """
     state = _unaliased(client.private_state(copy=False))  # written or serialised, never kept: no copy
     check_finite_reply(state, {}, "training on the received message")
@@ -293,7 +313,7 @@ class PendingKeep:
         Raises
         ------
         OSError
-            If the file could not be synced (nothing is kept).
+            If the file could not be synced or renamed into place (nothing is kept).
         """
         path = self.save.commit() if self.save is not None else None
         _name(self.context, self.server_round, path, self.state)

@@ -104,6 +104,16 @@ def test_a_save_in_two_steps_renames_only_on_commit_and_leaves_nothing_on_abort(
     assert store.rounds() == [2, 3] and not list(tmp_path.glob(".*"))  # as before the save: no temporary file
 
 
+def test_a_commit_removes_temporary_files_a_killed_process_left_for_rounds_up_to_its_own(tmp_path):
+    store = ClientStateStore(tmp_path)
+    stale = [tmp_path / ".round-1.safetensors.111.222.tmp", tmp_path / ".round-2.safetensors.111.222.tmp"]
+    newer = tmp_path / ".round-3.safetensors.333.444.tmp"  # a round after the one kept: not ours to judge
+    for path in (*stale, newer):
+        path.write_bytes(b"partial")
+    store.save(2, {"w": torch.ones(3)})
+    assert store.rounds() == [2] and not any(p.exists() for p in stale) and newer.exists()
+
+
 def test_a_failed_fsync_renames_nothing_and_is_raised_in_the_caller(tmp_path, monkeypatch):
     store = ClientStateStore(tmp_path)
     store.save(1, {"w": torch.zeros(3)})

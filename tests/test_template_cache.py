@@ -142,6 +142,32 @@ def test_a_replay_runs_counted_ops_as_one_draw_and_the_others_as_themselves():
     ]
 
 
+def test_an_advance_over_several_chunks_draws_every_number(monkeypatch):
+    monkeypatch.setattr(template_cache, "ADVANCE_CHUNK", 5)
+    torch.manual_seed(6)
+    torch.empty(23).uniform_()
+    after = torch.get_rng_state()
+    torch.manual_seed(6)
+    template_cache._advance(23)  # chunks of 5, 5, 5, 5 and 3
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_a_wrong_count_makes_a_build_unreplayable_never_a_wrong_stream(monkeypatch):
+    """Were a count of ATen's draws wrong, the first build's check would fail: every call then builds."""
+    real = template_cache.fixed_draws
+    monkeypatch.setattr(template_cache, "fixed_draws", lambda d: None if real(d) is None else real(d) + 1)
+    family = get_family("vit")
+    config = _config(family, make_vit(num_classes=3))
+    first = template_cache.target_template(family, config)
+    assert first.draws is None
+    torch.manual_seed(8)
+    family.build(config)
+    after_build = torch.get_rng_state()
+    torch.manual_seed(8)
+    again = template_cache.target_template(family, config)
+    assert again.module is not first.module and torch.equal(torch.get_rng_state(), after_build)
+
+
 class _PythonRandomVit(VitFamily):
     """A family whose build also draws from Python's generator (not torch's): its draws cannot be replayed."""
 

@@ -62,6 +62,8 @@ def _content(arrays=None, metrics=None, **records):
         (train_metrics(10, **{"train-accuracy": 3.0}), "'train-accuracy' = 3.0: expected a number in [0, 1]"),
         (train_metrics(2**62), "'num-examples' = 4611686018427387904: expected an integer in [1, 1e+12]"),
         (train_metrics(10, **{"compute-threads": 1.5}), "'compute-threads' = 1.5: expected an integer"),
+        (train_metrics(10, **{"message-seconds": -1.0}), "'message-seconds' = -1.0: expected a number in [0, "),
+        (train_metrics(10, **{"message-seconds": float("nan")}), "'message-seconds' = nan"),
     ],
 )
 def test_train_metrics_must_match_the_phase_schema(metrics, phrase):
@@ -186,7 +188,6 @@ def test_the_round_log_keeps_each_replys_handler_seconds_beside_its_compute():
     strategy.aggregate_train(1, replies)
     (entry,) = strategy.round_log
     assert {n: m["message-seconds"] for n, m in entry["client_metrics"].items()} == {"1": 3.0, "2": 4.0, "3": 5.0}
-    assert all(m["train-seconds"] < m["message-seconds"] for m in entry["client_metrics"].values())
 
 
 def test_a_reply_from_a_node_without_preflight_is_rejected():

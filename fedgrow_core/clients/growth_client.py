@@ -252,9 +252,6 @@ class GrowthClient:
     def global_state(self, copy: bool = True) -> dict[str, Tensor]:
         """Global-LiGO tensors under their ``LiGO.state_dict()`` names (CPU, float32).
 
-        ``copy=False`` gives detached aliases of the client's own CPU tensors, for a caller that only
-        reads them at once (e.g. their names, shapes and dtypes); the default gives clones.
-
         Shapes: ``depth.<kind>`` ``(L_t, L_m)``; ``width.res`` ``(D_t - D_m, D_m)``;
         ``width.q/k/v`` ``(L_t, D_t - D_m, D_m)``; ``width.ffn`` ``(L_t, F_t - F_m, F_m)``
         (``m``: intermediate, ``t``: target shape); the split weights
@@ -263,11 +260,22 @@ class GrowthClient:
         the leading ``L_t`` of the per-layer spaces is dropped; with
         ``global-rank = r`` the last axis is ``r`` (the factor ``U``). These are
         the only tensors sent (as such, or encoded: :meth:`encoded_update`).
-        Empty for the independent-LiGO baseline.
+
+        Parameters
+        ----------
+        copy : bool
+            CPU clones (default); ``False``: detached aliases of the client's own tensors, on its
+            device, for a caller that only reads them at once (e.g. their names, shapes and dtypes).
+
+        Returns
+        -------
+        dict of str to Tensor
+            Empty for the independent-LiGO baseline.
         """
         if self.independent:
             return {}
-        return {k: cpu_tensor(v, copy) for k, v in self.model.operator.global_.state_dict().items()}
+        tensors = self.model.operator.global_.state_dict().items()
+        return {k: v.detach().cpu().clone() if copy else v.detach() for k, v in tensors}
 
     def load_global_state(self, state: dict[str, Tensor]) -> None:
         """Load received Global-LiGO tensors.

@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from safetensors import safe_open
@@ -44,6 +44,7 @@ from torch import Tensor
 
 _LOG = logging.getLogger(__name__)
 _ROUND_FILE = re.compile(r"^round-(\d+)\.safetensors$")
+_TEMP_FILE = re.compile(r"^\.round-(\d+)\.safetensors\..+\.tmp$")
 
 
 class ClientStateStore:
@@ -99,41 +100,53 @@ class ClientStateStore:
     def begin_save(
         self, server_round: int, state: dict[str, Tensor], metadata: Mapping[str, str] | None = None
     ) -> PendingSave:
-        """Write ``state`` to a temporary file now, and start its fsync in a thread; :meth:`save` in two steps.
+        """:meth:`save` in two steps: write ``state`` to a temporary file now, and start its fsync in a thread.
 
-        ``state`` is read before this returns and never kept. Nothing is renamed or dropped until
-        :meth:`PendingSave.commit`; :meth:`PendingSave.abort` removes the temporary file.
+        Nothing is renamed or dropped until :meth:`PendingSave.commit`; :meth:`PendingSave.abort`
+        removes the temporary file.
+
+        Parameters
+        ----------
+        server_round : int
+            The round the state is kept after.
+        state : dict of str to Tensor
+            Read before this returns and never kept (it may be the client's own tensors).
+        metadata : mapping of str to str, optional
+            For the safetensors header.
 
         Returns
         -------
         PendingSave
-            The save, to commit or abort (exactly one of them).
+            The save, to commit or abort (one of them, once).
 
         Raises
         ------
         Exception
-            Whatever ``safetensors`` raises writing the file (no temporary file is left).
+            Whatever ``safetensors`` raises writing the file, or ``RuntimeError`` if the thread cannot
+            start (no temporary file is left).
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.file(server_round)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=dict(metadata or {}))
+            return PendingSave(tmp, path, drop_pages=not self.cache_pages, prune=lambda: self.prune(server_round))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return PendingSave(self, tmp, path)
 
-    def _sync(self, tmp: Path) -> None:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-            if not self.cache_pages and hasattr(os, "posix_fadvise"):
-                with contextlib.suppress(OSError):  # advice only: the file is written either way
-                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # on disk now: its pages are clean
+    def prune(self, server_round: int) -> None:
+        """Drop all but the newest ``keep`` rounds, and temporary files of rounds up to ``server_round``.
 
-    def _drop_old(self) -> None:
+        A temporary file outlives its save only when the process died before committing or aborting it
+        (a SuperNode killed mid-round); once a round at least as new is kept it is never needed.
+        """
         for old in self.rounds()[: -self.keep]:
             (self.folder / f"round-{old}.safetensors").unlink(missing_ok=True)
+        for tmp in self.folder.glob(".round-*.safetensors.*.tmp"):
+            found = _TEMP_FILE.match(tmp.name)
+            if found and int(found.group(1)) <= server_round:
+                tmp.unlink(missing_ok=True)
 
     def latest(self, at_most: int) -> int | None:
         """The newest saved round ``<= at_most``, or ``None``."""
@@ -202,30 +215,41 @@ class ClientStateStore:
 
 
 class PendingSave:
-    """A round's state written to a temporary file whose fsync runs in a thread (:meth:`ClientStateStore.begin_save`).
+    """A round's state in a temporary file whose fsync runs in a thread (:meth:`ClientStateStore.begin_save`).
 
     Parameters
     ----------
-    store : ClientStateStore
-        The store it was written for.
     tmp, path : Path
         The temporary file, and the round's file it becomes on :meth:`commit`.
+    drop_pages : bool
+        Drop the file's pages from the page cache once it is on disk (``posix_fadvise``; advice only).
+    prune : callable
+        Called after the rename (:meth:`ClientStateStore.prune`).
+
+    Raises
+    ------
+    RuntimeError
+        If the thread cannot start.
     """
 
-    def __init__(self, store: ClientStateStore, tmp: Path, path: Path) -> None:
-        self.store, self.tmp, self.path = store, tmp, path
+    def __init__(self, tmp: Path, path: Path, drop_pages: bool, prune: Callable[[], None]) -> None:
+        self.tmp, self.path, self.drop_pages, self._prune = tmp, path, drop_pages, prune
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._sync, name=f"fsync {path.name}", daemon=True)
         self._thread.start()
 
     def _sync(self) -> None:
         try:
-            self.store._sync(self.tmp)
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+                if self.drop_pages and hasattr(os, "posix_fadvise"):
+                    with contextlib.suppress(OSError):  # advice only: the file is written either way
+                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # on disk: its pages are clean
         except BaseException as err:  # noqa: BLE001 - handed to commit(), in the caller's thread
             self._error = err
 
     def commit(self) -> Path:
-        """Wait for the fsync, rename the file into place and drop the older rounds.
+        """Wait for the fsync, rename the file into place, then prune the store.
 
         Returns
         -------
@@ -235,17 +259,26 @@ class PendingSave:
         Raises
         ------
         OSError
-            The fsync's error (the temporary file is removed, nothing is renamed).
+            From the fsync or the rename (the temporary file is removed, the round is not kept).
         """
         self._thread.join()
-        if self._error is not None:
+        try:
+            if self._error is not None:
+                raise self._error
+            os.replace(self.tmp, self.path)
+        except BaseException:
             self.tmp.unlink(missing_ok=True)
-            raise self._error
-        os.replace(self.tmp, self.path)
-        self.store._drop_old()
+            raise
+        self._prune()
         return self.path
 
     def abort(self) -> None:
-        """Wait for the fsync and remove the temporary file: the store is as it was before the save."""
+        """Wait for the fsync and remove the temporary file: the store is as it was before the save.
+
+        Raises
+        ------
+        OSError
+            If the temporary file exists and cannot be removed.
+        """
         self._thread.join()
         self.tmp.unlink(missing_ok=True)

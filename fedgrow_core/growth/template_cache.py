@@ -40,6 +40,7 @@ cost per build is measured in ``docs/testing.md`` (the scale benchmark's trace).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 import types
@@ -73,7 +74,11 @@ _FORKED = threading.local()
 
 @dataclass(frozen=True)
 class RandomOp:
-    """One random op of a build: ``op`` in place on a tensor of this ``size``, ``stride`` and ``dtype``."""
+    """One random op of a build: ``op`` in place on a tensor of this ``size``, ``stride`` and ``dtype``.
+
+    ``contiguous`` is the tensor's ``is_contiguous()`` when the op ran, ``args`` and ``kwargs`` the op's
+    arguments after the tensor.
+    """
 
     op: Any
     size: tuple[int, ...]
@@ -81,6 +86,7 @@ class RandomOp:
     dtype: torch.dtype
     args: tuple
     kwargs: dict
+    contiguous: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,41 +131,41 @@ class _RecordRandomOps(TorchDispatchMode):
             if func._schema.name not in REPLAYABLE or target is None or target.device.type != "cpu" or own_generator:
                 self.replayable = False
             else:
-                self.ops.append(RandomOp(func, tuple(target.shape), target.stride(), target.dtype, args[1:], kwargs))
+                layout = (tuple(target.shape), target.stride(), target.dtype)
+                self.ops.append(RandomOp(func, *layout, args[1:], kwargs, target.is_contiguous()))
                 self.targets.append(target.untyped_storage().data_ptr())
         return func(*args, **kwargs)
 
 
-def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """Whether a tensor of this size and stride is C-contiguous (as ``Tensor.is_contiguous``: size-1 dims aside)."""
-    expected = 1
-    for n, s in zip(reversed(size), reversed(stride), strict=True):
-        if n != 1 and s != expected:
-            return False
-        expected *= n
-    return True
-
-
 def fixed_draws(draw: RandomOp) -> int | None:
-    """How many 32-bit numbers ``draw`` takes from torch's CPU generator, whatever its state; ``None``: not fixed.
+    """How many 32-bit numbers ``draw`` takes from torch's CPU generator, whatever its state.
 
     Follows ATen's CPU kernels (``aten/src/ATen/native/cpu/DistributionTemplates.h``) for ``float32``:
     ``uniform_`` takes one number per element on any layout; ``normal_`` on a contiguous tensor of ``n``
     >= 16 elements takes ``n`` (then transforms them 16 at a time) and 16 more when ``n`` is not a
     multiple of 16 (its last 16 values are drawn again). Other ops, dtypes and layouts (e.g. ``normal_``
-    under 16 elements, which keeps a spare value in the generator) are run as they are. A replay whose
-    counts were wrong would not reproduce the generator's state, and its build would not be replayed
+    under 16 elements, which keeps a spare value in the generator) are not counted. A wrong count could
+    not give a wrong stream: the first build of a template checks that its replay ends exactly where the
+    build left the generator, and a template whose replay does not is built every time
     (:func:`target_template`).
+
+    Parameters
+    ----------
+    draw : RandomOp
+        A recorded op.
+
+    Returns
+    -------
+    int or None
+        The numbers it takes (0 for an empty tensor); ``None``: not counted, the op itself is replayed.
     """
     if draw.dtype != torch.float32 or "generator" in draw.kwargs:
         return None
-    numel = 1
-    for n in draw.size:
-        numel *= n
+    numel = math.prod(draw.size)
     name = draw.op._schema.name
     if name == "aten::uniform_":
         return numel
-    if name == "aten::normal_" and numel >= 16 and _contiguous(draw.size, draw.stride):
+    if name == "aten::normal_" and numel >= 16 and draw.contiguous:
         return numel + (16 if numel % 16 else 0)
     return None
 
@@ -213,8 +219,16 @@ def replay(draws: list[RandomOp]) -> None:
 def forked_stream() -> Iterator[None]:
     """A fork of torch's random streams (``torch.random.fork_rng``), put back on exit; no replay runs inside.
 
-    Whatever the block draws is thrown away with the fork, so :func:`target_template` hands out a kept
-    template without replaying its draws: for a client that is built only to load its kept state.
+    Whatever the block draws from torch's default generator is thrown away with the fork, so
+    :func:`target_template` hands out a kept template without replaying its draws. Use it only for a
+    block that keeps nothing it draws from that generator, e.g. a client built only to load its kept
+    state, which replaces every value drawn (a block that reseeds the generator and keeps what it then
+    draws would draw a different stream without the replay).
+
+    Yields
+    ------
+    None
+        Inside the fork (nested forks nest).
     """
     with torch.random.fork_rng():
         outer = getattr(_FORKED, "active", False)
