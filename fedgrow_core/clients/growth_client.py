@@ -275,7 +275,7 @@ class GrowthClient:
         if self.independent:
             return {}
         tensors = self.model.operator.global_.state_dict().items()
-        return {k: v.detach().cpu().clone() if copy else v.detach() for k, v in tensors}
+        return {k: cpu_tensor(v, copy=True) if copy else v.detach() for k, v in tensors}
 
     def load_global_state(self, state: dict[str, Tensor]) -> None:
         """Load received Global-LiGO tensors.

@@ -140,6 +140,11 @@ class ClientStateStore:
 
         A temporary file outlives its save only when the process died before committing or aborting it
         (a SuperNode killed mid-round); once a round at least as new is kept it is never needed.
+
+        Parameters
+        ----------
+        server_round : int
+            The round just kept (:meth:`PendingSave.commit`); temporary files of later rounds stay.
         """
         for old in self.rounds()[: -self.keep]:
             (self.folder / f"round-{old}.safetensors").unlink(missing_ok=True)
